@@ -1,0 +1,35 @@
+# Everything installs itself: `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+STUBS  := membank/v1/bank_pb2.py membank/v1/bank_pb2_grpc.py
+
+.PHONY: install stubs test test-fast demo clean
+
+install: $(STAMP)
+
+# torch is pinned and installed first so pip takes the local CPU wheel, never a CUDA build
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# gRPC stubs are generated from proto/ by the build, never committed
+stubs: $(STUBS)
+$(STUBS): proto/membank/v1/bank.proto $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/membank/v1/bank.proto
+
+test: $(STAMP) $(STUBS)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP) $(STUBS)
+	$(PY) -m pytest -q -m "not slow"
+
+demo: $(STAMP) $(STUBS)
+	$(PY) -m membank.cli demo
+
+clean:
+	rm -rf $(STUBS) membank/v1/bank_pb2.pyi runs .pytest_cache

@@ -1,0 +1,92 @@
+"""The bank manifest: everything a reader needs to trust and place a bank version.
+
+One JSON document (`membank.manifest/1`), written by export, stored beside the blocks in LMDB,
+served by GetManifest and checked by the client. Clients attach a block only if its bytes hash
+to the checksum listed here.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from membank.blocks import CHECKSUM_ALGO, block_nbytes
+from membank.placement import owners
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["membank.manifest/1"] = "membank.manifest/1"
+    bank: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    version: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    dtype: Literal["float32", "bfloat16"]
+    d_model: int = Field(gt=0)
+    mem_layers: list[int]
+    branching: int = Field(ge=2)
+    ranks: list[int]                      # r_l for levels 1..p; 0 = the level has no blocks
+    checksum_algo: Literal["xxh3_64"] = CHECKSUM_ALGO
+    checksums: list[list[str]]            # checksums[l-1][node]; empty list for r_l = 0
+    shards: list[str] = ["shard-0"]
+    replication: int = Field(default=1, ge=1)
+    placement_level: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Manifest":
+        if len(self.checksums) != len(self.ranks):
+            raise ValueError(f"checksums has {len(self.checksums)} levels, ranks {len(self.ranks)}")
+        for level, (r, sums) in enumerate(zip(self.ranks, self.checksums), start=1):
+            want = self.n_nodes(level) if r > 0 else 0
+            if len(sums) != want:
+                raise ValueError(f"level {level}: {len(sums)} checksums, expected {want}")
+        if not self.shards or len(set(self.shards)) != len(self.shards):
+            raise ValueError("shards must be a non-empty list of distinct ids")
+        return self
+
+    # -- shapes -------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self.ranks)
+
+    def n_nodes(self, level: int) -> int:
+        return self.branching ** level
+
+    def block_shape(self, level: int) -> tuple[int, int, int, int]:
+        return (len(self.mem_layers), 3, self.ranks[level - 1], self.d_model)
+
+    def block_nbytes(self, level: int) -> int:
+        return block_nbytes(self.block_shape(level), self.dtype)
+
+    def has_block(self, level: int, node: int) -> bool:
+        return 1 <= level <= self.depth and self.ranks[level - 1] > 0 and 0 <= node < self.n_nodes(level)
+
+    def checksum(self, level: int, node: int) -> str:
+        return self.checksums[level - 1][node]
+
+    def blocks(self):
+        """Every (level, node) the bank holds, shallow levels first."""
+        for level in range(1, self.depth + 1):
+            if self.ranks[level - 1] > 0:
+                for node in range(self.n_nodes(level)):
+                    yield level, node
+
+    def path_blocks(self, path: list[int] | tuple[int, ...]) -> list[tuple[int, int]]:
+        """(level, node) of each block on a root-to-leaf path of child indices (c_1..c_p)."""
+        out, node = [], 0
+        for level, child in enumerate(path, start=1):
+            node = node * self.branching + child
+            if self.ranks[level - 1] > 0:
+                out.append((level, node))
+        return out
+
+    def owners(self, level: int, node: int) -> list[str]:
+        return owners(self.bank, level, node, shards=self.shards, replication=self.replication,
+                      placement_level=self.placement_level, branching=self.branching)
+
+    # -- serialisation --------------------------------------------------------------------
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Manifest":
+        return cls.model_validate_json(text)

@@ -1,0 +1,182 @@
+"""Shared pytest fixtures: tiny exports, an ingested LMDB, a bank server and a redis-server.
+
+Every server a test needs is started here as a real subprocess on a free port (never the
+system Redis on 6379) and stopped at teardown:
+
+    bank_server            one `python -m services.bank_server.server` over `lmdb_dir` (session)
+    start_bank_server      a factory for servers with other flags / other LMDBs (per test)
+    redis_server           a private `redis-server` (per test), `.url`, `.port`, `.proc`
+
+Run: `.venv/bin/python -m pytest -q tests/unit tests/integration`
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from membank.artifacts import MANIFEST, atomic_write_bytes, write_bank
+from membank.config import get_preset
+from membank.manifest import Manifest
+
+REPO = Path(__file__).resolve().parents[1]
+LISTENING = "membank bank_server listening on "
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (the OS may reuse it, but rarely does at once)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(name="free_port")
+def free_port_fixture():
+    return free_port
+
+
+# -- exports ---------------------------------------------------------------------------------
+def make_export(export_dir: Path, *, bank: str, version: str, dtype: str, d_model: int,
+                mem_layers: list[int], branching: int, ranks: list[int], seed: int = 0) -> Manifest:
+    """An export dir holding only manifest.json + bank/level*.safetensors of random blocks."""
+    g = torch.Generator().manual_seed(seed)
+    levels = [torch.randn(branching ** l, len(mem_layers), 3, r, d_model, generator=g) if r else None
+              for l, r in enumerate(ranks, start=1)]
+    sums = write_bank(export_dir, levels, dtype)
+    manifest = Manifest(bank=bank, version=version, dtype=dtype, d_model=d_model,
+                        mem_layers=mem_layers, branching=branching, ranks=ranks, checksums=sums)
+    atomic_write_bytes(Path(export_dir) / MANIFEST, manifest.to_json().encode())
+    return manifest
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> Path:
+    """The `tiny` preset's bank (k=2, ranks (8, 4), d 32, 2 layers), bank "test" v1, float32."""
+    cfg = get_preset("tiny")
+    out = tmp_path_factory.mktemp("export_tiny")
+    make_export(out, bank="test", version="v1", dtype="float32", d_model=cfg.model.d_model,
+                mem_layers=cfg.memory.mem_layers(cfg.model.n_layer),
+                branching=cfg.memory.branching, ranks=list(cfg.memory.ranks))
+    return out
+
+
+@pytest.fixture(scope="session")
+def big_export(tmp_path_factory) -> Path:
+    """A bfloat16 bank "big" whose level-1 blocks span several 1 MiB chunks (1.76 MiB each,
+    so the last chunk is partial), a level without blocks (r = 0) and a small level 3."""
+    out = tmp_path_factory.mktemp("export_big")
+    make_export(out, bank="big", version="b1", dtype="bfloat16", d_model=512, mem_layers=[0, 1],
+                branching=2, ranks=[300, 0, 8], seed=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def lmdb_dir(tmp_path_factory, tiny_export, big_export) -> Path:
+    """One LMDB holding both banks, published."""
+    from services.bank_server.ingest import ingest
+    path = tmp_path_factory.mktemp("lmdb") / "bank.lmdb"
+    ingest(tiny_export, path, progress=False, map_size=1 << 30)
+    ingest(big_export, path, progress=False, map_size=1 << 30)
+    return path
+
+
+# -- subprocesses ----------------------------------------------------------------------------
+def _stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def run_bank_server(lmdb: Path, *extra: str, log_path: Path | None = None, timeout: float = 30.0):
+    """Start a bank server subprocess on port 0; yield (address, proc) once it listens."""
+    cmd = [sys.executable, "-m", "services.bank_server.server", "--lmdb", str(lmdb),
+           "--port", "0", "--map-size-gb", "1", *extra]
+    log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=log,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + timeout
+        line = b""
+        while not line.startswith(LISTENING.encode()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or proc.poll() is not None:
+                raise RuntimeError(f"bank server did not start (rc={proc.poll()}); log: {log_path}")
+            ready, _, _ = select.select([proc.stdout], [], [], remaining)
+            if ready:
+                line = proc.stdout.readline()
+        address = line.decode().strip()[len(LISTENING):]
+        yield address, proc
+    finally:
+        _stop(proc)
+        proc.stdout.close()
+        if log_path:
+            log.close()
+
+
+@pytest.fixture(scope="session")
+def bank_server(lmdb_dir, tmp_path_factory) -> str:
+    """Address "host:port" of a bank server over `lmdb_dir`, shared by the session."""
+    log = tmp_path_factory.mktemp("logs") / "bank_server.log"
+    with run_bank_server(lmdb_dir, log_path=log) as (address, _):
+        yield address
+
+
+@pytest.fixture
+def start_bank_server(tmp_path):
+    """Factory: `with start_bank_server(lmdb, *flags) as (address, proc): ...`."""
+    def start(lmdb: Path, *extra: str):
+        return run_bank_server(lmdb, *extra, log_path=tmp_path / f"server-{time.monotonic_ns()}.log")
+    return start
+
+
+@dataclass
+class RedisServer:
+    port: int
+    proc: subprocess.Popen
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self):
+        import redis
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A private redis-server on a free port (no persistence), killed at teardown."""
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = RedisServer(port, proc)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if server.client().ping():
+                break
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+    yield server
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()

@@ -1,0 +1,66 @@
+"""membank/manifest.py: inconsistent manifests are refused; shapes and path_blocks.
+
+Run: .venv/bin/python -m pytest -q tests/unit/test_manifest.py
+"""
+import pytest
+from pydantic import ValidationError
+
+from membank.manifest import Manifest
+
+
+def make(**over) -> dict:
+    base = dict(bank="test", version="v1", dtype="float32", d_model=32, mem_layers=[0, 1],
+                branching=2, ranks=[8, 4], checksums=[["a"] * 2, ["b"] * 4])
+    return {**base, **over}
+
+
+def test_valid_roundtrip():
+    m = Manifest(**make())
+    assert Manifest.from_json(m.to_json()) == m
+    assert m.depth == 2 and m.n_nodes(2) == 4
+    assert m.block_shape(1) == (2, 3, 8, 32)
+    assert m.block_nbytes(1) == 2 * 3 * 8 * 32 * 4
+    assert Manifest(**make(dtype="bfloat16")).block_nbytes(2) == 2 * 3 * 4 * 32 * 2
+    assert list(m.blocks()) == [(1, 0), (1, 1), (2, 0), (2, 1), (2, 2), (2, 3)]
+
+
+@pytest.mark.parametrize("over", [
+    dict(checksums=[["a"] * 2]),                        # fewer levels of checksums than ranks
+    dict(checksums=[["a"] * 2, ["b"] * 3]),             # wrong count at a level
+    dict(ranks=[8, 0], checksums=[["a"] * 2, ["b"] * 4]),   # r = 0 level must list none
+    dict(shards=[]),
+    dict(shards=["s0", "s0"]),
+    dict(bank=""),
+    dict(bank="a/b"),                                   # would break the key layout
+    dict(version="v 1"),
+    dict(dtype="float16"),
+    dict(branching=1, checksums=[["a"], ["b"]]),
+    dict(replication=0),
+    dict(placement_level=0),
+    dict(d_model=0),
+    dict(extra_field=1),
+])
+def test_inconsistent_manifests_are_refused(over):
+    with pytest.raises(ValidationError):
+        Manifest(**make(**over))
+
+
+def test_bad_json_is_refused():
+    with pytest.raises(ValidationError):
+        Manifest.from_json('{"format": "membank.manifest/2"}')
+
+
+def test_path_blocks():
+    m = Manifest(**make())
+    assert m.path_blocks([0, 0]) == [(1, 0), (2, 0)]
+    assert m.path_blocks([1, 0]) == [(1, 1), (2, 2)]
+    assert m.path_blocks([1, 1]) == [(1, 1), (2, 3)]
+    skip = Manifest(**make(ranks=[0, 4], checksums=[[], ["b"] * 4]))
+    assert skip.path_blocks([1, 1]) == [(2, 3)]           # the r = 0 level holds no block
+    assert not skip.has_block(1, 0) and skip.has_block(2, 3) and not skip.has_block(2, 4)
+
+
+def test_owners_uses_the_manifest_shard_map():
+    m = Manifest(**make(shards=["a", "b", "c"], replication=2, placement_level=2))
+    assert m.owners(1, 0) == ["a", "b", "c"]
+    assert len(m.owners(2, 3)) == 2

@@ -1,0 +1,35 @@
+"""services/bank_server/settings.py: environment, then flags on top.
+
+Run: .venv/bin/python -m pytest -q tests/unit/test_settings.py
+"""
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from services.bank_server.settings import BankServerSettings
+
+
+def test_defaults(monkeypatch):
+    for var in ("HOST", "PORT", "LMDB_PATH", "REDIS_URL"):
+        monkeypatch.delenv(f"MEMBANK_SERVER_{var}", raising=False)
+    s = BankServerSettings.from_args([])
+    assert (s.host, s.port, s.redis_url) == ("127.0.0.1", 50051, None)
+    assert s.map_size == 64 << 30
+
+
+def test_env_then_flags(monkeypatch):
+    monkeypatch.setenv("MEMBANK_SERVER_PORT", "6000")
+    monkeypatch.setenv("MEMBANK_SERVER_LMDB_PATH", "/env/db")
+    monkeypatch.setenv("MEMBANK_SERVER_REDIS_URL", "redis://env:6379/0")
+    s = BankServerSettings.from_args(["--port", "0", "--log-level", "debug"])
+    assert s.port == 0                                   # flag wins
+    assert s.lmdb_path == Path("/env/db")                # env kept where no flag is given
+    assert s.redis_url == "redis://env:6379/0"
+    assert s.log_level == "DEBUG"
+
+
+def test_invalid(monkeypatch):
+    monkeypatch.delenv("MEMBANK_SERVER_PORT", raising=False)
+    with pytest.raises(ValidationError):
+        BankServerSettings.from_args(["--port", "70000"])
