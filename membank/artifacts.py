@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from membank.blocks import TORCH_DTYPES, checksum, tensor_to_bytes
+from membank.blocks import checksum, tensor_to_bytes, torch_dtype
 from membank.config import Config
 from membank.manifest import Manifest
 
@@ -70,7 +70,7 @@ def write_bank(export_dir: str | Path, levels: list[torch.Tensor | None], dtype:
         if t is None or t.shape[2] == 0:
             sums.append([])
             continue
-        t = t.detach().to(TORCH_DTYPES[dtype]).contiguous()
+        t = t.detach().to(torch_dtype(dtype)).contiguous()
         sums.append([checksum(tensor_to_bytes(t[n], dtype)) for n in range(t.shape[0])])
         save_tensors_atomic({"blocks": t}, level_file(export_dir, level))
     return sums

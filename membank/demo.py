@@ -11,8 +11,6 @@ Top-layer module (imports training/ and services/), like membank/cli.py.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,35 +23,10 @@ PROMPTS = [
 ]
 
 
-def start_server(lmdb_path: Path, extra: list[str] | None = None, timeout_s: float = 60.0):
-    """Start `services.bank_server.server` on port 0; return (process, address)."""
-    cmd = [sys.executable, "-u", "-m", "services.bank_server.server", "--lmdb", str(lmdb_path),
-           "--port", "0", *(extra or [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout_s
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if "listening on" in line:
-            return proc, line.strip().rsplit(" ", 1)[-1]
-    proc.kill()
-    raise RuntimeError(f"bank server did not start (exit code {proc.poll()})")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def run_demo(out_dir: str = "runs/demo", force: bool = False) -> None:
     from membank.cli import print_result
     from services.bank_server.ingest import ingest
+    from services.bank_server.launch import run_bank_server
     from services.model_client.bank_client import BankClient
     from services.model_client.memory_model import MemoryModel
     from training.train import TrainConfig, run
@@ -71,9 +44,8 @@ def run_demo(out_dir: str = "runs/demo", force: bool = False) -> None:
     print(f"ingested in {time.perf_counter() - t0:.2f}s")
 
     print("== 3. start the bank server")
-    proc, address = start_server(lmdb_path)
-    print(f"bank server pid {proc.pid} at {address}")
-    try:
+    with run_bank_server(lmdb_path, log_path=out / "bank_server.log") as (address, proc):
+        print(f"bank server pid {proc.pid} at {address} (log: {out / 'bank_server.log'})")
         print("== 4. prompts (greedy decoding; timings per step)")
         model = MemoryModel.from_pretrained(export_dir)
         model.warmup()
@@ -85,8 +57,6 @@ def run_demo(out_dir: str = "runs/demo", force: bool = False) -> None:
                 print(f"\n{prompt!r}  (expected: {answer})")
                 print_result("anchor only", model.generate(prompt, bank=None, use_memory=False))
                 print_result("with memory", model.generate(prompt, bank=bank))
-    finally:
         print("\n== 5. stop the bank server")
-        stop_server(proc)
-        print(f"server exited with code {proc.returncode}")
+    print(f"server exited with code {proc.returncode}")
     print(f"demo finished in {time.perf_counter() - t_start:.1f}s")

@@ -12,13 +12,10 @@ Run: `.venv/bin/python -m pytest -q tests/unit tests/integration`
 from __future__ import annotations
 
 import os
-import select
-import signal
 import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +25,9 @@ import torch
 from membank.artifacts import MANIFEST, atomic_write_bytes, write_bank
 from membank.config import get_preset
 from membank.manifest import Manifest
+from services.bank_server import launch
 
 REPO = Path(__file__).resolve().parents[1]
-LISTENING = "membank bank_server listening on "
 
 
 def free_port() -> int:
@@ -91,41 +88,10 @@ def lmdb_dir(tmp_path_factory, tiny_export, big_export) -> Path:
 
 
 # -- subprocesses ----------------------------------------------------------------------------
-def _stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@contextmanager
 def run_bank_server(lmdb: Path, *extra: str, log_path: Path | None = None, timeout: float = 30.0):
     """Start a bank server subprocess on port 0; yield (address, proc) once it listens."""
-    cmd = [sys.executable, "-m", "services.bank_server.server", "--lmdb", str(lmdb),
-           "--port", "0", "--map-size-gb", "1", *extra]
-    log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=log,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        deadline = time.monotonic() + timeout
-        line = b""
-        while not line.startswith(LISTENING.encode()):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or proc.poll() is not None:
-                raise RuntimeError(f"bank server did not start (rc={proc.poll()}); log: {log_path}")
-            ready, _, _ = select.select([proc.stdout], [], [], remaining)
-            if ready:
-                line = proc.stdout.readline()
-        address = line.decode().strip()[len(LISTENING):]
-        yield address, proc
-    finally:
-        _stop(proc)
-        proc.stdout.close()
-        if log_path:
-            log.close()
+    return launch.run_bank_server(lmdb, "--map-size-gb", "1", *extra, log_path=log_path,
+                                  timeout=timeout, cwd=REPO)
 
 
 @pytest.fixture(scope="session")

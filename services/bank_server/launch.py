@@ -1,0 +1,57 @@
+"""Start and stop bank server subprocesses: used by `make demo`, the tests and (later) the
+local cluster launcher. A development tool; production runs on docker-compose or Kubernetes.
+
+    with run_bank_server(Path("runs/demo/lmdb")) as (address, proc):
+        ...  # address is "127.0.0.1:PORT", bound on a free port chosen by the kernel
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+# the one line the server prints to stdout once bound (services/bank_server/server.py)
+LISTENING = "membank bank_server listening on "
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM (graceful: in-flight fetches drain), then SIGKILL if it does not exit in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def run_bank_server(lmdb: Path, *extra: str, log_path: Path | None = None, timeout: float = 30.0,
+                    cwd: Path | None = None):
+    """Start `python -m services.bank_server.server` on port 0; yield (address, proc) once it
+    listens; stop it on exit. Extra flags are passed through (e.g. "--redis-url", URL)."""
+    cmd = [sys.executable, "-m", "services.bank_server.server", "--lmdb", str(lmdb), "--port", "0", *extra]
+    log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=log,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + timeout
+        line = b""
+        while not line.startswith(LISTENING.encode()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or proc.poll() is not None:
+                raise RuntimeError(f"bank server did not start (exit code {proc.poll()}); log: {log_path}")
+            ready, _, _ = select.select([proc.stdout], [], [], remaining)
+            if ready:
+                line = proc.stdout.readline()
+        yield line.decode().strip()[len(LISTENING):], proc
+    finally:
+        stop(proc)
+        proc.stdout.close()
+        if log_path:
+            log.close()
