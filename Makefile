@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 STUBS  := membank/v1/bank_pb2.py membank/v1/bank_pb2_grpc.py
 
-.PHONY: install stubs test test-fast demo clean
+.PHONY: install stubs test test-fast demo loadtest validate-deploy clean
 
 install: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,deploy]'
 	touch $@
 
 # gRPC stubs are generated from proto/ by the build, never committed
@@ -30,6 +30,16 @@ test-fast: $(STAMP) $(STUBS)
 
 demo: $(STAMP) $(STUBS)
 	$(PY) -m membank.cli demo
+
+# headless locust against a bank server it starts on loopback (loadtests/README.md);
+# locust stays out of `make test`: the `load` extra is installed here only
+loadtest: $(STAMP) $(STUBS)
+	$(PY) -m pip install -q -e '.[load]'
+	$(PY) loadtests/run_local.py $(LOADTEST_ARGS)
+
+# schema checks of deploy/ and docker-compose.yml (offline; no cluster, no Docker engine)
+validate-deploy: $(STAMP)
+	$(PY) -m pytest -q tests/deploy/test_manifests.py
 
 clean:
 	rm -rf $(STUBS) membank/v1/bank_pb2.pyi runs .pytest_cache

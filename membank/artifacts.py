@@ -8,6 +8,10 @@
       manifest.json               membank.manifest/1 (membank/manifest.py)
       bank/level{l}.safetensors   tensor "blocks" of shape (k^l, L, 3, r_l, d) in the manifest
                                   dtype; node n's block is blocks[n], already in block format
+      generic.safetensors         tensor "generic" (1, L, n_mats, R, W) float32: the fetch-sized
+                                  generic memory trained alongside the bank (PAPER.md section 6),
+                                  so evaluation can compare anchor + generic with anchor + fetched;
+                                  optional (exports from before it have none)
 
 Everything is safetensors or JSON: nothing here is unpickled. Files are written to a temporary
 name and renamed, so a crash never leaves a half-written export that looks complete
@@ -33,6 +37,7 @@ ANCHOR = "anchor.safetensors"
 TOKENIZER = "tokenizer.json"
 ROUTER = "router.safetensors"
 MANIFEST = "manifest.json"
+GENERIC = "generic.safetensors"
 
 
 def level_file(export_dir: str | Path, level: int) -> Path:
@@ -62,12 +67,21 @@ def load_manifest(export_dir: str | Path) -> Manifest:
     return Manifest.from_json(path.read_text())
 
 
+def load_generic(export_dir: str | Path) -> torch.Tensor | None:
+    """The generic memory (1, L, n_mats, R, W), or None when the export has none."""
+    path = Path(export_dir) / GENERIC
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("generic")
+
+
 def write_bank(export_dir: str | Path, levels: list[torch.Tensor | None], dtype: str) -> list[list[str]]:
     """Write per-level bank tensors (k^l, L, 3, r_l, d); return per-block checksums."""
     (Path(export_dir) / "bank").mkdir(parents=True, exist_ok=True)
     sums: list[list[str]] = []
     for level, t in enumerate(levels, start=1):
-        if t is None or t.shape[2] == 0:
+        if t is None or t.shape[3] == 0:  # (k^l, L, n_mats, r_l, W): rank 0 = no blocks
             sums.append([])
             continue
         t = t.detach().to(torch_dtype(dtype)).contiguous()

@@ -36,6 +36,12 @@ def checksum(buf) -> str:
     return xxhash.xxh3_64_hexdigest(buf)
 
 
+def checksum_stream():
+    """An incremental `checksum`: `.update(part)` for each part in order, then `.hexdigest()`
+    equals `checksum(whole)` (lets a receiver hash chunks as they arrive)."""
+    return xxhash.xxh3_64()
+
+
 def block_nbytes(shape: tuple[int, ...], dtype: str) -> int:
     n = DTYPES[dtype]
     for s in shape:

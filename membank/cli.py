@@ -1,10 +1,12 @@
 """`membank`: the one command-line entry point.
 
     membank train    --config demo --out runs/demo          train anchor + bank, export
+    membank merge    --out runs/merged runs/sub0 runs/sub1   merge frozen-anchor subtree jobs
     membank ingest   runs/demo/export --lmdb runs/demo/lmdb  load blocks into a bank store
     membank serve    --lmdb runs/demo/lmdb --port 50051      run a bank shard (gRPC)
     membank generate "The atomic number of Ruthenium is" --bank localhost:50051
     membank demo                                             all of the above, end to end
+    membank config paper-160m [--kind lora-ffn]              anchor params, bank and fetch sizes
 
 This module is the top of the import graph: it may import training/ and services/; nothing
 imports it. Heavy imports happen inside each command so `membank --help` stays fast.
@@ -18,16 +20,21 @@ import sys
 
 
 def cmd_train(args) -> None:
-    from training.train import TrainConfig, run
+    from training.config import load_train_config
+    from training.train import run
 
-    tc = TrainConfig(preset=args.config)
-    for item in args.set or []:  # --set anchor_steps=100
-        key, _, value = item.partition("=")
-        fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-        if key not in fields:
-            raise SystemExit(f"error: unknown training option {key!r}; known: {', '.join(fields)}")
-        setattr(tc, key, type(getattr(tc, key))(value))
-    run(args.out, tc, reuse=not args.force)
+    overrides = list(args.set or [])
+    if args.corpus:
+        overrides.append(f"corpus={args.corpus}")
+    tc = load_train_config(args.config, overrides)
+    run(args.out, tc, reuse=not args.force, resume=args.resume)
+
+
+def cmd_merge(args) -> None:
+    from training.merge import merge
+
+    export_dir = merge(args.jobs, args.out, base=args.base)
+    print(f"merged export: {export_dir}")
 
 
 def cmd_ingest(args) -> None:
@@ -76,16 +83,57 @@ def cmd_demo(args) -> None:
     run_demo(out_dir=args.out, force=args.force)
 
 
+def cmd_config(args) -> None:
+    import torch
+
+    from membank.config import DTYPES, get_preset
+    from membank.model import Transformer
+
+    cfg = get_preset(args.name)
+    if args.kind:
+        cfg.memory.kind = args.kind
+        cfg.validate()
+    m, mc = cfg.model, cfg.memory
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        n_params = Transformer(cfg).num_params()
+    sizes, nbytes = mc.sizes(m), DTYPES[mc.dtype]
+    layers = mc.mem_layers(m.n_layer)
+    print(f"{args.name}: anchor {n_params:,} params  (layers {m.n_layer}, d {m.d_model}, "
+          f"heads {m.n_head} x {m.head_dim}, ffn {m.d_ff}, vocab {m.vocab_size}, "
+          f"tied {m.tie_embeddings})")
+    print(f"memory: {mc.kind}, {len(layers)} of {m.n_layer} layers ({mc.placement}), "
+          f"k {mc.branching}, ranks {tuple(mc.ranks)}, {mc.dtype}")
+    print(f"  {'level':>5} {'nodes':>10} {'block shape':>22} {'block params':>15} {'level params':>17}")
+    for level, block in enumerate(sizes["block_params_per_level"], start=1):
+        shape = "x".join(map(str, mc.block_shape(m, level)))
+        print(f"  {level:>5} {mc.n_nodes(level):>10,} {shape:>22} {block:>15,} "
+              f"{block * mc.n_nodes(level):>17,}")
+    for name in ("bank", "fetch"):
+        n = sizes[f"{name}_params"]
+        print(f"  {name:<5} {n:>15,} params  {n * nbytes / 1e6:>12,.2f} MB in {mc.dtype}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="membank", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("train", help="train anchor + bank and export")
-    s.add_argument("--config", default="demo", help="model preset: tiny, demo, paper-160m")
+    s = sub.add_parser("train", help="train anchor + bank and export (torchrun for data parallelism)")
+    s.add_argument("--config", default="demo",
+                   help="training preset (tiny, demo, paper-160m, ...) or a JSON file of TrainConfig fields")
     s.add_argument("--out", default="runs/demo")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a TrainConfig field")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a TrainConfig field (model.FIELD / memory.FIELD for shapes)")
+    s.add_argument("--corpus", default=None, metavar="FILE.jsonl",
+                   help='train on this corpus, one {"text": ...} per line (default: the elements)')
+    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     s.add_argument("--force", action="store_true", help="retrain even if a cached run matches")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("merge", help="merge frozen-anchor subtree jobs into one bank and export it")
+    s.add_argument("jobs", nargs="+", help="subtree job run directories (or checkpoints)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--base", default=None, help="checkpoint the jobs started from (default: their init_from)")
+    s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("ingest", help="ingest an export's blocks into an LMDB bank store")
     s.add_argument("export")
@@ -108,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=5.0, help="bank deadline in seconds")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("config", help="print a preset's anchor params and bank / fetch sizes")
+    s.add_argument("name", help="preset: tiny, demo, paper-160m, paper-410m, paper-1.4b")
+    s.add_argument("--kind", default=None, help="memory kind: ffn, lora-qk, lora-ov, lora-ffn, kv")
+    s.set_defaults(func=cmd_config)
 
     s = sub.add_parser("demo", help="train (or reuse), export, serve, and answer prompts")
     s.add_argument("--out", default="runs/demo")

@@ -29,12 +29,13 @@ def run_demo(out_dir: str = "runs/demo", force: bool = False) -> None:
     from services.bank_server.launch import run_bank_server
     from services.model_client.bank_client import BankClient
     from services.model_client.memory_model import MemoryModel
-    from training.train import TrainConfig, run
+    from training.config import load_train_config
+    from training.train import run
 
     t_start = time.perf_counter()
     out = Path(out_dir)
     print("== 1. train (or reuse) and export")
-    export_dir = run(out, TrainConfig(preset="demo"), reuse=not force)
+    export_dir = run(out, load_train_config("demo"), reuse=not force)
 
     print("== 2. ingest blocks into LMDB")
     lmdb_path = out / "lmdb"

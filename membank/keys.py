@@ -1,13 +1,21 @@
 """Storage keys. Block keys are immutable and versioned; `current` is the only mutable key.
 
     c/{bank}                          -> version string of the published version
-    m/{bank}/{version}                -> manifest JSON of that version
-    b/{bank}/{version}/{level}/{node} -> block bytes
+    m/{bank}/{version}                -> manifest JSON of that version (its presence = complete)
+    i/{bank}/{version}                -> JSON {"completed_at", "shard", "blocks", "bytes"}, written
+                                         with the manifest (GC orders versions by it)
+    b/{bank}/{version}/{level}/{node} -> block bytes (checksum: in the manifest)
+    x/shard                           -> the shard id this LMDB was ingested for (absent: all)
 
 A new version is written beside the old one and becomes visible by one write of `c/{bank}`.
-The same keys name blocks in the Redis hot tier, so a cached block can never be stale.
+The same block keys name blocks in the Redis hot tier, so a cached block can never be stale.
+A version re-placed onto another shard set (services/bank_server/rebalance.py) keeps the block
+keys of the version it was re-placed from (`Manifest.block_version`), so re-placing moves bytes
+only where placement changed.
 """
 from __future__ import annotations
+
+SHARD_KEY = b"x/shard"
 
 
 def current_key(bank: str) -> bytes:
@@ -18,5 +26,27 @@ def manifest_key(bank: str, version: str) -> bytes:
     return f"m/{bank}/{version}".encode()
 
 
+def manifest_prefix(bank: str) -> bytes:
+    """Prefix of every manifest key of a bank (a cursor over it lists the complete versions)."""
+    return f"m/{bank}/".encode()
+
+
+def version_info_key(bank: str, version: str) -> bytes:
+    return f"i/{bank}/{version}".encode()
+
+
 def block_key(bank: str, version: str, level: int, node: int) -> bytes:
     return f"b/{bank}/{version}/{level}/{node}".encode()
+
+
+def block_prefix(bank: str, version: str) -> bytes:
+    """Prefix of every block key of one (bank, block version)."""
+    return f"b/{bank}/{version}/".encode()
+
+
+def parse_block_key(key: bytes) -> tuple[str, str, int, int]:
+    """(bank, version, level, node) of a block key; ValueError for anything else."""
+    parts = bytes(key).decode().split("/")
+    if len(parts) != 5 or parts[0] != "b":
+        raise ValueError(f"not a block key: {bytes(key)[:80]!r}")
+    return parts[1], parts[2], int(parts[3]), int(parts[4])

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from membank.blocks import CHECKSUM_ALGO, block_nbytes
+from membank.config import N_MATS
 from membank.placement import owners
 
 
@@ -22,6 +23,10 @@ class Manifest(BaseModel):
     version: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     dtype: Literal["float32", "bfloat16"]
     d_model: int = Field(gt=0)
+    # memory kind and the width of a block row (membank/config.py `block_layout`); the defaults
+    # are FFN memories, whose rows are d_model wide, so manifests written before them still load
+    kind: Literal["ffn", "lora-qk", "lora-ov", "lora-ffn", "kv"] = "ffn"
+    block_width: int | None = Field(default=None, gt=0)
     mem_layers: list[int]
     branching: int = Field(ge=2)
     ranks: list[int]                      # r_l for levels 1..p; 0 = the level has no blocks
@@ -30,9 +35,18 @@ class Manifest(BaseModel):
     shards: list[str] = ["shard-0"]
     replication: int = Field(default=1, ge=1)
     placement_level: int = Field(default=1, ge=1)
+    # a version re-placed onto another shard set (services/bank_server/rebalance.py) keeps the
+    # block keys of the version it was re-placed from, so only moved blocks are copied;
+    # None: its blocks are stored under its own version (membank/keys.py)
+    shares_blocks_of: str | None = Field(default=None, min_length=1, max_length=64,
+                                         pattern=r"^[A-Za-z0-9._-]+$")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":
+        if self.kind == "ffn" and self.block_width not in (None, self.d_model):
+            raise ValueError(f"FFN memory blocks are d_model={self.d_model} wide, not {self.block_width}")
+        if self.kind != "ffn" and self.block_width is None:
+            raise ValueError(f"a {self.kind} bank needs block_width")
         if len(self.checksums) != len(self.ranks):
             raise ValueError(f"checksums has {len(self.checksums)} levels, ranks {len(self.ranks)}")
         for level, (r, sums) in enumerate(zip(self.ranks, self.checksums), start=1):
@@ -52,10 +66,17 @@ class Manifest(BaseModel):
         return self.branching ** level
 
     def block_shape(self, level: int) -> tuple[int, int, int, int]:
-        return (len(self.mem_layers), 3, self.ranks[level - 1], self.d_model)
+        """(L, n_mats, r_l, width): for FFN memories (L, 3, r_l, d_model)."""
+        return (len(self.mem_layers), N_MATS[self.kind], self.ranks[level - 1],
+                self.block_width or self.d_model)
 
     def block_nbytes(self, level: int) -> int:
         return block_nbytes(self.block_shape(level), self.dtype)
+
+    @property
+    def block_version(self) -> str:
+        """The version part of this version's block keys (`b/{bank}/{block_version}/...`)."""
+        return self.shares_blocks_of or self.version
 
     def has_block(self, level: int, node: int) -> bool:
         return 1 <= level <= self.depth and self.ranks[level - 1] > 0 and 0 <= node < self.n_nodes(level)

@@ -28,3 +28,35 @@ def owners(bank: str, level: int, node: int, *, shards: list[str], replication: 
     scored = sorted(shards, reverse=True, key=lambda s: xxhash.xxh3_64_intdigest(
         f"{bank}/{placement_level}/{anc}@{s}".encode()))
     return scored[: max(1, min(replication, len(shards)))]
+
+
+def shard_blocks(manifest, shard: str | None):
+    """(level, node) of every block of `manifest` that `shard` keeps (None: every block).
+
+    `manifest` is a membank.manifest.Manifest (duck-typed here: manifest.py imports this module).
+    """
+    for level, node in manifest.blocks():
+        if shard is None or shard in manifest.owners(level, node):
+            yield level, node
+
+
+def placement_groups(manifest) -> list[int]:
+    """Node indices at `placement_level`: the units that placement moves between shards."""
+    level = min(manifest.placement_level, manifest.depth)
+    return list(range(manifest.n_nodes(level)))
+
+
+def moves(before, after) -> list[tuple[int, int, list[str], list[str]]]:
+    """Blocks whose owner set changes from manifest `before` to `after` (same blocks, other
+    shards / replication): (level, node, owners before, shards that must receive it).
+
+    With rendezvous hashing, adding a shard only ever adds that shard to an owner set, so the
+    receivers are new shards only, and about replication / n_shards of the groups move.
+    """
+    out = []
+    for level, node in before.blocks():
+        old, new = before.owners(level, node), after.owners(level, node)
+        gained = [s for s in new if s not in old]
+        if gained:
+            out.append((level, node, old, gained))
+    return out

@@ -11,6 +11,10 @@ protobuf. It holds three things:
 - `iter_block_chunks`: a block split into `CHUNK_BYTES` chunks, header on the first only.
 - `safe_parser`: a request deserializer that returns None on malformed bytes, so a servicer
   can answer INVALID_ARGUMENT (grpc itself would answer INTERNAL).
+- `parse_chunk`: the client's side of `encode_chunk`: a received BlockChunk's fields with
+  `data` as a memoryview INTO the received bytes (protobuf's parser would copy the body once
+  into the message and again on every `.data` access). Any valid protobuf encoding parses
+  (fields in any order, unknown fields skipped), not only what `encode_chunk` writes.
 
 Nothing to run; `tests/unit/test_wire.py` checks it against protobuf's own serialiser.
 """
@@ -81,6 +85,68 @@ def iter_block_chunks(index: int, header: Mapping | bank_pb2.BlockHeader, data) 
     yield encode_chunk(index, header, 0, view[:CHUNK_BYTES])
     for offset in range(CHUNK_BYTES, n, CHUNK_BYTES):
         yield encode_chunk(index, None, offset, view[offset:offset + CHUNK_BYTES])
+
+
+class ChunkFormatError(ValueError):
+    """Bytes that are not a valid BlockChunk encoding."""
+
+
+def _read_varint(buf, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise ChunkFormatError("truncated or overlong varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def parse_chunk(raw) -> tuple[int, bank_pb2.BlockHeader | None, int, memoryview]:
+    """(index, header or None, offset, data) of a BlockChunk's wire bytes; no copy of data.
+
+    `data` is a view into `raw`: keep `raw` alive while using it. Raises ChunkFormatError.
+    """
+    view = memoryview(raw).cast("B")
+    end = len(view)
+    pos = index = offset = 0
+    header_parts: list[memoryview] = []
+    data = view[0:0]
+    while pos < end:
+        tag, pos = _read_varint(view, pos, end)
+        field, wire_type = tag >> 3, tag & 7
+        if wire_type == 0:
+            value, pos = _read_varint(view, pos, end)
+            if field == 1:
+                index = value & 0xFFFFFFFF
+            elif field == 3:
+                offset = value & 0xFFFFFFFFFFFFFFFF
+        elif wire_type == _WIRE_TYPE_LEN:
+            n, pos = _read_varint(view, pos, end)
+            if n > end - pos:
+                raise ChunkFormatError("length-delimited field runs past the message")
+            if field == _DATA_FIELD:
+                data = view[pos:pos + n]          # protobuf: the last one wins
+            elif field == 2:
+                header_parts.append(view[pos:pos + n])   # protobuf: repeated ones merge
+            pos += n
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        else:
+            raise ChunkFormatError(f"unsupported wire type {wire_type}")
+        if pos > end:
+            raise ChunkFormatError("field runs past the message")
+    header = None
+    if header_parts:
+        try:
+            header = bank_pb2.BlockHeader.FromString(b"".join(header_parts))
+        except DecodeError as e:
+            raise ChunkFormatError(f"malformed BlockHeader: {e}") from None
+    return index, header, offset, data
 
 
 M = TypeVar("M", bound=Message)

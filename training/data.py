@@ -22,9 +22,11 @@ Run `python -m training.data` to print corpus statistics and a few documents.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -162,6 +164,39 @@ def build_documents(seed: int = 0) -> list[Document]:
         }
         docs.extend(Document(texts[kind], name, kind) for kind in KINDS if texts[kind])
     return docs
+
+
+def read_jsonl_corpus(path: str | Path) -> list[str]:
+    """The texts of a JSONL corpus, one {"text": "..."} object per line (blank lines skipped).
+
+    An empty file, a file that is not UTF-8, a line that is not a JSON object with a string
+    "text", or a corpus of only empty texts is a ValueError naming the file (and line).
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"corpus file {path} does not exist") from None
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"corpus file {path} is not UTF-8 (line {line}, byte {e.start})") from None
+    texts = []
+    for lineno, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"corpus file {path} line {lineno} is not JSON: {e.msg}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise ValueError(f'corpus file {path} line {lineno} is not an object with a string "text"')
+        if obj["text"].strip():
+            texts.append(obj["text"])
+    if not texts:
+        raise ValueError(f"corpus file {path} is empty (no non-empty texts)")
+    return texts
 
 
 def probe_prompts() -> list[tuple[str, str]]:

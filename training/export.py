@@ -1,4 +1,4 @@
-"""Export a trained model: anchor + tokenizer + router + manifest + bank blocks.
+"""Export a trained model: anchor + tokenizer + router + generic memory + manifest + bank blocks.
 
 The layout is defined in membank/artifacts.py. manifest.json is written last: an export
 without it is incomplete and every reader refuses it.
@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+
+import torch
 
 from membank import artifacts
 from membank.config import Config
@@ -25,17 +27,12 @@ def anchor_state(model: Transformer) -> dict:
     return state
 
 
-def save_checkpoint(path: str | Path, model: Transformer, bank: MemoryBank | None, meta: dict) -> None:
-    """Model (+ bank) weights as one safetensors file, written to a temp name then renamed."""
-    tensors = {f"anchor.{k}": v for k, v in anchor_state(model).items()}
-    if bank is not None:
-        tensors.update({f"bank.level{i + 1}": p.detach() for i, p in enumerate(bank.levels)})
-    artifacts.save_tensors_atomic(tensors, Path(path), metadata={"meta": json.dumps(meta)})
-
-
-def export(export_dir: str | Path, config: Config, model: Transformer, bank: MemoryBank,
-           tokenizer_path: str | Path, router: Router, *, bank_id: str, version: str,
+def export(export_dir: str | Path, config: Config, model: Transformer,
+           bank: MemoryBank | list[torch.Tensor], tokenizer_path: str | Path, router: Router, *,
+           bank_id: str, version: str, generic: torch.Tensor | None = None,
            shards: list[str] | None = None, replication: int = 1) -> Manifest:
+    """Write the export; `bank` is a MemoryBank or its level tensors (k^l, L, n, r_l, W), and
+    `generic` the fetch-sized generic memory (1, L, n, R, W) when one was trained."""
     out = Path(export_dir)
     (out / artifacts.MANIFEST).unlink(missing_ok=True)  # mark incomplete while rewriting
     out.mkdir(parents=True, exist_ok=True)
@@ -43,13 +40,16 @@ def export(export_dir: str | Path, config: Config, model: Transformer, bank: Mem
     artifacts.save_tensors_atomic(anchor_state(model), out / artifacts.ANCHOR)
     shutil.copyfile(tokenizer_path, out / artifacts.TOKENIZER)
     router.save(out / artifacts.ROUTER)
+    if generic is not None:
+        artifacts.save_tensors_atomic({"generic": generic.detach().float()}, out / artifacts.GENERIC)
+    else:
+        (out / artifacts.GENERIC).unlink(missing_ok=True)
     mc = config.memory
-    checksums = artifacts.write_bank(out, [p.data for p in bank.levels], mc.dtype)
+    levels = [p.data for p in bank.levels] if isinstance(bank, MemoryBank) else list(bank)
+    checksums = artifacts.write_bank(out, levels, mc.dtype)
     manifest = Manifest(
-        bank=bank_id, version=version, dtype=mc.dtype, d_model=config.model.d_model,
-        mem_layers=mc.mem_layers(config.model.n_layer), branching=mc.branching,
-        ranks=list(mc.ranks), checksums=checksums, shards=shards or ["shard-0"],
-        replication=replication,
+        bank=bank_id, version=version, **mc.manifest_fields(config.model), checksums=checksums,
+        shards=shards or ["shard-0"], replication=replication,
     )
     artifacts.atomic_write_bytes(out / artifacts.MANIFEST, manifest.to_json().encode())
     return manifest

@@ -1,91 +1,322 @@
-"""Ingest: copy an export's bank blocks and manifest into a bank LMDB, then publish.
+"""Ingest: write a bank version into a (shard's) LMDB, publish it, and collect old versions.
 
     python -m services.bank_server.ingest EXPORT_DIR --lmdb data/bank.lmdb \
-        [--version V] [--no-publish]
+        [--version V] [--no-publish] [--shard-id S] [--shards a,b,c] [--replication R]
+        [--placement-level P]
+    python -m services.bank_server.ingest gc --lmdb data/bank.lmdb --bank B [--keep 2]
+        [--dry-run] [--orphans]
+    python -m services.bank_server.ingest publish --lmdb data/bank.lmdb --bank B --version V
+
+Sources: an export directory (`ingest`, blocks read straight from the safetensors files with a
+memory map, no torch), or any iterable of (level, node, bytes) (`ingest_stream`: generators,
+other stores, the paper-scale benchmark), written into one LMDB per shard in one pass.
 
 Order of writes, so that a reader never sees a half-written version:
   1. every block under its versioned key `b/{bank}/{version}/{level}/{node}`, in batched write
-     transactions (each block's checksum is checked against the manifest first);
-  2. the manifest under `m/{bank}/{version}` (a version without a manifest does not exist for
-     the server);
+     transactions (each block checked against its manifest checksum first; `--shard-id`: only
+     the blocks placement gives that shard);
+  2. one transaction that checks every block the shard owns is present with the right size,
+     then writes the manifest `m/{bank}/{version}` (with every block's checksum: the server
+     verifies each block against it on every read) and `i/{bank}/{version}` (ingest info);
+     a version without a manifest does not exist for the server;
   3. with publish, one transaction that points `c/{bank}` at the version.
-Versions are immutable: re-ingesting the same version with the same content rewrites the same
-bytes (idempotent); a different manifest under an existing version is refused.
+Killing ingest at any moment (kill -9) leaves the published version untouched: LMDB commits are
+atomic and durable, the new version's keys are new keys, and `current` moves last. A rerun
+skips the blocks already written (same key, same checksum) and completes the version.
+Versions are immutable: re-ingesting the same version with the same content is a no-op; a
+different manifest under an existing version is refused.
+
+GC keeps `current` and the `keep` newest complete versions, deletes the other versions'
+manifests in one transaction (servers answer NOT_FOUND for them from then on), then their blocks
+in batches; blocks shared with a kept version (rebalance) and, on a shard, blocks the shard no
+longer owns under any kept version are handled too. `orphans=True` also deletes blocks of
+versions that never completed (a killed ingest nobody reran; do not run it while an ingest is
+writing: that ingest would then fail its completeness check, never publish half a version).
+LMDB reuses the freed pages for later versions; the file does not shrink (`mdb_copy -c`).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import mmap
+import os
+import socket
+import struct
 import sys
+import time
 from pathlib import Path
+from typing import Iterable, Iterator, Mapping
 
 from tqdm import tqdm
 
-from membank.artifacts import iter_blocks, load_manifest
 from membank.blocks import checksum
-from membank.keys import block_key, current_key, manifest_key
+from membank.keys import (SHARD_KEY, block_key, block_prefix, current_key, manifest_key,
+                          parse_block_key, version_info_key)
 from membank.manifest import Manifest
-from services.bank_server.store import open_env
+from membank.placement import shard_blocks
+from services.bank_server.router_store import store_router
+from services.bank_server.store import acquire_env, list_versions, release_env
 
 log = logging.getLogger(__name__)
 
+_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
+
 
 class IngestError(RuntimeError):
-    """The export cannot be ingested (corrupt block, conflicting version)."""
+    """The source cannot be ingested (corrupt block, conflicting version, wrong shard)."""
+
+
+# -- sources ----------------------------------------------------------------------------------
+def load_export_manifest(export_dir: str | Path) -> Manifest:
+    path = Path(export_dir) / "manifest.json"       # membank/artifacts.py MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{export_dir} is not a complete export (no manifest.json)")
+    return Manifest.from_json(path.read_text())
+
+
+def iter_export_blocks(export_dir: str | Path, manifest: Manifest,
+                       only: set[tuple[int, int]] | None = None) -> Iterator[tuple[int, int, memoryview]]:
+    """(level, node, view) of an export's blocks, read from bank/level{l}.safetensors through
+    a memory map: a block is a contiguous slice of the level tensor (k^l, *block_shape), which
+    is the block format already, so nothing is converted or copied (no torch)."""
+    for level in range(1, manifest.depth + 1):
+        if manifest.ranks[level - 1] == 0:
+            continue
+        path = Path(export_dir) / "bank" / f"level{level}.safetensors"
+        with open(path, "rb") as f:
+            # the map lives as long as a view of it does (the writer may batch views across
+            # levels); it is unmapped when the last one is dropped
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        (n,) = struct.unpack("<Q", mm[:8])
+        entry = json.loads(mm[8:8 + n])["blocks"]
+        want = [manifest.n_nodes(level), *manifest.block_shape(level)]
+        if entry["shape"] != want or entry["dtype"] != _ST_DTYPES[manifest.dtype]:
+            raise IngestError(f"{path}: tensor {entry['dtype']} {entry['shape']}, manifest "
+                              f"says {_ST_DTYPES[manifest.dtype]} {want}")
+        size = manifest.block_nbytes(level)
+        start, end = entry["data_offsets"]
+        if end - start != size * manifest.n_nodes(level):
+            raise IngestError(f"{path}: {end - start} data bytes, expected "
+                              f"{size * manifest.n_nodes(level)}")
+        base = 8 + n + start
+        view = memoryview(mm)
+        for node in range(manifest.n_nodes(level)):
+            if only is None or (level, node) in only:
+                yield level, node, view[base + node * size: base + (node + 1) * size]
+
+
+# -- the writer -------------------------------------------------------------------------------
+class _Target:
+    """One shard's LMDB receiving one version: batched puts, then finish (check + manifest)."""
+
+    def __init__(self, path: str | Path, shard: str | None, *, map_size: int, batch_bytes: int,
+                 resume: bool, writemap: bool = False):
+        self.path, self.shard = Path(path), shard
+        self.env = acquire_env(path, map_size, readonly=False, writemap=writemap)
+        self.batch: list[tuple[bytes, object, str]] = []
+        self.pending = 0
+        self.batch_bytes = batch_bytes
+        self.resume = resume
+        self.written = self.skipped = self.bytes = 0
+        with self.env.begin(write=True) as txn:
+            marker = txn.get(SHARD_KEY)
+            marker = marker.decode() if marker is not None else None
+            if marker != shard:
+                if marker is not None:
+                    raise IngestError(f"{path} holds shard {marker!r}, not {shard!r}")
+                if shard is not None:
+                    txn.put(SHARD_KEY, shard.encode())
+
+    def put(self, key: bytes, data, want: str) -> None:
+        self.batch.append((key, data, want))
+        self.pending += memoryview(data).nbytes
+        if self.pending >= self.batch_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.batch:
+            return
+        with self.env.begin(write=True, buffers=True) as txn:
+            for key, data, want in self.batch:
+                if self.resume:
+                    have = txn.get(key)
+                    if have is not None and len(have) == memoryview(data).nbytes \
+                            and checksum(have) == want:
+                        self.skipped += 1       # written by an earlier (killed) run
+                        continue
+                txn.put(key, data)
+                self.written += 1
+                self.bytes += memoryview(data).nbytes
+        self.batch, self.pending = [], 0
+
+    def finish(self, manifest: Manifest, publish: bool) -> None:
+        self.flush()
+        bank, ver = manifest.bank, manifest.version
+        with self.env.begin(write=True, buffers=True) as txn:
+            existing = txn.get(manifest_key(bank, ver))
+            if existing is not None and Manifest.from_json(bytes(existing)) != manifest:
+                raise IngestError(f"{bank} version {ver} already exists in {self.path} with "
+                                  f"different content; versions are immutable")
+            n = nbytes = 0
+            for level, node in shard_blocks(manifest, self.shard):
+                buf = txn.get(block_key(bank, manifest.block_version, level, node))
+                if buf is None or len(buf) != manifest.block_nbytes(level):
+                    raise IngestError(f"block ({level}, {node}) of {bank}/{ver} is missing from "
+                                      f"{self.path}; not publishing an incomplete version "
+                                      f"(was it garbage-collected meanwhile? rerun ingest)")
+                n += 1
+                nbytes += len(buf)
+            if existing is None:
+                txn.put(manifest_key(bank, ver), manifest.to_json().encode())
+                txn.put(version_info_key(bank, ver), json.dumps({
+                    "completed_at": time.time(), "shard": self.shard, "blocks": n,
+                    "bytes": nbytes, "host": socket.gethostname()}).encode())
+        if publish:
+            # the one mutable key, switched in its own transaction: readers see old or new
+            with self.env.begin(write=True) as txn:
+                txn.put(current_key(bank), ver.encode())
+
+    def close(self) -> None:
+        if self.env is not None:
+            release_env(self.env)
+            self.env = None
+
+
+def _with_placement(manifest: Manifest, *, version: str | None = None,
+                    shards: list[str] | None = None, replication: int | None = None,
+                    placement_level: int | None = None) -> Manifest:
+    update = {k: v for k, v in dict(version=version, shards=shards, replication=replication,
+                                     placement_level=placement_level).items() if v is not None}
+    if not update:
+        return manifest
+    # re-validate rather than model_copy(update=...), which would skip validation
+    return Manifest.model_validate({**manifest.model_dump(), **update})
+
+
+def _check_shards(manifest: Manifest, targets: Mapping[str | None, str | Path]) -> None:
+    for shard in targets:
+        if shard is not None and shard not in manifest.shards:
+            raise IngestError(f"shard {shard!r} is not in the manifest's shards {manifest.shards}")
 
 
 def ingest(export_dir: str | Path, lmdb_path: str | Path, *, version: str | None = None,
-           publish: bool = True, batch_bytes: int = 64 << 20, map_size: int = 64 << 30,
-           progress: bool = True) -> Manifest:
-    """Write the export's bank into the LMDB at `lmdb_path`; return the stored manifest.
+           publish: bool = True, shard_id: str | None = None, shards: list[str] | None = None,
+           replication: int | None = None, placement_level: int | None = None,
+           batch_bytes: int = 64 << 20, map_size: int = 64 << 30, progress: bool = True,
+           resume: bool = True, max_bytes_per_s: float | None = None,
+           writemap: bool = False) -> Manifest:
+    """Write the export's bank (or, with `shard_id`, the blocks that shard owns) into the LMDB
+    at `lmdb_path`; return the stored manifest.
 
-    `version` overrides the export's manifest version (e.g. a deployment tag).
+    `version` overrides the export's manifest version (e.g. a deployment tag); `shards`,
+    `replication` and `placement_level` override its placement (every shard's ingest must be
+    given the same ones: they are part of the manifest). `max_bytes_per_s` throttles the
+    writes (ingest into a shard that is serving competes with it for the disk).
     """
-    manifest = load_manifest(export_dir)
-    if version is not None and version != manifest.version:
-        # re-validate rather than model_copy(update=...), which would skip validation
-        manifest = Manifest.model_validate({**manifest.model_dump(), "version": version})
+    manifest = _with_placement(load_export_manifest(export_dir), version=version, shards=shards,
+                               replication=replication, placement_level=placement_level)
+    targets = {shard_id: lmdb_path}
+    _check_shards(manifest, targets)
+    # the router rides with the version (for the Route RPC); invisible until `current` switches
+    store_router(lmdb_path, export_dir, manifest.bank, manifest.version, map_size=map_size)
+    only = set(shard_blocks(manifest, shard_id)) if shard_id is not None else None
+    total = sum(manifest.block_nbytes(l) for l, _ in (only or manifest.blocks()))
+    blocks = iter_export_blocks(export_dir, manifest, only)
+    return _write(manifest, blocks, targets, verify=True, publish=publish, progress=progress,
+                  total_bytes=total, batch_bytes=batch_bytes, map_size=map_size, resume=resume,
+                  source=str(export_dir), max_bytes_per_s=max_bytes_per_s, writemap=writemap)
+
+
+def ingest_stream(targets: Mapping[str | None, str | Path], header: Manifest | Mapping,
+                  blocks: Iterable[tuple[int, int, object]], *, publish: bool = True,
+                  batch_bytes: int = 64 << 20, map_size: int = 64 << 30, progress: bool = True,
+                  resume: bool = True, max_bytes_per_s: float | None = None,
+                  writemap: bool = False) -> Manifest:
+    """Streaming ingest: blocks from any iterable, written into one LMDB per shard in one pass.
+
+    `targets` maps shard id -> LMDB path ({None: path}: one LMDB holding every block).
+    `header` holds the manifest's fields except `checksums` (or is a manifest whose checksums
+    are ignored); the checksums are computed from the blocks as they stream by and the manifest
+    written last. Each (level, node) must come exactly once, in any order; each block goes to
+    the shards placement gives it.
+    """
+    fields = header.model_dump() if isinstance(header, Manifest) else dict(header)
+    fields["checksums"] = [[""] * ((fields["branching"] ** l) if r else 0)
+                           for l, r in enumerate(fields["ranks"], start=1)]
+    skeleton = Manifest.model_validate(fields)
+    _check_shards(skeleton, targets)
+    total = sum(skeleton.block_nbytes(l) for l, _ in skeleton.blocks())
+    return _write(skeleton, blocks, targets, verify=False, publish=publish, progress=progress,
+                  total_bytes=total, batch_bytes=batch_bytes, map_size=map_size, resume=resume,
+                  source="stream", max_bytes_per_s=max_bytes_per_s, writemap=writemap)
+
+
+def _write(manifest: Manifest, blocks, targets, *, verify: bool, publish: bool, progress: bool,
+           total_bytes: int, batch_bytes: int, map_size: int, resume: bool,
+           source: str, max_bytes_per_s: float | None = None,
+           writemap: bool = False) -> Manifest:
     bank, ver = manifest.bank, manifest.version
-    manifest_json = manifest.to_json().encode()
-
-    env = open_env(lmdb_path, map_size, readonly=False)
+    sums = [list(level) for level in manifest.checksums]
+    seen: set[tuple[int, int]] = set()
+    opened: dict[str | None, _Target] = {}
     try:
-        with env.begin() as txn:
-            existing = txn.get(manifest_key(bank, ver))
-        if existing is not None and Manifest.from_json(existing) != manifest:
-            raise IngestError(f"{bank} version {ver} already exists with different content; "
-                              f"versions are immutable, ingest under a new version")
-
-        n_blocks = sum(manifest.n_nodes(l) for l in range(1, manifest.depth + 1)
-                       if manifest.ranks[l - 1] > 0)
-        bar = tqdm(total=n_blocks, unit="block", desc=f"ingest {bank}/{ver}", disable=not progress)
-        batch: list[tuple[bytes, bytes]] = []
-        pending = 0
-        for level, node, data in iter_blocks(export_dir, manifest):
-            want = manifest.checksum(level, node)
-            if len(data) != manifest.block_nbytes(level) or checksum(data) != want:
-                raise IngestError(f"block ({level}, {node}) of {export_dir} does not match its "
-                                  f"manifest checksum {want}; the export is corrupt")
-            batch.append((block_key(bank, ver, level, node), data))
-            pending += len(data)
-            if pending >= batch_bytes:
-                _write_batch(env, batch)
-                bar.update(len(batch))
-                batch, pending = [], 0
-        _write_batch(env, batch)
-        bar.update(len(batch))
+        for shard, path in targets.items():
+            opened[shard] = _Target(path, shard, map_size=map_size, batch_bytes=batch_bytes,
+                                    resume=resume, writemap=writemap)
+            if verify:   # export ingest: refuse a conflicting version before writing anything
+                with opened[shard].env.begin() as txn:
+                    existing = txn.get(manifest_key(bank, ver))
+                if existing is not None and Manifest.from_json(existing) != manifest:
+                    raise IngestError(f"{bank} version {ver} already exists with different "
+                                      f"content; versions are immutable, ingest under a new "
+                                      f"version")
+        log.info("ingest %s/%s from %s into %s: writing", bank, ver, source,
+                 ", ".join(f"{s or 'all'}={p}" for s, p in targets.items()))
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"ingest {bank}/{ver}",
+                   disable=not progress, mininterval=0.5)
+        t_start, done = time.monotonic(), 0
+        for level, node, data in blocks:
+            if not manifest.has_block(level, node) or (level, node) in seen:
+                raise IngestError(f"unexpected or repeated block ({level}, {node}) for {bank}/{ver}")
+            seen.add((level, node))
+            n = memoryview(data).nbytes
+            if n != manifest.block_nbytes(level):
+                raise IngestError(f"block ({level}, {node}) has {n} bytes, the manifest's shape "
+                                  f"needs {manifest.block_nbytes(level)}")
+            got = checksum(data)
+            if verify and got != manifest.checksum(level, node):
+                raise IngestError(f"block ({level}, {node}) of {source} does not match its "
+                                  f"manifest checksum {manifest.checksum(level, node)}; the "
+                                  f"source is corrupt")
+            sums[level - 1][node] = got
+            owners = manifest.owners(level, node)
+            key = block_key(bank, manifest.block_version, level, node)
+            for shard, target in opened.items():
+                if shard is None or shard in owners:
+                    target.put(key, data, got)
+            bar.update(n)
+            done += n
+            if max_bytes_per_s:     # throttle: never ahead of the allowed rate
+                ahead = done / max_bytes_per_s - (time.monotonic() - t_start)
+                if ahead > 0:
+                    time.sleep(ahead)
         bar.close()
-
-        # the manifest goes in after every block: its presence marks the version complete
-        with env.begin(write=True) as txn:
-            txn.put(manifest_key(bank, ver), manifest_json)
-        if publish:
-            # the one mutable key, switched in its own transaction: readers see old or new
-            with env.begin(write=True) as txn:
-                txn.put(current_key(bank), ver.encode())
+        if not verify:
+            missing = [b for b in manifest.blocks() if b not in seen]
+            if missing:
+                raise IngestError(f"the stream ended with {len(missing)} blocks missing, e.g. "
+                                  f"{missing[:3]}; nothing published")
+            manifest = Manifest.model_validate({**manifest.model_dump(), "checksums": sums})
+        for target in opened.values():
+            target.finish(manifest, publish)
+        for shard, target in opened.items():
+            log.info("%s/%s %s: %d blocks written, %d already there, %.1f MB", bank, ver,
+                     shard or "all", target.written, target.skipped, target.bytes / 1e6)
     finally:
-        env.close()
-    log.info("ingested %s version %s into %s%s", bank, ver, lmdb_path,
+        for target in opened.values():
+            target.close()
+    log.info("ingested %s version %s%s", bank, ver,
              " and published it" if publish else " (not published)")
     return manifest
 
@@ -93,42 +324,186 @@ def ingest(export_dir: str | Path, lmdb_path: str | Path, *, version: str | None
 def publish_version(lmdb_path: str | Path, bank: str, version: str, *,
                     map_size: int = 64 << 30) -> None:
     """Point `current` of a bank at an already ingested version (e.g. to roll back)."""
-    env = open_env(lmdb_path, map_size, readonly=False)
+    env = acquire_env(lmdb_path, map_size, readonly=False)
     try:
         with env.begin(write=True) as txn:
             if txn.get(manifest_key(bank, version)) is None:
                 raise IngestError(f"{bank} version {version} was never fully ingested")
             txn.put(current_key(bank), version.encode())
     finally:
-        env.close()
+        release_env(env)
 
 
-def _write_batch(env, batch: list[tuple[bytes, bytes]]) -> None:
-    if not batch:
-        return
-    with env.begin(write=True) as txn:
-        for key, data in batch:
-            txn.put(key, data)
+# -- garbage collection -----------------------------------------------------------------------
+def gc(lmdb_path: str | Path, bank: str, *, keep: int = 2, dry_run: bool = False,
+       orphans: bool = False, grace_s: float = 0.0, batch_keys: int = 256,
+       map_size: int = 64 << 30) -> dict:
+    """Delete old versions of `bank`: keep `current` and the `keep` newest complete versions.
+
+    Returns {"kept", "deleted", "blocks_deleted", "bytes_freed", "orphan_versions", "dry_run"}.
+    `grace_s`: wait between deleting the manifests (new requests get NOT_FOUND) and deleting
+    the blocks, so fetches already past the manifest lookup can finish.
+    """
+    if keep < 0:
+        raise ValueError("keep must be >= 0")
+    env = acquire_env(lmdb_path, map_size, readonly=False)
+    try:
+        with env.begin() as txn:
+            current = txn.get(current_key(bank))
+            current = current.decode() if current is not None else None
+            shard = txn.get(SHARD_KEY)
+            shard = shard.decode() if shard is not None else None
+        versions = [v for v, _ in list_versions(env, bank)]            # oldest first
+        kept = set(versions[len(versions) - keep:] if keep else [])
+        if current is not None:
+            kept.add(current)
+        doomed = [v for v in versions if v not in kept]
+        manifests: dict[str, Manifest] = {}
+        with env.begin() as txn:
+            for v in versions:
+                manifests[v] = Manifest.from_json(txn.get(manifest_key(bank, v)))
+        complete_bvs = {m.block_version for m in manifests.values()}
+        kept_bvs = {manifests[v].block_version for v in kept}
+        # blocks a kept version needs on this LMDB: (block version, level, node)
+        needed = set()
+        for v in kept:
+            m = manifests[v]
+            needed.update((m.block_version, l, n) for l, n in shard_blocks(m, shard))
+
+        def doomed_block(key: bytes) -> bool:
+            _, bv, level, node = parse_block_key(key)
+            if bv in kept_bvs:
+                return (bv, level, node) not in needed       # moved off this shard
+            return bv in complete_bvs or orphans
+
+        report = {"kept": sorted(kept), "deleted": doomed, "blocks_deleted": 0,
+                  "bytes_freed": 0, "orphan_versions": [], "dry_run": dry_run}
+        if not dry_run and doomed:
+            with env.begin(write=True) as txn:
+                now = txn.get(current_key(bank))
+                if now is not None and now.decode() in doomed:
+                    raise IngestError(f"{bank}: current moved to {now.decode()} during gc; rerun")
+                for v in doomed:
+                    txn.delete(manifest_key(bank, v))
+                    txn.delete(version_info_key(bank, v))
+            if grace_s > 0:
+                time.sleep(grace_s)
+        # then the blocks, in batches, scanning the bank's block keys in order
+        prefix = f"b/{bank}/".encode()
+        orphan_bvs: set[str] = set()
+        start = prefix
+        while True:
+            batch: list[tuple[bytes, int]] = []
+            with env.begin(buffers=True) as txn:
+                cur = txn.cursor()
+                if not cur.set_range(start):
+                    break
+                last = None
+                for k, v in cur:
+                    k = bytes(k)
+                    if not k.startswith(prefix):
+                        break
+                    last = k
+                    bv = parse_block_key(k)[1]
+                    if bv not in complete_bvs:
+                        orphan_bvs.add(bv)
+                    if doomed_block(k):
+                        batch.append((k, len(v)))
+                        if len(batch) >= batch_keys:
+                            break
+            report["blocks_deleted"] += len(batch)
+            report["bytes_freed"] += sum(n for _, n in batch)
+            if batch and not dry_run:
+                with env.begin(write=True) as txn:
+                    for k, _ in batch:
+                        txn.delete(k)
+            if last is None or len(batch) < batch_keys:
+                break
+            start = last + b"\x00"      # resume after the last key seen
+        report["orphan_versions"] = sorted(orphan_bvs)
+    finally:
+        release_env(env)
+    log.info("gc %s in %s: kept %s, deleted %s, %d blocks, %.1f MB%s", bank, lmdb_path,
+             report["kept"], report["deleted"], report["blocks_deleted"],
+             report["bytes_freed"] / 1e6, " (dry run)" if dry_run else "")
+    return report
+
+
+# -- CLI --------------------------------------------------------------------------------------
+def _gc_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="python -m services.bank_server.ingest gc",
+                                description="Delete old versions of a bank from an LMDB.")
+    p.add_argument("--lmdb", required=True)
+    p.add_argument("--bank", required=True)
+    p.add_argument("--keep", type=int, default=2, help="newest complete versions kept "
+                   "besides current (default 2)")
+    p.add_argument("--dry-run", action="store_true", help="report only")
+    p.add_argument("--orphans", action="store_true",
+                   help="also delete blocks of versions that never completed")
+    p.add_argument("--grace-s", type=float, default=0.0)
+    p.add_argument("--map-size-gb", type=float, default=64)
+    args = p.parse_args(argv)
+    report = gc(args.lmdb, args.bank, keep=args.keep, dry_run=args.dry_run,
+                orphans=args.orphans, grace_s=args.grace_s,
+                map_size=int(args.map_size_gb * (1 << 30)))
+    print(json.dumps(report))
+
+
+def _publish_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="python -m services.bank_server.ingest publish")
+    p.add_argument("--lmdb", required=True)
+    p.add_argument("--bank", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--map-size-gb", type=float, default=64)
+    args = p.parse_args(argv)
+    publish_version(args.lmdb, args.bank, args.version, map_size=int(args.map_size_gb * (1 << 30)))
+    print(f"published {args.bank} version {args.version} in {args.lmdb}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m services.bank_server.ingest",
-                                description="Ingest an export's bank into a bank LMDB.")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    sub = {"gc": _gc_main, "publish": _publish_main}
+    try:
+        if argv and argv[0] in sub:
+            sub[argv[0]](argv[1:])
+            return
+        _ingest_main(argv)
+    except (IngestError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"ingest failed: {e}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+def _ingest_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m services.bank_server.ingest",
+        description="Ingest an export's bank into a bank LMDB (subcommands: gc, publish).")
     p.add_argument("export_dir")
     p.add_argument("--lmdb", required=True, help="LMDB directory (created if missing)")
     p.add_argument("--version", help="store under this version instead of the manifest's")
     p.add_argument("--no-publish", action="store_true", help="write the version, keep current")
+    p.add_argument("--shard-id", help="write only the blocks this shard owns")
+    p.add_argument("--shards", help="comma-separated shard ids (overrides the manifest's)")
+    p.add_argument("--replication", type=int)
+    p.add_argument("--placement-level", type=int)
     p.add_argument("--batch-mb", type=int, default=64)
     p.add_argument("--map-size-gb", type=float, default=64)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--max-mb-s", type=float, help="throttle writes to this many MB/s")
+    p.add_argument("--writemap", action="store_true",
+                   help="write through LMDB's writable map (sparse file of map size; see "
+                        "store.open_env)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        m = ingest(args.export_dir, args.lmdb, version=args.version, publish=not args.no_publish,
-                   batch_bytes=args.batch_mb << 20, map_size=int(args.map_size_gb * (1 << 30)))
-    except (IngestError, FileNotFoundError, ValueError) as e:
-        print(f"ingest failed: {e}", file=sys.stderr)
-        raise SystemExit(1)
-    print(f"ingested {m.bank} version {m.version} into {args.lmdb}")
+    m = ingest(args.export_dir, args.lmdb, version=args.version, publish=not args.no_publish,
+               shard_id=args.shard_id,
+               shards=args.shards.split(",") if args.shards else None,
+               replication=args.replication, placement_level=args.placement_level,
+               batch_bytes=args.batch_mb << 20, map_size=int(args.map_size_gb * (1 << 30)),
+               progress=not args.no_progress,
+               max_bytes_per_s=args.max_mb_s * 1e6 if args.max_mb_s else None,
+               writemap=args.writemap)
+    print(f"ingested {m.bank} version {m.version} into {args.lmdb}"
+          + (f" (shard {args.shard_id})" if args.shard_id else ""))
 
 
 if __name__ == "__main__":

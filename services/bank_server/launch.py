@@ -17,6 +17,8 @@ from pathlib import Path
 
 # the one line the server prints to stdout once bound (services/bank_server/server.py)
 LISTENING = "membank bank_server listening on "
+# printed just before it when the admin HTTP server runs
+ADMIN = "membank bank_server admin on "
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
@@ -34,15 +36,23 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 def run_bank_server(lmdb: Path, *extra: str, log_path: Path | None = None, timeout: float = 30.0,
                     cwd: Path | None = None):
     """Start `python -m services.bank_server.server` on port 0; yield (address, proc) once it
-    listens; stop it on exit. Extra flags are passed through (e.g. "--redis-url", URL)."""
-    cmd = [sys.executable, "-m", "services.bank_server.server", "--lmdb", str(lmdb), "--port", "0", *extra]
+    listens; stop it on exit. Extra flags are passed through (e.g. "--redis-url", URL).
+    The admin HTTP server gets a free port too: `proc.admin_address` ("host:port", None with
+    --no-admin)."""
+    cmd = [sys.executable, "-m", "services.bank_server.server", "--lmdb", str(lmdb), "--port", "0",
+           "--admin-port", "0", *extra]
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=log,
+    # unbuffered pipe: a line read leaves nothing in a Python buffer that select() cannot see
+    # (the server prints two lines at once)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=log, bufsize=0,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + timeout
         line = b""
+        proc.admin_address = None
         while not line.startswith(LISTENING.encode()):
+            if line.startswith(ADMIN.encode()):
+                proc.admin_address = line.decode().strip()[len(ADMIN):]
             remaining = deadline - time.monotonic()
             if remaining <= 0 or proc.poll() is not None:
                 raise RuntimeError(f"bank server did not start (exit code {proc.poll()}); log: {log_path}")

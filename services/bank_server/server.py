@@ -3,9 +3,14 @@
     python -m services.bank_server.ingest EXPORT_DIR --lmdb data/bank.lmdb
     python -m services.bank_server.server --lmdb data/bank.lmdb --port 0 [--redis-url redis://...]
 
-Once bound it prints exactly one line to stdout, `membank bank_server listening on HOST:PORT`
-(with --port 0, the port the OS picked), which scripts and tests wait for. SIGTERM or SIGINT
-stop it gracefully: health turns NOT_SERVING, in-flight RPCs get 5 s to finish.
+Once bound it prints `membank bank_server admin on HOST:PORT` (the admin HTTP server, unless
+--no-admin) and then `membank bank_server listening on HOST:PORT` (with port 0, the ports the OS
+picked); scripts and tests wait for the second line. SIGTERM or SIGINT stop it gracefully:
+health turns NOT_SERVING, /readyz 503, new RPCs are refused, and in-flight RPCs (a fetch half
+sent) get `shutdown_grace_s` (5 s) to finish.
+One process, one event loop: grpc.aio serves the gRPC API (BankService: GetManifest,
+FetchBlocks, Route; BankAdmin: Publish; health; reflection) and uvicorn the admin HTTP API
+(admin.py), behind one interceptor for auth, rate limits and metrics (security.py).
 Settings: services/bank_server/settings.py (env MEMBANK_SERVER_*, flags override).
 """
 from __future__ import annotations
@@ -20,16 +25,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.bank_server import admin as admin_http
 from services.bank_server.cache import RedisCachedStore
-from services.bank_server.servicer import SERVICE_NAME, add_bank_service
+from services.bank_server.control import ADMIN_SERVICE_NAME, add_control_services
+from services.bank_server.metrics import ServerMetrics
+from services.bank_server.publish import publish
+from services.bank_server.readiness import Readiness
+from services.bank_server.security import GuardInterceptor, RateLimiter
+from services.bank_server.servicer import MAX_BLOCKS_PER_REQUEST, SERVICE_NAME, add_bank_service
 from services.bank_server.settings import BankServerSettings
 from services.bank_server.store import BlockStore, LMDBStore
 
 log = logging.getLogger("membank.bank_server")
 
-# largest request we accept: 64 block ids are ~1 KB; anything near this is not a real client
-_MAX_REQUEST_BYTES = 64 << 10
-_GRACE_S = 5.0
 
 
 def tune_malloc() -> None:
@@ -53,10 +61,9 @@ def tune_malloc() -> None:
 
 
 def build_block_store(settings: BankServerSettings, store: LMDBStore) -> BlockStore:
-    if settings.redis_url:
-        log.info("redis block tier at %s (ttl %d s)", settings.redis_url, settings.redis_ttl_s)
-        return RedisCachedStore(store, settings.redis_url, settings.redis_ttl_s)
-    return store
+    """[LRU ->] [Redis ->] LMDB, as the settings ask (services/bank_server/tiers.py)."""
+    from services.bank_server.tiers import build_block_store as build_tiers
+    return build_tiers(settings, store)
 
 
 async def serve(settings: BankServerSettings) -> None:
@@ -66,43 +73,110 @@ async def serve(settings: BankServerSettings) -> None:
     loop.set_default_executor(ThreadPoolExecutor(settings.max_workers, thread_name_prefix="store"))
 
     store = LMDBStore(settings.lmdb_path, settings.map_size, readonly=True)
+    if settings.shard_id and store.shard_id not in (None, settings.shard_id):
+        raise SystemExit(f"bank_server: {settings.lmdb_path} was ingested for shard "
+                         f"{store.shard_id!r}, not {settings.shard_id!r}")
     blocks = build_block_store(settings, store)
 
+    metrics = ServerMetrics(tier_sources=lambda: (blocks, store))
+    auth_token, admin_token = _secret(settings.auth_token), _secret(settings.admin_token)
+    limiter = (RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
+               if settings.rate_limit_rps else None)
     server = grpc.aio.server(
+        interceptors=[GuardInterceptor(auth_token=auth_token, admin_token=admin_token,
+                                       limiter=limiter, metrics=metrics)],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[
-            ("grpc.max_receive_message_length", _MAX_REQUEST_BYTES),
+            # a FetchBlocksRequest of 64 ids is ~1 KB: anything larger is refused by grpc
+            # itself with RESOURCE_EXHAUSTED before it is parsed
+            ("grpc.max_receive_message_length", settings.max_request_bytes),
             ("grpc.so_reuseport", 0),   # a second server on the same port must fail, not share
         ],
     )
-    add_bank_service(server, store, blocks)
+    servicer = add_bank_service(server, store, blocks)
+    servicer.metrics = metrics
+    servicer.shard_id = settings.shard_id
+    add_control_services(server, servicer, settings)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        (SERVICE_NAME, ADMIN_SERVICE_NAME,
+         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
 
     address = f"{settings.host}:{settings.port}"
-    port = server.add_insecure_port(address)
+    if settings.tls_cert is not None:
+        creds = grpc.ssl_server_credentials(
+            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())])
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise SystemExit(f"could not bind {address}")
+
+    readiness = Readiness(store, blocks, levels=settings.warm_levels,
+                          max_bytes=int(settings.warm_max_gb * (1 << 30)))
+    admin = None
+    if settings.admin:
+        app = admin_http.create_app(
+            store=store, metrics=metrics, readiness=readiness,
+            publish=lambda bank, version: publish(settings.lmdb_path, bank, version,
+                                                  settings.map_size),
+            auth_token=auth_token, admin_token=admin_token, limits=limits(settings))
+        try:
+            sock = admin_http.bind(settings.host, settings.admin_port)
+        except OSError as e:
+            raise SystemExit(f"could not bind the admin port {settings.host}:"
+                             f"{settings.admin_port}: {e.strerror}") from None
+        admin = admin_http.AdminServer(app, tls_cert=settings.tls_cert, tls_key=settings.tls_key)
+        await admin.start(sock)
+        print(f"membank bank_server admin on {settings.host}:{sock.getsockname()[1]}", flush=True)
+
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     print(f"membank bank_server listening on {settings.host}:{port}", flush=True)
+    warm = asyncio.create_task(readiness.warm())
 
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
-    log.info("shutting down (grace %.0f s)", _GRACE_S)
+    grace = settings.shutdown_grace_s
+    log.info("shutting down (grace %.1f s)", grace)
+    readiness.draining = True
+    warm.cancel()
     await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace=_GRACE_S)
-    if isinstance(blocks, RedisCachedStore):
-        log.info("redis tier: %s", blocks.stats)
-        blocks.close()
+    # refuses new RPCs at once; in-flight ones (a half-sent fetch) may finish within the grace
+    await server.stop(grace=grace)
+    if admin is not None:
+        await admin.stop()
+    from services.bank_server.tiers import tiers
+    for tier in tiers(blocks)[:-1]:          # the caches in front of the store
+        log.info("%s tier: %s", tier.name, tier.stats())
+        tier.close()
     store.close()
+
+
+def limits(settings: BankServerSettings) -> dict:
+    """The limits in force, as reported by /v1/stats (README: "Limits")."""
+    from membank import wire
+    return {
+        "max_request_bytes": settings.max_request_bytes,
+        "max_blocks_per_request": MAX_BLOCKS_PER_REQUEST,
+        "chunk_bytes": wire.CHUNK_BYTES,
+        "max_concurrent_rpcs": settings.max_concurrent_rpcs,
+        "rate_limit_rps": settings.rate_limit_rps,
+        "rate_limit_burst": settings.rate_limit_burst if settings.rate_limit_rps else None,
+        "auth": settings.auth_token is not None,
+        "admin": settings.admin_token is not None,
+        "tls": settings.tls_cert is not None,
+    }
+
+
+def _secret(value) -> str | None:
+    return None if value is None else value.get_secret_value()
 
 
 def main(argv: list[str] | None = None) -> None:

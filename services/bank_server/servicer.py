@@ -11,6 +11,8 @@ Status codes (as in proto/membank/v1/bank.proto):
   INVALID_ARGUMENT  malformed bytes, empty bank, no blocks, > MAX_BLOCKS_PER_REQUEST blocks,
                     a level outside 1..depth or a level without blocks (r = 0)
   NOT_FOUND         unknown bank, unknown version, node >= k^level
+  FAILED_PRECONDITION  a block this shard does not own (`shard_id` set); the message names the
+                    owner(s) from the manifest's placement
   DATA_LOSS         a stored block is missing or fails its manifest checksum (never sent)
 
 Use `add_bank_service(server, store, blocks)`; `server.py` does.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -29,7 +32,7 @@ from membank.blocks import checksum
 from membank.keys import block_key
 from membank.manifest import Manifest
 from membank.v1 import bank_pb2
-from services.bank_server.store import BlockStore, LMDBStore
+from services.bank_server.store import BlockStore, CorruptBlock, Expect, LMDBStore, read_from
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,8 @@ class BankServicer:
     def __init__(self, store: LMDBStore, blocks: BlockStore):
         self.store = store      # manifests and the current pointer
         self.blocks = blocks    # block bytes (LMDB, or Redis in front of it)
+        self.metrics = None     # metrics.ServerMetrics (set by server.serve) or None
+        self.shard_id = ""      # this server's shard (set by server.serve); "": serves every block
 
     # -- RPCs -------------------------------------------------------------------------------
     async def get_manifest(self, request: bank_pb2.GetManifestRequest | None,
@@ -90,22 +95,35 @@ class BankServicer:
                                     f"no node {node} at level {level} (it has "
                                     f"{manifest.n_nodes(level)} nodes)")
 
+        # -- shard ownership (storage) -----------------------------------------------------
+        if self.shard_id:
+            for level, node in req.blocks:
+                owners = manifest.owners(level, node)
+                if self.shard_id not in owners:
+                    await context.abort(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"block ({level}, {node}) of {manifest.bank}/{manifest.version} is on "
+                        f"shard {', '.join(owners)}, not on this shard ({self.shard_id})")
+        # -- end shard ownership --------------------------------------------------------------
+
         loop = asyncio.get_running_loop()
         for index, (level, node) in enumerate(req.blocks):
+            t0 = time.perf_counter()
+            await _check_deadline(context)
             # LMDB/Redis reads and the checksum are blocking: keep them off the event loop so
             # health checks and other streams go on meanwhile
             try:
-                data = await loop.run_in_executor(None, self._read_verified, manifest, level, node)
+                chunks = await loop.run_in_executor(None, self._read_chunks, manifest, index,
+                                                    level, node)
             except DataLoss as e:
                 log.error("DATA_LOSS %s", e)
                 await context.abort(grpc.StatusCode.DATA_LOSS, str(e))
-            header = {
-                "level": level, "node": node, "version": manifest.version,
-                "checksum": manifest.checksum(level, node), "nbytes": len(data),
-                "dtype": manifest.dtype, "shape": list(manifest.block_shape(level)),
-            }
-            for chunk in wire.iter_block_chunks(index, header, data):
+            for chunk in chunks:
+                await _check_deadline(context)
                 yield chunk
+            if self.metrics is not None:
+                self.metrics.block_sent(level, manifest.block_nbytes(level),
+                                        time.perf_counter() - t0)
 
     # -- helpers ----------------------------------------------------------------------------
     async def _resolve(self, context, bank: str, version: str) -> Manifest:
@@ -127,15 +145,52 @@ class BankServicer:
                                 f"unknown version {version[:64]!r} of bank {bank!r}")
         return manifest
 
-    def _read_verified(self, manifest: Manifest, level: int, node: int) -> bytes:
-        data = self.blocks.get(block_key(manifest.bank, manifest.version, level, node))
+    # -- block reads through the tiers (storage) ----------------------------------------------
+    def _read_chunks(self, manifest: Manifest, index: int, level: int, node: int) -> list[bytes]:
+        """One block's encoded BlockChunks, read through the tiers (store.BlockStore.read).
+
+        The chunks are encoded while the tier's buffer is held, so a block from LMDB goes from
+        the memory map straight into the chunk bytes (one copy, no intermediate `bytes`). The
+        tiers check the bytes against the manifest checksum (a corrupt cache entry is evicted
+        and LMDB read instead); only a corrupt or missing block in LMDB is DATA_LOSS.
+        """
+        key = block_key(manifest.bank, manifest.block_version, level, node)
         where = f"block ({level}, {node}) of {manifest.bank}/{manifest.version}"
-        if data is None:
-            raise DataLoss(f"{where} is missing from the store")
-        if (len(data) != manifest.block_nbytes(level)
-                or checksum(data) != manifest.checksum(level, node)):
-            raise DataLoss(f"{where} fails its manifest checksum")
-        return data
+        expect = Expect(manifest.block_nbytes(level), manifest.checksum(level, node))
+        try:
+            with read_from(self.blocks, key, expect) as buf:
+                if buf is None:
+                    raise DataLoss(f"{where} is missing from the store")
+                header = {
+                    "level": level, "node": node, "version": manifest.version,
+                    "checksum": expect.checksum, "nbytes": expect.nbytes,
+                    "dtype": manifest.dtype, "shape": list(manifest.block_shape(level)),
+                }
+                return list(wire.iter_block_chunks(index, header, buf))
+        except CorruptBlock:
+            raise DataLoss(f"{where} fails its manifest checksum") from None
+
+    def _read_verified(self, manifest: Manifest, level: int, node: int) -> bytes:
+        """One block as verified bytes (a copy; the fetch path uses _read_chunks)."""
+        key = block_key(manifest.bank, manifest.block_version, level, node)
+        where = f"block ({level}, {node}) of {manifest.bank}/{manifest.version}"
+        try:
+            with read_from(self.blocks, key, Expect(manifest.block_nbytes(level),
+                                                    manifest.checksum(level, node))) as buf:
+                if buf is None:
+                    raise DataLoss(f"{where} is missing from the store")
+                return bytes(buf)
+        except CorruptBlock:
+            raise DataLoss(f"{where} fails its manifest checksum") from None
+    # -- end block reads ------------------------------------------------------------------------
+
+
+async def _check_deadline(context: grpc.aio.ServicerContext) -> None:
+    """Stop with DEADLINE_EXCEEDED between blocks and chunks once the client's deadline passed
+    (grpc cancels such a call too, but only notices at the next write)."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while sending")
 
 
 def bank_service_handler(servicer: BankServicer) -> grpc.GenericRpcHandler:

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -27,6 +27,37 @@ class BankServerSettings(BaseSettings):
     max_workers: int = Field(default=4, ge=1)           # threads for blocking LMDB/Redis reads
     max_concurrent_rpcs: int | None = Field(default=256, ge=1)  # beyond this: RESOURCE_EXHAUSTED
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # -- storage: shards and cache tiers (services/bank_server/tiers.py, cache.py) -------------
+    shard_id: str = ""                  # this server's shard id in the manifest; "": all blocks
+    lru_mb: float = Field(default=0, ge=0)              # in-process LRU budget; 0: no LRU
+    lru_max_item_mb: float | None = Field(default=None, gt=0)  # None: a quarter of lru_mb
+    redis_cluster: bool = False                         # redis_url is a Redis Cluster node
+    redis_timeout_ms: float = Field(default=200, gt=0)  # per socket operation (connect, recv)
+    redis_retry_after_s: float = Field(default=1.0, ge=0)  # breaker open time (doubles to 30 s)
+    redis_slow_ms: float = Field(default=50, gt=0)      # + 5 ms/MB: slower calls count as slow
+    redis_max_item_mb: float | None = Field(default=None, gt=0)  # larger blocks skip Redis
+    redis_maxmemory_mb: int | None = Field(default=None, gt=0)   # CONFIG SET + allkeys-lru
+
+    # -- API surface: admin HTTP, security, limits, readiness ----------------------------------
+    admin: bool = True                                        # admin HTTP server (FastAPI)
+    admin_port: int = Field(default=8080, ge=0, le=65535)     # 0: pick a free port (printed)
+    auth_token: SecretStr | None = None     # set: every read RPC needs `authorization: Bearer T`
+    admin_token: SecretStr | None = None    # admin RPCs and admin HTTP writes; None: refused
+    tls_cert: Path | None = None            # PEM chain; with tls_key, gRPC and admin HTTP use TLS
+    tls_key: Path | None = None
+    max_request_bytes: int = Field(default=64 << 10, ge=1024)  # larger: RESOURCE_EXHAUSTED
+    rate_limit_rps: float | None = Field(default=None, gt=0)   # per client; None: no limit
+    rate_limit_burst: int = Field(default=50, ge=1)            # token bucket size
+    warm_levels: int = Field(default=1, ge=0)                  # levels pre-read before ready
+    warm_max_gb: float = Field(default=4, ge=0)                # stop warming past this
+    shutdown_grace_s: float = Field(default=5.0, ge=0)         # drain time after SIGTERM
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "BankServerSettings":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        return self
 
     @property
     def map_size(self) -> int:
@@ -47,5 +78,43 @@ class BankServerSettings(BaseSettings):
         p.add_argument("--max-workers", type=int)
         p.add_argument("--max-concurrent-rpcs", type=int)
         p.add_argument("--log-level", type=str.upper)
+        # storage: shards and cache tiers
+        p.add_argument("--shard-id", help="serve only this shard's blocks (FAILED_PRECONDITION "
+                       "for others); empty: every block")
+        p.add_argument("--lru-mb", type=float, help="in-process LRU block cache (0: off)")
+        p.add_argument("--lru-max-item-mb", type=float)
+        p.add_argument("--redis-cluster", action="store_const", const=True,
+                       help="--redis-url names a Redis Cluster node")
+        p.add_argument("--redis-timeout-ms", type=float)
+        p.add_argument("--redis-retry-after-s", type=float)
+        p.add_argument("--redis-slow-ms", type=float)
+        p.add_argument("--redis-max-item-mb", type=float)
+        p.add_argument("--redis-maxmemory-mb", type=int)
+        p.add_argument("--admin-port", type=int, help="admin HTTP port; 0 picks a free port")
+        p.add_argument("--no-admin", dest="admin", action="store_const", const=False,
+                       help="do not start the admin HTTP server")
+        # tokens from files (e.g. mounted secrets) so they never show on a command line;
+        # MEMBANK_SERVER_AUTH_TOKEN / MEMBANK_SERVER_ADMIN_TOKEN work too
+        p.add_argument("--auth-token-file", type=_read_secret, dest="auth_token")
+        p.add_argument("--admin-token-file", type=_read_secret, dest="admin_token")
+        p.add_argument("--tls-cert", help="PEM certificate chain (TLS on when given with --tls-key)")
+        p.add_argument("--tls-key", help="PEM private key")
+        p.add_argument("--max-request-bytes", type=int)
+        p.add_argument("--rate-limit-rps", type=float, help="requests/s per client (token or IP)")
+        p.add_argument("--rate-limit-burst", type=int)
+        p.add_argument("--warm-levels", type=int, help="levels pre-read at start (0: none)")
+        p.add_argument("--warm-max-gb", type=float)
+        p.add_argument("--shutdown-grace-s", type=float)
         args = p.parse_args(argv)
         return cls(**{k: v for k, v in vars(args).items() if v is not None})
+
+
+def _read_secret(path: str) -> str:
+    """A token file's content, surrounding whitespace removed (argparse type for *-token-file)."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {e.strerror}") from None
+    if not token:
+        raise argparse.ArgumentTypeError(f"{path} is empty")
+    return token

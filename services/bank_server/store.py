@@ -1,82 +1,317 @@
 """The bank server's storage: an LMDB environment holding blocks, manifests and `current`.
 
 Keys come from `membank.keys` only (see there for the layout). Block and manifest keys are
-immutable once written, so parsed manifests are cached forever by (bank, version); the
-`current` pointer is the one mutable key and is read afresh on every request, so a publish by
-`ingest` is visible to the next request without a restart.
+immutable once written, so parsed manifests are cached by (bank, version) (a cached manifest is
+still dropped once GC deletes its key); the `current` pointer is the one mutable key and is read
+afresh on every request, so a publish by `ingest` is visible to the next request without a
+restart.
 
     store = LMDBStore("data/bank.lmdb", map_size=64 << 30)
     version = store.current_version("demo")
     manifest = store.manifest("demo", version)
-    block = store.get(block_key("demo", version, 1, 0))
+    with store.read(block_key("demo", version, 1, 0), Expect(nbytes, checksum)) as buf:
+        ...   # buf: a read-only memoryview INTO the memory map, valid only inside the `with`
+    data = store.get(block_key("demo", version, 1, 0))   # a copy (bytes), valid anywhere
+
+Zero copy: `read` hands out LMDB's own pages (`buffers=True`) inside a short read transaction;
+the servicer hashes them and encodes the gRPC chunks straight from them, so a served block is
+copied once (into the chunk bytes) instead of twice. Readers never block on the writer (LMDB
+MVCC: a read transaction sees the last committed snapshot and takes no lock), and py-lmdb
+opens every environment with MDB_NOTLS, so a read transaction is not tied to a thread slot.
+
+Cold reads: a block is one contiguous run of LMDB overflow pages. With readahead off (MADV_RANDOM
+on the map) every 4 KiB page is a separate disk read; with readahead on and an explicit
+MADV_WILLNEED over the block's pages the kernel issues the whole block at once. Measured here on
+200 MB of 25 MB values evicted from the page cache: 36 MB/s without readahead, 0.4-0.5 GB/s with
+readahead, 1.2-1.6 GB/s with readahead + WILLNEED (benchmarks/tiers.py measures it per size).
+
+One environment per process and path (LMDB forbids opening the same file twice in a process:
+closing one handle would drop the other's POSIX locks): `acquire_env` hands out a shared,
+reference-counted handle, used by the store, ingest, GC and rebalance alike.
 
 No protobuf here: the servicer converts at the edge.
 """
 from __future__ import annotations
 
+import ctypes
+import json
+import os
 import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import ContextManager, Iterator, Protocol
 
 import lmdb
+import numpy as np
 
-from membank.keys import current_key, manifest_key
+from membank.blocks import checksum
+from membank.keys import SHARD_KEY, current_key, manifest_key, manifest_prefix, version_info_key
 from membank.manifest import Manifest
+
+# values at least this large get an explicit MADV_WILLNEED (one big read instead of page faults)
+PREFETCH_MIN_BYTES = 256 << 10
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_WILLNEED = 3
+
+
+class CorruptBlock(Exception):
+    """The authoritative store holds bytes that fail the expected size or checksum."""
+
+
+@dataclass(frozen=True)
+class Expect:
+    """What a block must be: its size and its manifest checksum (xxh3_64 hex)."""
+    nbytes: int
+    checksum: str
+
+    def ok(self, buf) -> bool:
+        return memoryview(buf).nbytes == self.nbytes and checksum(buf) == self.checksum
 
 
 class BlockStore(Protocol):
-    """Anything that maps a block key to its bytes (LMDB, or Redis in front of LMDB)."""
+    """Anything that maps a block key to its bytes (LMDB, an LRU or Redis in front of LMDB).
+
+    `read(key, expect)` yields a buffer valid inside the `with` (None when the key is absent);
+    with `expect`, the buffer is one that matches it: a cache tier evicts a mismatching entry
+    and reads on, the last tier (LMDB) raises CorruptBlock. `get` is the copying convenience.
+    """
 
     def get(self, key: bytes) -> bytes | None: ...
 
+    def read(self, key: bytes, expect: Expect | None = None) -> ContextManager: ...
 
-def open_env(path: str | Path, map_size: int, *, readonly: bool) -> lmdb.Environment:
-    """Open an LMDB environment. One per process and path: LMDB forbids opening twice."""
+    def stats(self) -> dict: ...
+
+
+@contextmanager
+def read_from(store, key: bytes, expect: Expect | None = None) -> Iterator:
+    """`store.read(key, expect)`, or the same over `store.get` for get-only stores."""
+    if hasattr(store, "read"):
+        with store.read(key, expect) as buf:
+            yield buf
+        return
+    data = store.get(key)
+    if data is not None and expect is not None and not expect.ok(data):
+        raise CorruptBlock(f"{bytes(key)[:120]!r} fails its checksum")
+    yield data
+
+
+# -- environments -----------------------------------------------------------------------------
+def open_env(path: str | Path, map_size: int, *, readonly: bool,
+             writemap: bool = False) -> lmdb.Environment:
+    """Open an LMDB environment directly (prefer acquire_env: one handle per process and path).
+
+    `writemap` (writers only): write through the memory map instead of copying every page
+    through malloc'd buffers; still crash-safe (LMDB syncs the data before the meta page that
+    commits it), but LMDB then sizes the file to map_size (sparse: `du` shows the real use,
+    `ls -l` the map size). On this machine's disk it made no difference to ingest (bound by
+    the disk's ~0.2 GB/s with fsync, benchmarks/paper_scale.py --writemap); it can help where
+    the disk is faster than the page copies.
+    """
     if not readonly:
         Path(path).mkdir(parents=True, exist_ok=True)
     return lmdb.open(
         str(path),
         map_size=map_size,
         readonly=readonly,
+        writemap=writemap and not readonly,
         # readers never take the write lock; the lock file only tracks reader slots, so a
         # writer (ingest) and any number of servers can share the same directory
         lock=True,
-        readahead=False,   # blocks are read whole at random; OS readahead only wastes cache
+        # blocks are MBs of contiguous overflow pages read whole: readahead (plus WILLNEED in
+        # LMDBStore.read) turns a cold block into a few large reads instead of 4 KiB faults
+        readahead=True,
         max_readers=512,
         max_dbs=0,
         subdir=True,
     )
 
 
+_ENVS: dict[str, list] = {}          # realpath -> [env, readonly, refcount]
+_ENVS_LOCK = threading.Lock()
+
+
+def acquire_env(path: str | Path, map_size: int, *, readonly: bool,
+                writemap: bool = False) -> lmdb.Environment:
+    """The process's one environment for `path` (opened on first use, reference counted).
+
+    A read-only handle is served by an already open writable one; asking for a writable one
+    while a read-only one is open raises (LMDB cannot change it in place).
+    """
+    if not readonly:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(path)
+    with _ENVS_LOCK:
+        entry = _ENVS.get(key)
+        if entry is not None:
+            if entry[1] and not readonly:
+                raise RuntimeError(f"{path} is open read-only in this process; close the "
+                                   f"LMDBStore before writing to it")
+            entry[2] += 1
+            return entry[0]
+        env = open_env(path, map_size, readonly=readonly, writemap=writemap)
+        _ENVS[key] = [env, readonly, 1]
+        return env
+
+
+def release_env(env: lmdb.Environment) -> None:
+    with _ENVS_LOCK:
+        for key, entry in list(_ENVS.items()):
+            if entry[0] is env:
+                entry[2] -= 1
+                if entry[2] == 0:
+                    del _ENVS[key]
+                    env.close()
+                return
+    env.close()   # not from acquire_env
+
+
+# -- page cache -------------------------------------------------------------------------------
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    return libc
+
+
+_LIBC = _libc()
+
+
+def prefetch(buf) -> bool:
+    """Ask the kernel to read a mapped buffer's pages now, in one go (MADV_WILLNEED), unless
+    they are all in the page cache already (mincore: ~5-20 us, where a WILLNEED over resident
+    pages costs 40-180 us for 1.7-27.5 MB). True when it issued the read-ahead."""
+    if _LIBC is None:
+        return False
+    n = memoryview(buf).nbytes
+    addr = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+    start = addr - addr % _PAGE
+    length = addr + n - start
+    vec = np.empty((length + _PAGE - 1) // _PAGE, dtype=np.uint8)
+    if _LIBC.mincore(start, length, vec.ctypes.data) == 0 and (vec & 1).all():
+        return False
+    _LIBC.madvise(start, length, _MADV_WILLNEED)
+    return True
+
+
+def page_cache_residency(path: str | Path) -> float | None:
+    """Fraction of a file's pages in the page cache (mincore over a private mapping)."""
+    if _LIBC is None:
+        return None
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0.0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = _LIBC.mmap(None, size, 1, 1, fd, 0)        # PROT_READ, MAP_SHARED
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return None
+        try:
+            pages = (size + _PAGE - 1) // _PAGE
+            vec = np.zeros(pages, dtype=np.uint8)
+            if _LIBC.mincore(addr, size, vec.ctypes.data) != 0:
+                return None
+            return float((vec & 1).sum()) / pages
+        finally:
+            _LIBC.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def evict_from_page_cache(path: str | Path) -> None:
+    """Drop a file's clean, unmapped pages from the page cache (benchmarks' cold reads).
+
+    Pages still mapped by a process (an open LMDB environment that touched them) stay: close
+    the environment first.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+# -- the store --------------------------------------------------------------------------------
 class LMDBStore:
     """Read access to a bank LMDB (readonly=False only for tools that also write)."""
 
-    def __init__(self, path: str | Path, map_size: int = 64 << 30, *, readonly: bool = True):
+    name = "lmdb"
+
+    def __init__(self, path: str | Path, map_size: int = 64 << 30, *, readonly: bool = True,
+                 prefetch: bool = True):
         self.path = Path(path)
         if readonly and not (self.path / "data.mdb").exists():
             raise FileNotFoundError(f"no LMDB database at {self.path} (run ingest first)")
-        self.env = open_env(self.path, map_size, readonly=readonly)
+        self.env = acquire_env(self.path, map_size, readonly=readonly)
+        self.prefetch = prefetch
         self._manifests: dict[tuple[str, str], Manifest] = {}
         self._lock = threading.Lock()
+        self._closed = False
+        # cold_reads: blocks not wholly in the page cache when read (the disk was read)
+        self._n = {"reads": 0, "hits": 0, "misses": 0, "bytes": 0, "corrupt": 0,
+                   "cold_reads": 0}
+
+    # -- blocks -----------------------------------------------------------------------------
+    @contextmanager
+    def read(self, key: bytes, expect: Expect | None = None) -> Iterator[memoryview | None]:
+        """Zero copy: a read-only view of the value in the memory map, valid inside the `with`.
+
+        With `expect`, raises CorruptBlock when the stored bytes do not match it.
+        """
+        txn = self.env.begin(buffers=True)
+        try:
+            buf = txn.get(key)
+            cold = (buf is not None and self.prefetch and len(buf) >= PREFETCH_MIN_BYTES
+                    and prefetch(buf))
+            bad = buf is not None and expect is not None and not expect.ok(buf)
+            with self._lock:
+                self._n["reads"] += 1
+                if buf is None:
+                    self._n["misses"] += 1
+                else:
+                    self._n["hits"] += 1
+                    self._n["bytes"] += len(buf)
+                    self._n["corrupt"] += bad
+                    self._n["cold_reads"] += cold
+            if bad:
+                raise CorruptBlock(f"{bytes(key)[:120]!r} fails its manifest checksum")
+            yield buf
+        finally:
+            txn.abort()   # read-only: abort = end; the view must not be used after this
 
     def get(self, key: bytes) -> bytes | None:
-        # buffers=True hands back a view into the memory map; it is only valid inside the
-        # transaction, so copy it out once before the transaction ends
+        """A copy of the value (valid after the transaction), or None."""
         with self.env.begin(buffers=True) as txn:
             buf = txn.get(key)
             return None if buf is None else bytes(buf)
 
+    # -- versions ---------------------------------------------------------------------------
     def current_version(self, bank: str) -> str | None:
         """The published version of a bank, or None for an unknown bank."""
         raw = self.get(current_key(bank))
         return None if raw is None else raw.decode()
 
     def manifest(self, bank: str, version: str) -> Manifest | None:
-        """The manifest of (bank, version), or None when that version was never completed."""
+        """The manifest of (bank, version), or None when that version does not exist (never
+        completed, or garbage-collected since)."""
+        key = manifest_key(bank, version)
         cached = self._manifests.get((bank, version))
         if cached is not None:
-            return cached
-        raw = self.get(manifest_key(bank, version))
+            with self.env.begin(buffers=True) as txn:   # still there? (GC deletes manifests)
+                if txn.get(key) is not None:
+                    return cached
+            with self._lock:
+                self._manifests.pop((bank, version), None)
+            return None
+        raw = self.get(key)
         if raw is None:
             return None  # not cached: the version may still be written later
         manifest = Manifest.from_json(raw)
@@ -84,11 +319,61 @@ class LMDBStore:
             self._manifests[(bank, version)] = manifest
         return manifest
 
+    def versions(self, bank: str) -> list[tuple[str, dict]]:
+        """Complete versions of a bank with their ingest info, oldest first."""
+        return list_versions(self.env, bank)
+
+    @property
+    def shard_id(self) -> str | None:
+        """The shard this LMDB was ingested for (None: every block, single-shard mode)."""
+        raw = self.get(SHARD_KEY)
+        return None if raw is None else raw.decode()
+
+    # -- metrics ----------------------------------------------------------------------------
+    def stats(self, *, residency: bool = True) -> dict:
+        """Counters since start: reads, hits (found), misses (absent), bytes, corrupt,
+        cold_reads (blocks that were not wholly in the page cache); the file size, its disk use
+        and, with residency, the fraction of it in the page cache (mincore, a few ms for a
+        10 GB file)."""
+        with self._lock:
+            out = {"tier": self.name, **self._n}
+        data = self.path / "data.mdb"
+        try:
+            out["file_bytes"] = data.stat().st_size
+            out["disk_bytes"] = data.stat().st_blocks * 512
+            out["resident_fraction"] = page_cache_residency(data) if residency else None
+        except OSError:
+            pass
+        return out
+
     def close(self) -> None:
-        self.env.close()
+        if not self._closed:
+            self._closed = True
+            release_env(self.env)
 
     def __enter__(self) -> "LMDBStore":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def list_versions(env: lmdb.Environment, bank: str) -> list[tuple[str, dict]]:
+    """(version, info) of every complete version (manifest present), oldest first.
+
+    Order: the `completed_at` ingest wrote beside the manifest; versions without it (written
+    before it existed) count as oldest, by name.
+    """
+    prefix = manifest_prefix(bank)
+    out = []
+    with env.begin(buffers=True) as txn:
+        cur = txn.cursor()
+        if cur.set_range(prefix):
+            for k in cur.iternext(values=False):
+                k = bytes(k)
+                if not k.startswith(prefix):
+                    break
+                version = k[len(prefix):].decode()
+                raw = txn.get(version_info_key(bank, version))
+                out.append((version, json.loads(bytes(raw)) if raw is not None else {}))
+    return sorted(out, key=lambda vi: (vi[1].get("completed_at", 0.0), vi[0]))

@@ -6,7 +6,7 @@
     print(result.text, result.timings_ms)
 
 The prompt is embedded and routed on the device; the bank only ever sees block ids. Fetched
-memory goes into room preallocated once, (1, L, 3, R, C), one slice of R per level, so a new
+memory goes into room preallocated once, (1, L, n_mats, R, W), one slice of R per level, so a new
 prompt copies only the levels whose node changed and never reallocates. A block is attached only
 after its checksum matched the manifest (services/model_client/bank_client.py). When no bank can
 be reached the model decodes anchor-only and says so in the result.
@@ -55,9 +55,9 @@ class MemoryModel:
         self.embedder = embedder or Embedder()
         self.eos = tokenizer.token_to_id(EOS)
         mc, c = config.memory, config.model
-        n_layers = len(mc.mem_layers(c.n_layer))
-        # preallocated room for a whole path: level l owns neurons [offset_l, offset_l + r_l)
-        self.mem = torch.zeros(1, n_layers, 3, mc.fetch_rank, c.d_model)
+        # preallocated room for a whole path, (1, L, n_mats, R, W) (FFN memories: (1, L, 3, R, C));
+        # level l owns rows [offset_l, offset_l + r_l)
+        self.mem = torch.zeros(mc.mem_shape(c))
         self.offsets = [sum(mc.ranks[:i]) for i in range(mc.depth)]
         self.attached: dict[int, tuple[str, int]] = {}  # level -> (version, node) now in self.mem
 
@@ -94,16 +94,16 @@ class MemoryModel:
     # -- memory ------------------------------------------------------------------------------
     def check_compatible(self, manifest: Manifest) -> None:
         mc, c = self.config.memory, self.config.model
-        want = (c.d_model, mc.mem_layers(c.n_layer), mc.branching, list(mc.ranks))
-        got = (manifest.d_model, manifest.mem_layers, manifest.branching, manifest.ranks)
-        if want != got:
-            raise ValueError(f"bank {manifest.bank}/{manifest.version} (d, layers, k, ranks)={got} "
+        want = (mc.kind, c.d_model, mc.mem_layers(c.n_layer), mc.branching, list(mc.ranks))
+        got = (manifest.kind, manifest.d_model, manifest.mem_layers, manifest.branching, manifest.ranks)
+        if want != got or manifest.block_shape(1)[-1] != mc.layout(c)[1]:
+            raise ValueError(f"bank {manifest.bank}/{manifest.version} (kind, d, layers, k, ranks)={got} "
                              f"does not fit this model {want}")
 
     def attach(self, manifest: Manifest, blocks: dict[tuple[int, int], bytearray]) -> None:
         """Copy verified blocks into the preallocated memory, level by level."""
         for (level, node), buf in blocks.items():
-            block = tensor_from_buffer(buf, manifest.block_shape(level), manifest.dtype)  # (L, 3, r, C)
+            block = tensor_from_buffer(buf, manifest.block_shape(level), manifest.dtype)  # (L, n, r, W)
             off, r = self.offsets[level - 1], manifest.ranks[level - 1]
             self.mem[0, :, :, off:off + r].copy_(block)
             self.attached[level] = (manifest.version, node)

@@ -11,7 +11,7 @@ import lmdb
 import pytest
 
 from membank.artifacts import MANIFEST, iter_blocks, load_manifest
-from membank.keys import block_key, current_key, manifest_key
+from membank.keys import block_key, current_key, manifest_key, version_info_key
 from services.bank_server.ingest import IngestError, ingest, main, publish_version
 from services.bank_server.store import LMDBStore
 
@@ -45,7 +45,9 @@ def test_ingest_is_idempotent(tiny_export, tmp_path):
     ingest(tiny_export, db, progress=False, map_size=MAP)
     assert dump(db) == first
     n_blocks = sum(1 for k in first if k.startswith(b"b/"))
-    assert n_blocks == 2 + 4 and len(first) == n_blocks + 2    # blocks + manifest + current
+    # blocks + manifest + ingest info + current
+    assert n_blocks == 2 + 4 and len(first) == n_blocks + 3
+    assert version_info_key("test", "v1") in first
 
 
 def test_unpublished_version_leaves_current_alone(tiny_export, tmp_path):
@@ -98,3 +100,156 @@ def test_cli(tiny_export, tmp_path, capsys):
     main([str(tiny_export), "--lmdb", str(tmp_path / "db"), "--map-size-gb", "1", "--no-publish"])
     assert "ingested test version v1" in capsys.readouterr().out
     assert current_key("test") not in dump(tmp_path / "db")
+
+
+# -- shards, streaming, resume ------------------------------------------------------------------
+from membank.blocks import checksum  # noqa: E402
+from membank.keys import SHARD_KEY, version_info_key  # noqa: E402,F811
+from membank.manifest import Manifest  # noqa: E402
+from membank.placement import shard_blocks  # noqa: E402
+from services.bank_server.ingest import gc, ingest_stream  # noqa: E402
+
+
+def block_keys(path) -> set[bytes]:
+    return {k for k in dump(path) if k.startswith(b"b/")}
+
+
+def test_shard_ingest_writes_only_owned_blocks(big_export, tmp_path):
+    shards = ["s0", "s1", "s2"]
+    full = load_manifest(big_export)
+    stored = {}
+    for s in shards:
+        stored[s] = ingest(big_export, tmp_path / s, shard_id=s, shards=shards, replication=1,
+                           placement_level=2, progress=False, map_size=MAP)
+    assert stored["s0"] == stored["s1"] == stored["s2"]          # one manifest, every shard
+    m = stored["s0"]
+    assert m.shards == shards and m.placement_level == 2 and m.checksums == full.checksums
+    union = set()
+    for s in shards:
+        want = {block_key("big", "b1", l, n) for l, n in shard_blocks(m, s)}
+        assert block_keys(tmp_path / s) == want
+        assert dump(tmp_path / s)[SHARD_KEY] == s.encode()
+        union |= want
+    assert union == {block_key("big", "b1", l, n) for l, n in m.blocks()}
+    # level 1 sits above the placement level: every shard has it; level 3 is split
+    assert all(block_key("big", "b1", 1, n) in block_keys(tmp_path / s)
+               for s in shards for n in range(2))
+    # a shard's LMDB refuses another shard's (or an unsharded) ingest
+    with pytest.raises(IngestError, match="holds shard 's0'"):
+        ingest(big_export, tmp_path / "s0", shard_id="s1", shards=shards, progress=False,
+               map_size=MAP)
+    with pytest.raises(IngestError, match="not in the manifest"):
+        ingest(big_export, tmp_path / "x", shard_id="s9", shards=shards, progress=False,
+               map_size=MAP)
+
+
+def test_stream_ingest_into_two_shards_in_one_pass(tiny_export, tmp_path):
+    ref = load_manifest(tiny_export)
+    blocks = {(l, n): bytes(d) for l, n, d in iter_blocks(tiny_export, ref)}
+    header = {k: v for k, v in ref.model_dump().items() if k != "checksums"}
+    header.update(version="s1", shards=["a", "b"], placement_level=1)
+    targets = {"a": tmp_path / "a", "b": tmp_path / "b"}
+    m = ingest_stream(targets, header, ((l, n, d) for (l, n), d in reversed(blocks.items())),
+                      progress=False, map_size=MAP)
+    assert m.checksums == ref.checksums                        # computed while streaming
+    for s in ("a", "b"):
+        with LMDBStore(tmp_path / s, MAP) as store:
+            assert store.current_version("test") == "s1" and store.manifest("test", "s1") == m
+            for l, n in shard_blocks(m, s):
+                assert store.get(block_key("test", "s1", l, n)) == blocks[(l, n)]
+    assert len(block_keys(tmp_path / "a")) + len(block_keys(tmp_path / "b")) == len(blocks)
+    # a stream that ends early publishes nothing
+    header["version"] = "s2"
+    short = list((l, n, d) for (l, n), d in blocks.items())[:-1]
+    with pytest.raises(IngestError, match="1 blocks missing"):
+        ingest_stream(targets, header, short, progress=False, map_size=MAP)
+    for s in ("a", "b"):
+        assert dump(tmp_path / s)[current_key("test")] == b"s1"
+        assert manifest_key("test", "s2") not in dump(tmp_path / s)
+
+
+def test_rerun_skips_blocks_already_written(big_export, tmp_path, caplog):
+    db = tmp_path / "db"
+    m = load_manifest(big_export)
+    # a first run that "died" after some blocks: write them by hand
+    env = lmdb.open(str(db), map_size=MAP)
+    written = list(iter_blocks(big_export, m))[:3]
+    with env.begin(write=True) as txn:
+        for l, n, d in written:
+            txn.put(block_key("big", "b1", l, n), d)
+    env.close()
+    caplog.set_level("INFO")
+    ingest(big_export, db, progress=False, map_size=MAP)
+    assert any("3 already there" in r.message for r in caplog.records)
+    with LMDBStore(db, MAP) as store:
+        assert store.current_version("big") == "b1"
+        for l, n, d in iter_blocks(big_export, m):
+            assert store.get(block_key("big", "b1", l, n)) == d
+
+
+# -- GC -----------------------------------------------------------------------------------------
+def test_gc_keeps_current_and_newest(tiny_export, tmp_path):
+    db = tmp_path / "db"
+    for v in ("v1", "v2", "v3", "v4"):
+        ingest(tiny_export, db, version=v, publish=(v == "v2"), progress=False, map_size=MAP)
+    with LMDBStore(db, MAP) as store:
+        assert [v for v, _ in store.versions("test")] == ["v1", "v2", "v3", "v4"]
+        assert store.current_version("test") == "v2"
+    dry = gc(db, "test", keep=1, dry_run=True, map_size=MAP)
+    assert dry["deleted"] == ["v1", "v3"] and dry["blocks_deleted"] == 12
+    assert len(block_keys(db)) == 24                              # dry run: nothing deleted
+    report = gc(db, "test", keep=1, map_size=MAP)                 # keeps v4 (newest) + v2
+    assert report["kept"] == ["v2", "v4"] and report["deleted"] == ["v1", "v3"]
+    left = dump(db)
+    assert {k.split(b"/")[2] for k in left if k.startswith(b"b/")} == {b"v2", b"v4"}
+    assert manifest_key("test", "v1") not in left and version_info_key("test", "v3") not in left
+    assert left[current_key("test")] == b"v2"
+    gc(db, "test", keep=0, map_size=MAP)                          # never the current one
+    assert {k.split(b"/")[2] for k in dump(db) if k.startswith(b"b/")} == {b"v2"}
+    with LMDBStore(db, MAP) as store:
+        m = store.manifest("test", "v2")
+        for l, n in m.blocks():
+            assert checksum(store.get(block_key("test", "v2", l, n))) == m.checksum(l, n)
+
+
+def test_gc_orphans_and_cached_manifests(tiny_export, tmp_path):
+    db = tmp_path / "db"
+    ingest(tiny_export, db, progress=False, map_size=MAP)
+    ingest(tiny_export, db, version="v2", publish=False, progress=False, map_size=MAP)
+    env = lmdb.open(str(db), map_size=MAP)                       # a killed ingest's leftovers
+    with env.begin(write=True) as txn:
+        txn.put(block_key("test", "dead", 1, 0), b"x")
+    env.close()
+    store = LMDBStore(db, MAP)
+    assert store.manifest("test", "v2") is not None               # now cached in-process
+    store.close()
+    r = gc(db, "test", keep=0, map_size=MAP)
+    assert r["deleted"] == ["v2"] and r["orphan_versions"] == ["dead"]
+    assert block_key("test", "dead", 1, 0) in dump(db)            # orphans only when asked
+    r = gc(db, "test", keep=0, orphans=True, map_size=MAP)
+    assert r["blocks_deleted"] == 1 and block_key("test", "dead", 1, 0) not in dump(db)
+    with LMDBStore(db, MAP) as store:
+        assert store.manifest("test", "v2") is None and store.manifest("test", "v1") is not None
+
+
+def test_gc_cli(tiny_export, tmp_path, capsys):
+    db = tmp_path / "db"
+    for v in ("v1", "v2"):
+        ingest(tiny_export, db, version=v, progress=False, map_size=MAP)
+    main(["gc", "--lmdb", str(db), "--bank", "test", "--keep", "0", "--map-size-gb", "1"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["deleted"] == ["v1"] and report["kept"] == ["v2"]
+    main(["publish", "--lmdb", str(db), "--bank", "test", "--version", "v2", "--map-size-gb", "1"])
+    with pytest.raises(SystemExit):
+        main(["publish", "--lmdb", str(db), "--bank", "test", "--version", "v1",
+              "--map-size-gb", "1"])
+
+
+def test_writemap_ingest_is_read_back_the_same(big_export, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    ingest(big_export, a, progress=False, map_size=MAP)
+    ingest(big_export, b, progress=False, map_size=MAP, writemap=True)
+    da, db_ = dump(a), dump(b)
+    assert da.keys() == db_.keys()
+    assert all(da[k] == db_[k] for k in da if not k.startswith(b"i/"))   # info: a timestamp
+    assert (b / "data.mdb").stat().st_blocks * 512 < MAP                # sparse file

@@ -64,3 +64,15 @@ def test_owners_uses_the_manifest_shard_map():
     m = Manifest(**make(shards=["a", "b", "c"], replication=2, placement_level=2))
     assert m.owners(1, 0) == ["a", "b", "c"]
     assert len(m.owners(2, 3)) == 2
+
+
+def test_memory_kind_and_block_width():
+    old = Manifest(**make()).model_dump(exclude={"kind", "block_width"})  # a manifest from before kinds
+    m = Manifest.model_validate(old)
+    assert m.kind == "ffn" and m.block_shape(1) == (2, 3, 8, 32)
+    lora = Manifest(**make(kind="lora-ffn", block_width=96))
+    assert lora.block_shape(2) == (2, 3, 4, 96) and Manifest.from_json(lora.to_json()) == lora
+    assert Manifest(**make(kind="kv", block_width=24)).block_shape(1) == (2, 2, 8, 24)
+    for over in (dict(kind="kv"), dict(block_width=31), dict(kind="lora-xx", block_width=8)):
+        with pytest.raises(ValidationError):
+            Manifest(**make(**over))

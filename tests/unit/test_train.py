@@ -1,11 +1,16 @@
-"""Packing and the training loop's pieces (training/train.py)."""
+"""Packing and the training loop (training/packing.py, training/train.py): phases, the
+generic memory, exact resume from a checkpoint."""
 import numpy as np
+import pytest
 import torch
 
 from membank.config import get_preset
-from membank.memory import MemoryBank
 from membank.model import Transformer
-from training.train import IGNORE, TrainConfig, cosine_lr, lm_loss, pack, train_phase
+from training import checkpoint
+from training.config import load_train_config
+from training.optim import cosine_lr
+from training.packing import Sampler
+from training.train import Trainer, generic_coins, lm_loss, pack
 
 
 def test_pack_keeps_one_path_per_sequence_and_separates_documents():
@@ -38,16 +43,109 @@ def test_cosine_schedule_warms_up_and_decays():
     assert lrs[0] < lrs[9] == 1.0 and lrs[-1] < 0.2 and min(lrs) >= 0.1
 
 
+def toy_packed(n_docs=8, size=30, seq_len=16):
+    docs = [list(np.random.default_rng(i).integers(1, 60, size=size)) for i in range(n_docs)]
+    nodes = np.array([[i % 2, (i % 2) * 2 + (i // 2) % 2] for i in range(n_docs)])
+    return pack(docs, nodes, seq_len=seq_len, eos=0)
+
+
+def tiny_trainer(*overrides, packed=None, **kw):
+    tc = load_train_config("tiny", list(overrides))
+    return Trainer(tc.model_config(), tc, packed or toy_packed(), log=lambda *a: None, **kw)
+
+
+def test_loss_normalised_by_a_global_token_count_sums_to_the_mean():
+    model = Transformer(get_preset("tiny"))
+    p = toy_packed()
+    tokens, ids = p.tokens[:4], p.doc_ids[:4]
+    n = int((ids[:, 1:] >= 0).sum())
+    halves = lm_loss(model, tokens[:2], ids[:2], normalizer=n) + lm_loss(model, tokens[2:], ids[2:], normalizer=n)
+    torch.testing.assert_close(halves, lm_loss(model, tokens, ids))
+
+
+def test_sampler_is_a_seeded_permutation_per_epoch_and_resumes_from_two_integers():
+    s = Sampler(10, 4, seed=3)
+    first = [s.next().tolist() for _ in range(5)]          # 2 batches per epoch, tail dropped
+    assert sorted(first[0] + first[1]) == sorted(set(first[0] + first[1]))
+    assert s.epoch == 2
+    again = Sampler(10, 4, seed=3)
+    again.load_state_dict({"epoch": 1, "pos": 0})
+    assert [again.next().tolist() for _ in range(3)] == first[2:]
+
+
 def test_cotraining_lowers_loss_and_trains_the_bank():
-    torch.manual_seed(0)
-    cfg = get_preset("tiny")
-    model, bank = Transformer(cfg), MemoryBank(cfg)
-    docs = [list(np.random.default_rng(i).integers(1, 60, size=30)) for i in range(8)]
-    nodes = np.array([[i % 2, (i % 2) * 2 + (i // 2) % 2] for i in range(8)])
-    packed = pack(docs, nodes, seq_len=16, eos=0)
-    tc = TrainConfig(preset="tiny", batch_size=4, warmup_steps=2, memory_lr=1e-2, anchor_lr=1e-2)
-    before = [p.detach().clone() for p in bank.levels]
-    losses = train_phase("test", model, bank, packed, tc, 40, torch.Generator().manual_seed(0))
+    trainer = tiny_trainer("anchor_steps=0", "cotrain_steps=40", "batch_size=4")
+    before = [t.clone() for t in trainer.bank]
+    trainer.train()
+    losses = trainer.losses["cotrain"]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
-    assert all(not torch.equal(b, p) for b, p in zip(before, bank.levels))
-    assert bank.levels[0][:, :, 2].abs().sum() > 0  # W3m left zero-init: memory now has an effect
+    assert all(not torch.equal(b, t) for b, t in zip(before, trainer.bank))
+    assert trainer.bank[0][:, :, 2].abs().sum() > 0  # W3m left zero-init: memory now has an effect
+
+
+def test_phases_train_the_right_parts():
+    trainer = tiny_trainer("anchor_steps=3", "cotrain_steps=0", "frozen_steps=4", "generic_prob=0.5")
+    bank0, generic0 = [t.clone() for t in trainer.bank], trainer.generic.detach().clone()
+    trainer.train(max_steps=3)                            # anchor phase: bank and generic idle
+    assert all(torch.equal(a, b) for a, b in zip(bank0, trainer.bank))
+    assert torch.equal(trainer.generic, generic0)
+    anchor = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()                                       # frozen: anchor fixed, memories train
+    assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in anchor.items())
+    assert not torch.equal(trainer.bank[0], bank0[0]) and not torch.equal(trainer.generic, generic0)
+    assert list(trainer.losses) == ["anchor", "frozen"] and len(trainer.losses["frozen"]) == 4
+
+
+def test_generic_coins_are_seeded_per_step_and_about_one_in_seventeen():
+    assert torch.equal(generic_coins(0, 5, 64, 1 / 17), generic_coins(0, 5, 64, 1 / 17))
+    assert not torch.equal(generic_coins(0, 5, 64, 0.5), generic_coins(0, 6, 64, 0.5))
+    rate = torch.cat([generic_coins(0, s, 1000, 1 / 17) for s in range(20)]).float().mean()
+    assert abs(rate - 1 / 17) < 0.01
+    assert not generic_coins(0, 0, 100, 0.0).any()
+
+
+def test_the_generic_memory_trains_only_on_steps_that_use_it():
+    trainer = tiny_trainer("anchor_steps=0", "cotrain_steps=6", "generic_prob=0.3", "batch_size=4")
+    used = [bool(generic_coins(0, s, 4, 0.3).any()) for s in range(6)]
+    assert any(used) and not all(used)
+    history = []
+    for _ in range(6):
+        trainer.step()
+        history.append(trainer.generic.detach().clone())
+    for s, (was_used, g) in enumerate(zip(used, history)):
+        if s and not was_used:
+            assert torch.equal(g, history[s - 1])        # no grad: AdamW skips it, no decay
+    assert history[-1][:, :, 2].abs().sum() > 0          # W3m of the generic memory learned
+
+
+@pytest.mark.parametrize("split", [2, 5])  # at the phase boundary; in the middle of co-training
+def test_resume_from_a_checkpoint_is_exact(tmp_path, split):
+    args = ("anchor_steps=2", "cotrain_steps=6", "generic_prob=0.25", "batch_size=4")
+    whole = tiny_trainer(*args)
+    whole.train()
+
+    first = tiny_trainer(*args)
+    first.train(max_steps=split)
+    path = first.save(tmp_path / "ckpt")
+    del first
+    resumed = tiny_trainer(*args)                       # a fresh trainer (other random init)
+    resumed.load(path)
+    resumed.train()
+
+    assert resumed.losses == whole.losses                # identical loss sequence, all phases
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(whole.bank, resumed.bank))
+    assert torch.equal(whole.generic, resumed.generic)
+
+
+def test_checkpoint_from_another_config_or_other_data_is_refused(tmp_path):
+    path = tiny_trainer("anchor_steps=1", "cotrain_steps=0").save(tmp_path / "c")
+    other = tiny_trainer("anchor_steps=1", "cotrain_steps=0", "model.d_model=64")
+    with pytest.raises(ValueError, match="another config: model.d_model: checkpoint 32, this run 64"):
+        other.load(path)
+    with pytest.raises(ValueError, match="other data"):
+        tiny_trainer("anchor_steps=1", "cotrain_steps=0", data_fingerprint="elsewhere").load(path)
+    with pytest.raises(ValueError, match="another config: anchor_lr"):
+        tiny_trainer("anchor_steps=1", "cotrain_steps=0", "anchor_lr=0.5").load(path)
+    assert checkpoint.read_state(path)["global_step"] == 0

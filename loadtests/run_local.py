@@ -1,0 +1,78 @@
+"""`make loadtest`: a headless locust run against a bank server this script starts and stops.
+
+    .venv/bin/python loadtests/run_local.py [--users 8] [--spawn-rate 4] [--run-time 30s]
+                                            [--out runs/loadtest] [--export runs/demo/export]
+
+The bank: the demo export (`make demo`) when it exists, otherwise a synthetic bank of the demo's
+shapes with random blocks (bank "demo", k=4, ranks 64/32, d 128, 4 memory layers, float32), so
+a fresh clone can load-test in seconds without training. It is ingested into OUT/lmdb (ingest
+is idempotent), served by one `services.bank_server.server` on a free loopback port (launch.py),
+and locust writes OUT/lt_stats.csv, OUT/lt_stats_history.csv, OUT/lt_failures.csv and
+OUT/lt.html. Exit code: locust's (non-zero when any request failed).
+A development tool: traffic goes only to 127.0.0.1, and the run is bounded by --run-time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from membank.artifacts import MANIFEST, atomic_write_bytes, write_bank  # noqa: E402
+from membank.manifest import Manifest  # noqa: E402
+from services.bank_server.ingest import ingest  # noqa: E402
+from services.bank_server.launch import run_bank_server  # noqa: E402
+
+
+def synthetic_export(out: Path) -> Path:
+    """A bank of the demo preset's shapes with random blocks (no training needed)."""
+    if (out / MANIFEST).exists():
+        return out
+    import torch
+
+    bank, k, ranks, d, layers = "demo", 4, [64, 32], 128, [0, 1, 2, 3]
+    g = torch.Generator().manual_seed(0)
+    levels = [torch.randn(k ** l, len(layers), 3, r, d, generator=g)
+              for l, r in enumerate(ranks, start=1)]
+    sums = write_bank(out, levels, "float32")
+    manifest = Manifest(bank=bank, version="synthetic-1", dtype="float32", d_model=d,
+                        mem_layers=layers, branching=k, ranks=ranks, checksums=sums)
+    atomic_write_bytes(out / MANIFEST, manifest.to_json().encode())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--users", type=int, default=8)
+    p.add_argument("--spawn-rate", type=float, default=4)
+    p.add_argument("--run-time", default="30s")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "loadtest")
+    p.add_argument("--export", type=Path, default=REPO / "runs" / "demo" / "export",
+                   help="export to serve (default: the demo's; synthetic when it does not exist)")
+    args = p.parse_args(argv)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    export = args.export if (args.export / MANIFEST).exists() else synthetic_export(args.out / "export")
+    manifest = ingest(export, args.out / "lmdb", progress=False, map_size=1 << 30)
+    print(f"loadtest: bank {manifest.bank} version {manifest.version} from {export}", flush=True)
+
+    with run_bank_server(args.out / "lmdb", "--map-size-gb", "1", cwd=REPO,
+                         log_path=args.out / "bank_server.log") as (address, _proc):
+        print(f"loadtest: bank server on {address}; locust {args.users} users for {args.run_time}",
+              flush=True)
+        cmd = [sys.executable, "-m", "locust", "-f", str(REPO / "loadtests" / "locustfile.py"),
+               "--headless", "-u", str(args.users), "-r", str(args.spawn_rate),
+               "-t", args.run_time, "--host", address, "--only-summary",
+               "--csv", str(args.out / "lt"), "--html", str(args.out / "lt.html")]
+        env = {**os.environ, "MEMBANK_LOADTEST_BANK": manifest.bank}
+        rc = subprocess.call(cmd, cwd=REPO, env=env)
+    print(f"loadtest: reports in {args.out} (lt_stats.csv, lt.html); locust exit code {rc}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The admin HTTP API (FastAPI), served by uvicorn on the bank server's own event loop.
+
+    GET  /healthz                     200 while the process runs (liveness)
+    GET  /readyz                      200 when every current manifest loads and the hot set is
+                                      warm; 503 (with the reasons) otherwise and while draining
+    GET  /metrics                     Prometheus text (metrics.py)
+    GET  /v1/stats                    the same numbers as JSON, plus banks, warm-up, limits
+    GET  /v1/manifest/{bank}          the current manifest (membank.manifest/1 JSON)
+    GET  /v1/manifest/{bank}/{ver}    a given version's manifest
+    POST /v1/publish                  {"bank", "version"}: switch current (admin token)
+    GET  /docs, /openapi.json         OpenAPI
+
+Auth: `Authorization: Bearer TOKEN`. POST needs the admin token (none configured: 403);
+`/v1/*` reads need the read token when one is configured (so they cannot bypass the gRPC auth);
+health, readiness and metrics are open (probes and scrapers). Missing -> 401, wrong -> 403.
+
+`AdminServer(app, settings).start(sock)` runs it as a task on the running loop; `serve()`
+calls it with a socket it bound itself, so port 0 works and the port is known before start.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import Awaitable, Callable
+
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+
+from services.bank_server.metrics import CONTENT_TYPE, ServerMetrics
+from services.bank_server.publish import Published, PublishError
+from services.bank_server.readiness import Readiness
+from services.bank_server.security import token_matches
+
+_HTTP_FOR = {"invalid": 400, "not_found": 404, "failed": 500}
+
+
+class PublishBody(BaseModel):
+    bank: str
+    version: str
+
+
+class PublishResult(BaseModel):
+    bank: str
+    version: str
+    previous: str
+
+
+def create_app(*, store, metrics: ServerMetrics, readiness: Readiness,
+               publish: Callable[[str, str], Awaitable[Published]],
+               auth_token: str | None = None, admin_token: str | None = None,
+               limits: dict | None = None) -> FastAPI:
+    app = FastAPI(title="membank bank server admin", version="1",
+                  description="Health, readiness, metrics, manifests and admin operations of "
+                              "one bank server (the blocks themselves are served over gRPC).")
+    bearer = HTTPBearer(auto_error=False)
+
+    def check(creds: HTTPAuthorizationCredentials | None, *accepted: str | None) -> None:
+        if creds is None or not creds.credentials:
+            raise HTTPException(401, "missing `Authorization: Bearer <token>`",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if not any(token_matches(creds.credentials, t) for t in accepted):
+            raise HTTPException(403, "token not valid for this endpoint")
+
+    def reader(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if auth_token is not None:
+            check(creds, auth_token, admin_token)
+
+    def admin(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if admin_token is None:
+            raise HTTPException(403, "admin operations are disabled on this server "
+                                     "(no admin token configured)")
+        check(creds, admin_token)
+
+    @app.get("/healthz", tags=["probes"])
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["probes"])
+    async def readyz() -> JSONResponse:
+        ok, detail = readiness.status()
+        return JSONResponse(detail, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["probes"], response_class=Response)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/stats", tags=["read"], dependencies=[Depends(reader)])
+    async def stats() -> dict:
+        ok, detail = readiness.status()
+        return {**metrics.snapshot(), "ready": ok, "banks": detail["banks"],
+                "warm": detail["warm"], "limits": limits or {}}
+
+    async def manifest_response(bank: str, version: str | None) -> Response:
+        loop = asyncio.get_running_loop()
+        if version is None:
+            version = await loop.run_in_executor(None, store.current_version, bank)
+            if version is None:
+                raise HTTPException(404, f"unknown bank {bank!r}")
+        m = await loop.run_in_executor(None, store.manifest, bank, version)
+        if m is None:
+            raise HTTPException(404, f"unknown version {version!r} of bank {bank!r}")
+        return Response(m.to_json(), media_type="application/json")
+
+    @app.get("/v1/manifest/{bank}", tags=["read"], dependencies=[Depends(reader)],
+             response_class=Response)
+    async def manifest_current(bank: str) -> Response:
+        return await manifest_response(bank, None)
+
+    @app.get("/v1/manifest/{bank}/{version}", tags=["read"], dependencies=[Depends(reader)],
+             response_class=Response)
+    async def manifest_version(bank: str, version: str) -> Response:
+        return await manifest_response(bank, version)
+
+    @app.post("/v1/publish", tags=["admin"], dependencies=[Depends(admin)],
+              response_model=PublishResult)
+    async def publish_version(body: PublishBody, request: Request) -> PublishResult:
+        try:
+            done = await publish(body.bank, body.version)
+        except PublishError as e:
+            raise HTTPException(_HTTP_FOR[e.kind], str(e)) from None
+        return PublishResult(bank=done.bank, version=done.version, previous=done.previous)
+
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the bank server owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+    def install_signal_handlers(self) -> None:   # older uvicorn
+        pass
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+class AdminServer:
+    def __init__(self, app: FastAPI, *, tls_cert=None, tls_key=None, log_level: str = "warning"):
+        config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=2,
+                                ssl_certfile=str(tls_cert) if tls_cert else None,
+                                ssl_keyfile=str(tls_key) if tls_key else None)
+        self.server = _Server(config)
+        self.task: asyncio.Task | None = None
+
+    async def start(self, sock: socket.socket) -> None:
+        """Serve on `sock` (bound already); returns once uvicorn accepts connections."""
+        self.task = asyncio.create_task(self.server.serve(sockets=[sock]))
+        while not self.server.started:
+            if self.task.done():
+                self.task.result()   # raise uvicorn's start-up error
+                raise RuntimeError("admin HTTP server stopped during start-up")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        if self.task is None:
+            return
+        self.server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task

@@ -1,0 +1,105 @@
+"""Publish (or roll back to) an ingested version: the admin operation behind
+`BankAdmin.Publish` (gRPC) and `POST /v1/publish` (admin HTTP).
+
+    python -m services.bank_server.publish --lmdb data/bank.lmdb BANK VERSION
+
+A server holds its LMDB read-only, and LMDB forbids opening one environment twice in a
+process, so the server runs this module as a short child process: the one write transaction
+(`c/{bank}` = version) happens outside the serving process, exactly as ingest's publish does.
+The next request reads the new `current` (the store reads it afresh on every request).
+Refused (exit 2, one line on stderr) when the version was never completely ingested.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from membank.keys import current_key, manifest_key
+
+_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+PUBLISH_TIMEOUT_S = 30.0
+
+
+class PublishError(Exception):
+    """`kind` is "invalid" (bad names), "not_found" (no such complete version) or "failed"."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Published:
+    bank: str
+    version: str
+    previous: str   # "" when the bank had no current version
+
+
+def check_names(bank: str, version: str) -> None:
+    for what, value in (("bank", bank), ("version", version)):
+        if not _NAME.match(value or ""):
+            raise PublishError("invalid", f"invalid {what} name {value[:64]!r}")
+
+
+def publish_in_env(lmdb_path: str | Path, bank: str, version: str, map_size: int) -> str:
+    """Switch `c/{bank}` to `version` in one write transaction; return the previous version."""
+    from services.bank_server.store import acquire_env, release_env
+    env = acquire_env(lmdb_path, map_size, readonly=False)
+    try:
+        with env.begin(write=True) as txn:
+            if txn.get(manifest_key(bank, version)) is None:
+                raise PublishError("not_found", f"{bank} version {version} was never completely "
+                                   f"ingested")
+            previous = txn.get(current_key(bank))
+            txn.put(current_key(bank), version.encode())
+    finally:
+        release_env(env)
+    return previous.decode() if previous is not None else ""
+
+
+async def publish(lmdb_path: str | Path, bank: str, version: str, map_size: int) -> Published:
+    """Run the publish in a child process (see module doc); raise PublishError on refusal."""
+    check_names(bank, version)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.bank_server.publish", "--lmdb", str(lmdb_path),
+        "--map-size", str(map_size), bank, version,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=str(Path(__file__).resolve().parents[2]))
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), PUBLISH_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise PublishError("failed", f"publish did not finish in {PUBLISH_TIMEOUT_S:.0f} s")
+    line = (err.decode().strip().splitlines() or [""])[-1]
+    if proc.returncode == 2:
+        raise PublishError("not_found", line)
+    if proc.returncode != 0:
+        raise PublishError("failed", line or f"publish exited with {proc.returncode}")
+    return Published(bank, version, out.decode().strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m services.bank_server.publish",
+                                description="Point a bank's current version at an ingested one.")
+    p.add_argument("--lmdb", required=True)
+    p.add_argument("--map-size", type=int, default=64 << 30)
+    p.add_argument("bank")
+    p.add_argument("version")
+    args = p.parse_args(argv)
+    try:
+        check_names(args.bank, args.version)
+        previous = publish_in_env(args.lmdb, args.bank, args.version, args.map_size)
+    except PublishError as e:
+        print(f"publish: {e}", file=sys.stderr)
+        return 2
+    print(previous)   # stdout: the previous version, for the caller
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The read path's tiers: in-process LRU -> Redis (optional, shared) -> LMDB (the truth).
+
+    blocks = build_block_store(settings, store)      # what server.py hands to the servicer
+    with blocks.read(key, Expect(nbytes, checksum)) as buf: ...
+    tier_stats(blocks)   # [{"tier": "lru", ...}, {"tier": "redis", ...}, {"tier": "lmdb", ...}]
+
+Every tier has the same face (store.BlockStore: `read`, `get`, `stats`) and wraps the next one.
+
+LRUCache keeps whole verified blocks as `bytes` within a byte budget (`lru_bytes`), evicting the
+least recently used; a block larger than `max_item_bytes` (default: a quarter of the budget) is
+passed through, never cached, so one level-1 block cannot flush the hot set. Only bytes that
+passed `expect` (or came without one, from `get`) enter it; entries are immutable `bytes`, so a
+hit is served without hashing again. Concurrent misses of one key read the next tier once
+(the others wait for that read).
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Iterator
+
+from services.bank_server.store import BlockStore, Expect, LMDBStore, read_from
+
+
+class LRUCache:
+    """A byte-budgeted in-process LRU of block bytes in front of another BlockStore."""
+
+    name = "lru"
+
+    def __init__(self, inner: BlockStore, max_bytes: int, *, max_item_bytes: int | None = None):
+        if max_bytes <= 0:
+            raise ValueError("an LRU needs a positive byte budget")
+        self.inner = inner
+        self.max_bytes = max_bytes
+        self.max_item_bytes = max_item_bytes if max_item_bytes is not None else max_bytes // 4
+        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._loading: dict[bytes, threading.Event] = {}
+        self._n = {"hits": 0, "misses": 0, "bytes_hit": 0, "inserts": 0, "evictions": 0,
+                   "bytes_evicted": 0, "too_big": 0}
+
+    @contextmanager
+    def read(self, key: bytes, expect: Expect | None = None) -> Iterator:
+        key = bytes(key)
+        if expect is not None and expect.nbytes > self.max_item_bytes:
+            self._count("too_big")            # never cached: straight through, no waiting
+            with read_from(self.inner, key, expect) as buf:
+                yield buf
+            return
+        data, done = self._lookup(key, expect)
+        if data is not None:
+            yield data
+            return
+        try:
+            with read_from(self.inner, key, expect) as buf:
+                if buf is None or len(buf) > self.max_item_bytes:
+                    self._done(key, done)
+                    done = None
+                    yield buf
+                    return
+                data = bytes(buf)             # the copy the cache keeps
+            self._insert(key, data)
+        finally:
+            if done is not None:
+                self._done(key, done)
+        yield data
+
+    def _lookup(self, key: bytes, expect: Expect | None):
+        """(bytes, None) on a hit; (None, event) when this thread must load the key."""
+        while True:
+            with self._lock:
+                data = self._items.get(key)
+                if data is not None and (expect is None or len(data) == expect.nbytes):
+                    self._items.move_to_end(key)
+                    self._n["hits"] += 1
+                    self._n["bytes_hit"] += len(data)
+                    return data, None
+                waiting = self._loading.get(key)
+                if waiting is None:
+                    self._n["misses"] += 1
+                    done = self._loading[key] = threading.Event()
+                    return None, done
+            waiting.wait()       # another thread is reading this key from the next tier
+
+    def _done(self, key: bytes, done: threading.Event) -> None:
+        with self._lock:
+            if self._loading.get(key) is done:
+                del self._loading[key]
+        done.set()
+
+    def _insert(self, key: bytes, data: bytes) -> None:
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old)
+            self._items[key] = data
+            self._bytes += len(data)
+            self._n["inserts"] += 1
+            while self._bytes > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self._bytes -= len(evicted)
+                self._n["evictions"] += 1
+                self._n["bytes_evicted"] += len(evicted)
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self._n[name] += 1
+
+    def get(self, key: bytes) -> bytes | None:
+        with self.read(key) as buf:
+            return None if buf is None else bytes(buf)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"tier": self.name, **self._n, "resident_bytes": self._bytes,
+                    "resident_items": len(self._items), "max_bytes": self.max_bytes}
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+    def close(self) -> None:
+        self.clear()
+
+
+def tiers(blocks) -> list:
+    """The chain of tiers from `blocks` inwards (outermost first)."""
+    out = []
+    while blocks is not None:
+        out.append(blocks)
+        blocks = getattr(blocks, "inner", None)
+    return out
+
+
+def tier_stats(blocks) -> list[dict]:
+    """`stats()` of every tier, outermost first (what /metrics and /v1/stats export)."""
+    return [t.stats() for t in tiers(blocks) if hasattr(t, "stats")]
+
+
+def build_block_store(settings, store: LMDBStore) -> BlockStore:
+    """The tier chain a deployment's settings ask for: [LRU ->] [Redis ->] LMDB."""
+    import logging
+    log = logging.getLogger("membank.bank_server")
+    blocks: BlockStore = store
+    if getattr(settings, "redis_url", None):
+        from services.bank_server.cache import RedisCachedStore
+        mb = getattr(settings, "redis_max_item_mb", None)
+        maxmem = getattr(settings, "redis_maxmemory_mb", None)
+        log.info("redis block tier at %s (%s, ttl %s s)", settings.redis_url,
+                 "cluster" if getattr(settings, "redis_cluster", False) else "single",
+                 settings.redis_ttl_s)
+        blocks = RedisCachedStore(
+            blocks, settings.redis_url, settings.redis_ttl_s,
+            cluster=getattr(settings, "redis_cluster", False),
+            socket_timeout_s=getattr(settings, "redis_timeout_ms", 200) / 1000,
+            retry_after_s=getattr(settings, "redis_retry_after_s", 1.0),
+            slow_s=getattr(settings, "redis_slow_ms", 50) / 1000,
+            max_item_bytes=int(mb * (1 << 20)) if mb else None,
+            maxmemory_bytes=int(maxmem * (1 << 20)) if maxmem else None)
+    lru_mb = getattr(settings, "lru_mb", 0) or 0
+    if lru_mb > 0:
+        item_mb = getattr(settings, "lru_max_item_mb", None)
+        log.info("in-process LRU block tier: %d MB", lru_mb)
+        blocks = LRUCache(blocks, int(lru_mb * (1 << 20)),
+                          max_item_bytes=int(item_mb * (1 << 20)) if item_mb else None)
+    return blocks

@@ -1,0 +1,229 @@
+"""Deploy artefacts: schema validation (offline) and the structure operators rely on.
+
+- every Kubernetes manifest under deploy/ (each YAML document with apiVersion/kind, except
+  kustomize's own Kustomization files) passes `kubernetes-validate --strict`; so do the rendered
+  kustomizations when `kubectl` (built-in kustomize) or `kustomize` is on PATH;
+- docker-compose.yml passes `check-jsonschema --builtin-schema vendor.compose-spec`;
+- structure: one compose service per shard with its own volume and healthcheck, fed by its own
+  ingest job; the StatefulSet has native gRPC probes, claims, a headless Service and a PDB;
+  every MEMBANK_SERVER_* setting named anywhere is one the bank server knows.
+Both validators come from the `deploy` extra (`make test` installs it) and run from the venv.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.bank_server.settings import BankServerSettings
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+COMPOSE = REPO / "docker-compose.yml"
+BIN = Path(sys.executable).parent
+SHARD = re.compile(r"^shard-(\d+)$")
+
+
+def tool(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        pytest.fail(f"{name} is not installed in the venv: pip install -e '.[deploy]' "
+                    f"(make test does)")
+    return str(path)
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def k8s_validate(*files: Path) -> subprocess.CompletedProcess:
+    return run(tool("kubernetes-validate"), "--strict", *map(str, files))
+
+
+def assert_valid(r: subprocess.CompletedProcess) -> None:
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    # kubernetes-validate only WARNs (exit 0) on a kind/apiVersion it has no schema for, so a
+    # typo in apiVersion would pass unnoticed: no warning is allowed either
+    assert "WARN" not in out and "Couldn't find schema" not in out, out
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def manifest_files() -> list[Path]:
+    """YAML files under deploy/ holding Kubernetes objects (not kustomize's own files)."""
+    out = []
+    for path in sorted(DEPLOY.rglob("*.y*ml")):
+        ds = docs(path)
+        if any("apiVersion" in d and "kind" in d and d["kind"] != "Kustomization" for d in ds):
+            assert all(d.get("kind") != "Kustomization" for d in ds), path
+            out.append(path)
+    return out
+
+
+def objects(kind: str, name: str | None = None) -> list[dict]:
+    return [d for p in manifest_files() for d in docs(p)
+            if d.get("kind") == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+# -- schema validation --------------------------------------------------------------------------
+def test_every_kubernetes_manifest_validates_strict():
+    files = manifest_files()
+    kinds = {d["kind"] for p in files for d in docs(p)}
+    assert {"StatefulSet", "Service", "PodDisruptionBudget", "Deployment", "ConfigMap", "Job",
+            "PersistentVolumeClaim"} <= kinds
+    assert_valid(k8s_validate(*files))
+
+
+def kustomize_cmd() -> list[str] | None:
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    return None
+
+
+@pytest.mark.parametrize("kustomization", ["base", "overlays/dev"])
+def test_rendered_kustomization_validates_strict(kustomization, tmp_path):
+    cmd = kustomize_cmd()
+    if cmd is None:
+        pytest.skip("neither kubectl nor kustomize on PATH (the files are validated one by one)")
+    r = run(*cmd, str(DEPLOY / kustomization))
+    assert r.returncode == 0, r.stderr
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(r.stdout)
+    assert_valid(k8s_validate(rendered))
+    objs = [d for d in yaml.safe_load_all(r.stdout) if d]
+    sts = next(d for d in objs if d["kind"] == "StatefulSet")
+    if kustomization == "overlays/dev":
+        assert sts["spec"]["replicas"] == 2
+        assert {d["metadata"].get("namespace") for d in objs if d["kind"] != "Namespace"} \
+            == {"membank-dev"}
+        jobs = {d["metadata"]["name"] for d in objs if d["kind"] == "Job"}
+        assert jobs == {"membank-ingest-shard-0", "membank-ingest-shard-1"}
+
+
+def test_strict_validation_is_not_a_no_op(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    svc = docs(DEPLOY / "base" / "service.yaml")[0]
+    svc["spec"]["clusterIp"] = "None"   # misspelt field
+    bad.write_text(yaml.safe_dump(svc))
+    r = k8s_validate(bad)
+    assert r.returncode != 0 and "clusterIp" in r.stdout + r.stderr
+
+
+def test_compose_validates_against_compose_spec():
+    r = run(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_compose_validation_is_not_a_no_op(tmp_path):
+    bad = tmp_path / "docker-compose.yml"
+    bad.write_text(COMPOSE.read_text().replace("depends_on:", "depends_onn:", 1))
+    r = run(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(bad))
+    assert r.returncode != 0 and "depends_onn" in r.stdout + r.stderr
+
+
+# -- docker-compose structure ---------------------------------------------------------------------
+def volume_names(service: dict) -> list[str]:
+    return [v.split(":")[0] if isinstance(v, str) else v["source"] for v in service.get("volumes", [])]
+
+
+def test_compose_shards_have_own_volume_healthcheck_and_ingest_job():
+    c = compose()
+    services = c["services"]
+    shards = {name: s for name, s in services.items() if SHARD.match(name)}
+    assert len(shards) >= 2
+    seen_volumes = set()
+    for name, s in shards.items():
+        n = SHARD.match(name).group(1)
+        vols = [v for v in volume_names(s) if v in c["volumes"]]
+        assert vols == [f"shard-{n}-data"], (name, vols)
+        assert not seen_volumes & set(vols), f"{name} shares a volume"
+        seen_volumes |= set(vols)
+        test = s["healthcheck"]["test"]
+        assert "services.bank_server.healthcheck" in test
+        assert s["depends_on"][f"ingest-{n}"]["condition"] == "service_completed_successfully"
+        assert s["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert "serve" in s["command"]
+        ingest = services[f"ingest-{n}"]
+        assert f"shard-{n}-data" in volume_names(ingest)
+        assert ingest["depends_on"]["train"]["condition"] == "service_completed_successfully"
+        assert ingest["command"][0] == "ingest"
+        # the server's LMDB is where its ingest job wrote it
+        lmdb = ingest["command"][ingest["command"].index("--lmdb") + 1]
+        assert s["environment"]["MEMBANK_SERVER_LMDB_PATH"] == lmdb
+        assert f"shard-{n}-data:{lmdb}" in s["volumes"]
+
+
+def test_compose_redis_is_an_lru_cache_and_locust_is_opt_in():
+    services = compose()["services"]
+    cmd = services["redis"]["command"]
+    assert "--maxmemory" in cmd and cmd[cmd.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    assert services["train"]["command"][:1] == ["train"]
+    for name in ("locust-master", "locust-worker"):
+        assert services[name]["profiles"] == ["load"]
+    for name, s in services.items():
+        if not name.startswith("locust"):
+            assert "load" not in s.get("profiles", []), name
+
+
+# -- Kubernetes structure -------------------------------------------------------------------------
+def test_statefulset_shards_probe_grpc_and_claim_volumes():
+    (sts,) = objects("StatefulSet", "membank-shard")
+    spec = sts["spec"]
+    pod = spec["template"]["spec"]
+    (server,) = [c for c in pod["containers"] if c["name"] == "bank-server"]
+    port = next(p["containerPort"] for p in server["ports"] if p["name"] == "grpc")
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert server[probe]["grpc"]["port"] == port, probe
+    assert server["readinessProbe"]["grpc"]["service"] == "membank.v1.BankService"
+    assert server["resources"]["requests"]["cpu"] and server["resources"]["requests"]["memory"]
+    claims = {t["metadata"]["name"] for t in spec["volumeClaimTemplates"]}
+    assert {m["name"] for m in server["volumeMounts"]} & claims
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["enableServiceLinks"] is False
+
+    (svc,) = objects("Service", spec["serviceName"])
+    assert svc["spec"]["clusterIP"] == "None"
+    labels = spec["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    (pdb,) = objects("PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_every_server_setting_named_is_a_real_one():
+    known = {f"MEMBANK_SERVER_{f.upper()}" for f in BankServerSettings.model_fields}
+    named = set()
+    for cm in objects("ConfigMap"):
+        named |= {k for k in cm.get("data", {}) if k.startswith("MEMBANK_SERVER_")}
+    for s in compose()["services"].values():
+        env = s.get("environment", {})
+        named |= {k for k in (env if isinstance(env, dict) else []) if k.startswith("MEMBANK_SERVER_")}
+    named |= set(re.findall(r"MEMBANK_SERVER_[A-Z_]+", (REPO / "Dockerfile").read_text()))
+    assert named and named <= known, named - known
+
+
+def test_dockerfile_is_slim_non_root_with_stubs_and_healthcheck():
+    text = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", text, re.M)
+    assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in text
+    assert "grpc_tools.protoc -Iproto" in text and "proto/membank/v1/bank.proto" in text
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and users[-1] != "root" and not users[-1].startswith("0")
+    for target in ("bank-server", "model-client", "loadtest"):
+        assert re.search(rf"^FROM \S+ AS {target}$", text, re.M), target
+    assert re.search(r"^HEALTHCHECK .*\n.*services\.bank_server\.healthcheck", text, re.M)
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "runs/"} <= set(ignored)

@@ -1,0 +1,229 @@
+"""The read tiers without servers: LRU byte budget and single flight, the circuit breaker's
+state machine, LMDBStore zero-copy reads and integrity (a temp LMDB, no subprocess).
+
+Run: .venv/bin/python -m pytest -q tests/unit/test_tiers.py
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from membank.blocks import checksum
+from services.bank_server import cache as cache_mod
+from services.bank_server.cache import CircuitBreaker
+from services.bank_server.store import (CorruptBlock, Expect, LMDBStore, acquire_env,
+                                        page_cache_residency, release_env)
+from services.bank_server.tiers import LRUCache, build_block_store, tier_stats, tiers
+
+
+class DictStore:
+    name = "dict"
+
+    def __init__(self, data: dict[bytes, bytes], delay_s: float = 0.0):
+        self.data, self.reads, self.delay_s = data, 0, delay_s
+
+    def get(self, key: bytes) -> bytes | None:
+        self.reads += 1
+        time.sleep(self.delay_s)
+        return self.data.get(key)
+
+
+def expect(data: bytes) -> Expect:
+    return Expect(len(data), checksum(data))
+
+
+# -- LRU ----------------------------------------------------------------------------------------
+def test_lru_hits_evicts_by_bytes_and_reports():
+    blocks = {f"b/x/v/1/{i}".encode(): bytes([i]) * 100 for i in range(5)}
+    inner = DictStore(blocks)
+    lru = LRUCache(inner, max_bytes=300, max_item_bytes=100)
+    keys = list(blocks)
+    for k in keys[:3]:
+        with lru.read(k, expect(blocks[k])) as buf:
+            assert buf == blocks[k]
+    assert inner.reads == 3
+    with lru.read(keys[0]) as buf:            # hit; keys[0] becomes most recent
+        assert buf == blocks[keys[0]]
+    assert inner.reads == 3
+    lru.get(keys[3])                          # evicts keys[1], the least recently used
+    s = lru.stats()
+    assert (s["hits"], s["misses"], s["evictions"]) == (1, 4, 1)
+    assert s["resident_bytes"] == 300 and s["resident_items"] == 3
+    lru.get(keys[0])
+    assert inner.reads == 4                   # still cached
+    lru.get(keys[1])
+    assert inner.reads == 5                   # was evicted
+
+
+def test_lru_passes_large_blocks_and_absent_keys_through():
+    inner = DictStore({b"b/big": b"x" * 1000})
+    lru = LRUCache(inner, max_bytes=4000)     # items up to 1000 bytes by default
+    lru2 = LRUCache(inner, max_bytes=3999)    # ... up to 999: the block is too big
+    for _ in range(2):
+        assert lru2.get(b"b/big") == b"x" * 1000
+        assert lru.get(b"b/nope") is None
+    assert lru2.stats()["resident_items"] == 0 and lru.stats()["resident_items"] == 0
+    with lru2.read(b"b/big", expect(b"x" * 1000)) as buf:
+        assert buf == b"x" * 1000
+    assert lru2.stats()["too_big"] == 1
+
+
+def test_lru_only_caches_verified_bytes():
+    inner = DictStore({b"b/k": b"corrupt!"})
+    lru = LRUCache(inner, max_bytes=1000)
+    with pytest.raises(CorruptBlock):
+        with lru.read(b"b/k", Expect(8, checksum(b"intact!!"))):
+            pass
+    assert lru.stats()["resident_items"] == 0
+    inner.data[b"b/k"] = b"intact!!"
+    with lru.read(b"b/k", Expect(8, checksum(b"intact!!"))) as buf:
+        assert buf == b"intact!!"
+
+
+def test_lru_single_flight():
+    inner = DictStore({b"b/k": b"v" * 10}, delay_s=0.2)
+    lru = LRUCache(inner, max_bytes=1000)
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(lru.get(b"b/k"))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == [b"v" * 10] * 6 and inner.reads == 1
+
+
+def test_build_block_store_from_settings(tmp_path):
+    from services.bank_server.settings import BankServerSettings
+    env = acquire_env(tmp_path / "db", 1 << 24, readonly=False)
+    with env.begin(write=True) as txn:
+        txn.put(b"b/x/v/1/0", b"abc")
+    release_env(env)
+    store = LMDBStore(tmp_path / "db", 1 << 24)
+    plain = build_block_store(BankServerSettings(lmdb_path=tmp_path / "db"), store)
+    assert plain is store
+    lru = build_block_store(BankServerSettings(lmdb_path=tmp_path / "db", lru_mb=1), store)
+    assert isinstance(lru, LRUCache) and lru.inner is store and lru.max_bytes == 1 << 20
+    assert [t.name for t in tiers(lru)] == ["lru", "lmdb"]
+    assert lru.get(b"b/x/v/1/0") == b"abc"
+    assert [s["tier"] for s in tier_stats(lru)] == ["lru", "lmdb"]
+    store.close()
+
+
+# -- circuit breaker ------------------------------------------------------------------------------
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr(cache_mod.time, "monotonic", c)
+    return c
+
+
+def test_breaker_opens_on_error_and_probes_once(clock):
+    b = CircuitBreaker(retry_after_s=1.0, max_retry_after_s=4.0)
+    assert b.allow() and b.state == "closed"
+    b.failure(ConnectionError("down"))
+    assert b.state == "open" and not b.allow()
+    clock.t += 1.0
+    assert b.allow()                  # the probe
+    assert b.state == "half-open" and not b.allow() and not b.allow()   # only one probe
+    b.failure(ConnectionError("still down"))
+    assert b.state == "open"
+    clock.t += 1.5
+    assert not b.allow()              # backed off to 2 s
+    clock.t += 0.5
+    assert b.allow()
+    b.success()
+    assert b.state == "closed" and b.allow() and b.allow()
+    assert b.opens == 1
+
+
+def test_breaker_backoff_is_capped(clock):
+    b = CircuitBreaker(retry_after_s=1.0, max_retry_after_s=4.0)
+    b.failure(OSError())
+    for _ in range(6):
+        clock.t += 4.0
+        assert b.allow()
+        b.failure(OSError())
+    clock.t += 4.0
+    assert b.allow()
+
+
+def test_breaker_opens_after_consecutive_slow_calls(clock):
+    b = CircuitBreaker(retry_after_s=1.0, slow_calls=3)
+    b.success(slow=True)
+    b.success(slow=True)
+    b.success()                       # a fast call resets the streak
+    b.success(slow=True)
+    b.success(slow=True)
+    assert b.state == "closed"
+    b.success(slow=True)
+    assert b.state == "open"
+    clock.t += 1.0
+    assert b.allow()
+    b.success(slow=True)              # a slow probe re-opens at once
+    assert b.state == "open"
+
+
+# -- LMDB store -----------------------------------------------------------------------------------
+@pytest.fixture
+def db(tmp_path):
+    env = acquire_env(tmp_path / "db", 1 << 26, readonly=False)
+    with env.begin(write=True) as txn:
+        txn.put(b"b/x/v/1/0", b"a" * (1 << 20))
+        txn.put(b"b/x/v/1/1", b"bb")
+    release_env(env)
+    return tmp_path / "db"
+
+
+def test_lmdb_read_is_zero_copy_and_verified(db):
+    with LMDBStore(db, 1 << 26) as store:
+        big = b"a" * (1 << 20)
+        with store.read(b"b/x/v/1/0", expect(big)) as buf:
+            assert isinstance(buf, memoryview) and buf.readonly and buf == big
+        with store.read(b"b/x/v/1/9") as buf:
+            assert buf is None
+        with pytest.raises(CorruptBlock):
+            with store.read(b"b/x/v/1/1", expect(b"bc")):
+                pass
+        assert store.get(b"b/x/v/1/1") == b"bb"
+        s = store.stats()
+        assert (s["reads"], s["hits"], s["misses"], s["corrupt"]) == (3, 2, 1, 1)
+        assert s["file_bytes"] > 1 << 20 and 0.0 <= s["resident_fraction"] <= 1.0
+
+
+def test_one_environment_per_process(db):
+    a = LMDBStore(db, 1 << 26)
+    b = LMDBStore(db, 1 << 26)
+    assert a.env is b.env
+    with pytest.raises(RuntimeError, match="read-only"):
+        acquire_env(db, 1 << 26, readonly=False)
+    a.close()
+    assert b.get(b"b/x/v/1/1") == b"bb"       # b's handle survives a's close
+    b.close()
+    env = acquire_env(db, 1 << 26, readonly=False)   # all closed: a writer may open it
+    release_env(env)
+
+
+def test_page_cache_residency(db):
+    r = page_cache_residency(db / "data.mdb")
+    assert r is None or 0.0 <= r <= 1.0
+
+
+def test_breaker_ignores_calls_that_began_before_it_opened(clock):
+    b = CircuitBreaker(retry_after_s=1.0, max_retry_after_s=8.0)
+    b.failure(OSError("one in-flight call fails"))
+    b.failure(OSError("three more, begun before it opened"))
+    b.failure(OSError())
+    b.success()                       # a late answer from before the outage: still open
+    assert b.state == "open" and b.opens == 1
+    clock.t += 1.0                    # backoff not doubled by the stale failures
+    assert b.allow()

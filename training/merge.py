@@ -1,0 +1,103 @@
+"""Merge frozen-anchor subtree jobs into one bank (PAPER.md section 6).
+
+With the anchor frozen, the level-1 subtrees share no trainable memory: a sequence routed into
+subtree s fetches only blocks under level-1 node s, and those are a contiguous row range per
+level (node ids below s at level l are s*k^(l-1) .. (s+1)*k^(l-1) - 1). So training runs as one
+independent job per subtree, each holding and saving only its rows:
+
+    membank train --config demo --out runs/base                       # anchor (+ co-training)
+    membank train --config demo --out runs/sub0 --set init_from=runs/base \\
+        --set anchor_steps=0 --set cotrain_steps=0 --set frozen_steps=300 --set subtree=0
+    ...                                                                 # one job per subtree
+    membank merge --out runs/merged runs/sub0 runs/sub1 ...
+
+The merge starts from the base checkpoint the jobs started from (their `init_from`, or --base),
+copies each job's rows over it, and writes a checkpoint and an export. Subtrees without a job
+keep the base's blocks; the generic memory is the base's (subtree jobs do not train it). It
+refuses jobs from another config, other data, another base anchor, unfinished jobs, and two
+jobs for the same subtree.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from membank import artifacts
+from membank.config import Config
+from membank.model import Transformer
+from membank.router import Router
+from training import checkpoint
+from training.prepare import DATA_FILES
+
+
+def merge(jobs: list[str | Path], out: str | Path, base: str | Path | None = None, log=print) -> Path:
+    """Merge subtree jobs (run directories or checkpoints); returns the export directory."""
+    if not jobs:
+        raise ValueError("merge needs at least one subtree job")
+    loaded = [(p, *checkpoint.load(p)) for p in map(checkpoint.resolve, jobs)]
+    first = loaded[0][2]
+    base_path = checkpoint.resolve(base if base is not None else first["train"]["init_from"])
+    base_tensors, base_state = checkpoint.load(base_path)
+
+    seen: dict[int, Path] = {}
+    for path, tensors, state in loaded:
+        subtree = state.get("subtree")
+        if subtree is None:
+            raise ValueError(f"{path} is not a subtree job (no subtree in its state)")
+        if subtree in seen:
+            raise ValueError(f"subtree {subtree} comes twice: {seen[subtree]} and {path}")
+        seen[subtree] = path
+        if state["phase_index"] < len(state["phases"]):
+            raise ValueError(f"subtree job {path} has not finished (step {state['global_step']})")
+        checkpoint.check_same_config(path, state["config"], base_state["config"])
+        if state["data"] != base_state["data"]:
+            raise ValueError(f"subtree job {path} was trained on other data than the base {base_path}")
+        for key, t in base_tensors.items():
+            if key.startswith("model.") and not torch.equal(tensors[key], t):
+                raise ValueError(f"subtree job {path} has another anchor than the base {base_path} ({key})")
+
+    merged = {k: v.clone() for k, v in base_tensors.items() if k.startswith(("model.", "generic"))}
+    n_levels = len(base_state["config"]["memory"]["ranks"])
+    for l in range(n_levels):
+        key = f"bank.level{l + 1}"
+        level = base_tensors[key].clone()
+        if base_state["bank_offsets"][l] != 0:
+            raise ValueError(f"base {base_path} holds only part of the bank (a subtree job?)")
+        for path, tensors, state in loaded:
+            rows, offset = tensors[key], state["bank_offsets"][l]
+            level[offset:offset + rows.shape[0]] = rows
+        merged[key] = level
+    log(f"merged subtrees {sorted(seen)} over base {base_path}")
+
+    out = Path(out)
+    state = {k: base_state[k] for k in ("config", "train", "data")}
+    state.update({"phases": [], "phase_index": 0, "phase_step": 0, "global_step": base_state["global_step"],
+                  "sampler": {"epoch": 0, "pos": 0}, "bank_offsets": [0] * n_levels, "subtree": None,
+                  "losses": {f"subtree{st['subtree']}": sum(st["losses"].values(), []) for _, _, st in loaded},
+                  "optimizer": {"dense": None, "bank": None}, "merged": {str(s): str(p) for s, p in seen.items()}})
+    checkpoint.save(out / "ckpt" / "merged", merged, state)
+
+    base_run = base_path.parent.parent
+    for name in DATA_FILES:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(base_run / name, out / name)
+    return export_checkpoint(out / "ckpt" / "merged", out / "export", out)
+
+
+def export_checkpoint(ckpt: Path, export_dir: Path, run_dir: Path) -> Path:
+    """Export a checkpoint's anchor, bank and generic memory with the run's tokenizer and router."""
+    from training.export import export
+
+    tensors, state = checkpoint.load(ckpt)
+    config = Config.from_dict(state["config"])
+    model = Transformer(config)
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
+                          strict=False)
+    levels = [tensors[f"bank.level{l + 1}"] for l in range(config.memory.depth)]
+    train = state["train"]
+    export(export_dir, config, model, levels, run_dir / artifacts.TOKENIZER,
+           Router.load(run_dir / artifacts.ROUTER), bank_id=train["bank"], version=train["version"],
+           generic=tensors.get("generic"))
+    return export_dir
