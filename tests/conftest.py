@@ -11,10 +11,8 @@ Run: `.venv/bin/python -m pytest -q tests/unit tests/integration`
 """
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -40,7 +40,6 @@ import argparse
 import json
 import logging
 import mmap
-import os
 import socket
 import struct
 import sys
@@ -51,7 +50,7 @@ from typing import Iterable, Iterator, Mapping
 from tqdm import tqdm
 
 from membank.blocks import checksum
-from membank.keys import (SHARD_KEY, block_key, block_prefix, current_key, manifest_key,
+from membank.keys import (SHARD_KEY, block_key, current_key, manifest_key,
                           parse_block_key, version_info_key)
 from membank.manifest import Manifest
 from membank.placement import shard_blocks

@@ -26,7 +26,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.bank_server import admin as admin_http
-from services.bank_server.cache import RedisCachedStore
 from services.bank_server.control import ADMIN_SERVICE_NAME, add_control_services
 from services.bank_server.metrics import ServerMetrics
 from services.bank_server.publish import publish

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import grpc
 
 from membank import wire
-from membank.blocks import checksum
 from membank.keys import block_key
 from membank.manifest import Manifest
 from membank.v1 import bank_pb2

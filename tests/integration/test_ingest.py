@@ -105,7 +105,6 @@ def test_cli(tiny_export, tmp_path, capsys):
 # -- shards, streaming, resume ------------------------------------------------------------------
 from membank.blocks import checksum  # noqa: E402
 from membank.keys import SHARD_KEY, version_info_key  # noqa: E402,F811
-from membank.manifest import Manifest  # noqa: E402
 from membank.placement import shard_blocks  # noqa: E402
 from services.bank_server.ingest import gc, ingest_stream  # noqa: E402
 

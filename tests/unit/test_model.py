@@ -1,7 +1,6 @@
 """The anchor model and its FFN memories (membank/model.py, membank/memory.py)."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from membank.blocks import checksum, tensor_from_buffer, tensor_to_bytes
 from membank.config import Config, get_preset
