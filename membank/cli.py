@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 
 def cmd_train(args) -> None:
@@ -63,7 +64,9 @@ def cmd_generate(args) -> None:
     from services.model_client.memory_model import MemoryModel
 
     model = MemoryModel.from_pretrained(args.model)
-    bank = BankClient(args.bank, timeout_s=args.timeout) if args.bank else None
+    token = Path(args.token_file).read_text().strip() if args.token_file else None  # never on argv
+    bank = BankClient(args.bank, timeout_s=args.timeout, token=token, tls_ca=args.tls_ca) \
+        if args.bank else None
     try:
         kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
         result = model.generate(args.prompt, bank=bank, use_memory=not args.no_memory, **kw)
@@ -154,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--top-k", type=int, default=0)
     s.add_argument("--timeout", type=float, default=5.0, help="bank deadline in seconds")
+    s.add_argument("--token-file", default=None, help="file holding the bank's read token")
+    s.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to verify a TLS bank")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=cmd_generate)
 

@@ -73,3 +73,14 @@ def test_bad_input_gets_one_line_errors(trained):
     assert r.returncode == 2 and "empty prompt" in r.stderr and "Traceback" not in r.stderr
     r = membank("train", "--config", "nope", "--out", "/tmp/never")
     assert r.returncode == 2 and "unknown config" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_generate_authenticates_with_a_token_file(trained, tmp_path):
+    export, lmdb = trained
+    token = tmp_path / "token"
+    token.write_text("s3cret-read-token\n")
+    with run_bank_server(lmdb, "--auth-token-file", str(token), log_path=tmp_path / "server.log") \
+            as (address, _):
+        assert generate(export, "--bank", address, "--token-file", str(token))["memory"] is True
+        refused = generate(export, "--bank", address)
+    assert refused["memory"] is False and "UNAUTHENTICATED" in refused["anchor_only_reason"]
