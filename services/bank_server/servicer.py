@@ -169,18 +169,6 @@ class BankServicer:
         except CorruptBlock:
             raise DataLoss(f"{where} fails its manifest checksum") from None
 
-    def _read_verified(self, manifest: Manifest, level: int, node: int) -> bytes:
-        """One block as verified bytes (a copy; the fetch path uses _read_chunks)."""
-        key = block_key(manifest.bank, manifest.block_version, level, node)
-        where = f"block ({level}, {node}) of {manifest.bank}/{manifest.version}"
-        try:
-            with read_from(self.blocks, key, Expect(manifest.block_nbytes(level),
-                                                    manifest.checksum(level, node))) as buf:
-                if buf is None:
-                    raise DataLoss(f"{where} is missing from the store")
-                return bytes(buf)
-        except CorruptBlock:
-            raise DataLoss(f"{where} fails its manifest checksum") from None
     # -- end block reads ------------------------------------------------------------------------
 
 
