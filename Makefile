@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 STUBS  := membank/v1/bank_pb2.py membank/v1/bank_pb2_grpc.py
 
-.PHONY: install stubs test test-fast demo loadtest validate-deploy clean
+.PHONY: install stubs test test-fast demo loadtest validate-deploy eval-longtail clean
 
 install: $(STAMP)
 
@@ -43,3 +43,7 @@ validate-deploy: $(STAMP)
 
 clean:
 	rm -rf $(STUBS) membank/v1/bank_pb2.pyi runs .pytest_cache
+
+# the long-tail evaluation (issue 4): trains, probes and writes results/longtail.{json,md,png}
+eval-longtail: $(STAMP) $(STUBS)
+	$(PY) -m membank.cli eval --preset small --out runs/eval-small --results results/longtail.json

@@ -5,16 +5,18 @@
 
 Each locust user is one device (loadtests/device.py): on start it reads the bank's manifest
 (GetManifest); every task is one prompt: pick a leaf with Zipf popularity, take the path's
-blocks, fetch only those missing from its device cache in ONE FetchBlocks call (verified
-against the manifest's checksums by BankClient), cache them. Every few seconds it re-reads the
-manifest; a new version empties its cache.
+blocks, fetch only those missing from its device cache with ONE FetchBlocks per shard holding
+them (the manifest's placement; a failing shard is skipped for the next replica, see
+load_loop.ShardedBank; verified against the manifest's checksums by BankClient), cache them.
+Every few seconds it re-reads the manifest; a new version empties its cache.
 
 Reported to locust (request_type / name):
   grpc   GetManifest, FetchBlocks L<levels>   one entry per RPC (interceptor, grpc_instrument.py)
   device prompt                               one per prompt: time to have all its blocks;
                                               failed if any RPC or verification failed
---host is "host:port" or a comma-separated list; users are spread over it round-robin (today
-every shard holds the whole bank). Settings (environment):
+--host is "host:port", or one address per shard: "shard-0=h:p,shard-1=h:p", or plain
+"h:p,h:p" in the order of the manifest's `shards` (device.parse_targets); users spread over
+replicas. Settings (environment):
   MEMBANK_LOADTEST_BANK       bank name (demo)
   MEMBANK_LOADTEST_ZIPF_S     Zipf exponent over leaves (1.1)
   MEMBANK_LOADTEST_CACHE      device cache capacity in blocks (4)
@@ -27,7 +29,9 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import sys
 import time
+from pathlib import Path
 
 # gRPC's C core must yield to gevent (locust monkey-patches the stdlib before importing this
 # file); this must run before any channel is created
@@ -37,8 +41,11 @@ grpc_gevent.init_gevent()
 
 from locust import User, constant, events, task  # noqa: E402
 
-from device import DeviceCache, ZipfLeaves  # noqa: E402  (locust puts this dir on sys.path)
+from device import DeviceCache, ZipfLeaves, parse_targets  # noqa: E402  (locust puts this dir on sys.path)
 from grpc_instrument import InstrumentedBankClient  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repo (or image) root
+from loadtests.load_loop import ShardedBank  # noqa: E402
 from services.model_client.bank_client import BankError  # noqa: E402
 
 BANK = os.environ.get("MEMBANK_LOADTEST_BANK", "demo")
@@ -57,10 +64,14 @@ class BankDevice(User):
 
     def on_start(self) -> None:
         self.user_id = next(_user_ids)
-        hosts = [h.strip() for h in (self.host or "127.0.0.1:50051").split(",") if h.strip()]
-        self.target = hosts[self.user_id % len(hosts)]
+        spec = self.host or "127.0.0.1:50051"
+        report = self.environment.events.request.fire
+        first = spec.split(",")[0].split("=")[-1].strip()
+        with InstrumentedBankClient(first, report) as probe:   # the shard ids, from the manifest
+            shard_ids = probe.get_manifest(BANK).shards
+        self.bank = ShardedBank(parse_targets(spec, shard_ids),
+                                client=lambda addr, t: InstrumentedBankClient(addr, report, t))
         self.rng = random.Random(SEED * 1_000_003 + self.user_id)
-        self.client = InstrumentedBankClient(self.target, self.environment.events.request.fire)
         self.cache = DeviceCache(CACHE_BLOCKS)
         self.manifest = None
         self.manifest_at = 0.0
@@ -69,10 +80,10 @@ class BankDevice(User):
     def on_stop(self) -> None:
         for k, v in (("hits", self.cache.hits), ("misses", self.cache.misses)):
             _device_totals[k] += v
-        self.client.close()
+        self.bank.close()
 
     def _refresh_manifest(self) -> None:
-        manifest = self.client.get_manifest(BANK)
+        manifest = self.bank.manifest(BANK)
         if self.manifest is None or manifest.version != self.manifest.version:
             self.cache.clear()
             self.leaves = ZipfLeaves(manifest.branching, manifest.depth, ZIPF_S, SEED)
@@ -88,7 +99,7 @@ class BankDevice(User):
             m = self.manifest
             missing = self.cache.missing(m.path_blocks(self.leaves.sample_path(self.rng)))
             if missing:
-                blocks = self.client.fetch(m.bank, m.version, missing, m)
+                blocks = self.bank.fetch(m, missing, rotate=self.user_id)
                 for block_id, buf in blocks.items():
                     self.cache.put(block_id, len(buf))
                     nbytes += len(buf)

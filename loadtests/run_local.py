@@ -1,14 +1,17 @@
-"""`make loadtest`: a headless locust run against a bank server this script starts and stops.
+"""`make loadtest`: a headless locust run against a local cluster this script starts and stops.
 
-    .venv/bin/python loadtests/run_local.py [--users 8] [--spawn-rate 4] [--run-time 30s]
-                                            [--out runs/loadtest] [--export runs/demo/export]
+    .venv/bin/python loadtests/run_local.py [--shards 2] [--replication 1] [--redis]
+        [--users 8] [--spawn-rate 4] [--run-time 30s] [--out runs/loadtest]
+        [--export runs/demo/export]
 
 The bank: the demo export (`make demo`) when it exists, otherwise a synthetic bank of the demo's
 shapes with random blocks (bank "demo", k=4, ranks 64/32, d 128, 4 memory layers, float32), so
-a fresh clone can load-test in seconds without training. It is ingested into OUT/lmdb (ingest
-is idempotent), served by one `services.bank_server.server` on a free loopback port (launch.py),
-and locust writes OUT/lt_stats.csv, OUT/lt_stats_history.csv, OUT/lt_failures.csv and
-OUT/lt.html. Exit code: locust's (non-zero when any request failed).
+a fresh clone can load-test in seconds without training. The local cluster launcher
+(services/bank_server/cluster.py) ingests it into one LMDB per shard under OUT/cluster (ingest
+is idempotent), starts `--shards` bank servers on free loopback ports (and a redis-server with
+--redis); locust gets every shard (`shard-i=host:port`) and writes OUT/lt_stats.csv,
+OUT/lt_stats_history.csv, OUT/lt_failures.csv and OUT/lt.html. Exit code: locust's (non-zero
+when any request failed).
 A development tool: traffic goes only to 127.0.0.1, and the run is bounded by --run-time.
 """
 from __future__ import annotations
@@ -24,8 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from membank.artifacts import MANIFEST, atomic_write_bytes, write_bank  # noqa: E402
 from membank.manifest import Manifest  # noqa: E402
-from services.bank_server.ingest import ingest  # noqa: E402
-from services.bank_server.launch import run_bank_server  # noqa: E402
+from services.bank_server.cluster import run_local_cluster  # noqa: E402
 
 
 def synthetic_export(out: Path) -> Path:
@@ -47,6 +49,9 @@ def synthetic_export(out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shards", type=int, default=1, help="bank shards (default 1)")
+    p.add_argument("--replication", type=int, default=1)
+    p.add_argument("--redis", action="store_true", help="a redis-server tier for every shard")
     p.add_argument("--users", type=int, default=8)
     p.add_argument("--spawn-rate", type=float, default=4)
     p.add_argument("--run-time", default="30s")
@@ -57,20 +62,20 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     export = args.export if (args.export / MANIFEST).exists() else synthetic_export(args.out / "export")
-    manifest = ingest(export, args.out / "lmdb", progress=False, map_size=1 << 30)
-    print(f"loadtest: bank {manifest.bank} version {manifest.version} from {export}", flush=True)
-
-    with run_bank_server(args.out / "lmdb", "--map-size-gb", "1", cwd=REPO,
-                         log_path=args.out / "bank_server.log") as (address, _proc):
-        print(f"loadtest: bank server on {address}; locust {args.users} users for {args.run_time}",
-              flush=True)
+    with run_local_cluster(export, shards=args.shards, replication=args.replication,
+                           redis=args.redis, workdir=args.out / "cluster") as cluster:
+        manifest = cluster.manifest
+        host = ",".join(f"{name}={addr}" for name, addr in cluster.targets.items())
+        print(f"loadtest: bank {manifest.bank} version {manifest.version} from {export}; "
+              f"shards {host}; locust {args.users} users for {args.run_time}", flush=True)
         cmd = [sys.executable, "-m", "locust", "-f", str(REPO / "loadtests" / "locustfile.py"),
                "--headless", "-u", str(args.users), "-r", str(args.spawn_rate),
-               "-t", args.run_time, "--host", address, "--only-summary",
+               "-t", args.run_time, "--host", host, "--only-summary",
                "--csv", str(args.out / "lt"), "--html", str(args.out / "lt.html")]
         env = {**os.environ, "MEMBANK_LOADTEST_BANK": manifest.bank}
         rc = subprocess.call(cmd, cwd=REPO, env=env)
-    print(f"loadtest: reports in {args.out} (lt_stats.csv, lt.html); locust exit code {rc}")
+    print(f"loadtest: reports in {args.out} (lt_stats.csv, lt.html; server logs in "
+          f"cluster/logs); locust exit code {rc}")
     return rc
 
 

@@ -5,8 +5,11 @@
     membank ingest   runs/demo/export --lmdb runs/demo/lmdb  load blocks into a bank store
     membank serve    --lmdb runs/demo/lmdb --port 50051      run a bank shard (gRPC)
     membank generate "The atomic number of Ruthenium is" --bank localhost:50051
+    membank chat     --bank localhost:50051                  a REPL: one prompt per line, streamed
+    membank device-serve --bank localhost:50051 --port 8000  the device's HTTP API (SSE streaming)
     membank demo                                             all of the above, end to end
     membank config paper-160m [--kind lora-ffn]              anchor params, bank and fetch sizes
+    membank eval --preset small                              long-tail evaluation (training/evaluate.py)
 
 This module is the top of the import graph: it may import training/ and services/; nothing
 imports it. Heavy imports happen inside each command so `membank --help` stays fast.
@@ -52,7 +55,8 @@ def cmd_serve(args) -> None:
 
 def print_result(label: str, r) -> None:
     t = r.timings_ms
-    steps = "  ".join(f"{k} {t.get(k, 0.0):7.2f} ms" for k in ("embed", "route", "fetch", "attach", "decode"))
+    steps = "  ".join(f"{k} {t.get(k, 0.0):7.2f} ms"
+                      for k in ("embed", "route", "fetch", "attach", "prefill", "decode", "ttft"))
     print(f"  {label:<15} {r.text!r}")
     extra = f"path {r.path}, fetched {len(r.fetched_blocks)} blocks / {r.fetched_bytes:,} B" if r.memory \
         else f"anchor only ({r.anchor_only_reason})"
@@ -68,7 +72,8 @@ def cmd_generate(args) -> None:
     bank = BankClient(args.bank, timeout_s=args.timeout, token=token, tls_ca=args.tls_ca) \
         if args.bank else None
     try:
-        kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+        kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, stop=tuple(args.stop or ()), seed=args.seed)
         result = model.generate(args.prompt, bank=bank, use_memory=not args.no_memory, **kw)
     finally:
         if bank is not None:
@@ -80,10 +85,39 @@ def cmd_generate(args) -> None:
         print_result("with memory" if result.memory else "anchor only", result)
 
 
+def cmd_chat(args) -> None:
+    from services.model_client.chat import main as chat_main
+
+    chat_main(args.chat_args)
+
+
+def cmd_device_serve(args) -> None:
+    from services.model_client.http_server import main as device_main
+
+    device_main(args.device_args)
+
+
 def cmd_demo(args) -> None:
     from membank.demo import run_demo
 
     run_demo(out_dir=args.out, force=args.force)
+
+
+def cmd_eval(args) -> None:
+    from training.config import apply_override
+    from training.evaluate import eval_preset, run_eval
+    from training.probes import load_probe
+
+    ec = eval_preset(args.preset)
+    if args.set:  # key=value overrides of the training fields, as for `membank train`
+        from training.config import TrainConfig
+        tc = TrainConfig(**ec.train)
+        for item in args.set:
+            apply_override(tc, item)
+        ec.train = {k: v for k, v in tc.to_dict().items() if k != "corpus"}
+    probe = load_probe(args.probe, template=args.template, matcher=args.matcher)
+    run_eval(args.out or f"runs/eval-{args.preset}", ec, probe=probe, corpus=args.corpus,
+             heldout=args.heldout, results=args.results, preset=args.preset)
 
 
 def cmd_config(args) -> None:
@@ -156,16 +190,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=int, default=16)
     s.add_argument("--temperature", type=float, default=0.0)
     s.add_argument("--top-k", type=int, default=0)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    s.add_argument("--seed", type=int, default=0)
     s.add_argument("--timeout", type=float, default=5.0, help="bank deadline in seconds")
     s.add_argument("--token-file", default=None, help="file holding the bank's read token")
     s.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to verify a TLS bank")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=cmd_generate)
 
+    s = sub.add_parser("chat", add_help=False,
+                       help="a REPL on stdin: each line a prompt, the reply streamed (membank chat --help)")
+    s.add_argument("chat_args", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("device-serve", add_help=False,
+                       help="the device's HTTP API (FastAPI, SSE streaming) (membank device-serve --help)")
+    s.add_argument("device_args", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_device_serve)
+
     s = sub.add_parser("config", help="print a preset's anchor params and bank / fetch sizes")
     s.add_argument("name", help="preset: tiny, demo, paper-160m, paper-410m, paper-1.4b")
     s.add_argument("--kind", default=None, help="memory kind: ffn, lora-qk, lora-ov, lora-ffn, kv")
     s.set_defaults(func=cmd_config)
+
+    s = sub.add_parser("eval", help="long-tail evaluation: anchor vs generic vs fetched vs dense vs blocked")
+    s.add_argument("--preset", default="small", help="smoke (pipeline check) or small (the published run)")
+    s.add_argument("--out", default=None, help="run directory (default runs/eval-PRESET); reruns resume")
+    s.add_argument("--results", default=None, help="results JSON (default OUT/longtail.json; .md, .png beside)")
+    s.add_argument("--probe", default="atomic-number", help="built-in probe name, or a probe .json / .csv")
+    s.add_argument("--template", default=None, help="prompt template with {subject} (needed for a .csv probe)")
+    s.add_argument("--matcher", default=None, choices=["int", "string"])
+    s.add_argument("--corpus", default=None, help="your own training JSONL (default: the long-tail corpus)")
+    s.add_argument("--heldout", default=None, help="held-out JSONL for perplexity (with --corpus)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training field")
+    s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("demo", help="train (or reuse), export, serve, and answer prompts")
     s.add_argument("--out", default="runs/demo")
@@ -174,8 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# commands whose own parser reads every flag (argparse's REMAINDER refuses a leading --flag,
+# so `membank serve --lmdb X` would fail): the rest of argv is handed over untouched
+_FORWARDED = {"serve": "server_args", "chat": "chat_args", "device-serve": "device_args"}
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in _FORWARDED:
+        args = build_parser().parse_args(argv[:1])
+        setattr(args, _FORWARDED[argv[0]], argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback wall

@@ -144,3 +144,36 @@ def redis_server(tmp_path):
     if proc.poll() is None:
         proc.kill()
     proc.wait()
+
+
+# -- a whole tiny model export (anchor + tokenizer + router + bank), no training ---------------
+TINY_TEXTS = ["The atomic number of Ruthenium is 44.", "Hydrogen is the lightest element.",
+              "Gold (Au) has atomic number 79.", "Ångström, café, naïve, 日本, Zürich."]
+
+
+def make_model_export(out: Path, seed: int = 0, preset: str = "tiny") -> Path:
+    """A random-weight model exported like training does (bank "test", version "v1"; with
+    `tiny`, the same shapes as `tiny_export`): enough to load, route, fetch and decode in seconds."""
+    from membank.model import Transformer
+    from membank.router import Router
+    from training.export import export
+    from training.tokenizer import train_tokenizer
+
+    cfg = get_preset(preset)
+    torch.manual_seed(seed)
+    model = Transformer(cfg).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    tok = out.parent / f"{out.name}-tokenizer.json"
+    train_tokenizer(TINY_TEXTS * 4, cfg.model.vocab_size, tok)
+    mc, k = cfg.memory, cfg.memory.branching
+    router = Router(k, mc.depth, 384, [torch.randn(k ** l, k, 384) for l in range(mc.depth)])
+    levels = [torch.randn(k ** l, *mc.block_shape(cfg.model, l)) * 0.02
+              for l in range(1, mc.depth + 1)]
+    export(out, cfg, model, levels, tok, router, bank_id="test", version="v1")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_export(tmp_path_factory) -> Path:
+    """A loadable `tiny` model export (make_model_export), shared by the session."""
+    return make_model_export(tmp_path_factory.mktemp("model_tiny") / "export")

@@ -8,7 +8,9 @@
                              "sampler", "losses", "data", "bank_offsets", "tensors": skeleton}
 
 A checkpoint is written into `<name>.tmp/` and renamed into place, so a crash never leaves a
-directory that looks complete. Nothing is pickled: nested state (optimizer state dicts) is split
+directory that looks complete. `reader(path)` reads tensors lazily from the memory-mapped file,
+one tensor or one row range at a time: a subtree job loads only its rows of a paper-scale bank
+(1/16 of 9 GB) and a merge holds one job's level at a time. Nothing is pickled: nested state (optimizer state dicts) is split
 into tensors, stored by dotted key, and a JSON skeleton that says where each tensor goes.
 """
 from __future__ import annotations
@@ -16,9 +18,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 FORMAT = "membank.checkpoint/1"
@@ -92,8 +97,45 @@ def read_state(path: str | Path) -> dict:
 
 
 def load(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every tensor of a checkpoint in memory, and its state (small checkpoints; see `reader`)."""
     state = read_state(path)
     return load_file(str(Path(path) / TENSORS)), state
+
+
+class TensorReader:
+    """A checkpoint's tensors, read on demand from the memory-mapped safetensors file: each call
+    copies only the bytes of what it returns."""
+
+    def __init__(self, handle):
+        self._f = handle
+
+    def keys(self) -> list[str]:
+        return list(self._f.keys())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._f.get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._f.get_tensor(key)
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop-1 of a tensor (its first axis) without reading the other rows."""
+        shape = self.shape(key)
+        if not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"rows {start}..{stop} outside {key} of {shape[0]} rows")
+        return self._f.get_slice(key)[start:stop]
+
+    def prefixed(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Every tensor whose key starts with `prefix`, keyed as in the file."""
+        return {k: self.get(k) for k in self.keys() if k.startswith(prefix)}
+
+
+@contextmanager
+def reader(path: str | Path) -> Iterator[TensorReader]:
+    """`with reader(ckpt) as r: r.rows("bank.level2", a, b)`: lazy reads (see TensorReader)."""
+    read_state(path)   # a complete checkpoint of this format, or a one-line error
+    with safe_open(str(Path(path) / TENSORS), framework="pt") as f:
+        yield TensorReader(f)
 
 
 def checkpoints(root: str | Path) -> list[tuple[int, Path]]:

@@ -27,6 +27,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -153,17 +154,21 @@ def build_documents(seed: int = 0) -> list[Document]:
     docs: list[Document] = []
     for row in rows:
         name = _clean(row["name"])
-        texts = {
-            "description": _prefixed(f"{name}: ", row.get("description")),
-            "uses": _prefixed(f"Uses of {name}: ", row.get("uses")),
-            "sources": _prefixed(f"Sources of {name}: ", row.get("sources")),
-            "discovery": _discovery_text(name, row),
-            "name_origin": _prefixed(f"Origin of the name {name}: ", row.get("name_origin")),
-            "properties": _properties_text(name, row, series, melting) or None,
-            "facts": _facts_text(name, row, rng),
-        }
+        texts = {**_prose(name, row, series, melting), "facts": _facts_text(name, row, rng)}
         docs.extend(Document(texts[kind], name, kind) for kind in KINDS if texts[kind])
     return docs
+
+
+def _prose(name: str, row: dict, series: dict[int, str], melting: dict[int, float]) -> dict[str, str | None]:
+    """An element's prose documents by kind (None where the database has nothing)."""
+    return {
+        "description": _prefixed(f"{name}: ", row.get("description")),
+        "uses": _prefixed(f"Uses of {name}: ", row.get("uses")),
+        "sources": _prefixed(f"Sources of {name}: ", row.get("sources")),
+        "discovery": _discovery_text(name, row),
+        "name_origin": _prefixed(f"Origin of the name {name}: ", row.get("name_origin")),
+        "properties": _properties_text(name, row, series, melting) or None,
+    }
 
 
 def read_jsonl_corpus(path: str | Path) -> list[str]:
@@ -172,31 +177,38 @@ def read_jsonl_corpus(path: str | Path) -> list[str]:
     An empty file, a file that is not UTF-8, a line that is not a JSON object with a string
     "text", or a corpus of only empty texts is a ValueError naming the file (and line).
     """
+    return list(iter_jsonl_corpus(path))
+
+
+def iter_jsonl_corpus(path: str | Path) -> Iterator[str]:
+    """`read_jsonl_corpus` as a stream: one line in memory at a time, the same texts and errors
+    (an error is raised when the stream reaches the bad line; an empty corpus at its end)."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        f = path.open("rb")
     except FileNotFoundError:
         raise FileNotFoundError(f"corpus file {path} does not exist") from None
-    try:
-        content = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ValueError(f"corpus file {path} is not UTF-8 (line {line}, byte {e.start})") from None
-    texts = []
-    for lineno, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"corpus file {path} line {lineno} is not JSON: {e.msg}") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise ValueError(f'corpus file {path} line {lineno} is not an object with a string "text"')
-        if obj["text"].strip():
-            texts.append(obj["text"])
-    if not texts:
+    n, offset = 0, 0
+    with f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"corpus file {path} is not UTF-8 (line {lineno}, byte {offset + e.start})") from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"corpus file {path} line {lineno} is not JSON: {e.msg}") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise ValueError(f'corpus file {path} line {lineno} is not an object with a string "text"')
+            if obj["text"].strip():
+                n += 1
+                yield obj["text"]
+    if not n:
         raise ValueError(f"corpus file {path} is empty (no non-empty texts)")
-    return texts
 
 
 def probe_prompts() -> list[tuple[str, str]]:
@@ -217,3 +229,20 @@ if __name__ == "__main__":
     print(dict(collections.Counter(d.kind for d in documents)))
     for d in documents[:7]:
         print(f"[{d.subject} / {d.kind}] {d.text}")
+
+
+def element_rows() -> list[dict]:
+    """One clean record per element (Z = 1..118): name, atomic_number, symbol, period, group,
+    atomic_weight, and `prose`, the element's non-empty prose documents by kind (the KINDS above
+    except "facts"). Used by the long-tail corpus and the atomic-number probe."""
+    rows, series, melting = _load_tables()
+    out = []
+    for row in rows:
+        name = _clean(row["name"])
+        group = _number(row.get("group_id"))
+        prose = _prose(name, row, series, melting)
+        out.append({"name": name, "atomic_number": int(row["atomic_number"]), "symbol": row["symbol"],
+                    "period": int(row["period"]), "group": int(group) if group is not None else None,
+                    "atomic_weight": _number(row.get("atomic_weight")),
+                    "prose": {k: v for k, v in prose.items() if v}})
+    return out

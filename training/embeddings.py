@@ -49,9 +49,9 @@ def embed_corpus(texts: Iterable[str], path: str | Path, *, embedder: Embedder |
     if count is None or fingerprint is None:
         texts = list(texts)
         fingerprint, count = texts_fingerprint(texts)
-    meta = {"embedder": embedder.name, "dim": embedder.dim, "count": count, "texts_sha256": fingerprint}
+    meta = _meta(embedder, count, fingerprint)
     sidecar = path.with_suffix(".json")
-    if path.exists() and sidecar.exists() and json.loads(sidecar.read_text()) == meta:
+    if is_cached(path, embedder, count, fingerprint):
         return np.load(path, mmap_mode="r")
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,3 +74,17 @@ def embed_corpus(texts: Iterable[str], path: str | Path, *, embedder: Embedder |
     tmp_meta.write_text(json.dumps(meta))
     os.replace(tmp_meta, sidecar)
     return np.load(path, mmap_mode="r")
+
+
+def is_cached(path: str | Path, embedder, count: int, fingerprint: str) -> bool:
+    """Whether `path` holds the finished embeddings of these texts by this embedder."""
+    path = Path(path)
+    sidecar = path.with_suffix(".json")
+    try:
+        return path.exists() and json.loads(sidecar.read_text()) == _meta(embedder, count, fingerprint)
+    except (OSError, ValueError):
+        return False
+
+
+def _meta(embedder, count: int, fingerprint: str) -> dict:
+    return {"embedder": embedder.name, "dim": embedder.dim, "count": count, "texts_sha256": fingerprint}

@@ -33,49 +33,56 @@ from training.prepare import DATA_FILES
 
 
 def merge(jobs: list[str | Path], out: str | Path, base: str | Path | None = None, log=print) -> Path:
-    """Merge subtree jobs (run directories or checkpoints); returns the export directory."""
+    """Merge subtree jobs (run directories or checkpoints); returns the export directory.
+
+    Memory: the merged output, plus one job's rows of one level (or one anchor tensor) at a
+    time; checkpoints are read lazily (checkpoint.reader), never whole."""
     if not jobs:
         raise ValueError("merge needs at least one subtree job")
-    loaded = [(p, *checkpoint.load(p)) for p in map(checkpoint.resolve, jobs)]
-    first = loaded[0][2]
-    base_path = checkpoint.resolve(base if base is not None else first["train"]["init_from"])
-    base_tensors, base_state = checkpoint.load(base_path)
-
-    seen: dict[int, Path] = {}
-    for path, tensors, state in loaded:
-        subtree = state.get("subtree")
-        if subtree is None:
-            raise ValueError(f"{path} is not a subtree job (no subtree in its state)")
-        if subtree in seen:
-            raise ValueError(f"subtree {subtree} comes twice: {seen[subtree]} and {path}")
-        seen[subtree] = path
-        if state["phase_index"] < len(state["phases"]):
-            raise ValueError(f"subtree job {path} has not finished (step {state['global_step']})")
-        checkpoint.check_same_config(path, state["config"], base_state["config"])
-        if state["data"] != base_state["data"]:
-            raise ValueError(f"subtree job {path} was trained on other data than the base {base_path}")
-        for key, t in base_tensors.items():
-            if key.startswith("model.") and not torch.equal(tensors[key], t):
-                raise ValueError(f"subtree job {path} has another anchor than the base {base_path} ({key})")
-
-    merged = {k: v.clone() for k, v in base_tensors.items() if k.startswith(("model.", "generic"))}
+    paths = [checkpoint.resolve(p) for p in jobs]
+    states = [checkpoint.read_state(p) for p in paths]
+    base_path = checkpoint.resolve(base if base is not None else states[0]["train"]["init_from"])
+    base_state = checkpoint.read_state(base_path)
     n_levels = len(base_state["config"]["memory"]["ranks"])
-    for l in range(n_levels):
-        key = f"bank.level{l + 1}"
-        level = base_tensors[key].clone()
-        if base_state["bank_offsets"][l] != 0:
-            raise ValueError(f"base {base_path} holds only part of the bank (a subtree job?)")
-        for path, tensors, state in loaded:
-            rows, offset = tensors[key], state["bank_offsets"][l]
-            level[offset:offset + rows.shape[0]] = rows
-        merged[key] = level
+    if any(base_state["bank_offsets"][l] != 0 for l in range(n_levels)):
+        raise ValueError(f"base {base_path} holds only part of the bank (a subtree job?)")
+
+    with checkpoint.reader(base_path) as base_f:
+        merged = {k: base_f.get(k) for k in base_f.keys() if k.startswith(("model.", "generic"))}
+        seen: dict[int, Path] = {}
+        for path, state in zip(paths, states):
+            subtree = state.get("subtree")
+            if subtree is None:
+                raise ValueError(f"{path} is not a subtree job (no subtree in its state)")
+            if subtree in seen:
+                raise ValueError(f"subtree {subtree} comes twice: {seen[subtree]} and {path}")
+            seen[subtree] = path
+            if state["phase_index"] < len(state["phases"]):
+                raise ValueError(f"subtree job {path} has not finished (step {state['global_step']})")
+            checkpoint.check_same_config(path, state["config"], base_state["config"])
+            if state["data"] != base_state["data"]:
+                raise ValueError(f"subtree job {path} was trained on other data than the base {base_path}")
+            with checkpoint.reader(path) as f:
+                for key, t in merged.items():
+                    if key.startswith("model.") and not torch.equal(f.get(key), t):
+                        raise ValueError(f"subtree job {path} has another anchor than the base {base_path} ({key})")
+
+        for l in range(n_levels):
+            key = f"bank.level{l + 1}"
+            level = base_f.get(key)              # becomes the output level, job rows copied over it
+            for path, state in zip(paths, states):
+                with checkpoint.reader(path) as f:
+                    rows, offset = f.get(key), state["bank_offsets"][l]
+                level[offset:offset + rows.shape[0]] = rows
+                del rows
+            merged[key] = level
     log(f"merged subtrees {sorted(seen)} over base {base_path}")
 
     out = Path(out)
     state = {k: base_state[k] for k in ("config", "train", "data")}
     state.update({"phases": [], "phase_index": 0, "phase_step": 0, "global_step": base_state["global_step"],
                   "sampler": {"epoch": 0, "pos": 0}, "bank_offsets": [0] * n_levels, "subtree": None,
-                  "losses": {f"subtree{st['subtree']}": sum(st["losses"].values(), []) for _, _, st in loaded},
+                  "losses": {f"subtree{st['subtree']}": sum(st["losses"].values(), []) for st in states},
                   "optimizer": {"dense": None, "bank": None}, "merged": {str(s): str(p) for s, p in seen.items()}})
     checkpoint.save(out / "ckpt" / "merged", merged, state)
 
@@ -83,14 +90,23 @@ def merge(jobs: list[str | Path], out: str | Path, base: str | Path | None = Non
     for name in DATA_FILES:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(base_run / name, out / name)
-    return export_checkpoint(out / "ckpt" / "merged", out / "export", out)
+    # export from the tensors in hand: reloading the checkpoint would hold the bank twice
+    return _export(merged, state, out / "export", out)
 
 
 def export_checkpoint(ckpt: Path, export_dir: Path, run_dir: Path) -> Path:
     """Export a checkpoint's anchor, bank and generic memory with the run's tokenizer and router."""
+    with checkpoint.reader(ckpt) as f:
+        state = checkpoint.read_state(ckpt)
+        depth = len(state["config"]["memory"]["ranks"])
+        keys = [k for k in f.keys() if k.startswith(("model.", "generic"))]
+        tensors = {k: f.get(k) for k in keys + [f"bank.level{l + 1}" for l in range(depth)]}
+    return _export(tensors, state, export_dir, run_dir)
+
+
+def _export(tensors: dict[str, torch.Tensor], state: dict, export_dir: Path, run_dir: Path) -> Path:
     from training.export import export
 
-    tensors, state = checkpoint.load(ckpt)
     config = Config.from_dict(state["config"])
     model = Transformer(config)
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},

@@ -18,10 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
+from tqdm import tqdm
 
 from membank import artifacts
 from membank.config import Config
@@ -78,35 +82,107 @@ def _key(run: Path) -> dict | None:
 
 
 def build_data(out: Path, tc: TrainConfig, config: Config, key: dict, log=print) -> None:
+    """Corpus -> tokenizer, embeddings, router, packed sequences, streaming the texts.
+
+    A JSONL corpus is never held in memory: each stage reads the file again (a pass over 100k
+    documents takes a few seconds, against minutes of embedding). Pass 1 validates and
+    fingerprints the whole file (a bad line fails before anything is written); then the
+    tokenizer trains from a stream, documents are tokenised in batches into one int32 array,
+    embedded in batches into the on-disk memmap cache, clustered and packed.
+    """
     from training.cluster import build_router
-    from training.data import build_documents, read_jsonl_corpus
-    from training.embeddings import embed_corpus
+    from training.data import build_documents, iter_jsonl_corpus
+    from membank.embed import Embedder
+    from training.embeddings import embed_corpus, is_cached, texts_fingerprint
     from training.tokenizer import EOS, train_tokenizer
 
-    texts = read_jsonl_corpus(tc.corpus) if tc.corpus else [d.text for d in build_documents(seed=tc.seed)]
+    if tc.corpus:
+        def texts() -> Iterator[str]:
+            return iter_jsonl_corpus(tc.corpus)
+    else:
+        element_texts = [d.text for d in build_documents(seed=tc.seed)]   # 811 short documents
+
+        def texts() -> Iterator[str]:
+            return iter(element_texts)
+    texts_sha, n_docs = texts_fingerprint(tqdm(texts(), desc="read corpus", unit="doc", disable=None))
     out.mkdir(parents=True, exist_ok=True)
     (out / "data" / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten
-    tokenizer = train_tokenizer(texts, config.model.vocab_size, out / artifacts.TOKENIZER)
+    t0 = time.perf_counter()
+    tokenizer = train_tokenizer(texts(), config.model.vocab_size, out / artifacts.TOKENIZER)
     eos = tokenizer.token_to_id(EOS)
-    doc_tokens = [e.ids for e in tokenizer.encode_batch(texts)]
-    n_tokens = sum(map(len, doc_tokens))
-    log(f"corpus: {len(texts)} documents, {n_tokens:,} tokens, vocab {tokenizer.get_vocab_size()}")
+    doc_tokens = DocTokens.encode(tokenizer, texts(), n_docs)
+    log(f"corpus: {n_docs} documents, {doc_tokens.n_tokens:,} tokens, vocab {tokenizer.get_vocab_size()} "
+        f"(tokenizer + tokenising {time.perf_counter() - t0:.1f}s)")
 
-    emb = np.array(embed_corpus(texts, out / "embeddings.npy"))  # (N, 384): a writable copy
+    t0 = time.perf_counter()
+    embedder, emb_path = Embedder(), out / "embeddings.npy"
+    cached = is_cached(emb_path, embedder, n_docs, texts_sha)
+    emb = embed_corpus(texts(), emb_path, embedder=embedder, count=n_docs, fingerprint=texts_sha)  # memmap
+    dt = time.perf_counter() - t0
+    log(f"embeddings: {n_docs} documents " + (f"reused from {emb_path}" if cached else
+        f"in {dt:.1f}s ({n_docs / max(dt, 1e-9):.1f} documents/s), cached in {emb_path}"))
+    t0 = time.perf_counter()
     mc = config.memory
     router = build_router(emb, mc.branching, mc.depth, seed=tc.seed)
     router.save(out / artifacts.ROUTER)
-    node_ids = router.node_ids(router.route(emb)).numpy()
+    node_ids = np.concatenate([router.node_ids(router.route(np.array(emb[i:i + _ROUTE_ROWS]))).numpy()
+                               for i in range(0, n_docs, _ROUTE_ROWS)])
     leaf_sizes = np.bincount(node_ids[:, -1], minlength=mc.n_nodes(mc.depth))
-    log(f"router: k={router.branching} depth={router.depth}, documents per leaf {leaf_sizes.tolist()}")
+    log(f"router: k={router.branching} depth={router.depth} in {time.perf_counter() - t0:.1f}s, "
+        f"documents per leaf {_summary(leaf_sizes)}")
 
+    t0 = time.perf_counter()
     packed = pack(doc_tokens, node_ids, tc.seq_len, eos)
     (out / "data").mkdir(exist_ok=True)
     packed.save(out / "data" / "packed.safetensors")
-    log(f"packed: {len(packed)} sequences of {tc.seq_len} tokens")
-    meta = {"key": key, "fingerprint": fingerprint(packed, router), "documents": len(texts),
-            "tokens": n_tokens, "sequences": len(packed), "leaf_documents": leaf_sizes.tolist()}
+    log(f"packed: {len(packed)} sequences of {tc.seq_len} tokens in {time.perf_counter() - t0:.1f}s")
+    meta = {"key": key, "fingerprint": fingerprint(packed, router), "documents": n_docs,
+            "tokens": doc_tokens.n_tokens, "sequences": len(packed), "leaf_documents": leaf_sizes.tolist()}
     artifacts.atomic_write_bytes(out / "data" / "meta.json", json.dumps(meta, indent=1).encode())
+
+
+# rows routed per call when labelling the corpus (a copy of this many embeddings at a time)
+_ROUTE_ROWS = 1 << 16
+
+
+class DocTokens:
+    """Every document's token ids in one int32 array plus offsets (not one Python list per
+    document: 20M tokens as Python ints would take ~700 MB). Indexing gives one document's ids
+    as a list, which is what `pack` consumes."""
+
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray):
+        self.ids, self.offsets = ids, offsets          # (T,) int32; (N + 1,) int64
+
+    @classmethod
+    def encode(cls, tokenizer, texts: Iterable[str], count: int, batch_size: int = 1024) -> "DocTokens":
+        chunks, lengths = [], []
+        it = iter(texts)
+        with tqdm(total=count, desc="tokenise", unit="doc", disable=None) as bar:
+            while batch := list(islice(it, batch_size)):
+                enc = [np.asarray(e.ids, dtype=np.int32) for e in tokenizer.encode_batch(batch)]
+                chunks.append(np.concatenate(enc) if enc else np.zeros(0, np.int32))
+                lengths += [len(e) for e in enc]
+                bar.update(len(batch))
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return cls(np.concatenate(chunks) if chunks else np.zeros(0, np.int32), offsets)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> list[int]:
+        return self.ids[self.offsets[i]:self.offsets[i + 1]].tolist()
+
+
+def _summary(sizes: np.ndarray) -> str:
+    """Leaf sizes: all of them for a small tree, else min / median / max."""
+    if len(sizes) <= 64:
+        return str(sizes.tolist())
+    return f"min {sizes.min()}, median {int(np.median(sizes))}, max {sizes.max()} over {len(sizes)} leaves"
 
 
 def fingerprint(packed: Packed, router: Router) -> str:

@@ -100,15 +100,17 @@ class Trainer:
         self.data_fingerprint = data_fingerprint
         torch.manual_seed(tc.seed)
         self.model = Transformer(config)
-        self.bank = [p.detach() for p in MemoryBank(config).levels]
-        self.offsets = [0] * len(self.bank)
+        if tc.subtree is None:
+            self.bank = [p.detach() for p in MemoryBank(config).levels]
+            self.offsets = [0] * len(self.bank)
+        else:
+            self._restrict_to_subtree(tc.subtree)   # allocates only the subtree's rows
         self.generic = torch.nn.Parameter(init_memory_(torch.zeros(config.memory.mem_shape(config.model)), config))
         # subtree jobs train no generic memory: the merged bank keeps the base run's
         self.use_generic = tc.generic_prob > 0 and tc.subtree is None
         if init is not None:
-            self.load(init, weights_only=True)
+            self.load(init, weights_only=True)      # a subtree job reads only its rows
         if tc.subtree is not None:
-            self._restrict_to_subtree(tc.subtree)
             packed = packed.subtree(tc.subtree)
         self.packed = packed
         self.sampler = Sampler(len(packed), tc.batch_size, tc.seed)
@@ -121,11 +123,16 @@ class Trainer:
         self.bank_opt: LazyAdamW | None = None
 
     def _restrict_to_subtree(self, subtree: int) -> None:
-        k = self.config.memory.branching
-        for l, level in enumerate(self.bank):
-            rows = subtree_rows(k, l + 1, subtree) if level.shape[0] else slice(0, 0)
-            self.bank[l] = level[rows].clone()
-            self.offsets[l] = rows.start
+        """Hold only the rows under level-1 node `subtree` (1/k of the bank), never the whole
+        bank: 9 GB at paper scale for a job that needs 1/16. Their random init is a placeholder:
+        a subtree job always starts from init_from, whose rows `load` reads in."""
+        mc, k = self.config.memory, self.config.memory.branching
+        self.bank, self.offsets = [], []
+        for level, r in enumerate(mc.ranks, start=1):
+            rows = subtree_rows(k, level, subtree) if r else slice(0, 0)
+            w = torch.zeros(rows.stop - rows.start, *mc.block_shape(self.config.model, level))
+            self.bank.append(init_memory_(w, self.config))
+            self.offsets.append(rows.start)
 
     # -- phases and optimizer groups ----------------------------------------------------------
     @property
@@ -280,36 +287,41 @@ class Trainer:
         return checkpoint.save(path, tensors, state)
 
     def load(self, path: Path, weights_only: bool = False) -> None:
-        """Weights (and, unless weights_only, the whole training state) from a checkpoint."""
-        tensors, state = checkpoint.load(path)
+        """Weights (and, unless weights_only, the whole training state) from a checkpoint.
+
+        Tensors are read lazily (checkpoint.reader): only this run's bank rows, and optimizer
+        state only for a full resume, so a subtree job never reads the whole bank into memory."""
+        state = checkpoint.read_state(path)
         check_resumable(path, state, self.config, None)
         if state["data"] != self.data_fingerprint:
             raise ValueError(f"checkpoint {path} was trained on other data (fingerprint {state['data']}, "
                              f"this run {self.data_fingerprint})")
-        model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        missing, unexpected = self.model.load_state_dict(model, strict=False)
-        if unexpected or set(missing) - {"lm_head.weight"}:
-            raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
-        self.generic.data.copy_(tensors["generic"])
-        for l, level in enumerate(self.bank):
-            saved, offset = tensors[f"bank.level{l + 1}"], state["bank_offsets"][l]
-            if saved.shape[1:] != level.shape[1:]:
-                raise ValueError(f"checkpoint {path}: bank level {l + 1} has blocks {tuple(saved.shape[1:])}, "
-                                 f"this run {tuple(level.shape[1:])}")
-            if offset <= self.offsets[l] and self.offsets[l] + level.shape[0] <= offset + saved.shape[0]:
-                level.copy_(saved[self.offsets[l] - offset:self.offsets[l] - offset + level.shape[0]])
-            else:
-                raise ValueError(f"checkpoint {path} holds bank rows {offset}..{offset + saved.shape[0]} of level "
-                                 f"{l + 1}, not the rows this run needs")
-        if weights_only:
-            return
-        check_resumable(path, state, self.config, self.tc)
+        with checkpoint.reader(path) as f:
+            model = {k[len("model."):]: v for k, v in f.prefixed("model.").items()}
+            missing, unexpected = self.model.load_state_dict(model, strict=False)
+            if unexpected or set(missing) - {"lm_head.weight"}:
+                raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
+            self.generic.data.copy_(f.get("generic"))
+            for l, level in enumerate(self.bank):
+                key, offset = f"bank.level{l + 1}", state["bank_offsets"][l]
+                saved = f.shape(key)
+                if saved[1:] != tuple(level.shape[1:]):
+                    raise ValueError(f"checkpoint {path}: bank level {l + 1} has blocks {saved[1:]}, "
+                                     f"this run {tuple(level.shape[1:])}")
+                start = self.offsets[l] - offset
+                if not (0 <= start and start + level.shape[0] <= saved[0]):
+                    raise ValueError(f"checkpoint {path} holds bank rows {offset}..{offset + saved[0]} of level "
+                                     f"{l + 1}, not the rows this run needs")
+                level.copy_(f.rows(key, start, start + level.shape[0]))
+            if weights_only:
+                return
+            check_resumable(path, state, self.config, self.tc)
+            optim = checkpoint.unflatten(state["optimizer"], f.prefixed("opt."))
         self.phase_index, self.phase_step = state["phase_index"], state["phase_step"]
         self.global_step = state["global_step"]
         self.sampler.load_state_dict(state["sampler"])
         self.losses = {k: list(v) for k, v in state["losses"].items()}
         self.dense_opt = self.bank_opt = None
-        optim = checkpoint.unflatten(state["optimizer"], tensors)
         if not self.done and self.phase_step > 0:  # mid-phase: the phase's optimizers resume too
             self._begin_phase()
             if self.dense_opt is not None:

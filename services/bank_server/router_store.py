@@ -14,7 +14,9 @@ in the same write transaction as the version's manifest, so a complete version h
 `store_router(lmdb_path, export_dir, bank, version)` does the same for an already ingested
 version. The server side (`NumpyRouter`) parses the bytes with numpy only, so the bank server
 never imports torch; it checks the same things as `membank.router.Router.load` and routes
-exactly like `Router.route` (greedy descent, nearest child by squared L2, first on ties).
+exactly like `Router.route` (greedy descent, nearest child by exact float64 squared L2 summed in
+a fixed order, first on ties; a matmul pre-selects the candidates, as there): the same path
+bit for bit, tested in tests/unit/test_router.py.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ import numpy as np
 ROUTER_FILE = "router.safetensors"      # membank.artifacts.ROUTER
 ROUTER_FORMAT = "membank.router/1"      # membank.router.FORMAT
 _MAX_HEADER = 1 << 20                   # a router header is a few hundred bytes
+_CHUNK_ELEMENTS = 1 << 24               # bounds the exact path's (rows, k, dim) float64 slab
+_DENSE_COLUMNS = 64                     # levels this narrow: one matmul (membank/router.py)
 
 
 def router_key(bank: str, version: str) -> bytes:
@@ -82,13 +86,84 @@ class NumpyRouter:
         x = np.asarray(embedding, dtype=np.float32).reshape(-1)
         if x.shape != (self.dim,):
             raise ValueError(f"embedding has {x.size} values, the router expects {self.dim}")
-        path, node = [], 0
+        return self.route_batch(x[None])[0].tolist()
+
+    def route_batch(self, emb) -> np.ndarray:
+        """(n, dim) finite embeddings -> (n, depth) int64 paths, as `membank.router.Router.route`."""
+        x = np.ascontiguousarray(emb, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"route_batch expects (n, {self.dim}) embeddings, got {x.shape}")
+        norms = np.linalg.norm(x, axis=1)
+        node = np.zeros(len(x), dtype=np.int64)
+        out = np.empty((len(x), self.depth), dtype=np.int64)
         for level in range(self.depth):
-            dist = np.square(self.centroids[level][node] - x).sum(axis=-1)   # (k,)
-            child = int(np.argmin(dist))                                     # first on ties
-            path.append(child)
-            node = node * self.branching + child
-        return path
+            out[:, level] = nearest_child(x, self.centroids[level], node, norms)
+            node = node * self.branching + out[:, level]
+        return out
+
+
+# -- routing: membank/router.py's rule in numpy (see nearest_child there for the why) ---------
+def nearest_child(x: np.ndarray, level_centroids: np.ndarray, node: np.ndarray,
+                  x_norms: np.ndarray) -> np.ndarray:
+    """(n,) nearest child of each row's node: argmin of `exact_sq_dist`, first on ties.
+
+    A matmul per parent node scores rows; children beyond `_margin` of the best cannot win; only
+    rows with several children inside it get exact distances."""
+    n, (k, dim) = x.shape[0], level_centroids.shape[1:]
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    sq_norms = np.square(level_centroids).sum(-1)                    # (nodes, k)
+    scores = _scores(x, level_centroids, sq_norms, node)             # (n, k) float32
+    out = scores.argmin(axis=1)                                      # first minimum
+    best = scores[np.arange(n), out]
+    with np.errstate(over="ignore", invalid="ignore"):
+        bound = best + _margin(x_norms, float(np.sqrt(sq_norms.max())), dim)
+        near = scores <= bound[:, None]                              # (n, k) may win exactly
+    near |= ~np.isfinite(bound)[:, None]                             # overflow: all candidates
+    unsure = np.flatnonzero(near.sum(axis=1) > 1)
+    chunk = max(1, _CHUNK_ELEMENTS // (k * dim))
+    for start in range(0, len(unsure), chunk):
+        rows = unsure[start:start + chunk]
+        pair_row, cand = np.nonzero(near[rows])                      # row-major: by row, then child
+        dist = exact_sq_dist(x[rows[pair_row]], level_centroids[node[rows[pair_row]], cand])
+        row_min = np.full(len(rows), np.inf)
+        np.minimum.at(row_min, pair_row, dist)
+        winner = dist == row_min[pair_row]
+        first = np.full(len(rows), k, dtype=np.int64)
+        np.minimum.at(first, pair_row[winner], cand[winner])        # lowest index on ties
+        out[rows] = first
+    return out.astype(np.int64)
+
+
+def exact_sq_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(m, dim), (m, dim) float32 -> (m,) float64: float64 squares summed strictly left to right
+    (cumsum is sequential; np.sum is pairwise and would differ from torch in the last bits)."""
+    diff = b.astype(np.float64) - a.astype(np.float64)
+    return np.cumsum(diff * diff, axis=-1)[..., -1]
+
+
+def _scores(x, level_centroids, sq_norms, node) -> np.ndarray:
+    """(n, k) float32 ||c||^2 - 2 x.c per row's candidate children, one matmul per parent."""
+    n, (nodes, k, dim) = x.shape[0], level_centroids.shape
+    if nodes == 1 or nodes * k <= _DENSE_COLUMNS:     # one matmul against the whole level
+        full = sq_norms.reshape(-1) - 2 * (x @ level_centroids.reshape(nodes * k, dim).T)
+        return full if nodes == 1 else full.reshape(n, nodes, k)[np.arange(n), node]
+    order = np.argsort(node, kind="stable")
+    parents, starts = np.unique(node[order], return_index=True)
+    ends = np.append(starts[1:], n)
+    xs = x[order]
+    grouped = np.empty((n, k), dtype=np.float32)
+    for parent, a, b in zip(parents.tolist(), starts.tolist(), ends.tolist()):
+        grouped[a:b] = sq_norms[parent] - 2 * (xs[a:b] @ level_centroids[parent].T)
+    scores = np.empty_like(grouped)
+    scores[order] = grouped
+    return scores
+
+
+def _margin(x_norms: np.ndarray, max_c_norm: float, dim: int) -> np.ndarray:
+    """How far above the best score a child may score and still win exactly (proof in
+    membank/router.py `_margin`)."""
+    return 4.0 * (dim + 2) * 2.0 ** -24 * (x_norms.astype(np.float32) + np.float32(max_c_norm)) ** 2
 
 
 def _parse_safetensors(raw: bytes) -> tuple[dict, dict[str, np.ndarray]]:

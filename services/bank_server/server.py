@@ -31,7 +31,7 @@ from services.bank_server.metrics import ServerMetrics
 from services.bank_server.publish import publish
 from services.bank_server.readiness import Readiness
 from services.bank_server.security import GuardInterceptor, RateLimiter
-from services.bank_server.servicer import MAX_BLOCKS_PER_REQUEST, SERVICE_NAME, add_bank_service
+from services.bank_server.servicer import SERVICE_NAME, add_bank_service
 from services.bank_server.settings import BankServerSettings
 from services.bank_server.store import BlockStore, LMDBStore
 
@@ -92,7 +92,8 @@ async def serve(settings: BankServerSettings) -> None:
             ("grpc.so_reuseport", 0),   # a second server on the same port must fail, not share
         ],
     )
-    servicer = add_bank_service(server, store, blocks)
+    servicer = add_bank_service(server, store, blocks,
+                                max_blocks_per_request=settings.max_blocks_per_request)
     servicer.metrics = metrics
     servicer.shard_id = settings.shard_id
     add_control_services(server, servicer, settings)
@@ -163,7 +164,7 @@ def limits(settings: BankServerSettings) -> dict:
     from membank import wire
     return {
         "max_request_bytes": settings.max_request_bytes,
-        "max_blocks_per_request": MAX_BLOCKS_PER_REQUEST,
+        "max_blocks_per_request": settings.max_blocks_per_request,
         "chunk_bytes": wire.CHUNK_BYTES,
         "max_concurrent_rpcs": settings.max_concurrent_rpcs,
         "rate_limit_rps": settings.rate_limit_rps,

@@ -8,9 +8,12 @@ Registered as a generic handler rather than through the generated servicer base 
 Protobuf stops here: requests become small domain objects, and the store sees only keys.
 
 Status codes (as in proto/membank/v1/bank.proto):
-  INVALID_ARGUMENT  malformed bytes, empty bank, no blocks, > MAX_BLOCKS_PER_REQUEST blocks,
+  INVALID_ARGUMENT  malformed bytes, empty bank, no blocks, > max_blocks_per_request blocks,
                     a level outside 1..depth or a level without blocks (r = 0)
-  NOT_FOUND         unknown bank, unknown version, node >= k^level
+  NOT_FOUND         unknown bank, unknown version, node >= k^level, or the version was
+                    garbage-collected while the fetch was reading it (gc deletes the
+                    manifest before the blocks, so a missing block whose manifest is gone
+                    too is a collected version, not a lost block)
   FAILED_PRECONDITION  a block this shard does not own (`shard_id` set); the message names the
                     owner(s) from the manifest's placement
   DATA_LOSS         a stored block is missing or fails its manifest checksum (never sent)
@@ -37,7 +40,8 @@ log = logging.getLogger(__name__)
 
 # "membank.v1.BankService", taken from the generated descriptor so it cannot drift
 SERVICE_NAME = bank_pb2.DESCRIPTOR.services_by_name["BankService"].full_name
-# bounds the work (and memory) one request can ask for; a whole root-to-leaf path is depth blocks
+# the default of settings.max_blocks_per_request: bounds the work (and memory) one request can
+# ask for; a whole root-to-leaf path is depth blocks
 MAX_BLOCKS_PER_REQUEST = 64
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")   # the manifest's pattern for bank ids
 
@@ -54,10 +58,16 @@ class DataLoss(Exception):
     """A stored block is missing or does not hash to its manifest checksum."""
 
 
+class VersionGone(Exception):
+    """The version being fetched was garbage-collected after its manifest was resolved."""
+
+
 class BankServicer:
-    def __init__(self, store: LMDBStore, blocks: BlockStore):
+    def __init__(self, store: LMDBStore, blocks: BlockStore, *,
+                 max_blocks_per_request: int = MAX_BLOCKS_PER_REQUEST):
         self.store = store      # manifests and the current pointer
         self.blocks = blocks    # block bytes (LMDB, or Redis in front of it)
+        self.max_blocks_per_request = max_blocks_per_request
         self.metrics = None     # metrics.ServerMetrics (set by server.serve) or None
         self.shard_id = ""      # this server's shard (set by server.serve); "": serves every block
 
@@ -77,10 +87,10 @@ class BankServicer:
                            tuple((b.level, b.node) for b in request.blocks))
         if not req.blocks:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no blocks requested")
-        if len(req.blocks) > MAX_BLOCKS_PER_REQUEST:
+        if len(req.blocks) > self.max_blocks_per_request:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{len(req.blocks)} blocks requested, at most "
-                                f"{MAX_BLOCKS_PER_REQUEST} per request")
+                                f"{self.max_blocks_per_request} per request")
         manifest = await self._resolve(context, req.bank, req.version)
         # check every id before sending anything, so a bad id never follows a half-sent reply
         for level, node in req.blocks:
@@ -117,6 +127,9 @@ class BankServicer:
             except DataLoss as e:
                 log.error("DATA_LOSS %s", e)
                 await context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+            except VersionGone as e:
+                log.info("NOT_FOUND %s", e)
+                await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
             for chunk in chunks:
                 await _check_deadline(context)
                 yield chunk
@@ -141,7 +154,8 @@ class BankServicer:
             if self.store.current_version(bank) is None:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown bank {bank!r}")
             await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"unknown version {version[:64]!r} of bank {bank!r}")
+                                f"unknown version {version[:64]!r} of bank {bank!r} (never "
+                                f"completely ingested, or garbage-collected)")
         return manifest
 
     # -- block reads through the tiers (storage) ----------------------------------------------
@@ -159,6 +173,14 @@ class BankServicer:
         try:
             with read_from(self.blocks, key, expect) as buf:
                 if buf is None:
+                    # gc deletes a version's manifest (one commit) before its blocks: if the
+                    # manifest is gone now, the version was collected after this fetch
+                    # resolved it (NOT_FOUND: the client re-reads the manifest); if it is
+                    # still there, the block is lost (DATA_LOSS)
+                    if self.store.manifest(manifest.bank, manifest.version) is None:
+                        raise VersionGone(f"version {manifest.version!r} of bank "
+                                          f"{manifest.bank!r} was garbage-collected during "
+                                          f"this fetch; fetch the current manifest")
                     raise DataLoss(f"{where} is missing from the store")
                 header = {
                     "level": level, "node": node, "version": manifest.version,
@@ -200,7 +222,8 @@ def _identity(b: bytes) -> bytes:
     return b
 
 
-def add_bank_service(server: grpc.aio.Server, store: LMDBStore, blocks: BlockStore) -> BankServicer:
-    servicer = BankServicer(store, blocks)
+def add_bank_service(server: grpc.aio.Server, store: LMDBStore, blocks: BlockStore, *,
+                     max_blocks_per_request: int = MAX_BLOCKS_PER_REQUEST) -> BankServicer:
+    servicer = BankServicer(store, blocks, max_blocks_per_request=max_blocks_per_request)
     server.add_generic_rpc_handlers((bank_service_handler(servicer),))
     return servicer

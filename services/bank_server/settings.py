@@ -47,6 +47,9 @@ class BankServerSettings(BaseSettings):
     tls_cert: Path | None = None            # PEM chain; with tls_key, gRPC and admin HTTP use TLS
     tls_key: Path | None = None
     max_request_bytes: int = Field(default=64 << 10, ge=1024)  # larger: RESOURCE_EXHAUSTED
+    # FetchBlocks ids per request (more: INVALID_ARGUMENT); a path needs depth blocks, and 64 ids
+    # bound one request's work to 64 block reads (1.8 GB at paper scale's 27.5 MB level 1)
+    max_blocks_per_request: int = Field(default=64, ge=1, le=4096)
     rate_limit_rps: float | None = Field(default=None, gt=0)   # per client; None: no limit
     rate_limit_burst: int = Field(default=50, ge=1)            # token bucket size
     warm_levels: int = Field(default=1, ge=0)                  # levels pre-read before ready
@@ -100,6 +103,8 @@ class BankServerSettings(BaseSettings):
         p.add_argument("--tls-cert", help="PEM certificate chain (TLS on when given with --tls-key)")
         p.add_argument("--tls-key", help="PEM private key")
         p.add_argument("--max-request-bytes", type=int)
+        p.add_argument("--max-blocks-per-request", type=int,
+                       help="FetchBlocks ids per request (more: INVALID_ARGUMENT)")
         p.add_argument("--rate-limit-rps", type=float, help="requests/s per client (token or IP)")
         p.add_argument("--rate-limit-burst", type=int)
         p.add_argument("--warm-levels", type=int, help="levels pre-read at start (0: none)")

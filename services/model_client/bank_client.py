@@ -98,11 +98,14 @@ class BankClient:
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     # -- RPCs -------------------------------------------------------------------------------
-    def get_manifest(self, bank: str, version: str = "") -> Manifest:
-        """The manifest of `bank` at `version` ("" = the currently published version)."""
+    def get_manifest(self, bank: str, version: str = "", *,
+                     timeout_s: float | None = None) -> Manifest:
+        """The manifest of `bank` at `version` ("" = the currently published version).
+        `timeout_s` overrides the client's deadline for this call."""
         try:
             resp = self._get_manifest(bank_pb2.GetManifestRequest(bank=bank, version=version),
-                                      timeout=self.timeout_s, **self._call_kw)
+                                      timeout=self.timeout_s if timeout_s is None else timeout_s,
+                                      **self._call_kw)
         except grpc.RpcError as e:
             raise _bank_error(e) from None
         manifest = Manifest.from_json(resp.manifest_json)
@@ -113,7 +116,8 @@ class BankClient:
         return manifest
 
     def fetch(self, bank: str, version: str, blocks: list[tuple[int, int]],
-              manifest: Manifest, *, out: dict | None = None) -> dict[tuple[int, int], bytearray]:
+              manifest: Manifest, *, out: dict | None = None, timeout_s: float | None = None,
+              on_call=None) -> dict[tuple[int, int], bytearray]:
         """Fetch `blocks` [(level, node), ...] of bank/version in one RPC, verified.
 
         `manifest` must be the manifest of that version (its checksums are what is trusted);
@@ -122,6 +126,10 @@ class BankClient:
         bytearray, a memoryview, a numpy/torch uint8 view, ...): chunks are copied straight into
         it and it is what is returned, so a caller that reuses buffers allocates nothing. On an
         error the content of those buffers is undefined (never verified).
+        `timeout_s` overrides the client's deadline for this call; `on_call(call)` is given the
+        grpc call before the first chunk is read, so another thread can `call.cancel()` it (the
+        sharded fetcher cancels the losing replica of a hedged request; this fetch then raises
+        BankError CANCELLED).
         """
         version = version or manifest.version
         if bank != manifest.bank or version != manifest.version:
@@ -138,7 +146,11 @@ class BankClient:
         # checksum is not a pass over the whole block after the last chunk
         hashers: list = [None] * len(ids)
         try:
-            for chunk in self._fetch_blocks(request, timeout=self.timeout_s, **self._call_kw):
+            call = self._fetch_blocks(request, timeout=self.timeout_s if timeout_s is None
+                                      else timeout_s, **self._call_kw)
+            if on_call is not None:
+                on_call(call)
+            for chunk in call:
                 self._take_chunk(chunk, ids, bufs, received, manifest, out, hashers)
         except grpc.RpcError as e:
             raise _bank_error(e) from None

@@ -5,11 +5,25 @@
         result = model.generate("The atomic number of Ruthenium is", bank=bank)
     print(result.text, result.timings_ms)
 
+    params = SamplingParams(max_tokens=64, temperature=0.7, top_p=0.9, stop=("\n",), seed=1)
+    stream = model.generate_stream(prompt, bank=bank, params=params)  # text pieces as decoded
+    for piece in stream:
+        print(piece, end="", flush=True)
+    print(stream.result.timings_ms)   # embed route fetch attach prefill decode ttft (ms)
+
 The prompt is embedded and routed on the device; the bank only ever sees block ids. Fetched
 memory goes into room preallocated once, (1, L, n_mats, R, W), one slice of R per level, so a new
 prompt copies only the levels whose node changed and never reallocates. A block is attached only
 after its checksum matched the manifest (services/model_client/bank_client.py). When no bank can
 be reached the model decodes anchor-only and says so in the result.
+
+Over shards, with a device cache (services/model_client/fetcher.py, device_cache.py):
+
+    model = MemoryModel.from_pretrained(export, cache=DeviceCache(256 << 20, "~/.cache/membank"))
+    with ShardedFetcher({"s0": "10.0.0.1:50051", "s1": "10.0.0.2:50051"}) as bank:
+        result = model.generate(prompt, bank=bank)   # result.fetched_blocks / .cached_blocks
+
+The bank manifest is read once per `manifest_ttl_s` (see `manifest_for`), not once per prompt.
 """
 from __future__ import annotations
 
@@ -17,7 +31,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
+import grpc
 import torch
 from tokenizers import Tokenizer
 
@@ -29,6 +45,9 @@ from membank.manifest import Manifest
 from membank.model import KVCache, Transformer
 from membank.router import Router
 from services.model_client.bank_client import BankClient, BankError
+from services.model_client.device_cache import DeviceCache
+from services.model_client.detokenize import IncrementalDecoder
+from services.model_client.sampling import SamplingParams, StopMatcher, select_token
 
 log = logging.getLogger("membank.client")
 EOS = "<|endoftext|>"
@@ -43,14 +62,25 @@ class GenerateResult:
     path: list[int] | None = None
     fetched_blocks: list[tuple[int, int]] = field(default_factory=list)
     fetched_bytes: int = 0
+    cached_blocks: list[tuple[int, int]] = field(default_factory=list)  # from the device cache
     new_tokens: int = 0
-    timings_ms: dict[str, float] = field(default_factory=dict)  # embed, route, fetch, attach, decode
+    # embed, route, fetch, attach, prefill, decode (model time only, not the consumer's), and
+    # ttft: from the start of the generation to the first token chosen
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    finish_reason: str = ""                # "eos", "stop" (a stop string), "length" (max tokens)
 
 
 class MemoryModel:
     def __init__(self, config: Config, model: Transformer, tokenizer: Tokenizer, router: Router,
-                 local_manifest: Manifest | None = None, embedder: Embedder | None = None):
+                 local_manifest: Manifest | None = None, embedder: Embedder | None = None, *,
+                 cache: DeviceCache | None = None, manifest_ttl_s: float = 5.0):
+        """`cache`: the device block cache (services/model_client/device_cache.py), None: none
+        (only the attached levels are reused). `manifest_ttl_s`: how long a bank manifest is
+        trusted before the next prompt re-reads it (see `manifest_for`)."""
         self.config, self.model, self.tokenizer, self.router = config, model, tokenizer, router
+        self.cache, self.manifest_ttl_s = cache, manifest_ttl_s
+        # the last manifest read from a bank: (the client it came from, manifest, monotonic time)
+        self._manifest: tuple[object, Manifest, float] | None = None
         self.local_manifest = local_manifest
         self.embedder = embedder or Embedder()
         self.eos = tokenizer.token_to_id(EOS)
@@ -59,10 +89,13 @@ class MemoryModel:
         # level l owns rows [offset_l, offset_l + r_l)
         self.mem = torch.zeros(mc.mem_shape(c))
         self.offsets = [sum(mc.ranks[:i]) for i in range(mc.depth)]
-        self.attached: dict[int, tuple[str, int]] = {}  # level -> (version, node) now in self.mem
+        # level -> (bank, block version, node) now in self.mem: a version re-placed onto other
+        # shards keeps its block version (Manifest.block_version), so its blocks stay attached
+        self.attached: dict[int, tuple[str, str, int]] = {}
 
     @classmethod
-    def from_pretrained(cls, export_dir: str | Path, embedder: Embedder | None = None) -> "MemoryModel":
+    def from_pretrained(cls, export_dir: str | Path, embedder: Embedder | None = None, *,
+                        cache: DeviceCache | None = None, manifest_ttl_s: float = 5.0) -> "MemoryModel":
         d = Path(export_dir)
         config = artifacts.load_config(d)
         model = Transformer(config)
@@ -74,7 +107,8 @@ class MemoryModel:
         model.eval()
         router = Router.load(d / artifacts.ROUTER)
         manifest = artifacts.load_manifest(d) if (d / artifacts.MANIFEST).exists() else None
-        return cls(config, model, Tokenizer.from_file(str(d / artifacts.TOKENIZER)), router, manifest, embedder)
+        return cls(config, model, Tokenizer.from_file(str(d / artifacts.TOKENIZER)), router, manifest,
+                   embedder, cache=cache, manifest_ttl_s=manifest_ttl_s)
 
     # -- routing -----------------------------------------------------------------------------
     def warmup(self) -> None:
@@ -106,22 +140,83 @@ class MemoryModel:
             block = tensor_from_buffer(buf, manifest.block_shape(level), manifest.dtype)  # (L, n, r, W)
             off, r = self.offsets[level - 1], manifest.ranks[level - 1]
             self.mem[0, :, :, off:off + r].copy_(block)
-            self.attached[level] = (manifest.version, node)
+            self.attached[level] = (manifest.bank, manifest.block_version, node)
 
-    def fetch_path(self, bank: BankClient, path: list[int], result: GenerateResult) -> None:
-        """Fetch the path's blocks that are not attached yet (one RPC) and attach them."""
+    def manifest_for(self, bank, *, refresh: bool = False) -> Manifest:
+        """The bank's current manifest, read at most once per `manifest_ttl_s`.
+
+        Why cached: the manifest changes only when a version is published, and a GetManifest per
+        prompt is a round trip (80 ms on a slow link) before any block can be asked for. Staleness
+        is bounded two ways: the TTL, and `fetch_path` re-reading it at once when a fetch says
+        the version is gone (NOT_FOUND, e.g. garbage-collected) or a shard says it does not own a
+        block (FAILED_PRECONDITION: re-placed). When the re-read itself fails, the last manifest
+        is kept (its blocks may be in the device cache: an offline device keeps its memory) and
+        the next re-read waits another TTL, so a down bank costs one failed call per TTL.
+        """
+        now = time.monotonic()
+        cached = self._manifest
+        if cached is not None and cached[0] is bank and not refresh \
+                and now - cached[2] < self.manifest_ttl_s:
+            return cached[1]
+        try:
+            manifest = bank.get_manifest(self.bank_id, version="")
+        except BankError as e:
+            if cached is None or cached[0] is not bank:
+                raise
+            log.warning("keeping manifest %s/%s: re-reading it failed: %s",
+                        cached[1].bank, cached[1].version, e)
+            self._manifest = (bank, cached[1], now)
+            return cached[1]
+        if cached is None or manifest != cached[1]:
+            self.check_compatible(manifest)
+        self._manifest = (bank, manifest, now)
+        return manifest
+
+    def fetch_path(self, bank, path: list[int], result: GenerateResult) -> None:
+        """Attach the path's blocks: the attached levels stay, then the device cache, then one
+        fetch for the rest (one RPC per shard with a ShardedFetcher; `bank` is a BankClient or
+        a services.model_client.fetcher.ShardedFetcher)."""
         t0 = time.perf_counter()
-        manifest = bank.get_manifest(self.bank_id, version="")
-        self.check_compatible(manifest)
-        wanted = manifest.path_blocks(path)
-        missing = [(lv, n) for lv, n in wanted if self.attached.get(lv) != (manifest.version, n)]
-        blocks = bank.fetch(manifest.bank, manifest.version, missing, manifest) if missing else {}
+        refresh = bool(getattr(bank, "placement_mismatch", False))
+        if refresh:
+            bank.placement_mismatch = False
+        manifest = self.manifest_for(bank, refresh=refresh)
+        try:
+            blocks = self._gather(bank, manifest, path, result)
+        except BankError as e:
+            if e.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+                raise
+            fresh = self.manifest_for(bank, refresh=True)   # the version moved on: once more
+            if fresh == manifest:
+                raise
+            manifest = fresh
+            blocks = self._gather(bank, manifest, path, result)
         t1 = time.perf_counter()
         self.attach(manifest, blocks)
         result.timings_ms["fetch"] = (t1 - t0) * 1e3
         result.timings_ms["attach"] = (time.perf_counter() - t1) * 1e3
+
+    def _gather(self, bank, manifest: Manifest, path: list[int],
+                result: GenerateResult) -> dict[tuple[int, int], bytearray]:
+        """The verified blocks of `path` that are not attached: cached ones, then fetched ones."""
+        key = (manifest.bank, manifest.block_version)
+        need = [(lv, n) for lv, n in manifest.path_blocks(path) if self.attached.get(lv) != (*key, n)]
+        blocks = {}
+        if self.cache is not None:
+            for lv, n in need:
+                buf = self.cache.get(manifest, lv, n)
+                if buf is not None:
+                    blocks[(lv, n)] = buf
+        missing = [b for b in need if b not in blocks]
+        fetched = bank.fetch(manifest.bank, manifest.version, missing, manifest) if missing else {}
+        if self.cache is not None:
+            for (lv, n), buf in fetched.items():
+                self.cache.put(manifest, lv, n, buf, verified=True)  # the client verified it
+        result.cached_blocks = [b for b in need if b in blocks]
         result.fetched_blocks = missing
-        result.fetched_bytes = sum(len(b) for b in blocks.values())
+        result.fetched_bytes = sum(len(b) for b in fetched.values())
+        blocks.update(fetched)
+        return blocks
 
     @property
     def bank_id(self) -> str:
@@ -130,60 +225,147 @@ class MemoryModel:
         return self.local_manifest.bank
 
     # -- decoding ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def decode(self, prompt: str, mem: torch.Tensor | None, max_new_tokens: int,
-               temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> list[int]:
-        """Prefill the prompt, then decode token by token with a KV cache; memory stays fixed."""
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """The prompt's token ids; ValueError (one line) when empty or too long for the model."""
         ids = self.tokenizer.encode(prompt).ids
         limit = self.config.model.max_seq_len
         if not ids:
             raise ValueError("empty prompt")
         if len(ids) >= limit:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's limit is {limit - 1}")
-        max_new_tokens = min(max_new_tokens, limit - len(ids))
-        cache = KVCache.empty(self.config.model, 1, len(ids) + max_new_tokens)
-        gen = torch.Generator().manual_seed(seed)
-        logits = self.model(torch.tensor([ids]), mem=mem, cache=cache)[:, -1]
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            if temperature <= 0:
-                nxt = int(logits.argmax(-1))
-            else:
-                scaled = logits / temperature
-                if top_k:
-                    kth = scaled.topk(top_k, dim=-1).values[..., -1:]
-                    scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-                nxt = int(torch.multinomial(scaled.softmax(-1), 1, generator=gen))
-            if nxt == self.eos:
-                break
-            out.append(nxt)
-            if len(out) == max_new_tokens:
-                break
-            logits = self.model(torch.tensor([[nxt]]), mem=mem, cache=cache)[:, -1]
-        return out
+        return ids
 
-    def generate(self, prompt: str, bank: BankClient | None = None, *, use_memory: bool = True,
-                 max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0,
-                 seed: int = 0) -> GenerateResult:
-        result = GenerateResult(prompt=prompt, text="", memory=False)
+    @torch.no_grad()
+    def decode_tokens(self, ids: list[int], mem: torch.Tensor | None, params: SamplingParams,
+                      timings: dict[str, float]) -> Iterator[int]:
+        """Prefill `ids`, then yield new token ids one by one with a KV cache (EOS is yielded
+        and ends it). The memory stays fixed for the whole prompt. `timings` gets prefill and
+        decode (ms), counting model work only: the time a consumer spends between tokens is
+        not decode time."""
+        max_new = min(params.max_tokens, self.config.model.max_seq_len - len(ids))
+        cache = KVCache.empty(self.config.model, 1, len(ids) + max_new)
+        gen = None if params.greedy else params.generator()
+        t0 = time.perf_counter()
+        logits = self.model(torch.tensor([ids]), mem=mem, cache=cache)[0, -1]
+        timings["prefill"] = (time.perf_counter() - t0) * 1e3
+        timings["decode"] = 0.0
+        nxt = -1
+        for i in range(max_new):
+            t0 = time.perf_counter()
+            if i:  # the previous token was handed out before this step ran: it streams sooner
+                logits = self.model(torch.tensor([[nxt]]), mem=mem, cache=cache)[0, -1]
+            nxt = select_token(logits, params, gen)
+            timings["decode"] += (time.perf_counter() - t0) * 1e3
+            yield nxt
+            if nxt == self.eos:
+                return
+
+    def decode(self, prompt: str, mem: torch.Tensor | None, max_new_tokens: int,
+               temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> list[int]:
+        """The new token ids for `prompt` (EOS not included), without text or stop strings."""
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+        return [t for t in self.decode_tokens(self.encode_prompt(prompt), mem, params, {}) if t != self.eos]
+
+    def memory_for(self, prompt: str, bank: BankClient | None, use_memory: bool,
+                   result: GenerateResult) -> torch.Tensor | None:
+        """Route and fetch the prompt's memory; None (and the reason in `result`) for anchor only."""
         t = result.timings_ms
         for step in ("embed", "route", "fetch", "attach"):
             t[step] = 0.0
-        mem = None
         if not use_memory:
             result.anchor_only_reason = "memory disabled"
-        elif bank is None:
+            return None
+        if bank is None:
             result.anchor_only_reason = "no bank configured"
-        else:
-            result.path = self.route(prompt, t)
-            try:
-                self.fetch_path(bank, result.path, result)
-                mem, result.memory = self.mem, True
-            except BankError as e:  # unreachable or failing bank: the device keeps working
-                result.anchor_only_reason = f"bank unavailable: {e}"
-                log.warning("decoding anchor-only: %s", result.anchor_only_reason)
-        t0 = time.perf_counter()
-        ids = self.decode(prompt, mem, max_new_tokens, temperature, top_k, seed)
-        t["decode"] = (time.perf_counter() - t0) * 1e3
-        result.text, result.new_tokens = self.tokenizer.decode(ids), len(ids)
-        return result
+            return None
+        result.path = self.route(prompt, t)
+        try:
+            self.fetch_path(bank, result.path, result)
+        except BankError as e:  # unreachable or failing bank: the device keeps working
+            result.anchor_only_reason = f"bank unavailable: {e}"
+            log.warning("decoding anchor-only: %s", result.anchor_only_reason)
+            return None
+        result.memory = True
+        return self.mem
+
+    def generate_stream(self, prompt: str, bank: BankClient | None = None, *, use_memory: bool = True,
+                        params: SamplingParams | None = None) -> "GenerationStream":
+        """Stream one generation: iterate for the text pieces; `.result` is complete afterwards.
+
+        The prompt is checked at once (ValueError when empty or too long); routing, fetching and
+        decoding run as the stream is iterated. Not thread-safe: one generation at a time per
+        model (the memory room and the attached levels are shared state)."""
+        params = params or SamplingParams()
+        ids = self.encode_prompt(prompt)
+        result = GenerateResult(prompt=prompt, text="", memory=False)
+        return GenerationStream(self._stream(ids, bank, use_memory, params, result), result)
+
+    def _stream(self, ids: list[int], bank: BankClient | None, use_memory: bool,
+                params: SamplingParams, result: GenerateResult) -> Iterator[str]:
+        start = time.perf_counter()
+        t = result.timings_ms
+        mem = self.memory_for(result.prompt, bank, use_memory, result)
+        text = IncrementalDecoder(self.tokenizer)
+        stop = StopMatcher(params.stop)
+        pieces: list[str] = []
+        result.finish_reason = "length"
+        tokens = self.decode_tokens(ids, mem, params, t)
+        try:
+            for token in tokens:
+                if "ttft" not in t:
+                    t["ttft"] = (time.perf_counter() - start) * 1e3
+                if token == self.eos:
+                    result.finish_reason = "eos"
+                    break
+                result.new_tokens += 1
+                piece = stop.feed(text.push(token))
+                if piece:
+                    pieces.append(piece)
+                    yield piece
+                if stop.stopped:
+                    break
+            if not stop.stopped:  # the end: what the decoder and the stop matcher held back
+                tail = stop.feed(text.flush())
+                tail += "" if stop.stopped else stop.flush()
+                if tail:
+                    pieces.append(tail)
+                    yield tail
+            if stop.stopped:
+                result.finish_reason = "stop"
+        finally:
+            tokens.close()
+            t.setdefault("ttft", (time.perf_counter() - start) * 1e3)
+            result.text = "".join(pieces)
+
+    def generate(self, prompt: str, bank: BankClient | None = None, *, use_memory: bool = True,
+                 max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, stop: tuple[str, ...] = (), seed: int | None = 0,
+                 params: SamplingParams | None = None) -> GenerateResult:
+        """Generate to the end: the text and the timing breakdown (`params` wins over the rest)."""
+        params = params or SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
+                                          top_k=top_k, top_p=top_p, stop=tuple(stop), seed=seed)
+        stream = self.generate_stream(prompt, bank, use_memory=use_memory, params=params)
+        for _ in stream:
+            pass
+        return stream.result
+
+
+class GenerationStream:
+    """The text pieces of one generation, as they are produced; `result` once it is exhausted.
+
+        stream = model.generate_stream(prompt, bank=bank, params=SamplingParams(max_tokens=32))
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print(stream.result.timings_ms)
+
+    Closing it early (or dropping it) stops decoding; `result` then holds what was produced.
+    """
+
+    def __init__(self, pieces: Iterator[str], result: GenerateResult):
+        self._pieces, self.result = pieces, result
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def close(self) -> None:
+        self._pieces.close()

@@ -1,6 +1,7 @@
 """services/bank_server/healthcheck.py against real bank servers (the Docker HEALTHCHECK)."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -48,3 +49,42 @@ def test_stopped_server_exits_1(lmdb_dir, start_bank_server):
         proc.wait(timeout=15)
         ok, _ = healthcheck.check(address, timeout_s=1.0)
         assert not ok
+
+
+def probe_env(**settings: str) -> dict:
+    """The container's environment: only the MEMBANK_SERVER_* given (as the server sees it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMBANK_SERVER_")}
+    return {**env, **{f"MEMBANK_SERVER_{k.upper()}": v for k, v in settings.items()}}
+
+
+def test_defaults_come_from_the_server_settings(bank_server):
+    port = bank_server.rsplit(":", 1)[1]
+    # the container's server listens on every address: the probe asks 127.0.0.1 on its port
+    r = subprocess.run([sys.executable, "-m", "services.bank_server.healthcheck"], cwd=REPO,
+                       capture_output=True, text=True, timeout=30,
+                       env=probe_env(host="0.0.0.0", port=port))
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "services.bank_server.healthcheck"], cwd=REPO,
+                       capture_output=True, text=True, timeout=30,
+                       env=probe_env(port="not-a-port"))
+    assert r.returncode == 1 and r.stderr.startswith("healthcheck: bad MEMBANK_SERVER_* settings")
+
+
+def test_tls_server_probed_over_tls_from_its_settings(lmdb_dir, start_bank_server, tmp_path):
+    from tests.integration.test_api import self_signed
+    cert, key = self_signed(tmp_path)
+    with start_bank_server(lmdb_dir, "--tls-cert", str(cert), "--tls-key", str(key)) as (addr, _):
+        port = addr.rsplit(":", 1)[1]
+        env = probe_env(port=port, tls_cert=str(cert), tls_key=str(key))
+        run = lambda *a: subprocess.run(  # noqa: E731
+            [sys.executable, "-m", "services.bank_server.healthcheck", *a], cwd=REPO,
+            capture_output=True, text=True, timeout=30, env=env)
+        r = run()
+        assert r.returncode == 0, r.stderr
+        assert run("--tls-ca", str(cert), "--tls-server-name", "localhost").returncode == 0
+        r = run("--no-tls", "--timeout", "1")            # plaintext to a TLS port: refused
+        assert r.returncode == 1 and "UNAVAILABLE" in r.stderr
+        ok, reason = healthcheck.check(addr, timeout_s=1.0)   # the library: plaintext, no
+        assert not ok
+        ok, reason = healthcheck.check(addr, tls_ca=cert.read_bytes())
+        assert ok, reason

@@ -62,6 +62,32 @@ def test_device_cache_fetches_only_missing_blocks_lru():
     assert len(c) == 0
 
 
+def test_plan_by_shard_groups_by_owner_spreads_replicas_and_avoids_down_shards():
+    owners = {(1, 0): ["a", "b"], (2, 1): ["a", "b"], (2, 2): ["b", "c"]}.__getitem__
+    by = lambda l, n: owners((l, n))  # noqa: E731
+    blocks = [(1, 0), (2, 1), (2, 2)]
+    assert device.plan_by_shard(blocks, by) == {"a": [(1, 0), (2, 1)], "b": [(2, 2)]}
+    # rotated to the second replica, all three share shard b: one RPC
+    assert device.plan_by_shard(blocks, by, rotate=1) == {"b": [(1, 0), (2, 1), (2, 2)]}
+    assert device.plan_by_shard(blocks, by, skip={"a"}) == {"b": [(1, 0), (2, 1), (2, 2)]}
+    # every replica down: still asked (first choice), never silently dropped
+    assert device.plan_by_shard([(2, 2)], by, skip={"b", "c"}) == {"b": [(2, 2)]}
+    # a block on every shard (above the placement level) joins its path's constrained block
+    path = {(1, 0): ["a", "b", "c"], (2, 3): ["c"]}
+    assert device.plan_by_shard([(1, 0), (2, 3)], lambda l, n: path[(l, n)]) \
+        == {"c": [(1, 0), (2, 3)]}
+
+
+def test_parse_targets_named_plain_and_mismatched():
+    assert device.parse_targets("shard-1=h:2, shard-0=h:1") == {"shard-1": "h:2", "shard-0": "h:1"}
+    assert device.parse_targets("h:1,h:2", ["s0", "s1"]) == {"s0": "h:1", "s1": "h:2"}
+    assert device.parse_targets("h:1") == {"shard-0": "h:1"}
+    for spec, ids, msg in (("", None, "no bank address"), ("a=h:1,h:2", None, "name all or none"),
+                           ("h:1,h:2", ["s0"], "2 addresses for the manifest's 1 shards")):
+        with pytest.raises(ValueError, match=msg):
+            device.parse_targets(spec, ids)
+
+
 # -- interceptor against a real server -------------------------------------------------------------
 def test_instrumented_client_reports_every_rpc(bank_server):
     reports = []

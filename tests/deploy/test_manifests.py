@@ -145,7 +145,7 @@ def test_compose_shards_have_own_volume_healthcheck_and_ingest_job():
     services = c["services"]
     shards = {name: s for name, s in services.items() if SHARD.match(name)}
     assert len(shards) >= 2
-    seen_volumes = set()
+    seen_volumes, shard_lists = set(), set()
     for name, s in shards.items():
         n = SHARD.match(name).group(1)
         vols = [v for v in volume_names(s) if v in c["volumes"]]
@@ -160,11 +160,20 @@ def test_compose_shards_have_own_volume_healthcheck_and_ingest_job():
         ingest = services[f"ingest-{n}"]
         assert f"shard-{n}-data" in volume_names(ingest)
         assert ingest["depends_on"]["train"]["condition"] == "service_completed_successfully"
-        assert ingest["command"][0] == "ingest"
-        # the server's LMDB is where its ingest job wrote it
-        lmdb = ingest["command"][ingest["command"].index("--lmdb") + 1]
+        assert ingest["entrypoint"][-2:] == ["-m", "services.bank_server.ingest"]
+        flag = lambda name: ingest["command"][ingest["command"].index(name) + 1]  # noqa: E731
+        # the server's LMDB is where its ingest job wrote it, for the shard it serves
+        lmdb = flag("--lmdb")
         assert s["environment"]["MEMBANK_SERVER_LMDB_PATH"] == lmdb
         assert f"shard-{n}-data:{lmdb}" in s["volumes"]
+        assert flag("--shard-id") == s["environment"]["MEMBANK_SERVER_SHARD_ID"] == name
+        shard_lists.add((flag("--shards"), flag("--replication")))
+        # gRPC and admin HTTP (metrics, readiness) reachable
+        container_ports = {p.rsplit(":", 1)[-1] for p in s["ports"]}
+        assert {"50051", s["environment"]["MEMBANK_SERVER_ADMIN_PORT"]} <= container_ports
+    # every ingest job names the same placement, and it lists exactly the compose shards
+    (shard_list, _), = shard_lists
+    assert sorted(shard_list.split(",")) == sorted(shards)
 
 
 def test_compose_redis_is_an_lru_cache_and_locust_is_opt_in():
@@ -227,3 +236,40 @@ def test_dockerfile_is_slim_non_root_with_stubs_and_healthcheck():
     assert re.search(r"^HEALTHCHECK .*\n.*services\.bank_server\.healthcheck", text, re.M)
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", ".git", "runs/"} <= set(ignored)
+
+
+def test_shards_know_their_id_expose_admin_and_ingest_their_placement():
+    (sts,) = objects("StatefulSet", "membank-shard")
+    pod = sts["spec"]["template"]["spec"]
+    (server,) = [c for c in pod["containers"] if c["name"] == "bank-server"]
+    env = {e["name"]: e for e in server["env"]}
+    assert env["MEMBANK_SERVER_SHARD_ID"]["value"] == "shard-$(MEMBANK_SHARD_INDEX)"
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    (settings,) = objects("ConfigMap", "membank-server-settings")[:1]
+    assert ports["admin"] == int(settings["data"]["MEMBANK_SERVER_ADMIN_PORT"])
+    annotations = sts["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(ports["admin"])
+    (svc,) = objects("Service", "membank-shard")
+    assert {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]}["admin"] == "admin"
+    # every ingest (init container, Jobs) writes its own shard's blocks with the topology
+    (init,) = pod["initContainers"]
+    script = " ".join(init["args"])
+    assert '--shard-id "shard-$MEMBANK_SHARD_INDEX"' in script and "$MEMBANK_SHARDS" in script
+    assert {"name": "membank-topology"} in [e["configMapRef"] for e in init["envFrom"]]
+    for job in objects("Job"):
+        (c,) = job["spec"]["template"]["spec"]["containers"]
+        shard = job["metadata"]["labels"]["membank.dev/shard"]
+        (script,) = c["args"]
+        assert f"--shard-id {shard} " in script and "services.bank_server.ingest" in script
+        assert '--shards "$MEMBANK_SHARDS"' in script and "$MEMBANK_REPLICATION" in script
+        assert {"name": "membank-topology"} in [e["configMapRef"] for e in c["envFrom"]]
+
+
+def test_dev_overlay_topology_matches_its_replicas():
+    kust = yaml.safe_load((DEPLOY / "overlays" / "dev" / "kustomization.yaml").read_text())
+    (replicas,) = [r["count"] for r in kust["replicas"] if r["name"] == "membank-shard"]
+    topo = docs(DEPLOY / "overlays" / "dev" / "topology-patch.yaml")[0]["data"]
+    assert topo["MEMBANK_SHARDS"].split(",") == [f"shard-{i}" for i in range(replicas)]
+    assert 1 <= int(topo["MEMBANK_REPLICATION"]) <= replicas
+    (pdb,) = objects("PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] < int(topo["MEMBANK_REPLICATION"])

@@ -100,3 +100,43 @@ def test_merge_refuses_duplicates_and_non_jobs(tmp_path, base):
         merge([sub0, sub0], tmp_path / "m1", **QUIET)
     with pytest.raises(ValueError, match="not a subtree job"):
         merge([run_dir], tmp_path / "m2", base=run_dir, **QUIET)
+
+
+def test_a_subtree_job_never_builds_or_reads_the_whole_bank(tmp_path, base, monkeypatch):
+    """The job allocates only its rows (no MemoryBank) and reads only those rows of the base
+    checkpoint (row-range reads; never a whole bank tensor, never checkpoint.load)."""
+    import training.train as train_module
+
+    def refuse(*a, **k):
+        raise AssertionError("a subtree job must not build or load the whole bank")
+    monkeypatch.setattr(train_module, "MemoryBank", refuse)
+    monkeypatch.setattr(checkpoint, "load", refuse)
+    gets, rows = [], []
+    real_get, real_rows = checkpoint.TensorReader.get, checkpoint.TensorReader.rows
+    monkeypatch.setattr(checkpoint.TensorReader, "get", lambda self, k: gets.append(k) or real_get(self, k))
+    monkeypatch.setattr(checkpoint.TensorReader, "rows",
+                        lambda self, k, a, b: rows.append((k, a, b)) or real_rows(self, k, a, b))
+
+    run_dir, packed, fp, trainer = base
+    tc = load_train_config("tiny", ["anchor_steps=0", "cotrain_steps=0", "frozen_steps=1", "subtree=1",
+                                    f"init_from={run_dir}", "batch_size=2"])
+    t = Trainer(tc.model_config(), tc, packed, data_fingerprint=fp, init=checkpoint.resolve(run_dir), **QUIET)
+    assert [lvl.shape[0] for lvl in t.bank] == [1, 2] and t.offsets == [1, 2]
+    assert torch.equal(t.bank[0], trainer.bank[0][1:2]) and torch.equal(t.bank[1], trainer.bank[1][2:4])
+    assert not any(k.startswith("bank.") for k in gets)
+    assert rows == [("bank.level1", 1, 2), ("bank.level2", 2, 4)]
+
+
+def test_merge_reads_checkpoints_lazily_with_the_same_result(tmp_path, base, monkeypatch):
+    (sub0, t0), (sub1, t1) = subtree_job(tmp_path, base, 0), subtree_job(tmp_path, base, 1)
+    full_loads = []
+    real_load = checkpoint.load
+    monkeypatch.setattr(checkpoint, "load", lambda p: full_loads.append(p) or real_load(p))
+    merge([sub0, sub1], tmp_path / "merged", **QUIET)
+    assert full_loads == []
+    monkeypatch.undo()
+    tensors, _ = checkpoint.load(tmp_path / "merged" / "ckpt" / "merged")
+    assert torch.equal(tensors["bank.level2"], torch.cat([t0.bank[1], t1.bank[1]]))
+    export_dir = tmp_path / "merged" / "export"
+    blocks = {(lv, n): b for lv, n, b in artifacts.iter_blocks(export_dir, artifacts.load_manifest(export_dir))}
+    assert len(blocks) == 6

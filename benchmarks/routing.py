@@ -1,0 +1,136 @@
+"""Benchmark: batched routing, the old exact per-row rule vs the matmul + margin rule, one run.
+
+    .venv/bin/python benchmarks/routing.py [--n 100000] [--shapes 4x2,16x2,8x3,16x4] [--repeats 2]
+                                           [--texts 512] [--threads 2]
+
+route only     n random unit vectors (384-d), a router of k x depth with random centroids of
+               norm 0.5 (like k-means centroids of unit vectors); `old` is the previous
+               membank/router.py rule (gather each row's k children, float32 elementwise
+               distances), `new` is Router.route (one matmul per parent node, exact float64
+               distances for near-ties only). Runs alternate old/new so machine load hits both;
+               the best of --repeats is reported, with rows/s and new/old speed-up.
+embed + route  --texts element documents embedded with MiniLM (batched) and routed, with each
+               rule (embedding dominates); and one device prompt at a time (embed + route).
+
+Also counts paths where the old float32 rule and the new exact rule differ (near-ties the old
+rule's float32 sum got wrong or right by luck). Ends with one JSON line of the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from membank.router import Router  # noqa: E402
+
+
+def old_route(router: Router, emb) -> torch.Tensor:
+    """The rule before this change: exact float32 distances for every row (a (c, k, dim) gather)."""
+    x = torch.as_tensor(emb, dtype=torch.float32)
+    node = torch.zeros(len(x), dtype=torch.long)
+    children = []
+    for level in range(router.depth):
+        lc = router.centroids[level]
+        k, dim = lc.shape[1:]
+        out = torch.empty(len(x), dtype=torch.long)
+        chunk = max(1, (1 << 24) // (k * dim))
+        for s in range(0, len(x), chunk):
+            rows, cand = x[s:s + chunk], lc[node[s:s + chunk]]
+            out[s:s + chunk] = (cand - rows[:, None, :]).square().sum(-1).argmin(dim=1)
+        children.append(out)
+        node = node * router.branching + out
+    return torch.stack(children, dim=1)
+
+
+def random_router(k: int, depth: int, dim: int = 384, seed: int = 0) -> Router:
+    g = torch.Generator().manual_seed(seed)
+    cs = [torch.nn.functional.normalize(torch.randn(k ** l, k, dim, generator=g), dim=-1) * 0.5
+          for l in range(depth)]
+    return Router(branching=k, depth=depth, dim=dim, centroids=cs)
+
+
+def best_time(fn, arg) -> tuple[float, torch.Tensor]:
+    t0 = time.perf_counter()
+    out = fn(arg)
+    return time.perf_counter() - t0, out
+
+
+def route_only(n: int, shapes: list[tuple[int, int]], repeats: int) -> list[dict]:
+    x = np.random.default_rng(1).standard_normal((n, 384)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    xt = torch.from_numpy(x)
+    rows = []
+    for k, depth in shapes:
+        router = random_router(k, depth)
+        router.route(xt[:256])   # warm-up
+        old_s, new_s = [], []
+        for _ in range(repeats):
+            t, old = best_time(lambda e: old_route(router, e), xt)
+            old_s.append(t)
+            t, new = best_time(router.route, xt)
+            new_s.append(t)
+        row = {"k": k, "depth": depth, "n": n, "old_s": min(old_s), "new_s": min(new_s),
+               "old_per_s": n / min(old_s), "new_per_s": n / min(new_s), "speedup": min(old_s) / min(new_s),
+               "paths_differing": int((old != new).any(dim=1).sum())}
+        rows.append(row)
+        print(f"k={k:<3} depth={depth}  old {row['old_per_s']:>10,.0f}/s  new {row['new_per_s']:>10,.0f}/s  "
+              f"new/old {row['speedup']:5.1f}x  paths differing {row['paths_differing']}", flush=True)
+    return rows
+
+
+def embed_and_route(n_texts: int) -> dict:
+    from membank.embed import Embedder
+    from training.data import build_documents
+
+    texts = [d.text for d in build_documents()][:n_texts]
+    emb = Embedder()
+    emb.encode(texts[:8])   # load the model outside the timing
+    router = random_router(4, 2)
+    t0 = time.perf_counter()
+    vectors = emb.encode(texts)
+    t_embed = time.perf_counter() - t0
+    t_old, _ = best_time(lambda e: old_route(router, e), vectors)
+    t_new, _ = best_time(router.route, vectors)
+    one = []
+    for t in texts[:32]:     # a device routes one prompt at a time
+        t0 = time.perf_counter()
+        router.route(emb.encode([t]))
+        one.append(time.perf_counter() - t0)
+    return {"texts": len(texts), "embed_per_s": len(texts) / t_embed,
+            "embed_route_old_per_s": len(texts) / (t_embed + t_old),
+            "embed_route_new_per_s": len(texts) / (t_embed + t_new),
+            "one_prompt_embed_route_ms": 1e3 * float(np.median(one))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--shapes", default="4x2,16x2,8x3,16x4", help="k x depth, comma separated")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--texts", type=int, default=512, help="0 skips embed + route")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    print(f"route only: {args.n:,} random unit vectors x 384, best of {args.repeats}, {args.threads} threads")
+    figures: dict = {"threads": args.threads, "route": route_only(args.n, shapes, args.repeats)}
+    speedups = [r["speedup"] for r in figures["route"]]
+    figures["min_speedup"], figures["max_speedup"] = min(speedups), max(speedups)
+    if args.texts:
+        er = embed_and_route(args.texts)
+        figures["embed_route"] = er
+        print(f"embed + route, {er['texts']} element documents: embed {er['embed_per_s']:.0f} texts/s; "
+              f"embed + route old {er['embed_route_old_per_s']:.1f}/s, new {er['embed_route_new_per_s']:.1f}/s "
+              f"(new/old {er['embed_route_new_per_s'] / er['embed_route_old_per_s']:.3f}x); "
+              f"one prompt embed + route {er['one_prompt_embed_route_ms']:.1f} ms")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,468 @@
+"""ShardedFetcher: the device's client over many bank shards, with hedging, retries and failover.
+
+    targets = {"s0": "10.0.0.1:50051", "s1": "10.0.0.2:50051"}   # shard id (manifest) -> address
+    with ShardedFetcher(targets, FetchPolicy(deadline_s=5)) as bank:
+        manifest = bank.get_manifest("demo")
+        blocks = bank.fetch("demo", manifest.version, manifest.path_blocks(path), manifest)
+        print(bank.stats())      # rpcs, retries, hedges, hedge_wins, failovers, integrity_errors
+
+It has the two methods of BankClient a MemoryModel uses (`get_manifest`, `fetch`), so either can
+be passed as `model.generate(prompt, bank=...)`. `targets` is explicit: the manifest's `shards`
+are ids, and only the device's configuration knows where each one listens. A plain string
+("host:port") means one server holding every block (a server started without --shard-id).
+
+How a fetch runs:
+  1. plan: each block's owners come from the manifest's placement (membank/placement.py,
+     replication included); blocks are grouped so that the fewest shards cover them (greedy set
+     cover, shards marked down last). One prompt's path is always ONE group: its deep blocks share
+     a placement group and the levels above it are on every shard.
+  2. one FetchBlocks RPC per group, groups in parallel (a small thread pool);
+  3. per group, the replicas are the shards that own every block of it, best first. The first
+     replica gets the RPC; if it has not answered after the hedge delay (the running p95 of
+     observed latencies for requests of that size, `FetchPolicy.hedge_*`) the same request goes to
+     the next replica, and the first good answer wins (the other call is cancelled);
+  4. a replica that fails is replaced at once by the next one (failover):
+       UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED   retryable; UNAVAILABLE also marks
+                                                              the shard down for `down_s`
+       DATA_LOSS (server) or BlockIntegrityError (client)    that replica is not asked again for
+                                                              this group; the block is never
+                                                              returned unverified
+       FAILED_PRECONDITION (wrong shard)                      not asked again; `placement_mismatch`
+                                                              is set (the manifest may be stale)
+       anything else (NOT_FOUND, INVALID_ARGUMENT, auth)      raised at once: another replica
+                                                              would say the same
+     when every replica of a round failed with a retryable error, the next round starts after an
+     exponential backoff with full jitter, up to `max_rounds` rounds, all within `deadline_s`.
+A fetch either returns every block, each verified against the manifest, or raises BankError.
+Run its tests: .venv/bin/pytest -q tests/unit/test_fetcher.py tests/integration/test_client_failover.py
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+
+import grpc
+
+from membank.manifest import Manifest
+from services.model_client.bank_client import BankClient, BankError, BlockIntegrityError
+
+log = logging.getLogger("membank.client.fetcher")
+
+ANY = "*"          # the shard name of a single-address target: it holds every block
+Block = tuple[int, int]
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.RESOURCE_EXHAUSTED}
+INTEGRITY = {grpc.StatusCode.DATA_LOSS}
+WRONG_SHARD = {grpc.StatusCode.FAILED_PRECONDITION}
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    deadline_s: float = 10.0        # one whole fetch: every group, retry, hedge and backoff
+    attempt_timeout_s: float = 5.0  # one RPC (capped by what is left of the deadline)
+    max_rounds: int = 3             # rounds over a group's replicas; retries = rounds - 1
+    backoff_s: float = 0.05         # before round 2; doubles per round, full jitter
+    backoff_max_s: float = 1.0
+    hedge: bool = True
+    hedge_quantile: float = 0.95    # hedge after this quantile of observed latencies...
+    hedge_min_samples: int = 8      # ...once a size bucket has this many; before: hedge_initial_s
+    hedge_initial_s: float = 0.25
+    hedge_min_s: float = 0.002      # never hedge sooner (loopback latencies are ~1 ms)
+    latency_window: int = 128       # latencies kept per size bucket
+    down_s: float = 5.0             # a shard that answered UNAVAILABLE is tried last this long
+    max_workers: int = 8            # concurrent RPCs (attempts and hedges of all groups)
+
+    def __post_init__(self):
+        if self.deadline_s <= 0 or self.attempt_timeout_s <= 0 or self.max_rounds < 1:
+            raise ValueError("deadline_s and attempt_timeout_s must be > 0, max_rounds >= 1")
+        if not 0 < self.hedge_quantile <= 1:
+            raise ValueError("hedge_quantile must be in (0, 1]")
+
+
+@dataclass
+class Group:
+    """Blocks fetched by one RPC, and the shards that own all of them (best first)."""
+    blocks: list[Block]
+    replicas: list[str]
+
+
+@dataclass
+class FetchStats:
+    rpcs: int = 0                # FetchBlocks calls started (first tries, failovers, hedges)
+    retries: int = 0             # rounds after the first (after a backoff)
+    hedges: int = 0              # hedge RPCs started
+    hedge_wins: int = 0          # groups answered by the hedge, not the first replica
+    failovers: int = 0           # RPCs started on another replica after one failed
+    integrity_errors: int = 0    # DATA_LOSS or BlockIntegrityError from a replica
+    wrong_shard: int = 0         # FAILED_PRECONDITION from a replica
+    cancelled: int = 0           # losing hedges cancelled
+    errors: dict[str, int] = field(default_factory=dict)   # status code name -> count
+    bytes: int = 0               # verified block bytes returned
+    blocks: int = 0
+
+
+class LatencyTracker:
+    """Running quantiles of RPC latency per request-size bucket (powers of 4 bytes)."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self._lock = threading.Lock()
+        self._by_bucket: dict[int, deque] = {}
+
+    @staticmethod
+    def bucket(nbytes: int) -> int:
+        return max(0, int(nbytes).bit_length() - 1) // 2
+
+    def add(self, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            self._by_bucket.setdefault(self.bucket(nbytes), deque(maxlen=self.window)).append(seconds)
+
+    def quantile(self, nbytes: int, q: float, min_samples: int) -> float | None:
+        with self._lock:
+            xs = sorted(self._by_bucket.get(self.bucket(nbytes), ()))
+        if len(xs) < min_samples:
+            return None
+        return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+class _Attempt:
+    """One RPC to one replica; `cancel()` works before or after the call exists."""
+
+    def __init__(self, shard: str, hedge: bool):
+        self.shard, self.hedge = shard, hedge
+        self.started = time.monotonic()
+        self.future: Future | None = None
+        self._lock = threading.Lock()
+        self._call = None
+        self.cancelled = False
+
+    def on_call(self, call) -> None:
+        with self._lock:
+            self._call = call
+            if self.cancelled:
+                call.cancel()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            if self._call is not None:
+                self._call.cancel()
+
+
+class ShardedFetcher:
+    def __init__(self, targets: str | Mapping[str, str], policy: FetchPolicy | None = None, *,
+                 token: str | None = None, tls_ca: str | Path | bytes | bool | None = None,
+                 client_factory: Callable[[str], BankClient] | None = None,
+                 rng: random.Random | None = None):
+        """`targets`: shard id -> "host:port", or one "host:port" serving every block.
+        `token`, `tls_ca`: as BankClient's. `client_factory(address)` builds the per-shard
+        client (tests pass fakes); `rng` seeds the backoff jitter."""
+        if isinstance(targets, str):
+            targets = {ANY: targets}
+        if not targets:
+            raise ValueError("no targets")
+        self.targets = dict(targets)
+        self.policy = policy or FetchPolicy()
+        self._factory = client_factory or (lambda address: BankClient(
+            address, timeout_s=self.policy.attempt_timeout_s, token=token, tls_ca=tls_ca))
+        self._clients: dict[str, BankClient] = {}
+        self._lock = threading.Lock()
+        self._stats = FetchStats()
+        self._per_shard: dict[str, dict[str, int]] = {s: {"rpcs": 0, "errors": 0} for s in self.targets}
+        self._down_until: dict[str, float] = {}
+        self.latency = LatencyTracker(self.policy.latency_window)
+        self._rng = rng or random.Random()
+        self._pool = ThreadPoolExecutor(self.policy.max_workers, thread_name_prefix="membank-rpc")
+        # group drivers wait on attempts: a pool of their own, so they never starve the RPCs
+        self._groups = ThreadPoolExecutor(self.policy.max_workers, thread_name_prefix="membank-group")
+        # set when a shard answered FAILED_PRECONDITION: its manifest may be older than the
+        # shard's (e.g. after a rebalance); MemoryModel re-reads the manifest when it sees it
+        self.placement_mismatch = False
+
+    # -- public API --------------------------------------------------------------------------
+    def get_manifest(self, bank: str, version: str = "") -> Manifest:
+        """The manifest from the first shard that answers (up ones first; failover on retryable
+        errors; one round, within `deadline_s`)."""
+        deadline = time.monotonic() + self.policy.deadline_s
+        last: BankError | None = None
+        for shard in self._order(list(self.targets)):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                m = self._client(shard).get_manifest(
+                    bank, version, timeout_s=min(self.policy.attempt_timeout_s, remaining))
+                self._mark_up(shard)
+                return m
+            except BankError as e:
+                self._count_error(shard, e)
+                if e.code not in RETRYABLE:
+                    raise
+                last = e
+        raise last or BankError(grpc.StatusCode.DEADLINE_EXCEEDED, "no time left for GetManifest")
+
+    def fetch(self, bank: str, version: str, blocks: list[Block],
+              manifest: Manifest) -> dict[Block, bytearray]:
+        """Every block of `blocks`, each verified against `manifest`, or BankError."""
+        version = version or manifest.version
+        if bank != manifest.bank or version != manifest.version:
+            raise ValueError(f"manifest is {manifest.bank}/{manifest.version}, not {bank}/{version}")
+        if not blocks:
+            return {}
+        deadline = time.monotonic() + self.policy.deadline_s
+        groups = self.plan(manifest, blocks)
+        if len(groups) == 1:
+            return self._fetch_group(manifest, groups[0], deadline, frozenset())
+        futures = [self._groups.submit(self._fetch_group, manifest, g, deadline, frozenset())
+                   for g in groups]
+        out: dict[Block, bytearray] = {}
+        errors = []
+        for f in futures:   # every group finishes by the deadline; wait for all of them
+            try:
+                out.update(f.result())
+            except BankError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+        return out
+
+    def plan(self, manifest: Manifest, blocks: list[Block],
+             avoid: frozenset[str] = frozenset()) -> list[Group]:
+        """Group blocks into as few RPCs as possible (see the module docstring), using no shard
+        in `avoid`; BankError UNAVAILABLE when a block has no owner left to ask."""
+        blocks = list(dict.fromkeys((int(l), int(n)) for l, n in blocks))
+        if ANY in self.targets:
+            return [Group(blocks, [ANY])]
+        owners: dict[Block, list[str]] = {}
+        for b in blocks:
+            if not manifest.has_block(*b):
+                raise BankError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"block {b} is not in {manifest.bank}/{manifest.version}")
+            known = [s for s in manifest.owners(*b) if s in self.targets and s not in avoid]
+            if not known:
+                raise BankError(grpc.StatusCode.UNAVAILABLE,
+                                f"no address for shard(s) {manifest.owners(*b)} holding block {b}"
+                                f" (targets: {sorted(self.targets)}, failed: {sorted(avoid)})")
+            owners[b] = known
+        now = time.monotonic()
+        left = list(blocks)
+        groups = []
+        while left:
+            def score(s: str):
+                cover = [b for b in left if s in owners[b]]
+                primary = sum(1 for b in cover if owners[b][0] == s)
+                return (self._down_until.get(s, 0) <= now, len(cover), primary)
+            candidates = {s for b in left for s in owners[b]}
+            best = max(sorted(candidates), key=score)
+            cover = [b for b in left if best in owners[b]]
+            shared = set.intersection(*(set(owners[b]) for b in cover))
+            rank = owners[cover[-1]]   # the deepest block's owner order (its placement group)
+            rest = sorted(shared - {best}, key=lambda s: rank.index(s) if s in rank else len(rank))
+            groups.append(Group(cover, [best, *self._order(rest)]))
+            left = [b for b in left if b not in cover]
+        return groups
+
+    def health(self, timeout_s: float = 1.0) -> bool:
+        """True when at least one shard answers SERVING (grpc health), like BankClient.health."""
+        return any(self.shard_health(timeout_s).values())
+
+    def shard_health(self, timeout_s: float = 1.0) -> dict[str, bool]:
+        """Each shard's grpc health (SERVING or not), checked in parallel."""
+        futures = {s: self._pool.submit(self._client(s).health, timeout_s) for s in self.targets}
+        return {s: f.result() for s, f in futures.items()}
+
+    def stats(self) -> dict:
+        with self._lock:
+            d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(self._stats).items()}
+            d["shards"] = {s: dict(v) for s, v in self._per_shard.items()}
+        d["down"] = sorted(s for s, t in self._down_until.items() if t > time.monotonic())
+        return d
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._groups.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for c in clients:
+            c.close()
+
+    def __enter__(self) -> "ShardedFetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- one group ---------------------------------------------------------------------------
+    def _fetch_group(self, manifest: Manifest, group: Group, deadline: float,
+                     avoid: frozenset[str]) -> dict[Block, bytearray]:
+        nbytes = sum(manifest.block_nbytes(l) for l, _ in group.blocks)
+        excluded: set[str] = set()      # replicas that must not be asked again for this group
+        last: BankError | None = None
+        for round_ in range(self.policy.max_rounds):
+            if round_:
+                cap = min(self.policy.backoff_max_s, self.policy.backoff_s * 2 ** (round_ - 1))
+                pause = self._rng.uniform(0, cap)      # full jitter: spreads a fleet's retries
+                if time.monotonic() + pause >= deadline:
+                    break
+                time.sleep(pause)
+                self._count("retries")
+            replicas = self._order([r for r in group.replicas if r not in excluded])
+            if not replicas:
+                break
+            try:
+                return self._race(manifest, group.blocks, replicas, nbytes, deadline, excluded)
+            except _RoundFailed as e:
+                last = e.error
+                if e.fatal:
+                    raise e.error from None
+            # every replica of the group failed, but a block's other owners may not have been
+            # asked: the cover put the group on the few shards owning ALL of its blocks. Split
+            # the group over the shards not tried yet (sequentially: this is the rare path)
+            tried = avoid | set(group.replicas)
+            try:
+                split = self.plan(manifest, group.blocks, avoid=tried)
+            except BankError:
+                split = []      # some block has no other owner: retry these replicas instead
+            if split:
+                self._count("failovers")
+                out: dict[Block, bytearray] = {}
+                for g in split:
+                    out.update(self._fetch_group(manifest, g, deadline, tried))
+                return out
+            if time.monotonic() >= deadline:
+                break
+        if last is None:
+            last = BankError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"fetch of {len(group.blocks)} blocks ran out of time")
+        elif last.code in INTEGRITY:
+            last = BlockIntegrityError(f"blocks {group.blocks} failed verification on every "
+                                       f"replica ({', '.join(group.replicas)}): {last.message}")
+        log.warning("fetch of %s failed on %s: %s", group.blocks, group.replicas, last)
+        raise last
+
+    def _race(self, manifest, blocks, replicas, nbytes, deadline, excluded):
+        """One round: first replica, a hedge after the hedge delay, failover on errors."""
+        pending = list(replicas)
+        running: dict[Future, _Attempt] = {}
+        hedged = False
+        last: BankError | None = None
+
+        def launch(hedge: bool) -> None:
+            shard = pending.pop(0)
+            a = _Attempt(shard, hedge)
+            remaining = max(0.001, deadline - time.monotonic())
+            a.future = self._pool.submit(self._attempt, a, manifest, blocks,
+                                         min(self.policy.attempt_timeout_s, remaining))
+            running[a.future] = a
+
+        launch(False)
+        hedge_at = time.monotonic() + self._hedge_delay(nbytes)
+        try:
+            while running:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise _RoundFailed(BankError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                 f"fetch deadline ({self.policy.deadline_s} s) "
+                                                 f"passed"), fatal=True)
+                can_hedge = self.policy.hedge and not hedged and pending
+                timeout = min(deadline, hedge_at) - now if can_hedge else deadline - now
+                done, _ = wait(list(running), timeout=max(0.0, timeout), return_when=FIRST_COMPLETED)
+                if not done:
+                    if can_hedge and time.monotonic() >= hedge_at:
+                        hedged = True
+                        self._count("hedges")
+                        launch(True)
+                    continue
+                for f in done:
+                    a = running.pop(f)
+                    err = f.exception()
+                    if err is None:
+                        result = f.result()
+                        self.latency.add(nbytes, time.monotonic() - a.started)
+                        self._mark_up(a.shard)
+                        if a.hedge:
+                            self._count("hedge_wins")
+                        with self._lock:
+                            self._stats.bytes += sum(len(v) for v in result.values())
+                            self._stats.blocks += len(result)
+                        return result
+                    if not isinstance(err, BankError):
+                        raise err
+                    last = err
+                    self._count_error(a.shard, err)
+                    if err.code in INTEGRITY or isinstance(err, BlockIntegrityError):
+                        self._count("integrity_errors")
+                        excluded.add(a.shard)
+                        log.warning("replica %s sent a bad block for %s: %s", a.shard, blocks, err)
+                    elif err.code in WRONG_SHARD:
+                        self._count("wrong_shard")
+                        excluded.add(a.shard)
+                        self.placement_mismatch = True
+                    elif err.code == grpc.StatusCode.UNAVAILABLE:
+                        self._mark_down(a.shard)
+                    elif err.code not in RETRYABLE:
+                        raise _RoundFailed(err, fatal=True)
+                    if pending and not running:
+                        self._count("failovers")
+                        launch(False)
+            raise _RoundFailed(last, fatal=False)
+        finally:
+            for a in running.values():     # the losers of a race, or everyone on a fatal error
+                a.cancel()
+                self._count("cancelled")
+
+    def _attempt(self, a: _Attempt, manifest: Manifest, blocks, timeout_s: float):
+        with self._lock:
+            self._stats.rpcs += 1
+            self._per_shard.setdefault(a.shard, {"rpcs": 0, "errors": 0})["rpcs"] += 1
+        if a.cancelled:
+            raise BankError(grpc.StatusCode.CANCELLED, "cancelled before it started")
+        return self._client(a.shard).fetch(manifest.bank, manifest.version, blocks, manifest,
+                                           timeout_s=timeout_s, on_call=a.on_call)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _hedge_delay(self, nbytes: int) -> float:
+        p = self.policy
+        q = self.latency.quantile(nbytes, p.hedge_quantile, p.hedge_min_samples)
+        return min(p.attempt_timeout_s, max(p.hedge_min_s, p.hedge_initial_s if q is None else q))
+
+    def _client(self, shard: str) -> BankClient:
+        with self._lock:
+            c = self._clients.get(shard)
+            if c is None:
+                c = self._clients[shard] = self._factory(self.targets[shard])
+            return c
+
+    def _order(self, shards: list[str]) -> list[str]:
+        """Up shards first, in the given order, then the ones marked down."""
+        now = time.monotonic()
+        return sorted(shards, key=lambda s: self._down_until.get(s, 0) > now)
+
+    def _mark_down(self, shard: str) -> None:
+        self._down_until[shard] = time.monotonic() + self.policy.down_s
+
+    def _mark_up(self, shard: str) -> None:
+        self._down_until.pop(shard, None)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            setattr(self._stats, name, getattr(self._stats, name) + n)
+
+    def _count_error(self, shard: str, e: BankError) -> None:
+        with self._lock:
+            self._stats.errors[e.code.name] = self._stats.errors.get(e.code.name, 0) + 1
+            self._per_shard.setdefault(shard, {"rpcs": 0, "errors": 0})["errors"] += 1
+
+
+class _RoundFailed(Exception):
+    def __init__(self, error: BankError | None, fatal: bool):
+        super().__init__(str(error))
+        self.error = error or BankError(grpc.StatusCode.UNAVAILABLE, "no replica answered")
+        self.fatal = fatal

@@ -1,0 +1,275 @@
+"""The device's local HTTP API (FastAPI + uvicorn), as on-device assistants expose one.
+
+    POST /v1/generate    {"prompt", "max_tokens", "temperature", "top_k", "top_p", "stop", "seed",
+                          "stream", "use_memory"} -> the text, memory info and timings as JSON;
+                         with "stream": true, server-sent events: one `data: {"text": piece}` per
+                         text piece, then `event: done` with the same JSON as the plain answer
+    GET  /v1/health      model loaded, bank configured and reachable (gRPC health), busy
+    GET  /docs, /openapi.json
+
+Bad input (malformed JSON, wrong types, empty or over-long prompt, more tokens than allowed, bad
+sampling values, a prompt longer than the model's context) -> 422 `{"detail": "<one line>"}`.
+The model holds shared state (attached memory, one KV cache per generation), so generations
+run one at a time under a lock: concurrent requests queue, in arrival order.
+
+    python -m services.model_client.http_server --model runs/demo/export --bank 127.0.0.1:50051 --port 8000
+    curl -N localhost:8000/v1/generate -d '{"prompt": "The atomic number of Ruthenium is", "stream": true}'
+
+Every flag is also a `MEMBANK_CLIENT_*` environment variable (services/model_client/settings.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import socket
+import sys
+from typing import AsyncIterator
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.model_client.bank_client import BankClient, BankError
+from services.model_client.fetcher import FetchPolicy, ShardedFetcher
+from services.model_client.memory_model import GenerateResult, GenerationStream, MemoryModel
+from services.model_client.sampling import SamplingParams
+from services.model_client.settings import DeviceSettings
+
+log = logging.getLogger("membank.device")
+LISTENING = "membank device: listening on http://"   # the launch line tests and scripts read
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="text to continue")
+    max_tokens: int | None = Field(None, ge=1, description="new tokens at most (server default "
+                                   "when absent; over the server's limit: 422)")
+    temperature: float = Field(0.0, ge=0, description="0: greedy")
+    top_k: int = Field(0, ge=0, description="0: no top-k cut")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus mass; 1: no cut")
+    stop: list[str] | str = Field(default_factory=list, description="stop strings (not returned)")
+    seed: int | None = Field(None, ge=0, description="seed for sampling; none: not reproducible")
+    stream: bool = Field(False, description="server-sent events, one per text piece")
+    use_memory: bool = Field(True, description="false: the anchor alone, no bank fetch")
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    finish_reason: str = Field(description="eos, stop (a stop string) or length")
+    new_tokens: int
+    memory: bool = Field(description="true when fetched memory was attached")
+    anchor_only_reason: str | None = None
+    path: list[int] | None = None
+    fetched_blocks: list[tuple[int, int]] = []
+    fetched_bytes: int = 0
+    timings_ms: dict[str, float] = Field(
+        description="embed, route, fetch, attach, prefill, decode, ttft (time to first token)")
+
+
+class BankHealth(BaseModel):
+    configured: bool
+    targets: list[str] = []
+    reachable: bool | None = None   # None: no bank configured
+    error: str | None = None        # why it is not reachable
+
+
+class Health(BaseModel):
+    status: str
+    model_loaded: bool
+    busy: bool = Field(description="a generation is running (others queue)")
+    bank: BankHealth
+
+
+def create_app(model: MemoryModel, settings: DeviceSettings, bank: BankClient | None = None) -> FastAPI:
+    app = FastAPI(title="membank device", version="1",
+                  description="A small anchor model with hierarchical memories fetched from a "
+                              "bank, served on the device.")
+    lock = asyncio.Lock()  # created here, bound to uvicorn's loop on first use
+
+    @app.exception_handler(RequestValidationError)
+    async def one_line_422(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _first_error(exc.errors())}, status_code=422)
+
+    def sampling(req: GenerateRequest) -> SamplingParams:
+        if not req.prompt.strip():
+            raise HTTPException(422, "prompt is empty")
+        if len(req.prompt) > settings.max_prompt_chars:
+            raise HTTPException(422, f"prompt has {len(req.prompt)} characters; this server "
+                                     f"takes at most {settings.max_prompt_chars}")
+        max_tokens = req.max_tokens if req.max_tokens is not None else settings.default_max_tokens
+        if max_tokens > settings.max_tokens:
+            raise HTTPException(422, f"max_tokens {max_tokens} is more than this server allows "
+                                     f"({settings.max_tokens})")
+        stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+        try:
+            return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
+                                  top_p=req.top_p, stop=stop, seed=req.seed)
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
+
+    @app.post("/v1/generate", response_model=GenerateResponse, tags=["generate"],
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "JSON, or server-sent events with stream=true"},
+                         422: {"description": "bad input, one-line `detail`"}})
+    async def generate(req: GenerateRequest):
+        params = sampling(req)
+        await lock.acquire()  # released when the generation ends (or its stream is dropped)
+        try:
+            stream = await run_in_threadpool(model.generate_stream, req.prompt, bank,
+                                             use_memory=req.use_memory, params=params)
+        except ValueError as e:  # the prompt does not fit the model (too many tokens)
+            lock.release()
+            raise HTTPException(422, str(e)) from None
+        except BaseException:
+            lock.release()
+            raise
+        if req.stream:
+            return _EventStream(stream, lock)
+        try:
+            await run_in_threadpool(_drain, stream)
+        finally:
+            lock.release()
+        return _response(stream.result)
+
+    @app.get("/v1/health", response_model=Health, tags=["health"])
+    async def health() -> Health:
+        state = BankHealth(configured=bank is not None, targets=settings.bank)
+        if bank is not None:
+            # reachable = the bank answers GetManifest for this model's bank (what a prompt
+            # needs first); BankClient and ShardedFetcher both have it
+            try:
+                await run_in_threadpool(bank.get_manifest, model.bank_id)
+                state.reachable = True
+            except (BankError, ValueError) as e:
+                state.reachable, state.error = False, _one_line(e)
+        return Health(status="ok", model_loaded=True, busy=lock.locked(), bank=state)
+
+    return app
+
+
+def _drain(stream: GenerationStream) -> None:
+    for _ in stream:
+        pass
+
+
+def _response(result: GenerateResult) -> dict:
+    d = dataclasses.asdict(result)
+    d.pop("prompt")
+    return GenerateResponse(**d).model_dump()
+
+
+def _sse(data: dict, event: str | None = None) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data)}\n\n".encode()
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events of one generation; it owns the model lock until the response ends,
+    however it ends (done, client gone mid-stream, or never started)."""
+
+    def __init__(self, stream: GenerationStream, lock: asyncio.Lock):
+        super().__init__(_events(stream), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self.stream, self.lock = stream, lock
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # a step in a worker thread is always awaited to its end (run_in_threadpool does
+            # not abandon threads on cancel), so the generator is not running here
+            self.stream.close()
+            self.lock.release()
+
+
+async def _events(stream: GenerationStream) -> AsyncIterator[bytes]:
+    """One event per text piece, then `done` with the result (or `error`)."""
+    pieces = iter(stream)
+    try:
+        while True:
+            # each step in a worker thread: the event loop keeps serving health and new requests
+            piece = await run_in_threadpool(next, pieces, None)
+            if piece is None:
+                break
+            yield _sse({"text": piece})
+        yield _sse(_response(stream.result), event="done")
+    except Exception as e:  # the status line is gone already: report in-band, then end
+        log.exception("generation failed mid-stream")
+        yield _sse({"detail": _one_line(e)}, event="error")
+
+
+def _first_error(errors) -> str:
+    """FastAPI's validation errors as one line: where, and what is wrong."""
+    if not errors:
+        return "invalid request"
+    e = errors[0]
+    if e.get("type") == "json_invalid":
+        return f"body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}"
+    where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {e.get('msg', 'invalid')}{more}"
+
+
+def _one_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def bank_from_settings(settings: DeviceSettings) -> BankClient | ShardedFetcher | None:
+    """The device's bank client: None (anchor only) with no target, a BankClient for one
+    "host:port", a ShardedFetcher (hedging, failover) for "shard=host:port" targets."""
+    targets = settings.bank_targets()
+    token = settings.token.get_secret_value() if settings.token else None
+    if targets is None:
+        return None
+    if isinstance(targets, str):
+        return BankClient(targets, timeout_s=settings.bank_timeout_s, token=token, tls_ca=settings.tls_ca)
+    policy = FetchPolicy(deadline_s=settings.bank_timeout_s,
+                         attempt_timeout_s=min(settings.bank_timeout_s, FetchPolicy.attempt_timeout_s))
+    return ShardedFetcher(targets, policy, token=token, tls_ca=settings.tls_ca)
+
+
+def serve(settings: DeviceSettings) -> None:
+    """Load the model, bind the port (0: a free one, printed), run uvicorn until stopped."""
+    import uvicorn
+
+    model = MemoryModel.from_pretrained(settings.export_dir)
+    if settings.bank:
+        _ = model.bank_id  # an export without manifest.json cannot name its bank: fail at start
+    bank = bank_from_settings(settings)
+    if bank is not None:
+        model.embedder.encode(["warm up"])  # load MiniLM now, not on the first request
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.port))
+    sock.listen(128)  # connections made once the line below is printed wait for uvicorn
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(create_app(model, settings, bank), log_level=settings.log_level.lower(),
+                            timeout_graceful_shutdown=2)
+    print(f"{LISTENING}{host}:{port}", flush=True)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        if bank is not None:
+            bank.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        settings = DeviceSettings.from_args(argv)
+    except ValidationError as e:
+        raise SystemExit(f"membank device: error: {_first_error(e.errors())}") from None
+    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        serve(settings)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"membank device: error: {_one_line(e)}") from None
+
+
+if __name__ == "__main__":
+    main()

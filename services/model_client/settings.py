@@ -1,0 +1,114 @@
+"""Settings of the device process: environment variables `MEMBANK_CLIENT_*`, overridden by flags.
+
+    MEMBANK_CLIENT_BANK=127.0.0.1:50051 python -m services.model_client.http_server --port 8000
+
+`DeviceSettings.from_args(argv)` is called once, in `http_server.main()` (and by `membank chat`
+/ `membank device-serve`); everything below it gets the settings object and never reads the
+environment itself.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class DeviceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MEMBANK_CLIENT_", extra="forbid")
+
+    export_dir: Path = Path("runs/demo/export")         # anchor + tokenizer + router + manifest
+    # bank: one "host:port" serving every block, or "shard-id=host:port" per shard (hedging and
+    # failover over replicas: services/model_client/fetcher.py); empty: anchor only
+    bank: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    bank_timeout_s: float = Field(default=5.0, gt=0)    # deadline of each bank RPC
+    token: SecretStr | None = None                      # the bank's read token
+    tls_ca: Path | None = None                          # CA (PEM) that signed the bank's cert
+    host: str = "127.0.0.1"                             # a device API: loopback by default
+    port: int = Field(default=8000, ge=0, le=65535)     # 0: a free port (printed at start-up)
+    # request limits: beyond them the HTTP API answers 422 (the model's context still caps
+    # prompt + new tokens)
+    max_prompt_chars: int = Field(default=8192, ge=1)
+    max_tokens: int = Field(default=256, ge=1)          # most new tokens one request may ask for
+    default_max_tokens: int = Field(default=32, ge=1)   # when a request names none
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("bank", mode="before")
+    @classmethod
+    def _split_targets(cls, v):
+        # MEMBANK_CLIENT_BANK=a:1,b:2 and --bank a:1,b:2
+        return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+
+    @field_validator("bank")
+    @classmethod
+    def _targets_are_one_address_or_named_shards(cls, v: list[str]) -> list[str]:
+        named = ["=" in t for t in v]
+        if len(v) > 1 and not all(named):
+            raise ValueError("several bank targets need shard ids: shard-0=host:port,shard-1=host:port")
+        for t in v:
+            if not t.rpartition("=")[2].rpartition(":")[2].isdigit():
+                raise ValueError(f"bank target {t!r} is not [shard=]host:port")
+        return v
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> "DeviceSettings":
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(f"default_max_tokens {self.default_max_tokens} is over max_tokens "
+                             f"{self.max_tokens}")
+        return self
+
+    def bank_targets(self) -> str | dict[str, str] | None:
+        """None (no bank), one "host:port", or {shard id: "host:port"}."""
+        if not self.bank:
+            return None
+        if "=" not in self.bank[0]:
+            return self.bank[0]
+        return dict(t.split("=", 1) for t in self.bank)
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None, prog: str = "python -m "
+                  "services.model_client.http_server") -> "DeviceSettings":
+        """Settings from the environment, with any flag given on the command line on top."""
+        p = argparse.ArgumentParser(prog=prog, description="Serve a membank model on the device.")
+        add_arguments(p)
+        return cls.from_namespace(p.parse_args(argv))
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> "DeviceSettings":
+        """Settings from parsed `add_arguments` flags (None: not given) over the environment."""
+        names = set(cls.model_fields)
+        return cls(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+
+
+def add_arguments(p: argparse.ArgumentParser, serve: bool = True) -> None:
+    """The device flags (`serve`: the HTTP server's too); defaults are None so only flags
+    actually given override the environment."""
+    p.add_argument("--model", dest="export_dir", help="export directory")
+    p.add_argument("--bank", help="bank server address host:port (several: comma separated; "
+                   "none: anchor only)")
+    p.add_argument("--timeout", dest="bank_timeout_s", type=float, help="bank deadline in seconds")
+    # the token from a file, so it never shows on a command line (MEMBANK_CLIENT_TOKEN works too)
+    p.add_argument("--token-file", dest="token", type=_read_secret,
+                   help="file holding the bank's read token")
+    p.add_argument("--tls-ca", help="CA certificate (PEM) to verify a TLS bank")
+    p.add_argument("--log-level", type=str.upper)
+    if not serve:
+        return
+    p.add_argument("--host")
+    p.add_argument("--port", type=int, help="HTTP port; 0 picks a free port")
+    p.add_argument("--max-prompt-chars", type=int)
+    p.add_argument("--max-tokens", type=int, help="most new tokens a request may ask for")
+    p.add_argument("--default-max-tokens", type=int)
+
+
+def _read_secret(path: str) -> str:
+    """A token file's content, surrounding whitespace removed (argparse type)."""
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {e.strerror}") from None
+    if not token:
+        raise argparse.ArgumentTypeError(f"{path} is empty")
+    return token

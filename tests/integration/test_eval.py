@@ -1,0 +1,42 @@
+"""`membank eval --preset smoke`: the long-tail pipeline end to end (not its accuracy)."""
+import json
+
+import pytest
+
+from membank.cli import main
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def test_eval_smoke_writes_json_table_and_plot(tmp_path):
+    results = tmp_path / "out" / "longtail.json"
+    main(["eval", "--preset", "smoke", "--out", str(tmp_path / "run"), "--results", str(results)])
+    r = json.loads(results.read_text())
+    assert r["n_subjects"] == 118 and len(r["prompts"]) == 118
+    for name in ("anchor", "generic", "fetched", "dense", "blocked", "cotrained-anchor"):
+        assert len(r["accuracy_per_bucket"][name]) == 5
+        assert r["perplexity"][name] > 1
+    # equal runtime parameters: dense = anchor + fetch, up to rounding to whole neurons
+    assert r["runtime_params"]["fetched"] == r["runtime_params"]["anchor"] + r["fetch_params"]
+    assert abs(r["runtime_params"]["dense"] - r["runtime_params"]["fetched"]) <= 3 * 32 * 2
+    # the blocked route never enters the prompt's own level-1 node
+    assert all(p["blocked_path"][0] != p["path"][0] for p in r["prompts"])
+    # buckets: 5 groups ordered by mentions, rarest first
+    spans = r["bucket_mentions"]
+    assert all(spans[b][1] <= spans[b + 1][0] for b in range(4))
+    assert results.with_suffix(".md").read_text().startswith("| model |")
+    assert results.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a rerun reuses every trained model (checkpoints) and gives the same answers
+    again = tmp_path / "again.json"
+    main(["eval", "--preset", "smoke", "--out", str(tmp_path / "run"), "--results", str(again)])
+    r2 = json.loads(again.read_text())
+    assert [p["fetched"]["text"] for p in r2["prompts"]] == [p["fetched"]["text"] for p in r["prompts"]]
+
+
+def test_eval_refuses_a_corpus_that_contains_the_template(tmp_path, capsys):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "The atomic number of Gold is 79."}\n')
+    with pytest.raises(SystemExit):
+        main(["eval", "--preset", "smoke", "--out", str(tmp_path / "run"), "--corpus", str(corpus),
+              "--heldout", str(corpus)])
+    assert "contains the probe's template" in capsys.readouterr().err

@@ -1,0 +1,94 @@
+"""MemoryModel.fetch_path: manifest read once per TTL, re-read when the version is gone, kept
+when the bank is down (cached blocks still used), and only missing levels fetched.
+
+A fake bank (no sockets); the model is the random-weight `tiny` export (tests/conftest.py).
+Run: .venv/bin/python -m pytest -q tests/unit/test_memory_model_fetch.py
+"""
+import grpc
+import numpy as np
+import pytest
+
+from membank.artifacts import iter_blocks, load_manifest
+from services.model_client.bank_client import BankError
+from services.model_client.device_cache import DeviceCache
+from services.model_client.memory_model import GenerateResult, MemoryModel
+
+
+class FakeEmbedder:
+    dim = 384
+
+    def encode(self, texts, **_):
+        return np.ones((len(texts), self.dim), dtype=np.float32) / self.dim ** 0.5
+
+
+class FakeBank:
+    """Serves `manifest` (the published version) and the export's blocks for it only."""
+
+    def __init__(self, manifest, blocks):
+        self.manifest, self.blocks = manifest, blocks
+        self.down = False
+        self.manifest_reads, self.fetches = 0, []
+
+    def get_manifest(self, bank, version=""):
+        self.manifest_reads += 1
+        if self.down:
+            raise BankError(grpc.StatusCode.UNAVAILABLE, "down")
+        return self.manifest
+
+    def fetch(self, bank, version, blocks, manifest):
+        if self.down:
+            raise BankError(grpc.StatusCode.UNAVAILABLE, "down")
+        if version != self.manifest.version:
+            raise BankError(grpc.StatusCode.NOT_FOUND, f"unknown version {version!r}")
+        self.fetches.append(list(blocks))
+        return {b: bytearray(self.blocks[b]) for b in blocks}
+
+
+@pytest.fixture
+def setup(tiny_model_export):
+    m = load_manifest(tiny_model_export)
+    blocks = {(l, n): d for l, n, d in iter_blocks(tiny_model_export, m)}
+    model = MemoryModel.from_pretrained(tiny_model_export, embedder=FakeEmbedder(),
+                                        cache=DeviceCache(1 << 20), manifest_ttl_s=3600)
+    return model, FakeBank(m, blocks), m
+
+
+def fetch(model, bank, path):
+    r = GenerateResult(prompt="p", text="", memory=False)
+    model.fetch_path(bank, path, r)
+    return r
+
+
+def test_manifest_read_once_per_ttl_and_only_changed_levels_fetched(setup):
+    model, bank, m = setup
+    assert fetch(model, bank, [0, 1]).fetched_blocks == m.path_blocks([0, 1])
+    r = fetch(model, bank, [0, 0])              # same level-1 node: only level 2 changes
+    assert r.fetched_blocks == [m.path_blocks([0, 0])[1]] and r.cached_blocks == []
+    r = fetch(model, bank, [0, 1])              # level 2 back to a block the cache holds
+    assert r.fetched_blocks == [] and r.cached_blocks == [m.path_blocks([0, 1])[1]]
+    assert bank.manifest_reads == 1
+    model.manifest_ttl_s = 0                    # expired: re-read before the next prompt
+    fetch(model, bank, [0, 1])
+    assert bank.manifest_reads == 2
+
+
+def test_a_version_gone_from_the_bank_makes_the_model_reread_the_manifest(setup):
+    model, bank, m = setup
+    fetch(model, bank, [1, 1])
+    bank.manifest = m.model_copy(update={"version": "v2"})   # published; v1 collected
+    r = fetch(model, bank, [1, 0])              # v1 fetch -> NOT_FOUND -> re-read -> v2
+    assert r.fetched_blocks == m.path_blocks([1, 0]) and bank.manifest_reads == 2
+    assert set(model.attached.values()) == {("test", "v2", n) for _, n in m.path_blocks([1, 0])}
+
+
+def test_a_down_bank_keeps_the_manifest_and_the_cached_blocks(setup):
+    model, bank, m = setup
+    fetch(model, bank, [1, 1])
+    fetch(model, bank, [0, 0])
+    bank.down = True
+    model.manifest_ttl_s = 0
+    r = fetch(model, bank, [1, 1])              # all from the device cache, manifest kept
+    assert r.fetched_blocks == [] and r.cached_blocks == m.path_blocks([1, 1])
+    with pytest.raises(BankError):              # a block it never saw: the fetch fails
+        fetch(model, bank, [1, 0])
+    assert model.attached[2] == ("test", "v1", m.path_blocks([1, 1])[1][1])   # untouched
