@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from membank.secrets import read_secret
+
 
 class BankServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEMBANK_SERVER_", extra="forbid")
@@ -98,8 +100,8 @@ class BankServerSettings(BaseSettings):
                        help="do not start the admin HTTP server")
         # tokens from files (e.g. mounted secrets) so they never show on a command line;
         # MEMBANK_SERVER_AUTH_TOKEN / MEMBANK_SERVER_ADMIN_TOKEN work too
-        p.add_argument("--auth-token-file", type=_read_secret, dest="auth_token")
-        p.add_argument("--admin-token-file", type=_read_secret, dest="admin_token")
+        p.add_argument("--auth-token-file", type=read_secret, dest="auth_token")
+        p.add_argument("--admin-token-file", type=read_secret, dest="admin_token")
         p.add_argument("--tls-cert", help="PEM certificate chain (TLS on when given with --tls-key)")
         p.add_argument("--tls-key", help="PEM private key")
         p.add_argument("--max-request-bytes", type=int)
@@ -112,14 +114,3 @@ class BankServerSettings(BaseSettings):
         p.add_argument("--shutdown-grace-s", type=float)
         args = p.parse_args(argv)
         return cls(**{k: v for k, v in vars(args).items() if v is not None})
-
-
-def _read_secret(path: str) -> str:
-    """A token file's content, surrounding whitespace removed (argparse type for *-token-file)."""
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as e:
-        raise argparse.ArgumentTypeError(f"cannot read {path}: {e.strerror}") from None
-    if not token:
-        raise argparse.ArgumentTypeError(f"{path} is empty")
-    return token

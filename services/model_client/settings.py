@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from membank.secrets import read_secret
+
 
 class DeviceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEMBANK_CLIENT_", extra="forbid")
@@ -90,7 +92,7 @@ def add_arguments(p: argparse.ArgumentParser, serve: bool = True) -> None:
                    "none: anchor only)")
     p.add_argument("--timeout", dest="bank_timeout_s", type=float, help="bank deadline in seconds")
     # the token from a file, so it never shows on a command line (MEMBANK_CLIENT_TOKEN works too)
-    p.add_argument("--token-file", dest="token", type=_read_secret,
+    p.add_argument("--token-file", dest="token", type=read_secret,
                    help="file holding the bank's read token")
     p.add_argument("--tls-ca", help="CA certificate (PEM) to verify a TLS bank")
     p.add_argument("--log-level", type=str.upper)
@@ -101,14 +103,3 @@ def add_arguments(p: argparse.ArgumentParser, serve: bool = True) -> None:
     p.add_argument("--max-prompt-chars", type=int)
     p.add_argument("--max-tokens", type=int, help="most new tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int)
-
-
-def _read_secret(path: str) -> str:
-    """A token file's content, surrounding whitespace removed (argparse type)."""
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as e:
-        raise argparse.ArgumentTypeError(f"cannot read {path}: {e.strerror}") from None
-    if not token:
-        raise argparse.ArgumentTypeError(f"{path} is empty")
-    return token
