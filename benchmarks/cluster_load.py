@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/cluster_load.py                       # 1, 2, 4 shards, 30 s each
     .venv/bin/python benchmarks/cluster_load.py --shards 1,2 --duration 10 --redis
-    .venv/bin/python benchmarks/cluster_load.py --soak 600 --rate 100 --shards 2   # 10-min soak
+    .venv/bin/python benchmarks/cluster_load.py --soak 600 --rate 50 --shards 2 --redis --plot results/soak.png
 
 Each run starts a local cluster (services/bank_server/cluster.py: shard-aware ingest, one bank
 server subprocess per shard, optionally a redis-server tier) over a synthetic bank (k=4,
@@ -160,15 +160,25 @@ def soak(export: Path, workdir: Path, args) -> dict:
             rss0 = {n: round(rss_mb(p), 1) for n, p in pids.items()}
             n0 = load.report.prompts
             t0 = time.monotonic()
-            samples = []
+            samples = []      # every 10 s: {"t": s, "rss": {shard: MB}, "cpu": {shard: cores}}
+            c_prev, t_prev = {n: cpu_seconds(p) for n, p in pids.items()}, t0
+            errs_prev = 0
             bar = tqdm(total=int(args.soak), desc=f"soak {shards} shard(s) @ {args.rate}/s",
                        unit="s")
             while time.monotonic() - t0 < args.soak:
                 time.sleep(min(10, args.soak - (time.monotonic() - t0)))
-                samples.append({n: round(rss_mb(p), 1) for n, p in pids.items()})
-                bar.n = int(time.monotonic() - t0)
+                now, c_now = time.monotonic(), {n: cpu_seconds(p) for n, p in pids.items()}
+                samples.append({
+                    "t": round(now - t0, 1),
+                    "rss": {n: round(rss_mb(p), 1) for n, p in pids.items()},
+                    "cpu": {n: round((c_now[n] - c_prev[n]) / max(now - t_prev, 1e-9), 3)
+                            for n in pids},
+                    "prompts": load.report.prompts - n0,
+                    "new_errors": len(load.report.errors) - errs_prev})
+                c_prev, t_prev, errs_prev = c_now, now, len(load.report.errors)
+                bar.n = int(now - t0)
                 bar.set_postfix(errors=len(load.report.errors),
-                                rss=",".join(f"{v:.0f}" for v in samples[-1].values()))
+                                rss=",".join(f"{v:.0f}" for v in samples[-1]["rss"].values()))
             bar.close()
             el = time.monotonic() - t0
             rss1 = {n: round(rss_mb(p), 1) for n, p in pids.items()}
@@ -177,8 +187,35 @@ def soak(export: Path, workdir: Path, args) -> dict:
     return {"soak_s": round(el), "shards": shards, "rate_target": args.rate,
             "prompts_per_s": round((n1 - n0) / el, 1), "errors": len(report.errors),
             "failed_rpcs": report.failed_rpcs, "rss_mb_start": rss0, "rss_mb_end": rss1,
-            "rss_mb_max": {n: max(s[n] for s in samples) for n in pids} if samples else rss1,
-            "first_errors": report.errors[:5]}
+            "rss_mb_max": {n: max(s["rss"][n] for s in samples) for n in pids} if samples else rss1,
+            "server_cpu_cores_mean": {n: round(sum(s["cpu"][n] for s in samples)
+                                               / max(len(samples), 1), 3) for n in pids},
+            "first_errors": report.errors[:5], "samples": samples}
+
+
+def plot_soak(out: dict, path: Path) -> None:
+    """RSS and CPU of every shard over the soak (one line per shard), errors marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    t = [s["t"] for s in out["samples"]]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
+    for n in out["rss_mb_start"]:
+        ax1.plot(t, [s["rss"][n] for s in out["samples"]], label=n)
+        ax2.plot(t, [s["cpu"][n] for s in out["samples"]], label=n)
+    for s in out["samples"]:
+        if s["new_errors"]:
+            ax1.axvline(s["t"], color="red", alpha=.4)
+    ax1.set_ylabel("server RSS (MB)")
+    ax1.set_ylim(bottom=0)
+    ax2.set_ylabel("server CPU (cores)")
+    ax2.set_xlabel("seconds into the soak")
+    ax1.set_title(f"soak: {out['shards']} shards at {out['rate_target']} prompts/s, "
+                  f"{out['errors']} errors")
+    ax1.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -195,6 +232,7 @@ def main() -> None:
     p.add_argument("--soak", type=float, help="soak for this many seconds instead")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, help="keep LMDBs and logs here (default: temp)")
+    p.add_argument("--plot", type=Path, help="soak: write RSS/CPU over time to this PNG")
     args = p.parse_args()
     if args.soak and not args.rate:
         p.error("--soak needs --rate (a steady rate, prompts/s)")
@@ -207,7 +245,12 @@ def main() -> None:
             print(f"soak {out['soak_s']} s, {out['shards']} shard(s), {out['prompts_per_s']} "
                   f"prompts/s (target {out['rate_target']}): {out['errors']} errors, "
                   f"{out['failed_rpcs']} failed RPCs; RSS MB start {out['rss_mb_start']} "
-                  f"end {out['rss_mb_end']} max {out['rss_mb_max']}")
+                  f"end {out['rss_mb_end']} max {out['rss_mb_max']}; server CPU cores (mean) "
+                  f"{out['server_cpu_cores_mean']}")
+            if args.plot:
+                plot_soak(out, args.plot)
+                print(f"plot: {args.plot}")
+            out["samples_n"] = len(out.pop("samples"))
             print(json.dumps({"benchmark": "cluster_load.soak", **out}))
             return
         runs = [one_run(export, work, int(n), args) for n in args.shards.split(",")]
