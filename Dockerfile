@@ -54,8 +54,9 @@ USER 10001:10001
 
 # -- bank-server: one shard ----------------------------------------------------------------------
 FROM runtime AS bank-server
-# gRPC; admin HTTP (/metrics, /readyz, /v1/stats; MEMBANK_SERVER_ADMIN_PORT)
-EXPOSE 50051 8080
+# gRPC; admin HTTP (/metrics, /readyz, /v1/stats; MEMBANK_SERVER_ADMIN_PORT); the block data
+# plane (raw TCP, MEMBANK_SERVER_DATAPLANE_PORT; off unless that is set)
+EXPOSE 50051 8080 50052
 # the probe takes host, port and TLS from the same MEMBANK_SERVER_* settings as the server
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-m", "services.bank_server.healthcheck"]

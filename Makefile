@@ -39,7 +39,7 @@ loadtest: $(STAMP) $(STUBS)
 
 # schema checks of deploy/ and docker-compose.yml (offline; no cluster, no Docker engine)
 validate-deploy: $(STAMP)
-	$(PY) -m pytest -q tests/deploy/test_manifests.py
+	$(PY) -m pytest -q tests/deploy/test_manifests.py tests/deploy/test_dataplane_deploy.py
 
 clean:
 	rm -rf $(STUBS) membank/v1/bank_pb2.pyi runs .pytest_cache

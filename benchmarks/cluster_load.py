@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/cluster_load.py                       # 1, 2, 4 shards, 30 s each
     .venv/bin/python benchmarks/cluster_load.py --shards 1,2 --duration 10 --redis
+    .venv/bin/python benchmarks/cluster_load.py --shards 1,2 --transports grpc,dataplane
     .venv/bin/python benchmarks/cluster_load.py --soak 600 --rate 50 --shards 2 --redis --plot results/soak.png
 
 Each run starts a local cluster (services/bank_server/cluster.py: shard-aware ingest, one bank
@@ -106,11 +107,13 @@ def server_levels(after: dict) -> dict:
     return out
 
 
-def one_run(export: Path, workdir: Path, shards: int, args) -> dict:
+def one_run(export: Path, workdir: Path, shards: int, args, transport: str = "grpc") -> dict:
+    """One measured run; `transport` "dataplane" starts every shard with a data plane port and
+    gives the devices "host:G+D" targets (block bodies over raw TCP), "grpc" plain targets."""
     server_args = ["--max-workers", str(args.max_workers)]
     with run_local_cluster(export, shards=shards, replication=min(args.replication, shards),
                            redis=args.redis, workdir=workdir, server_args=server_args,
-                           placement_level=2) as cluster:
+                           placement_level=2, dataplane=transport == "dataplane") as cluster:
         pids = {n: s.proc.pid for n, s in cluster.shards.items()}
         with LoadLoop(cluster.targets, cluster.bank, threads=args.threads,
                       cache_blocks=args.device_cache, rate=args.rate, seed=args.seed) as load:
@@ -122,7 +125,7 @@ def one_run(export: Path, workdir: Path, shards: int, args) -> dict:
             me0 = sum(os.times()[:2])
             s0 = tier_totals(cluster.stats())
             t0 = time.monotonic()
-            for _ in tqdm(range(int(args.duration)), desc=f"{shards} shard(s)", unit="s",
+            for _ in tqdm(range(int(args.duration)), desc=f"{shards} shard(s), {transport}", unit="s",
                           leave=False):
                 time.sleep(1)
             el = time.monotonic() - t0
@@ -134,7 +137,7 @@ def one_run(export: Path, workdir: Path, shards: int, args) -> dict:
         report = load.report
     pct = lambda xs, q: round(xs[min(len(xs) - 1, int(q * len(xs)))], 2) if xs else None  # noqa: E731
     return {
-        "shards": shards, "seconds": round(el, 1),
+        "shards": shards, "transport": transport, "seconds": round(el, 1),
         "prompts_per_s": round((n1 - n0) / el, 1), "rpcs_per_s": round((r1 - r0) / el, 1),
         "mb_per_s": round((b1 - b0) / el / 1e6, 1),
         "rpc_ms": {k: {"n": len(v), "p50": pct(v, .5), "p95": pct(v, .95), "p99": pct(v, .99)}
@@ -233,6 +236,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, help="keep LMDBs and logs here (default: temp)")
     p.add_argument("--plot", type=Path, help="soak: write RSS/CPU over time to this PNG")
+    p.add_argument("--transports", default="grpc",
+                   help="comma-separated: grpc (FetchBlocks) and/or dataplane (raw-TCP bodies); "
+                        "each shard count runs once per transport, ratios against the first")
     args = p.parse_args()
     if args.soak and not args.rate:
         p.error("--soak needs --rate (a steady rate, prompts/s)")
@@ -253,21 +259,22 @@ def main() -> None:
             out["samples_n"] = len(out.pop("samples"))
             print(json.dumps({"benchmark": "cluster_load.soak", **out}))
             return
-        runs = [one_run(export, work, int(n), args) for n in args.shards.split(",")]
+        runs = [one_run(export, work, int(n), args, t) for n in args.shards.split(",")
+                for t in args.transports.split(",")]
 
     base = runs[0]
-    print(f"\n{'shards':>6} {'prompts/s':>10} {'RPC/s':>8} {'MB/s':>7} {'x base':>7} "
+    print(f"\n{'shards':>6} {'transport':>9} {'prompts/s':>10} {'RPC/s':>8} {'MB/s':>7} {'x base':>7} "
           f"{'srv cores':>9} {'cli cores':>9} {'errors':>6}  hit ratios")
     for r in runs:
         r["ratio_vs_base"] = round(r["prompts_per_s"] / max(base["prompts_per_s"], 1e-9), 2)
-        print(f"{r['shards']:>6} {r['prompts_per_s']:>10} {r['rpcs_per_s']:>8} {r['mb_per_s']:>7} "
+        print(f"{r['shards']:>6} {r['transport']:>9} {r['prompts_per_s']:>10} {r['rpcs_per_s']:>8} {r['mb_per_s']:>7} "
               f"{r['ratio_vs_base']:>7} {r['server_cpu_cores']:>9} {r['client_cpu_cores']:>9} "
               f"{r['errors']:>6}  {r['hit_ratio']}")
     print("\nclient RPC latency ms (p50 / p95 / p99) by levels fetched; server per level p50 / p99")
     for r in runs:
         rpc = "  ".join(f"{k} {v['p50']}/{v['p95']}/{v['p99']}" for k, v in r["rpc_ms"].items())
         srv = "  ".join(f"{k} {v['p50']}/{v['p99']}" for k, v in r["server_ms"].items())
-        print(f"{r['shards']:>6}  client: {rpc}\n{'':>6}  server: {srv}")
+        print(f"{r['shards']:>6} {r['transport']:>9}  client: {rpc}\n{'':>16}  server: {srv}")
     print(json.dumps({"benchmark": "cluster_load", "threads": args.threads,
                       "duration_s": args.duration, "redis": args.redis,
                       "replication": args.replication, "runs": runs}))

@@ -1,12 +1,16 @@
-"""Block fetch throughput: membank FetchBlocks vs raw TCP vs Redis GET vs plain HTTP.
+"""Block fetch throughput: membank (data plane and FetchBlocks) vs raw TCP vs Redis GET vs HTTP.
 
     .venv/bin/python benchmarks/fetch.py                 # full run (about 2 minutes here)
     .venv/bin/python benchmarks/fetch.py --quick         # fewer repetitions
-    .venv/bin/python benchmarks/fetch.py --sizes 6.9 --clients 1 --systems membank,tcp
+    .venv/bin/python benchmarks/fetch.py --sizes 6.9 --clients 1 --systems membank-dp,tcp
 
 Same blocks, same run. A synthetic bank with the paper's 160M shapes (d 512, 35 memory layers,
 bf16, ranks 256/64/16, k=2) has level-1/2/3 blocks of 27.5 / 6.9 / 1.7 MB. Each block is served
-  membank      the real bank server (subprocess over LMDB, launch.py), fetched with the real
+  membank-dp   the real bank server's raw-TCP data plane (services/bank_server/dataplane.py),
+               fetched with the real DataPlaneClient: one request per block, received with
+               recv_into into one preallocated buffer, hashed while receiving, checksum
+               verified against the manifest (block bodies sent from the LMDB memory map)
+  membank      the same server's gRPC FetchBlocks, fetched with the real
                BankClient: one FetchBlocks RPC per block, streamed 1 MiB chunks reassembled
                into one preallocated buffer, checksum verified against the manifest
   membank-untuned  the same BankClient with grpc's default 64 KiB stream window and a new
@@ -27,7 +31,8 @@ MB/s (all bytes / wall time), and the ratio of MB/s to raw TCP's. The last line 
 ONE JSON object with everything, for BENCHMARKS.md.
 
 Targets (issue 5): single-client 6.9 MB throughput >= 0.67x raw TCP; membank faster than
-Redis GET and than plain HTTP at every size.
+Redis GET and than plain HTTP at every size. They are judged on membank's fastest fetch path
+measured (membank-dp when it ran, else membank); the JSON has both (`targets`).
 """
 from __future__ import annotations
 
@@ -53,7 +58,8 @@ sys.path.insert(0, str(REPO))
 BANK, VERSION = "bench", "v1"
 D_MODEL, N_LAYERS, RANKS, K = 512, 35, [256, 64, 16], 2
 SIZE_LEVEL = {27.5: 1, 6.9: 2, 1.7: 3}      # MB (decimal) -> level holding blocks that size
-SYSTEMS = ("membank", "membank-untuned", "membank-raw", "grpc-floor", "tcp", "redis", "http")
+SYSTEMS = ("membank-dp", "membank", "membank-untuned", "membank-raw", "grpc-floor", "tcp",
+           "redis", "http")
 
 
 # -- the bank ---------------------------------------------------------------------------------
@@ -304,6 +310,22 @@ class MembankClient:
         self.c.close()
 
 
+class MembankDataPlaneClient:
+    def __init__(self, target: str, manifest):
+        from services.model_client.dataplane_client import DataPlaneClient
+        self.c = DataPlaneClient(target, timeout_s=60, max_idle=1)
+        self.m = manifest
+        self.bufs: dict[int, bytearray] = {}
+
+    def fetch(self, level: int, node: int) -> int:
+        # a preallocated buffer per level, as the TCP client has
+        out = {(level, node): self.bufs.setdefault(level, bytearray(self.m.block_nbytes(level)))}
+        return len(self.c.fetch(BANK, VERSION, [(level, node)], self.m, out=out)[(level, node)])
+
+    def close(self):
+        self.c.close()
+
+
 class MembankRawClient:
     def __init__(self, address: str, manifest):
         import grpc
@@ -441,9 +463,13 @@ def main(argv: list[str] | None = None) -> int:
             proc, ports["redis"] = start_redis(work, blocks)
             procs.append(proc)
         flags = [f for flag in args.server_flag for f in flag.split("=", 1)]
-        with run_bank_server(lmdb_path, "--map-size-gb", "1", "--no-admin", *flags,
-                             log_path=work / "bank_server.log", cwd=REPO) as (address, _):
+        with run_bank_server(lmdb_path, "--map-size-gb", "1", "--no-admin",
+                             "--dataplane-port", "0", *flags,
+                             log_path=work / "bank_server.log", cwd=REPO) as (address, server):
+            from services.model_client.dataplane_client import dataplane_target
+            dp_target = dataplane_target(address, server.dataplane_address)
             makers = {
+                "membank-dp": lambda: MembankDataPlaneClient(dp_target, manifest),
                 "membank": lambda: MembankClient(address, manifest),
                 "membank-untuned": lambda: MembankClient(address, manifest, tuned=False),
                 "membank-raw": lambda: MembankRawClient(address, manifest),
@@ -453,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                 "grpc-floor": lambda: GrpcFloorClient(ports["grpc-floor"], sizes_by_level),
             }
             results = []
-            print(f"\n{'size MB':>8} {'clients':>7} {'system':<12} {'median ms':>10} "
+            print(f"\n{'size MB':>8} {'clients':>7} {'system':<15} {'median ms':>10} "
                   f"{'p99 ms':>8} {'MB/s':>8} {'x tcp':>6}", flush=True)
             for size in sizes:
                 level = SIZE_LEVEL[size]
@@ -483,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
                         base = point.get("tcp")
                         r["x_tcp"] = r["mb_s"] / base["mb_s"] if base else None
                         results.append(r)
-                        print(f"{size:>8} {clients:>7} {system:<12} {r['median_ms']:>10.2f} "
+                        print(f"{size:>8} {clients:>7} {system:<15} {r['median_ms']:>10.2f} "
                               f"{r['p99_ms']:>8.2f} {r['mb_s']:>8.0f} "
                               f"{(r['x_tcp'] or float('nan')):>6.2f}", flush=True)
     finally:
@@ -496,21 +522,33 @@ def main(argv: list[str] | None = None) -> int:
         return next((r for r in results if (r["size_mb"], r["clients"], r["system"])
                      == (size, clients, system)), None)
 
-    targets = {}
-    single = get(6.9, 1, "membank")
-    if single and single["x_tcp"] is not None:
-        targets["single_client_6.9MB_x_tcp"] = round(single["x_tcp"], 3)
-        targets["single_client_6.9MB_ok"] = single["x_tcp"] >= 0.67
-    beats = {}
-    for r in results:
-        if r["system"] != "membank":
-            continue
-        for other in ("redis", "http"):
-            o = get(r["size_mb"], r["clients"], other)
-            if o:
-                beats[f"{r['size_mb']}MB_{r['clients']}c_vs_{other}"] = r["mb_s"] > o["mb_s"]
-    targets["membank_faster"] = beats
-    targets["all_ok"] = bool(targets.get("single_client_6.9MB_ok", True)) and all(beats.values())
+    def judge(system: str) -> dict:
+        t: dict = {}
+        single = get(6.9, 1, system)
+        if single and single["x_tcp"] is not None:
+            t["single_client_6.9MB_x_tcp"] = round(single["x_tcp"], 3)
+            t["single_client_6.9MB_ok"] = single["x_tcp"] >= 0.67
+        beats = {}
+        for r in results:
+            if r["system"] != system:
+                continue
+            for other in ("redis", "http"):
+                o = get(r["size_mb"], r["clients"], other)
+                if o:
+                    beats[f"{r['size_mb']}MB_{r['clients']}c_vs_{other}"] = r["mb_s"] > o["mb_s"]
+        t["membank_faster"] = beats
+        t["all_ok"] = bool(t.get("single_client_6.9MB_ok", True)) and all(beats.values())
+        return t
+
+    # top level: the gRPC path (as before); "dataplane": the data plane; "judged_on": the
+    # fastest membank path measured, whose all_ok is the issue's verdict
+    targets = judge("membank")
+    if any(r["system"] == "membank-dp" for r in results):
+        targets["dataplane"] = judge("membank-dp")
+    judged = "membank-dp" if "dataplane" in targets else "membank"
+    targets["judged_on"] = judged
+    targets["issue_targets_met"] = (targets["dataplane"] if judged == "membank-dp"
+                                    else targets)["all_ok"]
     summary = {
         "benchmark": "fetch", "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                           "platform": platform.platform()},

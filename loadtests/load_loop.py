@@ -20,7 +20,9 @@ verification, ...), marks it down for `down_s` and asks the next replica. A fetc
 error only when every replica of a block failed. `LoadLoop(..., fetcher=F)` uses the device's
 own client instead (services/model_client/fetcher.py ShardedFetcher, or anything with its
 `get_manifest(bank)` / `fetch(bank, version, blocks, manifest)` / `stats()`): then RPC counts
-and latencies come from `F.stats()` (report.failovers), not from the loop.
+and latencies come from `F.stats()` (report.failovers), not from the loop. Targets may be
+"host:port+DATAPLANE_PORT" (e.g. `run_local_cluster(..., dataplane=True).targets`): block
+bodies then go over each shard's raw-TCP data plane (services/model_client/targets.py).
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ import grpc
 
 from loadtests.device import DeviceCache, ZipfLeaves, plan_by_shard
 from membank.manifest import Manifest
-from services.model_client.bank_client import BankClient, BankError
+from services.model_client.bank_client import BankError
+from services.model_client.targets import make_client
 
 # worth asking another replica: the shard is down, overloaded, slow, or its copy is bad
 FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -44,14 +47,15 @@ FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class ShardedBank:
-    """One BankClient per shard; fetches routed by placement, failing over across replicas."""
+    """One client per shard; fetches routed by placement, failing over across replicas."""
 
     def __init__(self, targets: dict[str, str], *, timeout_s: float = 5.0, down_s: float = 0.5,
                  client=None):
-        """`client(address, timeout_s)` builds each shard's client (default BankClient; the
+        """`client(target, timeout_s)` builds each shard's client (default: BankClient for
+        "host:port", DataPlaneClient for "host:port+DATAPLANE_PORT", targets.make_client; the
         locustfile passes its instrumented one)."""
         self.targets = dict(targets)
-        make = client or BankClient
+        make = client or make_client
         self.clients = {name: make(addr, timeout_s) for name, addr in targets.items()}
         self.down_s = down_s
         self._down_until: dict[str, float] = {}

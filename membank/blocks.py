@@ -5,6 +5,7 @@ A level-l block holds, for every memory layer, the three FFN-memory matrices sta
 in the bank's dtype (float32 or bfloat16), row-major. W3m is stored transposed so that all three
 matrices share the (r, d) shape and a block is one tensor. A buffer becomes a tensor with
 `torch.frombuffer`: no parsing, no pickle. Integrity is an xxh3_64 checksum of the bytes.
+A bank may also store each block int8-encoded (one float32 scale per row): membank/quant.py.
 """
 from __future__ import annotations
 

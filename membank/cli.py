@@ -7,6 +7,8 @@
     membank generate "The atomic number of Ruthenium is" --bank localhost:50051
     membank chat     --bank localhost:50051                  a REPL: one prompt per line, streamed
     membank device-serve --bank localhost:50051 --port 8000  the device's HTTP API (SSE streaming)
+        (every --bank also takes HOST:PORT+DATAPLANE_PORT: block bodies over the bank server's
+         raw-TCP data plane, services/model_client/targets.py; chat / device-serve: shard lists)
     membank demo                                             all of the above, end to end
     membank config paper-160m [--kind lora-ffn]              anchor params, bank and fetch sizes
     membank eval --preset small                              long-tail evaluation (training/evaluate.py)
@@ -64,14 +66,16 @@ def print_result(label: str, r) -> None:
 
 
 def cmd_generate(args) -> None:
-    from services.model_client.bank_client import BankClient
     from services.model_client.memory_model import MemoryModel
+    from services.model_client.targets import make_client
 
-    model = MemoryModel.from_pretrained(args.model)
     token = Path(args.token_file).read_text().strip() if args.token_file else None  # never on argv
-    bank = BankClient(args.bank, timeout_s=args.timeout, token=token, tls_ca=args.tls_ca) \
+    # BankClient for host:port, DataPlaneClient for host:port+DATAPLANE_PORT (bad syntax:
+    # ValueError, one line, before the model loads)
+    bank = make_client(args.bank, args.timeout, token=token, tls_ca=args.tls_ca) \
         if args.bank else None
     try:
+        model = MemoryModel.from_pretrained(args.model, encoding=args.encoding)
         kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, stop=tuple(args.stop or ()), seed=args.seed)
         result = model.generate(args.prompt, bank=bank, use_memory=not args.no_memory, **kw)
@@ -185,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="route, fetch, attach and decode one prompt")
     s.add_argument("prompt")
     s.add_argument("--model", default="runs/demo/export", help="export directory")
-    s.add_argument("--bank", default=None, help="bank server address host:port (none: anchor only)")
+    s.add_argument("--bank", default=None,
+                   help="bank server target: host:port (gRPC), or host:port+DATAPLANE_PORT to "
+                        "fetch block bodies over the server's raw-TCP data plane (its "
+                        "--dataplane-port); none: anchor only")
     s.add_argument("--no-memory", action="store_true")
     s.add_argument("--max-new-tokens", type=int, default=16)
     s.add_argument("--temperature", type=float, default=0.0)
@@ -196,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=5.0, help="bank deadline in seconds")
     s.add_argument("--token-file", default=None, help="file holding the bank's read token")
     s.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to verify a TLS bank")
+    s.add_argument("--encoding", choices=["native", "int8"], default="native",
+                   help="block encoding to fetch: int8 = per-row scales, dequantized here (the "
+                        "bank must be ingested with --encodings int8, else native is fetched)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=cmd_generate)
 

@@ -27,8 +27,9 @@ def run_demo(out_dir: str = "runs/demo", force: bool = False) -> None:
     from membank.cli import print_result
     from services.bank_server.ingest import ingest
     from services.bank_server.launch import run_bank_server
-    from services.model_client.bank_client import BankClient
+    from services.model_client.dataplane_client import dataplane_target
     from services.model_client.memory_model import MemoryModel
+    from services.model_client.targets import make_client
     from training.config import load_train_config
     from training.train import run
 
@@ -45,12 +46,16 @@ def run_demo(out_dir: str = "runs/demo", force: bool = False) -> None:
     print(f"ingested in {time.perf_counter() - t0:.2f}s")
 
     print("== 3. start the bank server")
-    with run_bank_server(lmdb_path, log_path=out / "bank_server.log") as (address, proc):
-        print(f"bank server pid {proc.pid} at {address} (log: {out / 'bank_server.log'})")
+    # gRPC for the manifest, block bodies over the raw-TCP data plane ("host:G+D" target)
+    with run_bank_server(lmdb_path, "--dataplane-port", "0",
+                         log_path=out / "bank_server.log") as (address, proc):
+        target = dataplane_target(address, proc.dataplane_address)
+        print(f"bank server pid {proc.pid} at {address}, data plane {proc.dataplane_address} "
+              f"(device target {target}; log: {out / 'bank_server.log'})")
         print("== 4. prompts (greedy decoding; timings per step)")
         model = MemoryModel.from_pretrained(export_dir)
         model.warmup()
-        with BankClient(address) as bank:
+        with make_client(target) as bank:
             m = bank.get_manifest(model.bank_id)
             print(f"bank {m.bank} version {m.version}: k={m.branching} ranks={m.ranks} dtype={m.dtype}, "
                   f"block bytes per level {[m.block_nbytes(l) for l in range(1, m.depth + 1)]}")

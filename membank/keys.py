@@ -5,10 +5,14 @@
     i/{bank}/{version}                -> JSON {"completed_at", "shard", "blocks", "bytes"}, written
                                          with the manifest (GC orders versions by it)
     b/{bank}/{version}/{level}/{node} -> block bytes (checksum: in the manifest)
+    b/{bank}/{version}/{level}/{node}/{encoding}
+                                      -> the same block in another encoding, e.g. `int8`
+                                         (membank/quant.py; checksum: manifest.encodings)
     x/shard                           -> the shard id this LMDB was ingested for (absent: all)
 
 A new version is written beside the old one and becomes visible by one write of `c/{bank}`.
-The same block keys name blocks in the Redis hot tier, so a cached block can never be stale.
+The same block keys name blocks in the Redis hot tier, so a cached block can never be stale, and
+a native block and its int8 encoding never share a cache entry (the encoding is in the key).
 A version re-placed onto another shard set (services/bank_server/rebalance.py) keeps the block
 keys of the version it was re-placed from (`Manifest.block_version`), so re-placing moves bytes
 only where placement changed.
@@ -35,8 +39,10 @@ def version_info_key(bank: str, version: str) -> bytes:
     return f"i/{bank}/{version}".encode()
 
 
-def block_key(bank: str, version: str, level: int, node: int) -> bytes:
-    return f"b/{bank}/{version}/{level}/{node}".encode()
+def block_key(bank: str, version: str, level: int, node: int, encoding: str = "") -> bytes:
+    """The key of a block; `encoding` "" is the native block, else e.g. "int8"."""
+    base = f"b/{bank}/{version}/{level}/{node}"
+    return (f"{base}/{encoding}" if encoding else base).encode()
 
 
 def block_prefix(bank: str, version: str) -> bytes:
@@ -45,8 +51,14 @@ def block_prefix(bank: str, version: str) -> bytes:
 
 
 def parse_block_key(key: bytes) -> tuple[str, str, int, int]:
-    """(bank, version, level, node) of a block key; ValueError for anything else."""
+    """(bank, version, level, node) of a block key, of any encoding; ValueError for anything
+    else (GC treats every encoding of a block like the block itself)."""
+    return parse_block_key_encoding(key)[:4]
+
+
+def parse_block_key_encoding(key: bytes) -> tuple[str, str, int, int, str]:
+    """(bank, version, level, node, encoding) of a block key ("" for a native block)."""
     parts = bytes(key).decode().split("/")
-    if len(parts) != 5 or parts[0] != "b":
+    if len(parts) not in (5, 6) or parts[0] != "b" or (len(parts) == 6 and not parts[5]):
         raise ValueError(f"not a block key: {bytes(key)[:80]!r}")
-    return parts[1], parts[2], int(parts[3]), int(parts[4])
+    return parts[1], parts[2], int(parts[3]), int(parts[4]), parts[5] if len(parts) == 6 else ""

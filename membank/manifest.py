@@ -3,6 +3,11 @@
 One JSON document (`membank.manifest/1`), written by export, stored beside the blocks in LMDB,
 served by GetManifest and checked by the client. Clients attach a block only if its bytes hash
 to the checksum listed here.
+
+`encodings` (optional) lists the other encodings ingest stored for every block, with their own
+checksum table, e.g. {"int8": [[xxh3 per node] per level]} (membank/quant.py); absent or empty:
+native blocks only. It is left out of the JSON when empty, so manifests without it read and
+write exactly as before.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from membank.blocks import CHECKSUM_ALGO, block_nbytes
 from membank.config import N_MATS
 from membank.placement import owners
+from membank.quant import NATIVE, encoded_nbytes, label
 
 
 class Manifest(BaseModel):
@@ -40,6 +46,9 @@ class Manifest(BaseModel):
     # None: its blocks are stored under its own version (membank/keys.py)
     shares_blocks_of: str | None = Field(default=None, min_length=1, max_length=64,
                                          pattern=r"^[A-Za-z0-9._-]+$")
+    # encoding -> checksums[l-1][node] of every block in that encoding (same layout as
+    # `checksums`); written by ingest together with the encoded blocks
+    encodings: dict[Literal["int8"], list[list[str]]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":
@@ -53,6 +62,11 @@ class Manifest(BaseModel):
             want = self.n_nodes(level) if r > 0 else 0
             if len(sums) != want:
                 raise ValueError(f"level {level}: {len(sums)} checksums, expected {want}")
+        for enc, table in self.encodings.items():
+            if len(table) != len(self.checksums) or \
+                    any(len(a) != len(b) for a, b in zip(table, self.checksums)):
+                raise ValueError(f"encodings[{enc!r}] must have one checksum per block, laid out "
+                                 f"as checksums ({[len(c) for c in self.checksums]} per level)")
         if not self.shards or len(set(self.shards)) != len(self.shards):
             raise ValueError("shards must be a non-empty list of distinct ids")
         return self
@@ -70,8 +84,28 @@ class Manifest(BaseModel):
         return (len(self.mem_layers), N_MATS[self.kind], self.ranks[level - 1],
                 self.block_width or self.d_model)
 
-    def block_nbytes(self, level: int) -> int:
-        return block_nbytes(self.block_shape(level), self.dtype)
+    def block_nbytes(self, level: int, encoding: str = NATIVE) -> int:
+        """Bytes of a level's block as stored and sent in `encoding` ("" = the bank dtype)."""
+        if encoding == NATIVE:
+            return block_nbytes(self.block_shape(level), self.dtype)
+        return encoded_nbytes(self.block_shape(level), encoding, self.dtype)
+
+    def block_dtype(self, encoding: str = NATIVE) -> str:
+        """The dtype a block header names for `encoding`: the bank dtype, or "int8"."""
+        return self.dtype if encoding == NATIVE else encoding
+
+    def has_encoding(self, encoding: str) -> bool:
+        return encoding == NATIVE or encoding in self.encodings
+
+    @property
+    def available_encodings(self) -> list[str]:
+        """Readable names of what this version holds, e.g. ["native", "int8"]."""
+        return ["native", *sorted(self.encodings)]
+
+    def missing_encoding(self, encoding: str) -> str:
+        """The one-line reason a fetch in `encoding` cannot be served by this version."""
+        return (f"{self.bank}/{self.version} has no {label(encoding)} blocks (available: "
+                f"{', '.join(self.available_encodings)}); ingest it with --encodings {encoding}")
 
     @property
     def block_version(self) -> str:
@@ -81,8 +115,11 @@ class Manifest(BaseModel):
     def has_block(self, level: int, node: int) -> bool:
         return 1 <= level <= self.depth and self.ranks[level - 1] > 0 and 0 <= node < self.n_nodes(level)
 
-    def checksum(self, level: int, node: int) -> str:
-        return self.checksums[level - 1][node]
+    def checksum(self, level: int, node: int, encoding: str = NATIVE) -> str:
+        """The xxh3 of a block in `encoding`; KeyError when the version lacks that encoding."""
+        if encoding == NATIVE:
+            return self.checksums[level - 1][node]
+        return self.encodings[encoding][level - 1][node]
 
     def blocks(self):
         """Every (level, node) the bank holds, shallow levels first."""
@@ -106,7 +143,9 @@ class Manifest(BaseModel):
 
     # -- serialisation --------------------------------------------------------------------
     def to_json(self) -> str:
-        return self.model_dump_json()
+        # no "encodings" key when there are none: the JSON of a native-only version is what it
+        # was before encodings existed (older readers forbid unknown fields)
+        return self.model_dump_json(exclude=None if self.encodings else {"encodings"})
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Manifest":

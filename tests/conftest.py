@@ -11,8 +11,11 @@ Run: `.venv/bin/python -m pytest -q tests/unit tests/integration`
 """
 from __future__ import annotations
 
+import os
+import select
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,3 +180,25 @@ def make_model_export(out: Path, seed: int = 0, preset: str = "tiny") -> Path:
 def tiny_model_export(tmp_path_factory) -> Path:
     """A loadable `tiny` model export (make_model_export), shared by the session."""
     return make_model_export(tmp_path_factory.mktemp("model_tiny") / "export")
+
+
+def start_ingest_writing(export: Path, db: Path, *flags: str, timeout: float = 60.0
+                         ) -> tuple[subprocess.Popen, float]:
+    """Start `services.bank_server.ingest EXPORT --lmdb DB FLAGS` as a subprocess and return
+    (proc, the time its writing phase began), read off its ": writing" log line; for tests that
+    kill ingest at random moments of that phase."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.bank_server.ingest", str(export), "--lmdb", str(db),
+         *flags], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], 1.0)
+        if ready:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            if b": writing" in line:
+                return proc, time.monotonic()
+    proc.kill()
+    raise RuntimeError("ingest did not start writing")

@@ -25,9 +25,14 @@ Five models are compared on the probe (greedy decoding, exact match) and on held
                 blocked blocks by zeros instead is exactly the co-trained anchor with no memory
                 (reported as "cotrained-anchor"); by the generic memory, exactly model 2.
 
+Also reported: "fetched-int8", model 3 with every fetched block passed through the int8 block
+encoding (membank/quant.py quantize -> dequantize: the bytes a device with `--encoding int8`
+attaches), and the bytes one path costs native vs int8 (`int8` in the JSON).
+
 Subjects are split into 5 buckets of equal size by how often their name appears in the
 training text (rarest first). Every training run checkpoints (training/checkpoint.py): a rerun
-of the same command resumes or reuses it.
+of the same command resumes or reuses it; `run_eval(..., reuse_only=True)` only re-probes
+finished checkpoints and refuses to train (benchmarks/int8.py uses it).
 """
 from __future__ import annotations
 
@@ -42,7 +47,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from membank import artifacts
+from membank import artifacts, quant
+from membank.blocks import block_nbytes
 from membank.config import Config
 from membank.model import KVCache, Transformer
 from membank.router import Router
@@ -53,7 +59,7 @@ from training.probes import Probe, load_probe
 from training.train import Trainer, lm_loss
 
 MODELS = ("anchor", "generic", "fetched", "dense", "blocked")
-EXTRA = ("cotrained-anchor",)
+EXTRA = ("cotrained-anchor", "fetched-int8")
 N_BUCKETS = 5
 
 
@@ -82,13 +88,18 @@ EVAL_PRESETS: dict[str, EvalConfig] = {
                    cotrain_steps=6, warmup_steps=2, anchor_lr=1e-2, anchor_min_lr=1e-3,
                    memory_lr=1e-2, memory_min_lr=1e-3),
         corpus=dict(max_docs=12, zipf=1.0, heldout_docs=16), max_new_tokens=3),
-    # the published comparison: under 45 minutes on 2 CPU cores
+    # the published comparison: under 45 minutes on 2 CPU cores. The bank must be much larger
+    # than the anchor's FFN for rare facts to have room in it (the paper's 160M: 29x): here
+    # 4 x 32 + 16 x 64 = 1,152 bank neurons per layer vs the anchor's 256 (4.5x); a fetch adds
+    # 96 (0.375x). With d_ff 512 and ranks (32, 32) (bank 1.25x) fetched memory only tied the
+    # anchor (README, "Long-tail results"). Memory rate 1e-2: a leaf block is updated only on
+    # its own cluster's sequences, a few hundred steps in all.
     "small": EvalConfig(
         train=dict(preset="demo", bank="longtail-small", batch_size=16, seq_len=128,
-                   model=dict(vocab_size=2048, n_layer=4, d_model=128, d_ff=512),
-                   memory=dict(branching=4, ranks=[32, 32]),
-                   anchor_steps=1000, cotrain_steps=700, warmup_steps=60,
-                   anchor_lr=3e-3, anchor_min_lr=3e-4, memory_lr=3e-3, memory_min_lr=3e-4),
+                   model=dict(vocab_size=2048, n_layer=4, d_model=128, d_ff=256),
+                   memory=dict(branching=4, ranks=[32, 64]),
+                   anchor_steps=600, cotrain_steps=900, warmup_steps=60,
+                   anchor_lr=3e-3, anchor_min_lr=3e-4, memory_lr=1e-2, memory_min_lr=1e-3),
         corpus=dict(max_docs=300, zipf=1.2, heldout_docs=120), threads=2),
     # k=4, depth 2: measured on this corpus, a probe reaches the leaf holding its subject's
     # documents for 69% of subjects (depth 3: 60%; k=8, depth 2: 49%); see the README
@@ -134,24 +145,30 @@ def widen_from(dense: Transformer, anchor_state: dict[str, torch.Tensor]) -> Non
             p[:src.shape[0]] = src
 
 
-def _train(trainer: Trainer, root: Path, label: str, log) -> Trainer:
-    """Train to the end, resuming from (or reusing) the newest checkpoint under root."""
+def _train(trainer: Trainer, root: Path, label: str, log, reuse_only: bool = False) -> Trainer:
+    """Train to the end, resuming from (or reusing) the newest checkpoint under root;
+    `reuse_only`: never train, ValueError unless a finished checkpoint is there."""
     latest = checkpoint.latest(root)
     if latest is not None:
         trainer.load(latest)
         log(f"{label}: resumed from {latest} at step {trainer.global_step}")
     if not trainer.done:
+        if reuse_only:
+            raise ValueError(f"{label}: no finished checkpoint under {root} "
+                             f"({'none' if latest is None else f'{latest} is at step {trainer.global_step}'}); "
+                             f"run the evaluation without reuse_only to train it")
         trainer.train(root)
     return trainer
 
 
-def train_models(out: Path, ec: EvalConfig, tc: TrainConfig, data, log=print) -> dict:
+def train_models(out: Path, ec: EvalConfig, tc: TrainConfig, data, log=print,
+                 reuse_only: bool = False) -> dict:
     """The memory run (pretraining + co-training), the anchor-only and dense continuations."""
     config = tc.model_config()
     t = {}
     t0 = time.perf_counter()
     memory = _train(Trainer(config, tc, data.packed, data_fingerprint=data.fingerprint, log=log),
-                    out / "memory", "memory", log)
+                    out / "memory", "memory", log, reuse_only)
     t["memory_s"] = time.perf_counter() - t0
     pretrained = out / "memory" / "anchor-end"
 
@@ -159,7 +176,7 @@ def train_models(out: Path, ec: EvalConfig, tc: TrainConfig, data, log=print) ->
     cont = dataclasses.replace(tc, anchor_steps=tc.cotrain_steps, cotrain_steps=0)
     t0 = time.perf_counter()
     anchor = _train(Trainer(config, cont, data.packed, data_fingerprint=data.fingerprint,
-                            init=pretrained, log=log), out / "anchor", "anchor", log)
+                            init=pretrained, log=log), out / "anchor", "anchor", log, reuse_only)
     t["anchor_s"] = time.perf_counter() - t0
 
     dcfg, added = dense_config(config)
@@ -168,7 +185,7 @@ def train_models(out: Path, ec: EvalConfig, tc: TrainConfig, data, log=print) ->
     dense = Trainer(dcfg, dtc, data.packed, data_fingerprint=data.fingerprint, log=log)
     tensors, _ = checkpoint.load(pretrained)
     widen_from(dense.model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    dense = _train(dense, out / "dense", "dense", log)
+    dense = _train(dense, out / "dense", "dense", log, reuse_only)
     t["dense_s"] = time.perf_counter() - t0
     return {"memory": memory, "anchor": anchor, "dense": dense, "dense_added_neurons": added, "timings": t}
 
@@ -204,6 +221,10 @@ def memories(mode: str, trainer: Trainer, node_ids: torch.Tensor | None, n: int)
         return trainer.generic.detach().expand(n, *trainer.generic.shape[1:])
     parts = [level[node_ids[:, l]] for l, level in enumerate(trainer.bank) if level.shape[3]]
     mem = torch.cat(parts, dim=3)
+    if mode == "fetched-int8":
+        # per row (sample, layer, matrix, neuron) over W: exactly the rows of the blocks, so
+        # this is each block through the bank's int8 encoding and the device's decoding
+        return quant.roundtrip(mem)
     return torch.zeros_like(mem) if mode == "zeros" else mem
 
 
@@ -260,6 +281,10 @@ VARIANTS = {
     "blocked": ("memory", "fetched", "blocked"),
     "cotrained-anchor": ("memory", "zeros", "path"),
 }
+# evaluated apart from VARIANTS (not in the memory model's batch), so that adding it changes
+# none of the other variants' numbers
+INT8_VARIANTS = {"fetched-int8": ("memory", "fetched-int8", "path")}
+ALL_VARIANTS = {**VARIANTS, **INT8_VARIANTS}
 
 
 def buckets_by_mentions(subjects: list[str], mentions: dict[str, int], n: int = N_BUCKETS) -> dict[str, int]:
@@ -295,6 +320,11 @@ def evaluate(models: dict, probe: Probe, data, heldout: list[str], mentions: dic
             for name, out_ids in zip(names, outs):
                 text = tok.decode(out_ids)
                 row[name] = {"text": text, "correct": probe.correct(answer, text)}
+        for name, (which, mode, route) in INT8_VARIANTS.items():
+            mem = memories(mode, models[which], paths[route][i:i + 1], 1)
+            out_ids = greedy(models[which].model, ids, mem, ec.max_new_tokens, eos)[0]
+            text = tok.decode(out_ids)
+            row[name] = {"text": text, "correct": probe.correct(answer, text)}
         rows.append(row)
 
     # held-out perplexity: each document routed by its whole text, as the paper does for LM
@@ -302,11 +332,37 @@ def evaluate(models: dict, probe: Probe, data, heldout: list[str], mentions: dic
     demb = torch.from_numpy(embedder.encode(heldout))
     dpaths = {"path": router.node_ids(router.route(demb)), "blocked": router.node_ids(reroute_blocked(router, demb))}
     ppl = {}
-    for name, (which, mode, route) in tqdm(VARIANTS.items(), desc="perplexity", unit="model"):
+    for name, (which, mode, route) in tqdm(ALL_VARIANTS.items(), desc="perplexity", unit="model"):
         trainer = models[which]
         ppl[name] = perplexity(trainer.model, docs, memories(mode, trainer, dpaths[route], len(docs)),
                                tc.seq_len, eos)
-    return {"rows": rows, "perplexity": ppl, "routing": routing_agreement(data, rows, probe)}
+    return {"rows": rows, "perplexity": ppl, "routing": routing_agreement(data, rows, probe),
+            "int8": int8_report(models["memory"], paths["path"])}
+
+
+def int8_report(trainer: Trainer, node_ids: torch.Tensor) -> dict:
+    """Bytes of one path native vs int8, per level, from the formulas and checked on the trained
+    bank's real blocks (the first probe's path encoded as ingest would), and the int8 error."""
+    cfg = trainer.config
+    dtype = cfg.memory.dtype
+    levels, errs = [], []
+    for l, level in enumerate(trainer.bank, start=1):
+        if not level.shape[3]:
+            continue
+        shape = tuple(level.shape[1:])                                    # (L, n_mats, r, W)
+        native, int8 = block_nbytes(shape, dtype), quant.encoded_nbytes(shape, quant.INT8, dtype)
+        block = level[int(node_ids[0, l - 1])].detach()
+        payload = quant.encode_int8(block.to(torch.float32).numpy())
+        if len(payload) != int8:
+            raise AssertionError(f"level {l}: encoded {len(payload)} bytes, formula {int8}")
+        deq = torch.from_numpy(quant.dequantize(payload, shape))
+        rel = float((deq - block.float()).norm() / block.float().norm().clamp_min(1e-30))
+        errs.append(rel)
+        levels.append({"level": l, "shape": list(shape), "native_bytes": native, "int8_bytes": int8,
+                       "ratio": int8 / native, "relative_l2_error": rel})
+    total_n, total_q = sum(x["native_bytes"] for x in levels), sum(x["int8_bytes"] for x in levels)
+    return {"dtype": dtype, "levels": levels, "path_native_bytes": total_n, "path_int8_bytes": total_q,
+            "path_ratio": total_q / total_n, "path_saved_fraction": 1 - total_q / total_n}
 
 
 def routing_agreement(data, rows: list[dict], probe: Probe) -> dict:
@@ -335,7 +391,7 @@ def routing_agreement(data, rows: list[dict], probe: Probe) -> dict:
 
 def summarize(ev: dict) -> dict:
     rows = ev["rows"]
-    names = list(VARIANTS)
+    names = list(ALL_VARIANTS)
     acc = {name: [float(np.mean([r[name]["correct"] for r in rows if r["bucket"] == b])) for b in range(N_BUCKETS)]
            for name in names}
     overall = {name: float(np.mean([r[name]["correct"] for r in rows])) for name in names}
@@ -353,7 +409,13 @@ def summarize(ev: dict) -> dict:
     return {"accuracy_per_bucket": acc, "accuracy_overall": overall, "bucket_mentions": spans,
             "gain_fetched_vs_generic_per_bucket": [f - g for f, g in zip(acc["fetched"], acc["generic"])],
             "blocked_keeps_fraction_of_gain": kept, "targets": targets, "perplexity": ev["perplexity"],
-            "routing": ev["routing"]}
+            "routing": ev["routing"], "int8": {
+                **ev["int8"],
+                "accuracy_change": overall["fetched-int8"] - overall["fetched"],
+                "accuracy_change_per_bucket": [q - f for q, f in zip(acc["fetched-int8"], acc["fetched"])],
+                "perplexity_change": ev["perplexity"]["fetched-int8"] - ev["perplexity"]["fetched"],
+                "answers_changed": sum(r["fetched-int8"]["text"] != r["fetched"]["text"] for r in rows),
+                "n_prompts": len(rows)}}
 
 
 def markdown(summary: dict, params: dict) -> str:
@@ -373,6 +435,14 @@ def markdown(summary: dict, params: dict) -> str:
     lines.append("|---|---|")
     for name, ok in summary["targets"].items():
         lines.append(f"| {name} | {'yes' if ok else 'no'} |")
+    q = summary.get("int8")
+    if q:
+        lines.append("")
+        lines.append(f"fetched-int8: the fetched blocks through the int8 encoding (per-row scales). One path: "
+                     f"{q['path_native_bytes']:,} B {q['dtype']} -> {q['path_int8_bytes']:,} B int8 "
+                     f"({100 * q['path_saved_fraction']:.1f}% saved); accuracy "
+                     f"{100 * q['accuracy_change']:+.1f} points, held-out ppl {q['perplexity_change']:+.4f}, "
+                     f"{q['answers_changed']} of {q['n_prompts']} answers changed.")
     return "\n".join(lines) + "\n"
 
 
@@ -407,17 +477,24 @@ def plot(summary: dict, path: Path, title: str) -> None:
 
 def run_eval(out_dir: str | Path, ec: EvalConfig, *, probe: Probe | None = None, corpus: str | None = None,
              heldout: str | None = None, results: str | Path | None = None, preset: str = "custom",
-             log=print) -> dict:
+             log=print, reuse_only: bool = False) -> dict:
     """Build (or take) the corpus, train the three runs, probe five models, write the results.
 
     corpus/heldout: JSONL files of the user's own data (default: the long-tail element corpus).
-    results: path of the JSON (the Markdown table and the PNG go beside it)."""
+    results: path of the JSON (the Markdown table and the PNG go beside it).
+    reuse_only: probe the finished checkpoints under out_dir, never train (ValueError if any
+    of the three runs is missing or unfinished)."""
     from training import longtail
     from training.data import read_jsonl_corpus
     from training.prepare import prepare_data
 
     t_start = time.perf_counter()
     out = Path(out_dir)
+    if reuse_only:    # fail before building the corpus, not after
+        missing = [r for r in ("memory", "anchor", "dense") if checkpoint.latest(out / r) is None]
+        if missing:
+            raise ValueError(f"no checkpoints of {', '.join(missing)} under {out}; run the "
+                             f"evaluation without reuse_only to train them")
     out.mkdir(parents=True, exist_ok=True)
     if ec.threads:
         torch.set_num_threads(ec.threads)
@@ -446,7 +523,7 @@ def run_eval(out_dir: str | Path, ec: EvalConfig, *, probe: Probe | None = None,
         artifacts.atomic_write_bytes(data_dir / "corpus_subjects.json", json.dumps(doc_subjects).encode())
     t_data = time.perf_counter() - t_start
 
-    trained = train_models(out, ec, tc, data, log=log)
+    trained = train_models(out, ec, tc, data, log=log, reuse_only=reuse_only)
     models = {k: trained[k] for k in ("memory", "anchor", "dense")}
     for m in models.values():
         m.model.eval()
@@ -458,7 +535,7 @@ def run_eval(out_dir: str | Path, ec: EvalConfig, *, probe: Probe | None = None,
     anchor_params = trained["anchor"].model.num_params()
     sizes = config.memory.sizes(config.model)
     params = {"anchor": anchor_params, "cotrained-anchor": anchor_params, "dense": trained["dense"].model.num_params()}
-    for name in ("generic", "fetched", "blocked"):
+    for name in ("generic", "fetched", "blocked", "fetched-int8"):
         params[name] = anchor_params + sizes["fetch_params"]
     result = {
         "preset": preset, "probe": probe.name, "template": probe.template, "n_subjects": len(probe.pairs),

@@ -1,13 +1,18 @@
 """Local cluster launcher: the compose / Kubernetes topology as processes on one machine.
 
     python -m services.bank_server.cluster --export runs/demo/export --shards 2 [--replication 2]
-        [--redis] [--workdir runs/cluster] [-- --lru-mb 64]     # extra flags go to every server
+        [--redis] [--dataplane] [--workdir runs/cluster] [-- --lru-mb 64]  # extra flags: every server
 
     with run_local_cluster(export, shards=2, replication=2, redis=True) as cluster:
         cluster.targets            # {"shard-0": "127.0.0.1:PORT", "shard-1": ...}
         cluster.kill("shard-1")    # SIGKILL; cluster.restart("shard-1") brings it back, same port
         cluster.stop_redis(); cluster.start_redis()   # same port: servers pick it up again
         cluster.publish(new_export, version="v2")     # on every shard, two phases (below)
+
+    with run_local_cluster(export, shards=2, dataplane=True) as cluster:
+        cluster.targets            # {"shard-0": "127.0.0.1:GRPC+DP", ...}: block bodies over
+                                   # each shard's raw-TCP data plane (services/model_client/targets.py)
+        cluster.grpc_targets       # {"shard-0": "127.0.0.1:GRPC", ...}: the same shards, gRPC only
 
 A development tool for tests, load tests and benchmarks; production runs docker-compose.yml or
 deploy/ (Kubernetes). Everything is real and on loopback: an optional `redis-server` on a free
@@ -16,14 +21,20 @@ the blocks rendezvous placement gives it, plus the levels above `placement_level
 `services.bank_server.server` subprocess per shard (launch.py) started with `--shard-id`, so a
 shard asked for a block it does not own answers FAILED_PRECONDITION, as in production.
 
-A restarted shard keeps its gRPC and admin ports, so clients holding its address reconnect to
-it; Redis restarts on its port too. `publish` ingests the new version on EVERY shard without
+`dataplane=True` (`--dataplane`) starts every shard with `--dataplane-port` as well, and
+`targets` gives the "HOST:GRPC_PORT+DATAPLANE_PORT" form, which ShardedFetcher, the load loop
+and the device's `--bank` turn into data plane clients; off by default (`targets` is then plain
+"HOST:PORT", as before).
+
+A restarted shard keeps its gRPC, admin and data plane ports, so clients holding its address
+reconnect to it; Redis restarts on its port too. `publish` ingests the new version on EVERY shard without
 publishing it, then switches `current` shard by shard: by the time any shard advertises the new
 version, every shard can serve it, so a device holding either manifest never gets NOT_FOUND
 (deploy/README.md, "Publish a new bank version").
 
-The CLI prints one line per shard (`shard-0 127.0.0.1:PORT admin 127.0.0.1:PORT`), then one JSON
-line {"targets": ..., "redis": ...}, and runs until Ctrl-C (SIGINT) or SIGTERM.
+The CLI prints one line per shard (`shard-0 127.0.0.1:PORT admin 127.0.0.1:PORT`, plus
+`dataplane 127.0.0.1:PORT` with --dataplane), then one JSON line {"targets": ..., "redis": ...},
+and runs until Ctrl-C (SIGINT) or SIGTERM.
 """
 from __future__ import annotations
 
@@ -117,14 +128,19 @@ class LocalRedis:
 
 # -- one shard --------------------------------------------------------------------------------
 class ShardProcess:
-    """One bank server subprocess over its shard's LMDB; keeps its ports across restarts."""
+    """One bank server subprocess over its shard's LMDB; keeps its ports across restarts.
+    `dataplane`: serve block bodies over the raw-TCP data plane too (`--dataplane-port`)."""
 
-    def __init__(self, name: str, lmdb: Path, args: Sequence[str], log_dir: Path):
+    def __init__(self, name: str, lmdb: Path, args: Sequence[str], log_dir: Path, *,
+                 dataplane: bool = False):
         self.name, self.lmdb, self.args, self.log_dir = name, lmdb, list(args), log_dir
+        self.dataplane = dataplane
         self.port = 0          # 0 until the first start; then fixed (a restart rebinds it)
         self.admin_port = 0
+        self.dataplane_port = 0
         self.address: str | None = None
         self.admin_address: str | None = None
+        self.dataplane_address: str | None = None
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self._stack: ExitStack | None = None
@@ -132,6 +148,13 @@ class ShardProcess:
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def target(self) -> str | None:
+        """What a device is given: "HOST:PORT", or "HOST:PORT+DATAPLANE_PORT" with the data plane."""
+        if self.address is None or not self.dataplane:
+            return self.address
+        return f"{self.address}+{self.dataplane_port}"
 
     @property
     def log_path(self) -> Path:
@@ -145,6 +168,8 @@ class ShardProcess:
         stack = ExitStack()
         # flags given later win in argparse: these override launch's "--port 0 --admin-port 0"
         ports = ["--port", str(self.port), "--admin-port", str(self.admin_port)]
+        if self.dataplane:
+            ports += ["--dataplane-port", str(self.dataplane_port)]
         address, proc = stack.enter_context(launch.run_bank_server(
             self.lmdb, "--shard-id", self.name, *self.args, *ports,
             log_path=self.log_path, timeout=timeout, cwd=REPO))
@@ -153,6 +178,13 @@ class ShardProcess:
         self.port = int(address.rsplit(":", 1)[1])
         if self.admin_address:
             self.admin_port = int(self.admin_address.rsplit(":", 1)[1])
+        if self.dataplane:
+            self.dataplane_address = proc.dataplane_address
+            if not self.dataplane_address:
+                stack.close()
+                raise RuntimeError(f"{self.name} started without its data plane; log: "
+                                   f"{self.log_path}")
+            self.dataplane_port = int(self.dataplane_address.rsplit(":", 1)[1])
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send `sig` (default SIGKILL: no drain) and wait for the process to exit."""
@@ -193,8 +225,19 @@ class LocalCluster:
         return self.manifest.bank
 
     @property
+    def dataplane(self) -> bool:
+        """Whether the shards serve block bodies over the data plane (`dataplane=True`)."""
+        return any(s.dataplane for s in self.shards.values())
+
+    @property
     def targets(self) -> dict[str, str]:
-        """Shard id -> "127.0.0.1:PORT" (stable across restarts)."""
+        """Shard id -> the device's target (stable across restarts): "127.0.0.1:PORT", or
+        "127.0.0.1:PORT+DATAPLANE_PORT" when the cluster runs with the data plane."""
+        return {name: s.target for name, s in self.shards.items()}
+
+    @property
+    def grpc_targets(self) -> dict[str, str]:
+        """Shard id -> "127.0.0.1:PORT": gRPC only, with or without the data plane."""
         return {name: s.address for name, s in self.shards.items()}
 
     def shard(self, name: str) -> ShardProcess:
@@ -269,13 +312,15 @@ def run_local_cluster(export_dir: str | Path, *, shards: int = 1, replication: i
                       redis: bool = False, workdir: str | Path | None = None,
                       placement_level: int | None = None, server_args: Sequence[str] = (),
                       map_size_gb: float = 1.0, redis_maxmemory_mb: int = 256,
-                      progress: bool = False) -> Iterator[LocalCluster]:
+                      progress: bool = False, dataplane: bool = False) -> Iterator[LocalCluster]:
     """Start Redis (optional), ingest the export into one LMDB per shard, start the shards;
     yield the LocalCluster; stop everything on exit (shards gracefully, then Redis).
 
     `workdir` keeps the LMDBs and logs (a temporary directory, removed at exit, when None);
     a rerun over the same workdir and topology reuses the LMDBs (ingest is idempotent).
     `server_args` are extra `services.bank_server.server` flags for every shard.
+    `dataplane`: every shard also serves block bodies over its raw-TCP data plane (a free port,
+    kept across restarts) and `cluster.targets` are "127.0.0.1:GRPC_PORT+DATAPLANE_PORT".
     """
     if shards < 1:
         raise ValueError(f"need at least one shard, got {shards}")
@@ -304,7 +349,8 @@ def run_local_cluster(export_dir: str | Path, *, shards: int = 1, replication: i
             args += ["--redis-url", rds.url]
         logs = workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        cluster = LocalCluster(workdir, {n: ShardProcess(n, paths[n], args, logs) for n in names},
+        cluster = LocalCluster(workdir, {n: ShardProcess(n, paths[n], args, logs,
+                                                         dataplane=dataplane) for n in names},
                                rds, manifest, replication=replication,
                                placement_level=placement_level, map_size=map_size)
         stack.callback(cluster.close)
@@ -329,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replication", type=int, default=1)
     p.add_argument("--placement-level", type=int)
     p.add_argument("--redis", action="store_true", help="start a redis-server tier too")
+    p.add_argument("--dataplane", action="store_true",
+                   help="every shard also serves block bodies over its raw-TCP data plane; "
+                        "targets are printed as HOST:GRPC_PORT+DATAPLANE_PORT")
     p.add_argument("--workdir", type=Path, help="LMDBs and logs (default: a temp dir)")
     p.add_argument("--map-size-gb", type=float, default=4.0)
     args = p.parse_args(argv)
@@ -341,9 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         with run_local_cluster(args.export, shards=args.shards, replication=args.replication,
                                redis=args.redis, workdir=args.workdir,
                                placement_level=args.placement_level, server_args=server_args,
-                               map_size_gb=args.map_size_gb, progress=True) as cluster:
+                               map_size_gb=args.map_size_gb, progress=True,
+                               dataplane=args.dataplane) as cluster:
             for name, s in cluster.shards.items():
-                print(f"{name} {s.address} admin {s.admin_address}", flush=True)
+                dp = f" dataplane {s.dataplane_address}" if s.dataplane else ""
+                print(f"{name} {s.address} admin {s.admin_address}{dp}", flush=True)
             print(json.dumps({"bank": cluster.bank, "version": cluster.manifest.version,
                               "targets": cluster.targets,
                               "redis": cluster.redis.url if cluster.redis else None}),

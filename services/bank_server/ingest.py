@@ -2,7 +2,7 @@
 
     python -m services.bank_server.ingest EXPORT_DIR --lmdb data/bank.lmdb \
         [--version V] [--no-publish] [--shard-id S] [--shards a,b,c] [--replication R]
-        [--placement-level P]
+        [--placement-level P] [--encodings int8]
     python -m services.bank_server.ingest gc --lmdb data/bank.lmdb --bank B [--keep 2]
         [--dry-run] [--orphans]
     python -m services.bank_server.ingest publish --lmdb data/bank.lmdb --bank B --version V
@@ -14,17 +14,22 @@ other stores, the paper-scale benchmark), written into one LMDB per shard in one
 Order of writes, so that a reader never sees a half-written version:
   1. every block under its versioned key `b/{bank}/{version}/{level}/{node}`, in batched write
      transactions (each block checked against its manifest checksum first; `--shard-id`: only
-     the blocks placement gives that shard);
-  2. one transaction that checks every block the shard owns is present with the right size,
-     then writes the manifest `m/{bank}/{version}` (with every block's checksum: the server
-     verifies each block against it on every read) and `i/{bank}/{version}` (ingest info);
-     a version without a manifest does not exist for the server;
+     the blocks placement gives that shard); with `--encodings int8`, beside it the block's
+     int8 payload (membank/quant.py, made here once, never per request) under
+     `b/{bank}/{version}/{level}/{node}/int8`, its checksum computed on the way;
+  2. one transaction that checks every block the shard owns is present with the right size
+     (in every encoding), then writes the manifest `m/{bank}/{version}` (with every block's
+     checksum, and per encoding the encoded blocks' checksums in `encodings`: the server
+     verifies each block against them on every read) and `i/{bank}/{version}` (ingest info);
+     a version without a manifest does not exist for the server, so a version with int8 blocks
+     is visible only once all of them are written too;
   3. with publish, one transaction that points `c/{bank}` at the version.
 Killing ingest at any moment (kill -9) leaves the published version untouched: LMDB commits are
 atomic and durable, the new version's keys are new keys, and `current` moves last. A rerun
 skips the blocks already written (same key, same checksum) and completes the version.
 Versions are immutable: re-ingesting the same version with the same content is a no-op; a
-different manifest under an existing version is refused.
+different manifest under an existing version is refused, and so is a different set of
+encodings (add int8 to a bank by ingesting it as a new version).
 
 GC keeps `current` and the `keep` newest complete versions, deletes the other versions'
 manifests in one transaction (servers answer NOT_FOUND for them from then on), then their blocks
@@ -49,6 +54,7 @@ from typing import Iterable, Iterator, Mapping
 
 from tqdm import tqdm
 
+from membank import quant
 from membank.blocks import checksum
 from membank.keys import (SHARD_KEY, block_key, current_key, manifest_key,
                           parse_block_key, version_info_key)
@@ -155,22 +161,29 @@ class _Target:
         with self.env.begin(write=True, buffers=True) as txn:
             existing = txn.get(manifest_key(bank, ver))
             if existing is not None and Manifest.from_json(bytes(existing)) != manifest:
-                raise IngestError(f"{bank} version {ver} already exists in {self.path} with "
-                                  f"different content; versions are immutable")
+                raise IngestError(_conflict(Manifest.from_json(bytes(existing)), manifest,
+                                            tuple(manifest.encodings), where=f" in {self.path}"))
             n = nbytes = 0
+            encoded = {enc: 0 for enc in manifest.encodings}     # encoding -> bytes
             for level, node in shard_blocks(manifest, self.shard):
-                buf = txn.get(block_key(bank, manifest.block_version, level, node))
-                if buf is None or len(buf) != manifest.block_nbytes(level):
-                    raise IngestError(f"block ({level}, {node}) of {bank}/{ver} is missing from "
-                                      f"{self.path}; not publishing an incomplete version "
-                                      f"(was it garbage-collected meanwhile? rerun ingest)")
+                for enc in ("", *manifest.encodings):
+                    buf = txn.get(block_key(bank, manifest.block_version, level, node, enc))
+                    if buf is None or len(buf) != manifest.block_nbytes(level, enc):
+                        raise IngestError(
+                            f"block ({level}, {node}){' ' + enc if enc else ''} of {bank}/{ver} "
+                            f"is missing from {self.path}; not publishing an incomplete version "
+                            f"(was it garbage-collected meanwhile? rerun ingest)")
+                    if enc:
+                        encoded[enc] += len(buf)
                 n += 1
-                nbytes += len(buf)
+                nbytes += manifest.block_nbytes(level)
             if existing is None:
+                info = {"completed_at": time.time(), "shard": self.shard, "blocks": n,
+                        "bytes": nbytes, "host": socket.gethostname()}
+                if encoded:
+                    info["encoded_bytes"] = encoded
                 txn.put(manifest_key(bank, ver), manifest.to_json().encode())
-                txn.put(version_info_key(bank, ver), json.dumps({
-                    "completed_at": time.time(), "shard": self.shard, "blocks": n,
-                    "bytes": nbytes, "host": socket.gethostname()}).encode())
+                txn.put(version_info_key(bank, ver), json.dumps(info).encode())
         if publish:
             # the one mutable key, switched in its own transaction: readers see old or new
             with self.env.begin(write=True) as txn:
@@ -193,6 +206,36 @@ def _with_placement(manifest: Manifest, *, version: str | None = None,
     return Manifest.model_validate({**manifest.model_dump(), **update})
 
 
+def _native_part(manifest: Manifest) -> Manifest:
+    return manifest.model_copy(update={"encodings": {}})
+
+
+def _conflict(existing: Manifest, manifest: Manifest, encodings: tuple[str, ...],
+              where: str = "") -> str | None:
+    """Why `manifest` (to be stored with `encodings`) cannot go where `existing` is, or None."""
+    if _native_part(existing) != _native_part(manifest):
+        return (f"{manifest.bank} version {manifest.version} already exists{where} with "
+                f"different content; versions are immutable, ingest under a new version")
+    if set(existing.encodings) != set(encodings) or \
+            any(existing.encodings[e] != manifest.encodings.get(e, existing.encodings[e])
+                for e in existing.encodings):
+        return (f"{manifest.bank} version {manifest.version} already exists{where} with "
+                f"encodings {existing.available_encodings}, not "
+                f"{['native', *sorted(encodings)]}; versions are immutable, ingest under a new "
+                f"version to add or drop an encoding")
+    return None
+
+
+def _encodings(encodings) -> tuple[str, ...]:
+    """The extra encodings to store, checked and de-duplicated ("native" is always stored)."""
+    out = []
+    for e in encodings or ():
+        e = quant.normalize(e)
+        if e and e not in out:
+            out.append(e)
+    return tuple(sorted(out))
+
+
 def _check_shards(manifest: Manifest, targets: Mapping[str | None, str | Path]) -> None:
     for shard in targets:
         if shard is not None and shard not in manifest.shards:
@@ -204,43 +247,55 @@ def ingest(export_dir: str | Path, lmdb_path: str | Path, *, version: str | None
            replication: int | None = None, placement_level: int | None = None,
            batch_bytes: int = 64 << 20, map_size: int = 64 << 30, progress: bool = True,
            resume: bool = True, max_bytes_per_s: float | None = None,
-           writemap: bool = False) -> Manifest:
+           writemap: bool = False, encodings: tuple[str, ...] = ()) -> Manifest:
     """Write the export's bank (or, with `shard_id`, the blocks that shard owns) into the LMDB
     at `lmdb_path`; return the stored manifest.
+
+    `encodings` (e.g. ("int8",)): also store every block in these encodings (membank/quant.py),
+    in the same all-or-nothing version.
 
     `version` overrides the export's manifest version (e.g. a deployment tag); `shards`,
     `replication` and `placement_level` override its placement (every shard's ingest must be
     given the same ones: they are part of the manifest). `max_bytes_per_s` throttles the
     writes (ingest into a shard that is serving competes with it for the disk).
     """
-    manifest = _with_placement(load_export_manifest(export_dir), version=version, shards=shards,
-                               replication=replication, placement_level=placement_level)
+    # an export holds native blocks only: encodings are made here (and listed by _write)
+    manifest = _with_placement(_native_part(load_export_manifest(export_dir)), version=version,
+                               shards=shards, replication=replication,
+                               placement_level=placement_level)
     targets = {shard_id: lmdb_path}
     _check_shards(manifest, targets)
     # the router rides with the version (for the Route RPC); invisible until `current` switches
     store_router(lmdb_path, export_dir, manifest.bank, manifest.version, map_size=map_size)
     only = set(shard_blocks(manifest, shard_id)) if shard_id is not None else None
-    total = sum(manifest.block_nbytes(l) for l, _ in (only or manifest.blocks()))
-    blocks = iter_export_blocks(export_dir, manifest, only)
+    encodings = _encodings(encodings)
+    # the manifest lists every block's checksum in every encoding, and every shard must store
+    # the same manifest: with encodings, a shard's ingest reads and encodes every block (and
+    # stores, as always, only those placement gives it)
+    read = None if encodings else only
+    total = sum(manifest.block_nbytes(l) for l, _ in (read or manifest.blocks()))
+    blocks = iter_export_blocks(export_dir, manifest, read)
     return _write(manifest, blocks, targets, verify=True, publish=publish, progress=progress,
                   total_bytes=total, batch_bytes=batch_bytes, map_size=map_size, resume=resume,
-                  source=str(export_dir), max_bytes_per_s=max_bytes_per_s, writemap=writemap)
+                  source=str(export_dir), max_bytes_per_s=max_bytes_per_s, writemap=writemap,
+                  encodings=encodings)
 
 
 def ingest_stream(targets: Mapping[str | None, str | Path], header: Manifest | Mapping,
                   blocks: Iterable[tuple[int, int, object]], *, publish: bool = True,
                   batch_bytes: int = 64 << 20, map_size: int = 64 << 30, progress: bool = True,
                   resume: bool = True, max_bytes_per_s: float | None = None,
-                  writemap: bool = False) -> Manifest:
+                  writemap: bool = False, encodings: tuple[str, ...] = ()) -> Manifest:
     """Streaming ingest: blocks from any iterable, written into one LMDB per shard in one pass.
 
     `targets` maps shard id -> LMDB path ({None: path}: one LMDB holding every block).
     `header` holds the manifest's fields except `checksums` (or is a manifest whose checksums
     are ignored); the checksums are computed from the blocks as they stream by and the manifest
     written last. Each (level, node) must come exactly once, in any order; each block goes to
-    the shards placement gives it.
+    the shards placement gives it (with its `encodings` copies, as for `ingest`).
     """
     fields = header.model_dump() if isinstance(header, Manifest) else dict(header)
+    fields.pop("encodings", None)    # computed here, like the checksums
     fields["checksums"] = [[""] * ((fields["branching"] ** l) if r else 0)
                            for l, r in enumerate(fields["ranks"], start=1)]
     skeleton = Manifest.model_validate(fields)
@@ -248,15 +303,18 @@ def ingest_stream(targets: Mapping[str | None, str | Path], header: Manifest | M
     total = sum(skeleton.block_nbytes(l) for l, _ in skeleton.blocks())
     return _write(skeleton, blocks, targets, verify=False, publish=publish, progress=progress,
                   total_bytes=total, batch_bytes=batch_bytes, map_size=map_size, resume=resume,
-                  source="stream", max_bytes_per_s=max_bytes_per_s, writemap=writemap)
+                  source="stream", max_bytes_per_s=max_bytes_per_s, writemap=writemap,
+                  encodings=_encodings(encodings))
 
 
 def _write(manifest: Manifest, blocks, targets, *, verify: bool, publish: bool, progress: bool,
            total_bytes: int, batch_bytes: int, map_size: int, resume: bool,
            source: str, max_bytes_per_s: float | None = None,
-           writemap: bool = False) -> Manifest:
+           writemap: bool = False, encodings: tuple[str, ...] = ()) -> Manifest:
     bank, ver = manifest.bank, manifest.version
     sums = [list(level) for level in manifest.checksums]
+    # encoding -> checksums laid out as manifest.checksums, filled as the blocks stream by
+    enc_sums = {e: [[""] * len(level) for level in manifest.checksums] for e in encodings}
     seen: set[tuple[int, int]] = set()
     opened: dict[str | None, _Target] = {}
     try:
@@ -266,10 +324,10 @@ def _write(manifest: Manifest, blocks, targets, *, verify: bool, publish: bool, 
             if verify:   # export ingest: refuse a conflicting version before writing anything
                 with opened[shard].env.begin() as txn:
                     existing = txn.get(manifest_key(bank, ver))
-                if existing is not None and Manifest.from_json(existing) != manifest:
-                    raise IngestError(f"{bank} version {ver} already exists with different "
-                                      f"content; versions are immutable, ingest under a new "
-                                      f"version")
+                why = existing is not None and _conflict(Manifest.from_json(existing), manifest,
+                                                         encodings)
+                if why:
+                    raise IngestError(why)
         log.info("ingest %s/%s from %s into %s: writing", bank, ver, source,
                  ", ".join(f"{s or 'all'}={p}" for s, p in targets.items()))
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"ingest {bank}/{ver}",
@@ -291,9 +349,21 @@ def _write(manifest: Manifest, blocks, targets, *, verify: bool, publish: bool, 
             sums[level - 1][node] = got
             owners = manifest.owners(level, node)
             key = block_key(bank, manifest.block_version, level, node)
-            for shard, target in opened.items():
-                if shard is None or shard in owners:
-                    target.put(key, data, got)
+            wanted = [shard for shard in opened if shard is None or shard in owners]
+            for shard in wanted:
+                opened[shard].put(key, data, got)
+            for enc in encodings:
+                # made once here; the server only ever reads it (no per-request quantizing)
+                try:
+                    payload = quant.encode_block(data, manifest.block_shape(level),
+                                                 manifest.dtype, enc)
+                except ValueError as e:
+                    raise IngestError(f"block ({level}, {node}) of {source}: cannot encode "
+                                      f"{enc}: {e}") from None
+                enc_sums[enc][level - 1][node] = esum = checksum(payload)
+                ekey = block_key(bank, manifest.block_version, level, node, enc)
+                for shard in wanted:
+                    opened[shard].put(ekey, payload, esum)
             bar.update(n)
             done += n
             if max_bytes_per_s:     # throttle: never ahead of the allowed rate
@@ -307,6 +377,8 @@ def _write(manifest: Manifest, blocks, targets, *, verify: bool, publish: bool, 
                 raise IngestError(f"the stream ended with {len(missing)} blocks missing, e.g. "
                                   f"{missing[:3]}; nothing published")
             manifest = Manifest.model_validate({**manifest.model_dump(), "checksums": sums})
+        if encodings:
+            manifest = Manifest.model_validate({**manifest.model_dump(), "encodings": enc_sums})
         for target in opened.values():
             target.finish(manifest, publish)
         for shard, target in opened.items():
@@ -473,6 +545,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1)
 
 
+def _encodings_arg(value: str) -> tuple[str, ...]:
+    try:
+        return _encodings(v.strip() for v in value.split(",") if v.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _ingest_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(
         prog="python -m services.bank_server.ingest",
@@ -489,6 +568,9 @@ def _ingest_main(argv: list[str]) -> None:
     p.add_argument("--map-size-gb", type=float, default=64)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--max-mb-s", type=float, help="throttle writes to this many MB/s")
+    p.add_argument("--encodings", default=(), type=_encodings_arg,
+                   help="also store every block in these encodings, comma separated "
+                        "(int8: per-row scales, dequantized on the device; default: native only)")
     p.add_argument("--writemap", action="store_true",
                    help="write through LMDB's writable map (sparse file of map size; see "
                         "store.open_env)")
@@ -500,7 +582,7 @@ def _ingest_main(argv: list[str]) -> None:
                batch_bytes=args.batch_mb << 20, map_size=int(args.map_size_gb * (1 << 30)),
                progress=not args.no_progress,
                max_bytes_per_s=args.max_mb_s * 1e6 if args.max_mb_s else None,
-               writemap=args.writemap)
+               writemap=args.writemap, encodings=args.encodings)
     print(f"ingested {m.bank} version {m.version} into {args.lmdb}"
           + (f" (shard {args.shard_id})" if args.shard_id else ""))
 

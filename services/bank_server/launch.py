@@ -17,8 +17,10 @@ from pathlib import Path
 
 # the one line the server prints to stdout once bound (services/bank_server/server.py)
 LISTENING = "membank bank_server listening on "
-# printed just before it when the admin HTTP server runs
+# printed before it when the admin HTTP server runs
 ADMIN = "membank bank_server admin on "
+# printed before it when the data plane runs (--dataplane-port)
+DATAPLANE = "membank bank_server dataplane on "
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
@@ -33,12 +35,13 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 
 
 @contextmanager
-def run_bank_server(lmdb: Path, *extra: str, log_path: Path | None = None, timeout: float = 30.0,
+def run_bank_server(lmdb: Path, *extra: str, log_path: Path | None = None, timeout: float = 60.0,
                     cwd: Path | None = None):
     """Start `python -m services.bank_server.server` on port 0; yield (address, proc) once it
     listens; stop it on exit. Extra flags are passed through (e.g. "--redis-url", URL).
     The admin HTTP server gets a free port too: `proc.admin_address` ("host:port", None with
-    --no-admin)."""
+    --no-admin); so does the data plane when the flags ask for it ("--dataplane-port", "0"):
+    `proc.dataplane_address` ("host:port", else None)."""
     cmd = [sys.executable, "-m", "services.bank_server.server", "--lmdb", str(lmdb), "--port", "0",
            "--admin-port", "0", *extra]
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
@@ -49,10 +52,12 @@ def run_bank_server(lmdb: Path, *extra: str, log_path: Path | None = None, timeo
     try:
         deadline = time.monotonic() + timeout
         line = b""
-        proc.admin_address = None
+        proc.admin_address = proc.dataplane_address = None
         while not line.startswith(LISTENING.encode()):
             if line.startswith(ADMIN.encode()):
                 proc.admin_address = line.decode().strip()[len(ADMIN):]
+            if line.startswith(DATAPLANE.encode()):
+                proc.dataplane_address = line.decode().strip()[len(DATAPLANE):]
             remaining = deadline - time.monotonic()
             if remaining <= 0 or proc.poll() is not None:
                 raise RuntimeError(f"bank server did not start (exit code {proc.poll()}); log: {log_path}")

@@ -6,7 +6,8 @@
     metrics.render()                                # Prometheus text exposition
 
 Families (one private registry per server, so tests can run several in one process):
-  membank_rpc_total{method,code}             RPCs by final gRPC status code (OK included)
+  membank_rpc_total{method,code}             RPCs by final gRPC status code (OK included);
+                                             data plane requests as method "DataPlaneFetch"
   membank_rpc_seconds{method}                RPC latency histogram
   membank_rpc_in_flight                      RPCs running now
   membank_fetch_block_seconds{level}         read + verify + send of one block, per tree level
@@ -121,7 +122,8 @@ class ServerMetrics:
     # -- recording --------------------------------------------------------------------------
     def rpc_started(self) -> None:
         self._in_flight.inc()
-        self.in_flight += 1
+        with self._lock:     # the data plane's threads count here too, beside the event loop
+            self.in_flight += 1
 
     def rpc_done(self, method: str, code: str, seconds: float) -> None:
         self._in_flight.dec()

@@ -94,7 +94,8 @@ def rebalance(lmdbs: Mapping[str, str | Path], bank: str, version: str, new_vers
               for l, n, _, _ in moved}
     report = {"bank": bank, "from": version, "to": new_version, "shards": list(shards),
               "blocks_moved": len(moved),
-              "bytes_copied": sum(old.block_nbytes(l) * len(g) for l, _, _, g in moved),
+              "bytes_copied": sum(old.block_nbytes(l, e) * len(g) for l, _, _, g in moved
+                                  for e in ("", *old.encodings)),
               "groups_moved": len(groups), "received": per_shard, "dry_run": dry_run,
               "moves": [[l, n, o, g] for l, n, o, g in moved]}
     if dry_run:
@@ -108,23 +109,27 @@ def rebalance(lmdbs: Mapping[str, str | Path], bank: str, version: str, new_vers
         sources = {s: acquire_env(lmdbs[s], map_size, readonly=False) for s in old.shards}
         try:
             for level, node, owners, gained in moved:
-                key = block_key(bank, old.block_version, level, node)
-                want = old.checksum(level, node)
-                data = None
-                for src in owners:
-                    with sources[src].begin(buffers=True) as txn:
-                        buf = txn.get(key)
-                        if buf is not None and len(buf) == old.block_nbytes(level) \
-                                and checksum(buf) == want:
-                            data = bytes(buf)      # the batch outlives this read transaction
-                            break
-                    log.warning("block (%d, %d) missing or corrupt on %s; trying another owner",
-                                level, node, src)
-                if data is None:
-                    raise IngestError(f"block ({level}, {node}) of {bank}/{version} is intact on "
-                                      f"none of its owners {owners}")
-                for shard in gained:
-                    targets[shard].put(key, data, want)
+                # the block and each of its encodings (e.g. int8): the re-placed manifest keeps
+                # the `encodings` table, so the receiving shard must hold them all
+                for enc in ("", *old.encodings):
+                    key = block_key(bank, old.block_version, level, node, enc)
+                    want = old.checksum(level, node, enc)
+                    data = None
+                    for src in owners:
+                        with sources[src].begin(buffers=True) as txn:
+                            buf = txn.get(key)
+                            if buf is not None and len(buf) == old.block_nbytes(level, enc) \
+                                    and checksum(buf) == want:
+                                data = bytes(buf)   # the batch outlives this read transaction
+                                break
+                        log.warning("block (%d, %d)%s missing or corrupt on %s; trying another "
+                                    "owner", level, node, f" {enc}" if enc else "", src)
+                    if data is None:
+                        raise IngestError(f"block ({level}, {node}){' ' + enc if enc else ''} "
+                                          f"of {bank}/{version} is intact on none of its owners "
+                                          f"{owners}")
+                    for shard in gained:
+                        targets[shard].put(key, data, want)
         finally:
             for env in sources.values():
                 release_env(env)

@@ -4,13 +4,17 @@
     python -m services.bank_server.server --lmdb data/bank.lmdb --port 0 [--redis-url redis://...]
 
 Once bound it prints `membank bank_server admin on HOST:PORT` (the admin HTTP server, unless
---no-admin) and then `membank bank_server listening on HOST:PORT` (with port 0, the ports the OS
-picked); scripts and tests wait for the second line. SIGTERM or SIGINT stop it gracefully:
-health turns NOT_SERVING, /readyz 503, new RPCs are refused, and in-flight RPCs (a fetch half
-sent) get `shutdown_grace_s` (5 s) to finish.
+--no-admin), `membank bank_server dataplane on HOST:PORT` (the raw-TCP block data plane, only
+with --dataplane-port) and then `membank bank_server listening on HOST:PORT` (with port 0, the
+ports the OS picked); scripts and tests wait for the last line. SIGTERM or SIGINT stop it
+gracefully: health turns NOT_SERVING, /readyz 503, new RPCs and data plane connections are
+refused, and in-flight RPCs and data plane requests (a fetch half sent) get `shutdown_grace_s`
+(5 s) to finish.
 One process, one event loop: grpc.aio serves the gRPC API (BankService: GetManifest,
 FetchBlocks, Route; BankAdmin: Publish; health; reflection) and uvicorn the admin HTTP API
-(admin.py), behind one interceptor for auth, rate limits and metrics (security.py).
+(admin.py), behind one interceptor for auth, rate limits and metrics (security.py). The data
+plane (dataplane.py) runs on threads of its own beside them, over the same store and tiers,
+with the same token, TLS certificate, rate limiter and metrics.
 Settings: services/bank_server/settings.py (env MEMBANK_SERVER_*, flags override).
 """
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncio
 import ctypes
 import logging
 import signal
+import ssl
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -27,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.bank_server import admin as admin_http
 from services.bank_server.control import ADMIN_SERVICE_NAME, add_control_services
+from services.bank_server.dataplane import DataPlaneServer
 from services.bank_server.metrics import ServerMetrics
 from services.bank_server.publish import publish
 from services.bank_server.readiness import Readiness
@@ -132,6 +138,18 @@ async def serve(settings: BankServerSettings) -> None:
         await admin.start(sock)
         print(f"membank bank_server admin on {settings.host}:{sock.getsockname()[1]}", flush=True)
 
+    dataplane = None
+    if settings.dataplane_port is not None:
+        dataplane = DataPlaneServer(settings, store, blocks, metrics=metrics, limiter=limiter,
+                                    auth_token=auth_token, admin_token=admin_token,
+                                    ssl_context=server_ssl_context(settings))
+        try:
+            dp_port = dataplane.start()
+        except OSError as e:
+            raise SystemExit(f"could not bind the data plane port {settings.host}:"
+                             f"{settings.dataplane_port}: {e.strerror}") from None
+        print(f"membank bank_server dataplane on {settings.host}:{dp_port}", flush=True)
+
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -148,8 +166,12 @@ async def serve(settings: BankServerSettings) -> None:
     readiness.draining = True
     warm.cancel()
     await health_servicer.enter_graceful_shutdown()
-    # refuses new RPCs at once; in-flight ones (a half-sent fetch) may finish within the grace
-    await server.stop(grace=grace)
+    # refuses new RPCs at once; in-flight ones (a half-sent fetch) may finish within the grace;
+    # the data plane drains the same way, at the same time, on a thread (it blocks)
+    drains = [server.stop(grace=grace)]
+    if dataplane is not None:
+        drains.append(asyncio.to_thread(dataplane.stop, grace))
+    await asyncio.gather(*drains)
     if admin is not None:
         await admin.stop()
     from services.bank_server.tiers import tiers
@@ -157,6 +179,16 @@ async def serve(settings: BankServerSettings) -> None:
         log.info("%s tier: %s", tier.name, tier.stats())
         tier.close()
     store.close()
+
+
+def server_ssl_context(settings: BankServerSettings) -> ssl.SSLContext | None:
+    """The data plane's TLS context: gRPC's certificate and key, or None without them."""
+    if settings.tls_cert is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return ctx
 
 
 def limits(settings: BankServerSettings) -> dict:
@@ -172,6 +204,8 @@ def limits(settings: BankServerSettings) -> dict:
         "auth": settings.auth_token is not None,
         "admin": settings.admin_token is not None,
         "tls": settings.tls_cert is not None,
+        "dataplane": settings.dataplane_port is not None,
+        "dataplane_max_connections": settings.dataplane_max_connections,
     }
 
 

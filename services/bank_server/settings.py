@@ -58,6 +58,15 @@ class BankServerSettings(BaseSettings):
     warm_max_gb: float = Field(default=4, ge=0)                # stop warming past this
     shutdown_grace_s: float = Field(default=5.0, ge=0)         # drain time after SIGTERM
 
+    # -- data plane (dataplane.py): block bodies over framed raw TCP, beside gRPC --------------
+    dataplane_port: int | None = Field(default=None, ge=0, le=65535)  # None: off; 0: free port
+    dataplane_max_connections: int = Field(default=64, ge=1)   # one thread each; more: refused
+    dataplane_idle_timeout_s: float = Field(default=60, gt=0)  # kept-alive, no request: closed
+    dataplane_request_timeout_s: float = Field(default=10, gt=0)  # a whole request frame (and
+    #                                                             the TLS handshake) by then
+    dataplane_send_timeout_s: float = Field(default=30, gt=0)  # a client taking no bytes: dropped
+    dataplane_sndbuf_kb: int = Field(default=0, ge=0)          # SO_SNDBUF; 0: kernel autotuning
+
     @model_validator(mode="after")
     def _tls_pair(self) -> "BankServerSettings":
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -112,5 +121,14 @@ class BankServerSettings(BaseSettings):
         p.add_argument("--warm-levels", type=int, help="levels pre-read at start (0: none)")
         p.add_argument("--warm-max-gb", type=float)
         p.add_argument("--shutdown-grace-s", type=float)
+        # data plane (services/bank_server/dataplane.py)
+        p.add_argument("--dataplane-port", type=int,
+                       help="serve block bodies over framed raw TCP on this port too "
+                       "(0 picks a free port, printed); off when not given")
+        p.add_argument("--dataplane-max-connections", type=int)
+        p.add_argument("--dataplane-idle-timeout-s", type=float)
+        p.add_argument("--dataplane-request-timeout-s", type=float)
+        p.add_argument("--dataplane-send-timeout-s", type=float)
+        p.add_argument("--dataplane-sndbuf-kb", type=int)
         args = p.parse_args(argv)
         return cls(**{k: v for k, v in vars(args).items() if v is not None})

@@ -11,6 +11,11 @@ agrees with the manifest, and its bytes hash to the MANIFEST's checksum (the hea
 comes from the same server as the bytes, so it proves nothing on its own). Anything else raises
 BlockIntegrityError; server statuses raise BankError with the gRPC code.
 
+`fetch(..., encoding="int8")` asks for the int8 payloads ingest stored (membank/quant.py),
+verified against the manifest's `encodings["int8"]` checksums; the caller dequantizes them
+(MemoryModel.attach). A version without that encoding raises BankError NOT_FOUND naming what
+it has, before any RPC.
+
 Security (both optional): `token=` sends `authorization: Bearer TOKEN` with every call (a
 server with auth on answers UNAUTHENTICATED without it); `tls_ca=` (a PEM path or bytes, or
 True for the system roots) connects over TLS and checks the server certificate against it.
@@ -24,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pathlib import Path
 
-from membank import wire
+from membank import quant, wire
 from membank.blocks import checksum_stream
 from membank.manifest import Manifest
 from membank.v1 import bank_pb2
@@ -117,7 +122,7 @@ class BankClient:
 
     def fetch(self, bank: str, version: str, blocks: list[tuple[int, int]],
               manifest: Manifest, *, out: dict | None = None, timeout_s: float | None = None,
-              on_call=None) -> dict[tuple[int, int], bytearray]:
+              on_call=None, encoding: str = "") -> dict[tuple[int, int], bytearray]:
         """Fetch `blocks` [(level, node), ...] of bank/version in one RPC, verified.
 
         `manifest` must be the manifest of that version (its checksums are what is trusted);
@@ -130,14 +135,19 @@ class BankClient:
         grpc call before the first chunk is read, so another thread can `call.cancel()` it (the
         sharded fetcher cancels the losing replica of a hedged request; this fetch then raises
         BankError CANCELLED).
+        `encoding`: "" (or "native") for the bank dtype, "int8" for the int8 payloads (their
+        size: manifest.block_nbytes(level, "int8")).
         """
         version = version or manifest.version
         if bank != manifest.bank or version != manifest.version:
             raise ValueError(f"manifest is {manifest.bank}/{manifest.version}, "
                              f"not {bank}/{version}")
+        encoding = quant.normalize(encoding)
+        if not manifest.has_encoding(encoding):
+            raise BankError(grpc.StatusCode.NOT_FOUND, manifest.missing_encoding(encoding))
         ids = [(int(level), int(node)) for level, node in blocks]
         request = bank_pb2.FetchBlocksRequest(
-            bank=bank, version=version,
+            bank=bank, version=version, encoding=encoding,
             blocks=[bank_pb2.BlockId(level=l, node=n) for l, n in ids])
 
         bufs: list = [None] * len(ids)
@@ -151,7 +161,7 @@ class BankClient:
             if on_call is not None:
                 on_call(call)
             for chunk in call:
-                self._take_chunk(chunk, ids, bufs, received, manifest, out, hashers)
+                self._take_chunk(chunk, ids, bufs, received, manifest, out, hashers, encoding)
         except grpc.RpcError as e:
             raise _bank_error(e) from None
 
@@ -161,8 +171,8 @@ class BankClient:
             if buf is None or received[i] != len(buf):
                 got = 0 if buf is None else received[i]
                 raise BlockIntegrityError(f"block ({level}, {node}) incomplete: {got} of "
-                                          f"{manifest.block_nbytes(level)} bytes")
-            if hashers[i].hexdigest() != manifest.checksum(level, node):
+                                          f"{manifest.block_nbytes(level, encoding)} bytes")
+            if hashers[i].hexdigest() != manifest.checksum(level, node, encoding):
                 raise BlockIntegrityError(f"block ({level}, {node}) fails its manifest checksum")
             result[(level, node)] = buf.obj if isinstance(buf, memoryview) else buf
         return result
@@ -190,7 +200,7 @@ class BankClient:
     @staticmethod
     def _take_chunk(chunk, ids: list[tuple[int, int]], bufs: list, received: list[int],
                     manifest: Manifest, out: dict | None = None,
-                    hashers: list | None = None) -> None:
+                    hashers: list | None = None, encoding: str = "") -> None:
         """Copy one chunk into its block's buffer, checking it fits what was asked for.
 
         `chunk` is the BlockChunk's wire bytes (parsed without copying the body) or a parsed
@@ -213,9 +223,9 @@ class BankClient:
             if not manifest.has_block(level, node):
                 raise BlockIntegrityError(f"server sent block ({level}, {node}), which the "
                                           f"manifest does not have")
-            nbytes = manifest.block_nbytes(level)
-            want = ((level, node, manifest.version, manifest.checksum(level, node), nbytes,
-                     manifest.dtype, tuple(manifest.block_shape(level))))
+            nbytes = manifest.block_nbytes(level, encoding)
+            want = ((level, node, manifest.version, manifest.checksum(level, node, encoding),
+                     nbytes, manifest.block_dtype(encoding), tuple(manifest.block_shape(level))))
             got = (h.level, h.node, h.version, h.checksum, h.nbytes, h.dtype, tuple(h.shape))
             if got != want:
                 raise BlockIntegrityError(f"block ({level}, {node}) header {got} does not match "

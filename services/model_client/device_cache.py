@@ -3,6 +3,7 @@
     cache = DeviceCache(budget_bytes=64 << 20, directory="~/.cache/membank", disk_budget_bytes=1 << 30)
     buf = cache.get(manifest, level, node)          # verified bytes, or None (a miss)
     cache.put(manifest, level, node, buf)           # after the fetcher verified it
+    cache.get(manifest, level, node, encoding="int8")   # the int8 payload (membank/quant.py)
     cache.stats()                                   # per level: hits, misses, bytes, evictions
 
 Why deepest-first: a level-l node is shared by 1/k^(l-1) of all prompts, so a level-1 block is
@@ -10,8 +11,11 @@ reused by almost every prompt and a leaf block by few. Eviction takes the least 
 block of the DEEPEST level that has any, and touches a shallower level only when nothing deeper
 is left. A block larger than the whole budget is not cached at all.
 
-Keys are (bank, block_version, level, node): a version re-placed onto other shards keeps its
-block version (Manifest.block_version), so a rebalance does not invalidate the device cache.
+Keys are (bank, block_version, level, node, encoding): a version re-placed onto other shards
+keeps its block version (Manifest.block_version), so a rebalance does not invalidate the device
+cache; a native block and its int8 payload are separate entries, each checked against its own
+manifest checksum (an int8 payload is about 1/2 of a bfloat16 block and 1/4 of a float32 one,
+so the same budget holds 2-4x as many).
 
 Trust: an entry remembers the manifest checksum it was verified against; `get` returns it only
 when the asking manifest lists the same checksum (no rehash: the bytes never left this process).
@@ -20,9 +24,10 @@ of the wrong size or checksum is deleted and counted as `corrupt`, never returne
 written to a unique temporary name and renamed into place (atomic: a reader sees a whole file or
 none); no fsync, because a file torn by a power cut fails its checksum on read and is dropped.
 
-File names are `{bank}@{block_version}@{level}@{node}.blk`: bank and version ids match
-`[A-Za-z0-9._-]+` (membank/manifest.py) and never contain '@' or '/', so a name parses back to
-exactly one key and never leaves the directory.
+File names are `{bank}@{block_version}@{level}@{node}.blk` for a native block and
+`{bank}@{block_version}@{level}@{node}@{encoding}.blk` for an encoded one: bank and version ids
+match `[A-Za-z0-9._-]+` (membank/manifest.py) and never contain '@' or '/', and encodings are a
+known list, so a name parses back to exactly one key and never leaves the directory.
 
 Thread-safe (one lock): the sharded fetcher's threads may put while the model reads.
 Run its tests: .venv/bin/pytest -q tests/unit/test_device_cache.py
@@ -37,12 +42,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from membank import quant
 from membank.blocks import checksum
 from membank.manifest import Manifest
 
 log = logging.getLogger("membank.client.cache")
 
-Key = tuple[str, str, int, int]     # (bank, block_version, level, node)
+Key = tuple[str, str, int, int, str]     # (bank, block_version, level, node, encoding)
 SUFFIX = ".blk"
 
 
@@ -95,13 +101,18 @@ class _Tier:
         return self.levels[key[2]].pop(key)
 
 
-def _key(manifest: Manifest, level: int, node: int) -> Key:
-    return (manifest.bank, manifest.block_version, int(level), int(node))
+def _key(manifest: Manifest, level: int, node: int, encoding: str = "") -> Key:
+    return (manifest.bank, manifest.block_version, int(level), int(node), encoding)
 
 
-def file_name(key: Key) -> str:
-    bank, version, level, node = key
-    return f"{bank}@{version}@{level}@{node}{SUFFIX}"
+def _full(key: tuple) -> Key:
+    """A key with its encoding ("" when a 4-tuple (bank, version, level, node) is given)."""
+    return key if len(key) == 5 else (*key, "")
+
+
+def file_name(key: Key | tuple[str, str, int, int]) -> str:
+    bank, version, level, node, encoding = _full(key)
+    return f"{bank}@{version}@{level}@{node}{'@' + encoding if encoding else ''}{SUFFIX}"
 
 
 def parse_file_name(name: str) -> Key | None:
@@ -109,13 +120,16 @@ def parse_file_name(name: str) -> Key | None:
     if not name.endswith(SUFFIX):
         return None
     parts = name[: -len(SUFFIX)].split("@")
-    if len(parts) != 4 or not parts[0] or not parts[1]:
+    if len(parts) not in (4, 5) or not parts[0] or not parts[1]:
+        return None
+    encoding = parts[4] if len(parts) == 5 else ""
+    if len(parts) == 5 and encoding not in quant.ENCODINGS:
         return None
     try:
         level, node = int(parts[2]), int(parts[3])
     except ValueError:
         return None
-    return (parts[0], parts[1], level, node) if level >= 1 and node >= 0 else None
+    return (parts[0], parts[1], level, node, encoding) if level >= 1 and node >= 0 else None
 
 
 class DeviceCache:
@@ -138,13 +152,14 @@ class DeviceCache:
             self._index_disk()
 
     # -- public API --------------------------------------------------------------------------
-    def get(self, manifest: Manifest, level: int, node: int):
-        """The block's bytes if cached and matching `manifest`'s checksum, else None.
+    def get(self, manifest: Manifest, level: int, node: int, *, encoding: str = ""):
+        """The block's bytes (in `encoding`) if cached and matching `manifest`'s checksum for
+        that encoding, else None.
 
         The returned buffer is shared with the cache: copy it, never modify it.
         """
-        key = _key(manifest, level, node)
-        want = manifest.checksum(level, node)
+        key = _key(manifest, level, node, encoding)
+        want = manifest.checksum(level, node, encoding)
         with self._lock:
             st = self._level(level)
             entry = self._mem.levels.get(level, {}).get(key)
@@ -154,7 +169,7 @@ class DeviceCache:
                 return entry.data
             on_disk = self._disk is not None and key in self._disk.levels.get(level, {})
         if on_disk:
-            data = self._read_verified(key, manifest.block_nbytes(level), want)
+            data = self._read_verified(key, manifest.block_nbytes(level, encoding), want)
             if data is not None:
                 with self._lock:
                     self._level(level).disk_hits += 1
@@ -166,13 +181,15 @@ class DeviceCache:
             self._level(level).misses += 1
         return None
 
-    def put(self, manifest: Manifest, level: int, node: int, data, *, verified: bool = False) -> bool:
-        """Keep a block. `verified=True` says the caller already matched its bytes against
-        `manifest` (the fetcher does); otherwise they are hashed here, and a block that does not
-        match raises ValueError. Returns False when the block is larger than the budget."""
-        key = _key(manifest, level, node)
-        want = manifest.checksum(level, node)
-        nbytes = manifest.block_nbytes(level)
+    def put(self, manifest: Manifest, level: int, node: int, data, *, verified: bool = False,
+            encoding: str = "") -> bool:
+        """Keep a block (its bytes in `encoding`). `verified=True` says the caller already
+        matched its bytes against `manifest` (the fetcher does); otherwise they are hashed here,
+        and a block that does not match raises ValueError. Returns False when the block is
+        larger than the budget."""
+        key = _key(manifest, level, node, encoding)
+        want = manifest.checksum(level, node, encoding)
+        nbytes = manifest.block_nbytes(level, encoding)
         if len(data) != nbytes or (not verified and checksum(data) != want):
             raise ValueError(f"block ({level}, {node}) of {manifest.bank}/{manifest.version} does "
                              f"not match its manifest; not cached")
@@ -186,6 +203,7 @@ class DeviceCache:
         return kept
 
     def __contains__(self, key: Key) -> bool:
+        key = _full(key)
         with self._lock:
             return key in self._mem.levels.get(key[2], {}) or (
                 self._disk is not None and key in self._disk.levels.get(key[2], {}))

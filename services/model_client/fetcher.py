@@ -1,15 +1,20 @@
 """ShardedFetcher: the device's client over many bank shards, with hedging, retries and failover.
 
     targets = {"s0": "10.0.0.1:50051", "s1": "10.0.0.2:50051"}   # shard id (manifest) -> address
+    # or "10.0.0.1:50051+50052": block bodies over that shard's raw-TCP data plane
     with ShardedFetcher(targets, FetchPolicy(deadline_s=5)) as bank:
         manifest = bank.get_manifest("demo")
         blocks = bank.fetch("demo", manifest.version, manifest.path_blocks(path), manifest)
+        # or encoding="int8": the int8 payloads (membank/quant.py), verified the same way
         print(bank.stats())      # rpcs, retries, hedges, hedge_wins, failovers, integrity_errors
 
 It has the two methods of BankClient a MemoryModel uses (`get_manifest`, `fetch`), so either can
 be passed as `model.generate(prompt, bank=...)`. `targets` is explicit: the manifest's `shards`
 are ids, and only the device's configuration knows where each one listens. A plain string
 ("host:port") means one server holding every block (a server started without --shard-id).
+A target "host:PORT+DATAPLANE_PORT" gets a DataPlaneClient (gRPC for the manifest and health,
+block bodies over the server's data plane), a plain "host:port" a BankClient: the choice is
+made in one place, services/model_client/targets.py, with the same token / TLS / timeout.
 
 How a fetch runs:
   1. plan: each block's owners come from the manifest's placement (membank/placement.py,
@@ -50,8 +55,11 @@ from typing import Callable, Mapping
 
 import grpc
 
+from membank import quant
 from membank.manifest import Manifest
 from services.model_client.bank_client import BankClient, BankError, BlockIntegrityError
+from services.model_client.targets import check_target
+from services.model_client.targets import client_factory as target_client_factory
 
 log = logging.getLogger("membank.client.fetcher")
 
@@ -161,17 +169,22 @@ class ShardedFetcher:
                  token: str | None = None, tls_ca: str | Path | bytes | bool | None = None,
                  client_factory: Callable[[str], BankClient] | None = None,
                  rng: random.Random | None = None):
-        """`targets`: shard id -> "host:port", or one "host:port" serving every block.
-        `token`, `tls_ca`: as BankClient's. `client_factory(address)` builds the per-shard
-        client (tests pass fakes); `rng` seeds the backoff jitter."""
+        """`targets`: shard id -> target, or one target serving every block; a target is
+        "host:port" (gRPC) or "host:port+DATAPLANE_PORT" (block bodies over the data plane;
+        services/model_client/targets.py). `token`, `tls_ca`: as BankClient's, given to every
+        shard's client. `client_factory(target)` builds the per-shard client instead (tests
+        pass fakes); `rng` seeds the backoff jitter."""
         if isinstance(targets, str):
             targets = {ANY: targets}
         if not targets:
             raise ValueError("no targets")
         self.targets = dict(targets)
         self.policy = policy or FetchPolicy()
-        self._factory = client_factory or (lambda address: BankClient(
-            address, timeout_s=self.policy.attempt_timeout_s, token=token, tls_ca=tls_ca))
+        if client_factory is None:      # bad syntax: ValueError now, not at the first fetch
+            for target in self.targets.values():
+                check_target(target)
+        self._factory = client_factory or target_client_factory(
+            timeout_s=self.policy.attempt_timeout_s, token=token, tls_ca=tls_ca)
         self._clients: dict[str, BankClient] = {}
         self._lock = threading.Lock()
         self._stats = FetchStats()
@@ -209,18 +222,24 @@ class ShardedFetcher:
         raise last or BankError(grpc.StatusCode.DEADLINE_EXCEEDED, "no time left for GetManifest")
 
     def fetch(self, bank: str, version: str, blocks: list[Block],
-              manifest: Manifest) -> dict[Block, bytearray]:
-        """Every block of `blocks`, each verified against `manifest`, or BankError."""
+              manifest: Manifest, *, encoding: str = "") -> dict[Block, bytearray]:
+        """Every block of `blocks`, each verified against `manifest`, or BankError.
+        `encoding`: "" (native) or "int8" (payloads checked against the manifest's int8
+        checksums; NOT_FOUND at once, no RPC, when the version has no int8 blocks)."""
         version = version or manifest.version
         if bank != manifest.bank or version != manifest.version:
             raise ValueError(f"manifest is {manifest.bank}/{manifest.version}, not {bank}/{version}")
+        encoding = quant.normalize(encoding)
+        if not manifest.has_encoding(encoding):
+            raise BankError(grpc.StatusCode.NOT_FOUND, manifest.missing_encoding(encoding))
         if not blocks:
             return {}
         deadline = time.monotonic() + self.policy.deadline_s
         groups = self.plan(manifest, blocks)
         if len(groups) == 1:
-            return self._fetch_group(manifest, groups[0], deadline, frozenset())
-        futures = [self._groups.submit(self._fetch_group, manifest, g, deadline, frozenset())
+            return self._fetch_group(manifest, groups[0], deadline, frozenset(), encoding)
+        futures = [self._groups.submit(self._fetch_group, manifest, g, deadline, frozenset(),
+                                       encoding)
                    for g in groups]
         out: dict[Block, bytearray] = {}
         errors = []
@@ -301,8 +320,8 @@ class ShardedFetcher:
 
     # -- one group ---------------------------------------------------------------------------
     def _fetch_group(self, manifest: Manifest, group: Group, deadline: float,
-                     avoid: frozenset[str]) -> dict[Block, bytearray]:
-        nbytes = sum(manifest.block_nbytes(l) for l, _ in group.blocks)
+                     avoid: frozenset[str], encoding: str = "") -> dict[Block, bytearray]:
+        nbytes = sum(manifest.block_nbytes(l, encoding) for l, _ in group.blocks)
         excluded: set[str] = set()      # replicas that must not be asked again for this group
         last: BankError | None = None
         for round_ in range(self.policy.max_rounds):
@@ -317,7 +336,8 @@ class ShardedFetcher:
             if not replicas:
                 break
             try:
-                return self._race(manifest, group.blocks, replicas, nbytes, deadline, excluded)
+                return self._race(manifest, group.blocks, replicas, nbytes, deadline, excluded,
+                                  encoding)
             except _RoundFailed as e:
                 last = e.error
                 if e.fatal:
@@ -334,7 +354,7 @@ class ShardedFetcher:
                 self._count("failovers")
                 out: dict[Block, bytearray] = {}
                 for g in split:
-                    out.update(self._fetch_group(manifest, g, deadline, tried))
+                    out.update(self._fetch_group(manifest, g, deadline, tried, encoding))
                 return out
             if time.monotonic() >= deadline:
                 break
@@ -347,7 +367,7 @@ class ShardedFetcher:
         log.warning("fetch of %s failed on %s: %s", group.blocks, group.replicas, last)
         raise last
 
-    def _race(self, manifest, blocks, replicas, nbytes, deadline, excluded):
+    def _race(self, manifest, blocks, replicas, nbytes, deadline, excluded, encoding=""):
         """One round: first replica, a hedge after the hedge delay, failover on errors."""
         pending = list(replicas)
         running: dict[Future, _Attempt] = {}
@@ -359,7 +379,7 @@ class ShardedFetcher:
             a = _Attempt(shard, hedge)
             remaining = max(0.001, deadline - time.monotonic())
             a.future = self._pool.submit(self._attempt, a, manifest, blocks,
-                                         min(self.policy.attempt_timeout_s, remaining))
+                                         min(self.policy.attempt_timeout_s, remaining), encoding)
             running[a.future] = a
 
         launch(False)
@@ -418,14 +438,18 @@ class ShardedFetcher:
                 a.cancel()
                 self._count("cancelled")
 
-    def _attempt(self, a: _Attempt, manifest: Manifest, blocks, timeout_s: float):
+    def _attempt(self, a: _Attempt, manifest: Manifest, blocks, timeout_s: float,
+                 encoding: str = ""):
         with self._lock:
             self._stats.rpcs += 1
             self._per_shard.setdefault(a.shard, {"rpcs": 0, "errors": 0})["rpcs"] += 1
         if a.cancelled:
             raise BankError(grpc.StatusCode.CANCELLED, "cancelled before it started")
+        # `encoding` only when not native: per-shard clients built by a `client_factory`
+        # (other transports, test fakes) need not know about encodings to fetch native blocks
+        extra = {"encoding": encoding} if encoding else {}
         return self._client(a.shard).fetch(manifest.bank, manifest.version, blocks, manifest,
-                                           timeout_s=timeout_s, on_call=a.on_call)
+                                           timeout_s=timeout_s, on_call=a.on_call, **extra)
 
     # -- helpers -----------------------------------------------------------------------------
     def _hedge_delay(self, nbytes: int) -> float:

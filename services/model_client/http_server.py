@@ -13,6 +13,7 @@ The model holds shared state (attached memory, one KV cache per generation), so 
 run one at a time under a lock: concurrent requests queue, in arrival order.
 
     python -m services.model_client.http_server --model runs/demo/export --bank 127.0.0.1:50051 --port 8000
+    # --bank 127.0.0.1:50051+50052: block bodies over the bank server's data plane (targets.py)
     curl -N localhost:8000/v1/generate -d '{"prompt": "The atomic number of Ruthenium is", "stream": true}'
 
 Every flag is also a `MEMBANK_CLIENT_*` environment variable (services/model_client/settings.py).
@@ -38,6 +39,7 @@ from services.model_client.fetcher import FetchPolicy, ShardedFetcher
 from services.model_client.memory_model import GenerateResult, GenerationStream, MemoryModel
 from services.model_client.sampling import SamplingParams
 from services.model_client.settings import DeviceSettings
+from services.model_client.targets import Client, make_client
 
 log = logging.getLogger("membank.device")
 LISTENING = "membank device: listening on http://"   # the launch line tests and scripts read
@@ -219,15 +221,17 @@ def _one_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def bank_from_settings(settings: DeviceSettings) -> BankClient | ShardedFetcher | None:
-    """The device's bank client: None (anchor only) with no target, a BankClient for one
-    "host:port", a ShardedFetcher (hedging, failover) for "shard=host:port" targets."""
+def bank_from_settings(settings: DeviceSettings) -> Client | ShardedFetcher | None:
+    """The device's bank client: None (anchor only) with no target; for one target the client
+    `targets.make_client` picks (BankClient for "host:port", DataPlaneClient for
+    "host:port+DATAPLANE_PORT"); a ShardedFetcher (hedging, failover) for "shard=TARGET"
+    targets, each shard's client picked the same way. Token, TLS CA and timeout go to either."""
     targets = settings.bank_targets()
     token = settings.token.get_secret_value() if settings.token else None
     if targets is None:
         return None
     if isinstance(targets, str):
-        return BankClient(targets, timeout_s=settings.bank_timeout_s, token=token, tls_ca=settings.tls_ca)
+        return make_client(targets, settings.bank_timeout_s, token=token, tls_ca=settings.tls_ca)
     policy = FetchPolicy(deadline_s=settings.bank_timeout_s,
                          attempt_timeout_s=min(settings.bank_timeout_s, FetchPolicy.attempt_timeout_s))
     return ShardedFetcher(targets, policy, token=token, tls_ca=settings.tls_ca)
@@ -237,7 +241,7 @@ def serve(settings: DeviceSettings) -> None:
     """Load the model, bind the port (0: a free one, printed), run uvicorn until stopped."""
     import uvicorn
 
-    model = MemoryModel.from_pretrained(settings.export_dir)
+    model = MemoryModel.from_pretrained(settings.export_dir, encoding=settings.encoding)
     if settings.bank:
         _ = model.bank_id  # an export without manifest.json cannot name its bank: fail at start
     bank = bank_from_settings(settings)

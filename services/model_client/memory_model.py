@@ -24,6 +24,15 @@ Over shards, with a device cache (services/model_client/fetcher.py, device_cache
         result = model.generate(prompt, bank=bank)   # result.fetched_blocks / .cached_blocks
 
 The bank manifest is read once per `manifest_ttl_s` (see `manifest_for`), not once per prompt.
+
+int8 blocks (membank/quant.py): `MemoryModel.from_pretrained(export, encoding="int8")` fetches
+the int8 payloads the bank stored at ingest (about 1/2 the bytes of bfloat16 blocks, 1/4 of
+float32), verifies them against the manifest's int8 checksums like native blocks, caches them as
+they are, and dequantizes each one straight into its level's slice of the preallocated memory
+(in the model's dtype) when attaching it. A bank version ingested without int8 is fetched in its
+native dtype instead: a fleet keeps its memory (at full precision, more bytes) when a version
+was published without `--encodings int8`; a warning is logged once per version and
+`GenerateResult.encoding` says what was attached.
 """
 from __future__ import annotations
 
@@ -37,7 +46,7 @@ import grpc
 import torch
 from tokenizers import Tokenizer
 
-from membank import artifacts
+from membank import artifacts, quant
 from membank.blocks import tensor_from_buffer
 from membank.config import Config
 from membank.embed import Embedder
@@ -63,6 +72,9 @@ class GenerateResult:
     fetched_blocks: list[tuple[int, int]] = field(default_factory=list)
     fetched_bytes: int = 0
     cached_blocks: list[tuple[int, int]] = field(default_factory=list)  # from the device cache
+    # the encoding of the blocks gathered for this prompt: "native" or "int8" (which can differ
+    # from the model's setting when the bank version lacks it; see the module docstring)
+    encoding: str = ""
     new_tokens: int = 0
     # embed, route, fetch, attach, prefill, decode (model time only, not the consumer's), and
     # ttft: from the start of the generation to the first token chosen
@@ -73,10 +85,14 @@ class GenerateResult:
 class MemoryModel:
     def __init__(self, config: Config, model: Transformer, tokenizer: Tokenizer, router: Router,
                  local_manifest: Manifest | None = None, embedder: Embedder | None = None, *,
-                 cache: DeviceCache | None = None, manifest_ttl_s: float = 5.0):
+                 cache: DeviceCache | None = None, manifest_ttl_s: float = 5.0,
+                 encoding: str = ""):
         """`cache`: the device block cache (services/model_client/device_cache.py), None: none
         (only the attached levels are reused). `manifest_ttl_s`: how long a bank manifest is
-        trusted before the next prompt re-reads it (see `manifest_for`)."""
+        trusted before the next prompt re-reads it (see `manifest_for`). `encoding`: the block
+        encoding to fetch, "" / "native" or "int8" (membank/quant.py)."""
+        self.encoding = quant.normalize(encoding)
+        self._fallback_warned: set[tuple[str, str]] = set()   # (bank, version) logged once
         self.config, self.model, self.tokenizer, self.router = config, model, tokenizer, router
         self.cache, self.manifest_ttl_s = cache, manifest_ttl_s
         # the last manifest read from a bank: (the client it came from, manifest, monotonic time)
@@ -89,13 +105,15 @@ class MemoryModel:
         # level l owns rows [offset_l, offset_l + r_l)
         self.mem = torch.zeros(mc.mem_shape(c))
         self.offsets = [sum(mc.ranks[:i]) for i in range(mc.depth)]
-        # level -> (bank, block version, node) now in self.mem: a version re-placed onto other
-        # shards keeps its block version (Manifest.block_version), so its blocks stay attached
-        self.attached: dict[int, tuple[str, str, int]] = {}
+        # level -> (bank, block version, node, encoding) now in self.mem: a version re-placed
+        # onto other shards keeps its block version (Manifest.block_version), so its blocks stay
+        # attached; a dequantized int8 block is not the native one, hence the encoding
+        self.attached: dict[int, tuple[str, str, int, str]] = {}
 
     @classmethod
     def from_pretrained(cls, export_dir: str | Path, embedder: Embedder | None = None, *,
-                        cache: DeviceCache | None = None, manifest_ttl_s: float = 5.0) -> "MemoryModel":
+                        cache: DeviceCache | None = None, manifest_ttl_s: float = 5.0,
+                        encoding: str = "") -> "MemoryModel":
         d = Path(export_dir)
         config = artifacts.load_config(d)
         model = Transformer(config)
@@ -108,7 +126,7 @@ class MemoryModel:
         router = Router.load(d / artifacts.ROUTER)
         manifest = artifacts.load_manifest(d) if (d / artifacts.MANIFEST).exists() else None
         return cls(config, model, Tokenizer.from_file(str(d / artifacts.TOKENIZER)), router, manifest,
-                   embedder, cache=cache, manifest_ttl_s=manifest_ttl_s)
+                   embedder, cache=cache, manifest_ttl_s=manifest_ttl_s, encoding=encoding)
 
     # -- routing -----------------------------------------------------------------------------
     def warmup(self) -> None:
@@ -134,13 +152,21 @@ class MemoryModel:
             raise ValueError(f"bank {manifest.bank}/{manifest.version} (kind, d, layers, k, ranks)={got} "
                              f"does not fit this model {want}")
 
-    def attach(self, manifest: Manifest, blocks: dict[tuple[int, int], bytearray]) -> None:
-        """Copy verified blocks into the preallocated memory, level by level."""
+    def attach(self, manifest: Manifest, blocks: dict[tuple[int, int], bytearray],
+               encoding: str = "") -> None:
+        """Copy verified blocks (in `encoding`) into the preallocated memory, level by level;
+        int8 payloads are dequantized straight into their slice, in the model's dtype. A block
+        is checked whole (size, scales) before its slice is written."""
         for (level, node), buf in blocks.items():
-            block = tensor_from_buffer(buf, manifest.block_shape(level), manifest.dtype)  # (L, n, r, W)
+            shape = manifest.block_shape(level)                              # (L, n, r, W)
             off, r = self.offsets[level - 1], manifest.ranks[level - 1]
-            self.mem[0, :, :, off:off + r].copy_(block)
-            self.attached[level] = (manifest.bank, manifest.block_version, node)
+            room = self.mem[0, :, :, off:off + r]
+            self.attached.pop(level, None)
+            if encoding == quant.INT8:
+                quant.dequantize_into(buf, shape, room)
+            else:
+                room.copy_(tensor_from_buffer(buf, shape, manifest.dtype))
+            self.attached[level] = (manifest.bank, manifest.block_version, node, encoding)
 
     def manifest_for(self, bank, *, refresh: bool = False) -> Manifest:
         """The bank's current manifest, read at most once per `manifest_ttl_s`.
@@ -192,31 +218,51 @@ class MemoryModel:
             manifest = fresh
             blocks = self._gather(bank, manifest, path, result)
         t1 = time.perf_counter()
-        self.attach(manifest, blocks)
+        self.attach(manifest, blocks, quant.normalize(result.encoding))
         result.timings_ms["fetch"] = (t1 - t0) * 1e3
         result.timings_ms["attach"] = (time.perf_counter() - t1) * 1e3
 
     def _gather(self, bank, manifest: Manifest, path: list[int],
                 result: GenerateResult) -> dict[tuple[int, int], bytearray]:
-        """The verified blocks of `path` that are not attached: cached ones, then fetched ones."""
+        """The verified blocks of `path` that are not attached: cached ones, then fetched ones
+        (in `result.encoding`, set here: see `encoding_for`)."""
+        enc = self.encoding_for(manifest)
+        result.encoding = quant.label(enc)
         key = (manifest.bank, manifest.block_version)
-        need = [(lv, n) for lv, n in manifest.path_blocks(path) if self.attached.get(lv) != (*key, n)]
+        need = [(lv, n) for lv, n in manifest.path_blocks(path)
+                if self.attached.get(lv) != (*key, n, enc)]
         blocks = {}
         if self.cache is not None:
             for lv, n in need:
-                buf = self.cache.get(manifest, lv, n)
+                buf = self.cache.get(manifest, lv, n, encoding=enc)
                 if buf is not None:
                     blocks[(lv, n)] = buf
         missing = [b for b in need if b not in blocks]
-        fetched = bank.fetch(manifest.bank, manifest.version, missing, manifest) if missing else {}
+        # `encoding` only when not native, so banks without encodings (fakes, other transports)
+        # keep working for native blocks
+        extra = {"encoding": enc} if enc else {}
+        fetched = bank.fetch(manifest.bank, manifest.version, missing, manifest, **extra) \
+            if missing else {}
         if self.cache is not None:
             for (lv, n), buf in fetched.items():
-                self.cache.put(manifest, lv, n, buf, verified=True)  # the client verified it
+                # the client verified it (against the checksum of that encoding)
+                self.cache.put(manifest, lv, n, buf, verified=True, encoding=enc)
         result.cached_blocks = [b for b in need if b in blocks]
         result.fetched_blocks = missing
         result.fetched_bytes = sum(len(b) for b in fetched.values())
         blocks.update(fetched)
         return blocks
+
+    def encoding_for(self, manifest: Manifest) -> str:
+        """The encoding to fetch from this version: the model's, or native when the version was
+        ingested without it (logged once per version; a fleet keeps its memory, at full
+        precision, rather than decoding anchor-only because a publish forgot int8)."""
+        if manifest.has_encoding(self.encoding):
+            return self.encoding
+        if (manifest.bank, manifest.version) not in self._fallback_warned:
+            self._fallback_warned.add((manifest.bank, manifest.version))
+            log.warning("fetching native blocks instead: %s", manifest.missing_encoding(self.encoding))
+        return quant.NATIVE
 
     @property
     def bank_id(self) -> str:

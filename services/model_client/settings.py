@@ -16,18 +16,28 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from membank.secrets import read_secret
+from services.model_client.targets import check_target
 
 
 class DeviceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEMBANK_CLIENT_", extra="forbid")
 
     export_dir: Path = Path("runs/demo/export")         # anchor + tokenizer + router + manifest
-    # bank: one "host:port" serving every block, or "shard-id=host:port" per shard (hedging and
-    # failover over replicas: services/model_client/fetcher.py); empty: anchor only
+    # bank: one target serving every block, or "shard-id=TARGET" per shard (hedging and
+    # failover over replicas: services/model_client/fetcher.py); empty: anchor only.
+    # A TARGET is "host:port" (everything over gRPC) or "host:port+DATAPLANE_PORT" (manifest
+    # and health over gRPC on port, block bodies over the bank server's raw-TCP data plane on
+    # DATAPLANE_PORT, its --dataplane-port): services/model_client/targets.py. Token, TLS CA
+    # and timeout apply to both transports. E.g. MEMBANK_CLIENT_BANK=10.0.0.1:50051+50052 or
+    # shard-0=a:50051+50052,shard-1=b:50051+50052
     bank: Annotated[list[str], NoDecode] = Field(default_factory=list)
     bank_timeout_s: float = Field(default=5.0, gt=0)    # deadline of each bank RPC
     token: SecretStr | None = None                      # the bank's read token
     tls_ca: Path | None = None                          # CA (PEM) that signed the bank's cert
+    # block encoding to fetch (membank/quant.py): int8 = about 1/2 the bytes of bfloat16 blocks
+    # (1/4 of float32), dequantized on the device; a bank version without int8 blocks is
+    # fetched native (logged)
+    encoding: Literal["native", "int8"] = "native"
     host: str = "127.0.0.1"                             # a device API: loopback by default
     port: int = Field(default=8000, ge=0, le=65535)     # 0: a free port (printed at start-up)
     # request limits: beyond them the HTTP API answers 422 (the model's context still caps
@@ -50,8 +60,12 @@ class DeviceSettings(BaseSettings):
         if len(v) > 1 and not all(named):
             raise ValueError("several bank targets need shard ids: shard-0=host:port,shard-1=host:port")
         for t in v:
-            if not t.rpartition("=")[2].rpartition(":")[2].isdigit():
-                raise ValueError(f"bank target {t!r} is not [shard=]host:port")
+            address = t.rpartition("=")[2]
+            grpc_address, _, dataplane = address.partition("+")
+            if not grpc_address.rpartition(":")[2].isdigit():
+                raise ValueError(f"bank target {t!r} is not [shard=]host:port[+dataplane_port]")
+            if dataplane:
+                check_target(address)      # the data plane form, exactly (one-line ValueError)
         return v
 
     @model_validator(mode="after")
@@ -62,7 +76,8 @@ class DeviceSettings(BaseSettings):
         return self
 
     def bank_targets(self) -> str | dict[str, str] | None:
-        """None (no bank), one "host:port", or {shard id: "host:port"}."""
+        """None (no bank), one target, or {shard id: target}; a target is "host:port" or
+        "host:port+DATAPLANE_PORT" (services/model_client/targets.py)."""
         if not self.bank:
             return None
         if "=" not in self.bank[0]:
@@ -84,17 +99,27 @@ class DeviceSettings(BaseSettings):
         return cls(**{k: v for k, v in vars(args).items() if k in names and v is not None})
 
 
+# the --bank help of every device command (membank generate / chat / device-serve)
+BANK_HELP = ("bank server target: host:port (gRPC), or host:port+DATAPLANE_PORT to fetch block "
+             "bodies over the server's raw-TCP data plane (its --dataplane-port; manifest and "
+             "health stay on gRPC); several shards: shard-0=TARGET,shard-1=TARGET; none: "
+             "anchor only")
+
+
 def add_arguments(p: argparse.ArgumentParser, serve: bool = True) -> None:
     """The device flags (`serve`: the HTTP server's too); defaults are None so only flags
     actually given override the environment."""
     p.add_argument("--model", dest="export_dir", help="export directory")
-    p.add_argument("--bank", help="bank server address host:port (several: comma separated; "
-                   "none: anchor only)")
+    p.add_argument("--bank", help=BANK_HELP)
     p.add_argument("--timeout", dest="bank_timeout_s", type=float, help="bank deadline in seconds")
     # the token from a file, so it never shows on a command line (MEMBANK_CLIENT_TOKEN works too)
     p.add_argument("--token-file", dest="token", type=read_secret,
                    help="file holding the bank's read token")
     p.add_argument("--tls-ca", help="CA certificate (PEM) to verify a TLS bank")
+    p.add_argument("--encoding", choices=["native", "int8"],
+                   help="block encoding to fetch: native (the bank dtype, default) or int8 "
+                        "(per-row scales, dequantized here; the bank must be ingested with "
+                        "--encodings int8, else native blocks are fetched)")
     p.add_argument("--log-level", type=str.upper)
     if not serve:
         return

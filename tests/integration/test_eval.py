@@ -13,9 +13,18 @@ def test_eval_smoke_writes_json_table_and_plot(tmp_path):
     main(["eval", "--preset", "smoke", "--out", str(tmp_path / "run"), "--results", str(results)])
     r = json.loads(results.read_text())
     assert r["n_subjects"] == 118 and len(r["prompts"]) == 118
-    for name in ("anchor", "generic", "fetched", "dense", "blocked", "cotrained-anchor"):
+    for name in ("anchor", "generic", "fetched", "dense", "blocked", "cotrained-anchor",
+                 "fetched-int8"):
         assert len(r["accuracy_per_bucket"][name]) == 5
         assert r["perplexity"][name] > 1
+    # int8: the fetched memory through quantize -> dequantize, and the bytes of one path
+    q = r["int8"]
+    assert all(name in p for p in r["prompts"] for name in ("fetched", "fetched-int8"))
+    assert q["dtype"] == "float32" and 0.25 < q["path_ratio"] < 0.3      # 1 B + 4 B/row vs 4 B
+    assert q["path_int8_bytes"] == sum(x["int8_bytes"] for x in q["levels"])
+    assert all(0 < x["relative_l2_error"] < 0.02 for x in q["levels"])
+    assert abs(q["perplexity_change"] - (r["perplexity"]["fetched-int8"] - r["perplexity"]["fetched"])) < 1e-12
+    assert "| fetched-int8 |" in results.with_suffix(".md").read_text()
     # equal runtime parameters: dense = anchor + fetch, up to rounding to whole neurons
     assert r["runtime_params"]["fetched"] == r["runtime_params"]["anchor"] + r["fetch_params"]
     assert abs(r["runtime_params"]["dense"] - r["runtime_params"]["fetched"]) <= 3 * 32 * 2
@@ -31,6 +40,14 @@ def test_eval_smoke_writes_json_table_and_plot(tmp_path):
     main(["eval", "--preset", "smoke", "--out", str(tmp_path / "run"), "--results", str(again)])
     r2 = json.loads(again.read_text())
     assert [p["fetched"]["text"] for p in r2["prompts"]] == [p["fetched"]["text"] for p in r["prompts"]]
+    # re-probing finished checkpoints only: the same answers; nothing to reuse: refused at once
+    from training.evaluate import eval_preset, run_eval
+    r3 = run_eval(tmp_path / "run", eval_preset("smoke"), results=tmp_path / "r3.json",
+                  preset="smoke", reuse_only=True)
+    assert [p["fetched-int8"]["text"] for p in r3["prompts"]] == \
+        [p["fetched-int8"]["text"] for p in r["prompts"]]
+    with pytest.raises(ValueError, match="no checkpoints"):
+        run_eval(tmp_path / "empty", eval_preset("smoke"), reuse_only=True)
 
 
 def test_eval_refuses_a_corpus_that_contains_the_template(tmp_path, capsys):

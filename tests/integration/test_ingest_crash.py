@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import os
 import random
-import select
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from membank.keys import block_key
 from services.bank_server.ingest import ingest
 from services.bank_server.store import Expect, LMDBStore
 from services.model_client.bank_client import BankClient
-from tests.conftest import REPO, make_export
+from tests.conftest import make_export, start_ingest_writing
 
 pytestmark = pytest.mark.integration
 MAP = 1 << 30
@@ -60,25 +58,10 @@ def current(db: Path) -> str | None:
 
 def start_ingest(export: Path, db: Path) -> tuple[subprocess.Popen, float]:
     """Start ingest of v2; return (proc, time its writing phase began)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.bank_server.ingest", str(export), "--lmdb", str(db),
-         "--version", "v2", "--batch-mb", "1", "--map-size-gb", "1", "--no-progress",
-         # ~1 s of writing (44 MB at 40 MB/s), whatever the machine's load: kills at random
-         # moments of it land between, and inside, its ~44 commits
-         "--max-mb-s", "40"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stderr], [], [], 1.0)
-        if ready:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            if b": writing" in line:
-                return proc, time.monotonic()
-    proc.kill()
-    raise RuntimeError("ingest did not start writing")
+    # ~1 s of writing (44 MB at 40 MB/s), whatever the machine's load: kills at random
+    # moments of it land between, and inside, its ~44 commits
+    return start_ingest_writing(export, db, "--version", "v2", "--batch-mb", "1",
+                                "--map-size-gb", "1", "--no-progress", "--max-mb-s", "40")
 
 
 def test_kill_9_mid_ingest_keeps_v1_and_a_rerun_completes_v2(crash_export, tmp_path,

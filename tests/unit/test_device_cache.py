@@ -42,7 +42,7 @@ def test_budget_and_deepest_level_evicted_first():
     # a new level-2 block: the two level-3 blocks go first (deepest), not a level-1 or level-2 one
     put(cache, 2, 2)
     assert cache.used_bytes <= cache.budget_bytes
-    assert {k[2:] for k in cache.keys()} == {(1, 0), (1, 1), (2, 0), (2, 1), (2, 2)}
+    assert {k[2:4] for k in cache.keys()} == {(1, 0), (1, 1), (2, 0), (2, 1), (2, 2)}
     put(cache, 1, 0)             # already there: replaced in place, no eviction, no double count
     assert cache.used_bytes == 2 * 384 + 3 * 192
     st = cache.level_stats()
@@ -132,7 +132,7 @@ def test_disk_budget_evicts_deepest_first_and_ignores_foreign_files(tmp_path):
     put(cache, 1, 0)
     put(cache, 2, 0)
     put(cache, 2, 1)           # over budget: the level-3 file goes first, then the oldest level 2
-    on_disk = {k[2:] for k in cache.keys("disk")}
+    on_disk = {k[2:4] for k in cache.keys("disk")}
     assert on_disk == {(1, 0), (2, 1)}
     assert sorted(os.listdir(tmp_path)) == sorted(["notes.txt", file_name(("b", "v1", 1, 0)),
                                                    file_name(("b", "v1", 2, 1))])

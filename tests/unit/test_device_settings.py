@@ -38,3 +38,15 @@ def test_token_comes_from_a_file_and_stays_secret(tmp_path):
 def test_bad_settings_are_refused(argv, field):
     with pytest.raises(ValidationError, match=field):
         DeviceSettings.from_args(argv)
+
+
+def test_block_encoding_from_environment_or_flag(monkeypatch):
+    assert DeviceSettings.from_args([]).encoding == "native"
+    monkeypatch.setenv("MEMBANK_CLIENT_ENCODING", "int8")
+    assert DeviceSettings.from_args([]).encoding == "int8"
+    assert DeviceSettings.from_args(["--encoding", "native"]).encoding == "native"
+    monkeypatch.setenv("MEMBANK_CLIENT_ENCODING", "fp8")
+    with pytest.raises(ValidationError, match="encoding"):
+        DeviceSettings.from_args([])
+    with pytest.raises(SystemExit):        # argparse: not one of the choices
+        DeviceSettings.from_args(["--encoding", "int4"])

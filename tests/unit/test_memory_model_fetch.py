@@ -78,7 +78,7 @@ def test_a_version_gone_from_the_bank_makes_the_model_reread_the_manifest(setup)
     bank.manifest = m.model_copy(update={"version": "v2"})   # published; v1 collected
     r = fetch(model, bank, [1, 0])              # v1 fetch -> NOT_FOUND -> re-read -> v2
     assert r.fetched_blocks == m.path_blocks([1, 0]) and bank.manifest_reads == 2
-    assert set(model.attached.values()) == {("test", "v2", n) for _, n in m.path_blocks([1, 0])}
+    assert set(model.attached.values()) == {("test", "v2", n, "") for _, n in m.path_blocks([1, 0])}
 
 
 def test_a_down_bank_keeps_the_manifest_and_the_cached_blocks(setup):
@@ -91,4 +91,4 @@ def test_a_down_bank_keeps_the_manifest_and_the_cached_blocks(setup):
     assert r.fetched_blocks == [] and r.cached_blocks == m.path_blocks([1, 1])
     with pytest.raises(BankError):              # a block it never saw: the fetch fails
         fetch(model, bank, [1, 0])
-    assert model.attached[2] == ("test", "v1", m.path_blocks([1, 1])[1][1])   # untouched
+    assert model.attached[2] == ("test", "v1", m.path_blocks([1, 1])[1][1], "")   # untouched

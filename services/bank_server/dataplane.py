@@ -1,0 +1,502 @@
+"""The block data plane: block bodies over a small framed TCP protocol, beside the gRPC API.
+
+gRPC stays the control plane (GetManifest, Route, Publish, health, reflection) and keeps its
+FetchBlocks RPC; this serves the same fetches over plain TCP, because Python gRPC itself is
+the ceiling for multi-MB bodies on a small machine (BENCHMARKS.md, "Fetch": a bare grpc.aio
+server reaches 0.36-0.72x raw TCP). Storage systems do the same (HDFS data transfer, Redis'
+own protocol). It is on when `dataplane_port` is set (settings.py; 0 = a free port, printed as
+`membank bank_server dataplane on HOST:PORT`); server.py starts and drains it.
+
+Protocol (version 1). Every frame starts with a 9-byte prefix:
+
+    magic b"MBD1" | kind (1 byte) | length (u32, big-endian) | `length` bytes of UTF-8 JSON
+
+  client -> server   Q  request  {"bank": str, "version": str ("" = current),
+                                  "blocks": [[level, node], ...], "encoding": str ("" = native),
+                                  "token": str (when auth is on), "deadline_ms": number (opt.)}
+  server -> client   H  block    {"index", "level", "node", "version", "checksum", "nbytes",
+                                  "dtype", "shape"}  then exactly `nbytes` raw block bytes
+                     E  end      {"blocks": n}: every block of the request was sent
+                     X  error    {"code": gRPC status name, "message": one line}
+
+One request at a time per connection; a connection carries any number of requests in turn
+(keep-alive). The answer to a request is H+body for each block in request order and then E,
+or an X, after which nothing more belongs to that request: every id is checked before the first
+block is sent (services/bank_server/fetchplan.py, the same checks and messages as FetchBlocks),
+so an X after blocks only means a block failed on read (DATA_LOSS, never sent) or the deadline
+passed. Block bodies go from the LMDB memory map to the socket (sendmsg of the zero-copy
+buffer inside the read transaction: no copy in user space); the store verifies each against
+the manifest checksum before sending, and the client verifies again against its manifest.
+
+Limits and bad input (the error's code, then what happens to the connection):
+  request frame over max_request_bytes (64 KiB)    RESOURCE_EXHAUSTED, closed
+  bad magic, not a request frame                   INVALID_ARGUMENT, closed
+  not JSON, not an object, wrong field types       INVALID_ARGUMENT, kept
+  every FetchBlocks answer (fetchplan.py)          the same code and message, kept
+  more than dataplane_max_connections open         RESOURCE_EXHAUSTED, closed (TLS: closed)
+  a request not whole within request_timeout_s     DEADLINE_EXCEEDED, closed (slowloris)
+  no request within idle_timeout_s                 closed
+  deadline_ms passed before or between blocks      DEADLINE_EXCEEDED
+  a client that takes nothing for send_timeout_s   closed
+  auth on: no token / a wrong token                UNAUTHENTICATED / PERMISSION_DENIED, kept
+  over the per-client rate (the gRPC limiter)      RESOURCE_EXHAUSTED, kept
+Auth is the gRPC read token (the admin token works too), compared in constant time; TLS uses
+the same certificate as gRPC when one is configured. Metrics: requests by final code as method
+"DataPlaneFetch", and every block sent, in metrics.py's families.
+
+Threads, not asyncio: one thread per connection with blocking sockets (a blocking send of a
+27.5 MB buffer is one system call), at most `dataplane_max_connections` of them, plus one
+accept thread. SIGTERM (server.py -> `stop(grace)`): no new connections, idle connections
+closed, a request being answered finishes within the grace, then every socket is shut.
+
+    server = DataPlaneServer(settings, store, blocks, metrics=metrics, limiter=limiter,
+                             auth_token=..., admin_token=..., ssl_context=...)
+    port = server.start()
+    ...
+    server.stop(grace=5.0)
+Run its tests: .venv/bin/python -m pytest -q tests/integration/test_dataplane.py
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+from services.bank_server.fetchplan import FetchError, plan_fetch, read_block
+from services.bank_server.security import RateLimiter, token_matches
+from services.bank_server.store import BlockStore, LMDBStore
+
+log = logging.getLogger("membank.bank_server.dataplane")
+
+MAGIC = b"MBD1"
+PREFIX = struct.Struct(">4scI")      # magic, kind, payload length
+REQUEST, HEADER, END, ERROR = b"Q", b"H", b"E", b"X"
+METHOD = "DataPlaneFetch"           # the metrics' method label
+_POLL_S = 0.25                       # idle connections look at the drain flag this often
+
+
+def frame(kind: bytes, payload: dict) -> bytes:
+    """One frame: prefix + compact JSON."""
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return PREFIX.pack(MAGIC, kind, len(body)) + body
+
+
+class _Closed(Exception):
+    """The client closed the connection between requests (not an error)."""
+
+
+@dataclass(frozen=True)
+class DataPlaneRequest:
+    bank: str
+    version: str
+    blocks: list[tuple[int, int]]
+    encoding: str
+    token: str | None
+    deadline_ms: float | None
+
+
+def parse_request(payload: bytes) -> DataPlaneRequest:
+    """A request frame's JSON, type-checked; FetchError INVALID_ARGUMENT when malformed."""
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError) as e:   # UnicodeDecodeError and JSONDecodeError too
+        raise FetchError("INVALID_ARGUMENT", f"malformed request: not JSON "
+                                             f"({type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise FetchError("INVALID_ARGUMENT", "malformed request: a JSON object expected")
+
+    def field(name: str, kinds, default):
+        value = obj.get(name, default)
+        if value is None and default is None:
+            return None
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise FetchError("INVALID_ARGUMENT", f"malformed request: {name!r} must be "
+                                                 f"{_KIND_NAMES[kinds]}")
+        return value
+
+    bank = field("bank", str, "")
+    version = field("version", str, "")
+    encoding = field("encoding", str, "")
+    token = field("token", str, None)
+    deadline_ms = field("deadline_ms", (int, float), None)
+    if deadline_ms is not None and math.isnan(deadline_ms):
+        raise FetchError("INVALID_ARGUMENT", "malformed request: 'deadline_ms' is NaN")
+    raw = field("blocks", list, [])
+    blocks = []
+    for b in raw:
+        if (not isinstance(b, list) or len(b) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in b)):
+            raise FetchError("INVALID_ARGUMENT", "malformed request: 'blocks' must be a list of "
+                                                 "[level, node] integer pairs")
+        blocks.append((b[0], b[1]))
+    return DataPlaneRequest(bank, version, blocks, encoding, token, deadline_ms)
+
+
+_KIND_NAMES = {str: "a string", list: "a list", (int, float): "a number"}
+
+
+class _Conn:
+    """One client connection and whether it is answering a request now (drain needs to know)."""
+
+    __slots__ = ("sock", "peer", "busy", "thread")
+
+    def __init__(self, sock: socket.socket, peer):
+        self.sock, self.peer, self.busy, self.thread = sock, peer, False, None
+
+    def shut(self) -> None:
+        """Wake and end whatever the connection's thread is blocked on (any thread may call)."""
+        try:   # socket.socket's own shutdown also for an SSLSocket: no TLS close_notify here
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class DataPlaneServer:
+    def __init__(self, settings, store: LMDBStore, blocks: BlockStore, *, metrics=None,
+                 limiter: RateLimiter | None = None, auth_token: str | None = None,
+                 admin_token: str | None = None, ssl_context: ssl.SSLContext | None = None):
+        """`settings`: BankServerSettings (dataplane_*, max_request_bytes,
+        max_blocks_per_request, shard_id, host). Tokens: the read token (None: auth off) and the
+        admin token (accepted too). `limiter`: the gRPC server's, so a client's budget is one."""
+        self.s = settings
+        self.store, self.blocks = store, blocks
+        self.metrics = metrics
+        self.limiter = limiter
+        self.tokens = tuple(t for t in (auth_token, admin_token) if t) if auth_token else ()
+        self.ssl_context = ssl_context
+        self.port: int | None = None
+        self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._conns: set[_Conn] = set()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)     # notified when a connection ends
+        self._draining = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> int:
+        """Bind and start accepting; the bound port (the OS's pick when dataplane_port is 0)."""
+        host = self.s.host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, self.s.dataplane_port), family=family,
+                                              backlog=128)
+        self._listener.settimeout(_POLL_S)   # the accept loop sees stop() within this
+        self.port = self._listener.getsockname()[1]
+        self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True,
+                                               name="dataplane-accept")
+        self._accept_thread.start()
+        return self.port
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Graceful drain: refuse new connections, close idle ones, let a request being answered
+        finish within `grace` seconds, then shut every socket. Blocking (run it off the loop)."""
+        with self._lock:
+            self._draining = True
+        if self._accept_thread is not None:
+            self._accept_thread.join()
+        if self._listener is not None:
+            self._listener.close()
+        deadline = time.monotonic() + grace
+        with self._lock:
+            while self._conns and time.monotonic() < deadline:
+                self._idle.wait(min(_POLL_S, max(0.0, deadline - time.monotonic())))
+            left = list(self._conns)
+        if left:
+            log.warning("data plane: %d connection(s) still busy after %.1f s; closing them",
+                        len(left), grace)
+        for c in left:
+            c.shut()
+        for c in left:
+            if c.thread is not None:
+                c.thread.join(1.0)
+        log.info("data plane stopped")
+
+    @property
+    def connections(self) -> int:
+        with self._lock:
+            return len(self._conns)
+
+    # -- accepting --------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._draining:
+                    return
+            try:
+                sock, peer = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError as e:      # EMFILE and the like: do not spin, do not die
+                log.warning("data plane accept failed: %s", e)
+                time.sleep(0.05)
+                continue
+            sock.settimeout(None)
+            with self._lock:
+                full = len(self._conns) >= self.s.dataplane_max_connections
+                if not full and not self._draining:
+                    conn = _Conn(sock, peer)
+                    self._conns.add(conn)
+            if full or self._draining:
+                self._refuse(sock, full)
+                continue
+            conn.thread = threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                                           name=f"dataplane-{peer[1]}")
+            conn.thread.start()
+
+    def _refuse(self, sock: socket.socket, full: bool) -> None:
+        """Over the connection limit: say so (plain TCP; a TLS client just sees the close)."""
+        try:
+            if full and self.ssl_context is None:
+                sock.settimeout(1.0)
+                sock.sendall(frame(ERROR, {
+                    "code": "RESOURCE_EXHAUSTED",
+                    "message": f"too many data plane connections (limit "
+                               f"{self.s.dataplane_max_connections}); retry later"}))
+        except OSError:
+            pass
+        finally:
+            _close(sock)
+
+    # -- one connection ---------------------------------------------------------------------
+    def _serve(self, conn: _Conn) -> None:
+        try:
+            sock = conn.sock
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.s.dataplane_sndbuf_kb:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                self.s.dataplane_sndbuf_kb << 10)
+            # the kernel bounds every blocking send: a client that takes nothing for this
+            # long is dropped (a partial send restarts the clock: slow but reading is fine)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                            _timeval(self.s.dataplane_send_timeout_s))
+            if self.ssl_context is not None:
+                sock.settimeout(self.s.dataplane_request_timeout_s)   # the handshake, too
+                sock = conn.sock = self.ssl_context.wrap_socket(sock, server_side=True)
+            while self._next_request(conn):
+                try:
+                    payload = self._read_request(sock)
+                except _Closed:
+                    return
+                except FetchError as e:      # framing broken: answer, then close
+                    self._count(e.code, 0.0)
+                    _send_error(sock, e, self.s.dataplane_send_timeout_s)
+                    _linger_close(sock)
+                    return
+                if not self._answer(conn, payload):
+                    return
+                with self._lock:
+                    conn.busy = False
+                    if self._draining:
+                        return
+        except (OSError, ssl.SSLError) as e:
+            log.debug("data plane connection %s ended: %s", conn.peer, e)
+        except Exception:          # a bug must end one connection, never the server
+            log.exception("data plane connection %s failed", conn.peer)
+        finally:
+            _close(conn.sock)
+            with self._lock:
+                self._conns.discard(conn)
+                self._idle.notify_all()
+
+    def _next_request(self, conn: _Conn) -> bool:
+        """Wait for the first byte of the next request: True once there is one (the
+        connection is then busy), False on idle timeout or drain."""
+        sock = conn.sock
+        until = time.monotonic() + self.s.dataplane_idle_timeout_s
+        while True:
+            with self._lock:
+                if self._draining:
+                    return False
+            pending = isinstance(sock, ssl.SSLSocket) and sock.pending()
+            left = until - time.monotonic()
+            if not pending and left <= 0:
+                return False
+            if pending or select.select([sock], [], [], min(_POLL_S, left))[0]:
+                with self._lock:
+                    if self._draining:
+                        return False
+                    conn.busy = True
+                return True
+
+    def _read_request(self, sock) -> bytes:
+        """One request frame's payload, whole within request_timeout_s (slowloris bound)."""
+        deadline = time.monotonic() + self.s.dataplane_request_timeout_s
+        head = _recv_exact(sock, PREFIX.size, deadline, first=True)
+        magic, kind, n = PREFIX.unpack(head)
+        if magic != MAGIC:
+            raise FetchError("INVALID_ARGUMENT", f"not a membank data plane request (magic "
+                                                 f"{bytes(magic)!r}, expected {MAGIC!r})")
+        if kind != REQUEST:
+            raise FetchError("INVALID_ARGUMENT", f"frame kind {bytes(kind)!r} is not a request")
+        if n > self.s.max_request_bytes:
+            raise FetchError("RESOURCE_EXHAUSTED", f"request of {n} bytes, at most "
+                                                   f"{self.s.max_request_bytes}")
+        return _recv_exact(sock, n, deadline)
+
+    def _answer(self, conn: _Conn, payload: bytes) -> bool:
+        """Answer one request; False when the connection must be closed (a send failed)."""
+        sock = conn.sock
+        t0 = time.perf_counter()
+        code = "OK"
+        sent_any = False
+        if self.metrics is not None:
+            self.metrics.rpc_started()
+        try:
+            req = parse_request(payload)
+            self._admit(conn, req)
+            deadline = None
+            if req.deadline_ms is not None:
+                deadline = time.monotonic() + req.deadline_ms / 1e3
+                if req.deadline_ms <= 0:
+                    raise FetchError("DEADLINE_EXCEEDED", "deadline exceeded before the fetch")
+            plan = plan_fetch(self.store, req.bank, req.version, req.blocks,
+                              max_blocks_per_request=self.s.max_blocks_per_request,
+                              shard_id=self.s.shard_id, encoding=req.encoding)
+            last = len(plan.blocks) - 1
+            for b in plan.blocks:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise FetchError("DEADLINE_EXCEEDED", "deadline exceeded while sending")
+                tb = time.perf_counter()
+                with read_block(self.blocks, self.store, plan.manifest, b) as buf:
+                    head = frame(HEADER, {"index": b.index, **b.header})
+                    # the end frame rides with the last body: one system call, no extra packet
+                    tail = frame(END, {"blocks": len(plan.blocks)}) if b.index == last else b""
+                    sent_any = True
+                    self._send(sock, head, buf, tail, deadline)
+                if self.metrics is not None:
+                    self.metrics.block_sent(b.level, b.expect.nbytes, time.perf_counter() - tb)
+            return True
+        except FetchError as e:
+            code = e.code
+            _send_error(sock, e, self.s.dataplane_send_timeout_s)
+            return True
+        except (socket.timeout, BlockingIOError, TimeoutError) as e:
+            code = "DEADLINE_EXCEEDED"
+            log.info("data plane: %s stopped taking bytes (%s); closing", conn.peer, e)
+            return False
+        except (OSError, ssl.SSLError):
+            code = "CANCELLED"      # the client went away mid-answer
+            return False
+        except Exception:
+            code = "INTERNAL"
+            log.exception("data plane request from %s failed", conn.peer)
+            if not sent_any:
+                _send_error(sock, FetchError("INTERNAL", "internal error"), 1.0)
+            return False
+        finally:
+            if self.metrics is not None:
+                self.metrics.rpc_done(METHOD, code, time.perf_counter() - t0)
+
+    def _admit(self, conn: _Conn, req: DataPlaneRequest) -> None:
+        """Rate limit (first, so token guessing is limited too), then auth: as security.py."""
+        if self.limiter is not None:
+            wait = self.limiter.take(f"peer:{conn.peer[0]}")
+            if wait > 0:
+                raise FetchError("RESOURCE_EXHAUSTED",
+                                 f"rate limit exceeded ({self.limiter.rate:g} requests/s per "
+                                 f"client, burst {self.limiter.burst:g}); retry in {wait:.2f} s")
+        if self.tokens:
+            if req.token is None:
+                raise FetchError("UNAUTHENTICATED", "missing token (the request's \"token\" "
+                                                    "field)")
+            if req.token == "":
+                raise FetchError("UNAUTHENTICATED", "empty token")
+            if not any(token_matches(req.token, t) for t in self.tokens):
+                raise FetchError("PERMISSION_DENIED", "token not valid for this method")
+
+    def _send(self, sock, head: bytes, body, tail: bytes, deadline: float | None) -> None:
+        """head + body + tail, body straight from its buffer (no copy in user space)."""
+        body = memoryview(body).cast("B")
+        if isinstance(sock, ssl.SSLSocket):   # TLS encrypts (copies) anyway: plain sendall
+            sock.settimeout(self.s.dataplane_send_timeout_s)
+            sock.sendall(head)
+            sock.sendall(body)
+            if tail:
+                sock.sendall(tail)
+            return
+        # blocking sendmsg: the kernel sends it all in one call unless SO_SNDTIMEO passes
+        # without progress (then a partial count, or EAGAIN: BlockingIOError)
+        parts = [memoryview(head), body] + ([memoryview(tail)] if tail else [])
+        while parts:
+            n = sock.sendmsg(parts)
+            while parts and n >= parts[0].nbytes:
+                n -= parts[0].nbytes
+                parts.pop(0)
+            if parts:
+                parts[0] = parts[0][n:]
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise socket.timeout("deadline passed while sending")
+
+    def _count(self, code: str, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.rpc_started()
+            self.metrics.rpc_done(METHOD, code, seconds)
+
+
+# -- socket helpers ----------------------------------------------------------------------------
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+
+
+def _recv_exact(sock, n: int, deadline: float, first: bool = False) -> bytes:
+    """Exactly n bytes by `deadline` (FetchError DEADLINE_EXCEEDED after it); _Closed when the
+    peer closes before the first byte of a frame, ConnectionError when it closes inside one."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise FetchError("DEADLINE_EXCEEDED", "request not received in time")
+        sock.settimeout(left)
+        try:
+            k = sock.recv_into(view[got:])
+        except socket.timeout:
+            raise FetchError("DEADLINE_EXCEEDED", "request not received in time") from None
+        if k == 0:
+            if first and got == 0:
+                raise _Closed()
+            raise ConnectionError("connection closed inside a request frame")
+        got += k
+    sock.settimeout(None)
+    return bytes(buf)
+
+
+def _send_error(sock, e: FetchError, timeout: float) -> None:
+    """An error frame; a client that cannot take it is dropped by the caller's close."""
+    try:
+        sock.settimeout(timeout)
+        sock.sendall(frame(ERROR, {"code": e.code, "message": e.message}))
+        sock.settimeout(None)
+    except (OSError, ssl.SSLError):
+        pass
+
+
+def _linger_close(sock) -> None:
+    """Close after an error frame so that the client can still read it: stop sending, read
+    (and drop) what it still sends for a moment, then close (closing with unread input would
+    reset the connection and could discard the frame before the client reads it)."""
+    try:
+        sock.settimeout(0.5)
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+        deadline = time.monotonic() + 0.5
+        drained = 0
+        while time.monotonic() < deadline and drained < (1 << 20):
+            data = sock.recv(1 << 16)
+            if not data:
+                break
+            drained += len(data)
+    except (OSError, ssl.SSLError, ValueError):
+        pass
+
+
+def _close(sock) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass

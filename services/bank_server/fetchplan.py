@@ -1,0 +1,182 @@
+"""What a block fetch checks before it sends a byte, and how it reads one block: transport-free.
+
+Both block transports use it: the gRPC FetchBlocks RPC (servicer.py) and the raw-TCP data plane
+(dataplane.py). It speaks in gRPC status *names* ("NOT_FOUND", ...) so that neither grpc nor
+protobuf is imported here; each transport turns a `FetchError` into its own error (a gRPC
+abort, a data-plane error frame).
+
+    plan = plan_fetch(store, bank, version, [(level, node), ...],
+                      max_blocks_per_request=64, shard_id="", encoding="")
+    for b in plan.blocks:                       # request order; b.index is the position
+        with read_block(blocks, store, plan.manifest, b) as buf:
+            send(b.header, buf)                 # buf: the verified bytes, valid inside the with
+
+`plan_fetch` checks, in this order, and raises FetchError(code, message) on the first failure:
+  INVALID_ARGUMENT     an unknown encoding name; no blocks; more than max_blocks_per_request;
+                       empty bank name or a name outside [A-Za-z0-9._-]{1,128}; a level outside
+                       1..depth or a level without blocks (r = 0)
+  NOT_FOUND            unknown bank; unknown version; an encoding the version was not ingested
+                       with (the message lists what it has); node outside 0..k^level-1
+  FAILED_PRECONDITION  a block this shard does not own (`shard_id` set), naming the owner(s)
+Every id is checked before anything is sent, so a bad id never follows a half-sent reply.
+`read_block` then raises, for one block:
+  DATA_LOSS            the stored block is missing or fails its manifest checksum (never sent)
+  NOT_FOUND            the version was garbage-collected while this fetch was reading it (gc
+                       deletes the manifest before the blocks, so a missing block whose manifest
+                       is gone too is a collected version, not a lost block)
+The messages are the ones servicer.py has always sent (tests match on them).
+Run its tests: .venv/bin/python -m pytest -q tests/unit/test_fetchplan.py
+"""
+from __future__ import annotations
+
+import logging
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Sequence
+
+from membank import quant
+from membank.keys import block_key
+from membank.manifest import Manifest
+from services.bank_server.store import BlockStore, CorruptBlock, Expect, LMDBStore, read_from
+
+log = logging.getLogger("services.bank_server.servicer")   # the servicer's log lines, as before
+
+# the default of settings.max_blocks_per_request: bounds the work (and memory) one request can
+# ask for; a whole root-to-leaf path is depth blocks
+MAX_BLOCKS_PER_REQUEST = 64
+BANK_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")   # the manifest's pattern for bank ids
+# encodings a fetch may ask for: "" = the bank's own dtype, or one that ingest stored beside
+# it (membank/quant.py: "int8"); a version has only the encodings it was ingested with
+ENCODINGS = ("", *quant.ENCODINGS)
+
+
+class FetchError(Exception):
+    """A fetch refused or failed: `code` is a gRPC status name, `message` the one-line detail."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class PlannedBlock(NamedTuple):
+    """One block of a planned fetch: where it is, what it must be, and its header."""
+    index: int            # position in the request (the client's order)
+    level: int
+    node: int
+    key: bytes            # storage key (membank/keys.py), the same in LMDB, the LRU and Redis
+    expect: Expect        # size and manifest checksum the stored bytes must match
+    header: dict          # level, node, version, checksum, nbytes, dtype, shape (BlockHeader)
+
+
+@dataclass(frozen=True)
+class FetchPlan:
+    manifest: Manifest
+    blocks: list[PlannedBlock]
+    encoding: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.expect.nbytes for b in self.blocks)
+
+
+def resolve_manifest(store: LMDBStore, bank: str, version: str) -> Manifest:
+    """The manifest of (bank, version or current), or FetchError INVALID_ARGUMENT / NOT_FOUND."""
+    if not bank:
+        raise FetchError("INVALID_ARGUMENT", "empty bank name")
+    if not BANK_NAME.match(bank):
+        raise FetchError("INVALID_ARGUMENT", f"invalid bank name {bank[:64]!r}")
+    if not version:
+        version = store.current_version(bank)
+        if version is None:
+            raise FetchError("NOT_FOUND", f"unknown bank {bank!r}")
+    manifest = store.manifest(bank, version)
+    if manifest is None:
+        if store.current_version(bank) is None:
+            raise FetchError("NOT_FOUND", f"unknown bank {bank!r}")
+        raise FetchError("NOT_FOUND", f"unknown version {version[:64]!r} of bank {bank!r} (never "
+                                      f"completely ingested, or garbage-collected)")
+    return manifest
+
+
+def plan_fetch(store: LMDBStore, bank: str, version: str, blocks: Sequence[tuple[int, int]], *,
+               max_blocks_per_request: int = MAX_BLOCKS_PER_REQUEST, shard_id: str = "",
+               encoding: str = "") -> FetchPlan:
+    """Check a fetch request completely (module docstring) and plan its block reads."""
+    if encoding not in ENCODINGS:
+        raise FetchError("INVALID_ARGUMENT", f"unknown encoding {str(encoding)[:32]!r} (known: "
+                                             f"\"\" for native, {', '.join(quant.ENCODINGS)})")
+    blocks = [(int(level), int(node)) for level, node in blocks]
+    if not blocks:
+        raise FetchError("INVALID_ARGUMENT", "no blocks requested")
+    if len(blocks) > max_blocks_per_request:
+        raise FetchError("INVALID_ARGUMENT", f"{len(blocks)} blocks requested, at most "
+                                             f"{max_blocks_per_request} per request")
+    manifest = resolve_manifest(store, bank, version)
+    if not manifest.has_encoding(encoding):
+        # NOT_FOUND, not FAILED_PRECONDITION: every replica holds the same manifest, and
+        # clients read FAILED_PRECONDITION as "wrong shard, try another one"
+        raise FetchError("NOT_FOUND", manifest.missing_encoding(encoding))
+    for level, node in blocks:
+        if not 1 <= level <= manifest.depth or manifest.ranks[level - 1] == 0:
+            raise FetchError("INVALID_ARGUMENT",
+                             f"level {level} has no blocks in {manifest.bank}/{manifest.version} "
+                             f"(levels with blocks: "
+                             f"{[l for l, r in enumerate(manifest.ranks, 1) if r > 0]})")
+        # node < 0 cannot come over gRPC (uint64) but can over the data plane's JSON
+        if not 0 <= node < manifest.n_nodes(level):
+            raise FetchError("NOT_FOUND", f"no node {node} at level {level} (it has "
+                                          f"{manifest.n_nodes(level)} nodes)")
+    if shard_id:
+        for level, node in blocks:
+            owners = manifest.owners(level, node)
+            if shard_id not in owners:
+                raise FetchError("FAILED_PRECONDITION",
+                                 f"block ({level}, {node}) of {manifest.bank}/{manifest.version} "
+                                 f"is on shard {', '.join(owners)}, not on this shard ({shard_id})")
+    planned = []
+    for index, (level, node) in enumerate(blocks):
+        expect = Expect(manifest.block_nbytes(level, encoding),
+                        manifest.checksum(level, node, encoding))
+        header = {"level": level, "node": node, "version": manifest.version,
+                  "checksum": expect.checksum, "nbytes": expect.nbytes,
+                  "dtype": manifest.block_dtype(encoding),
+                  "shape": list(manifest.block_shape(level))}
+        # the encoding is part of the key: every tier caches native and int8 blocks apart
+        key = block_key(manifest.bank, manifest.block_version, level, node, encoding)
+        planned.append(PlannedBlock(index, level, node, key, expect, header))
+    return FetchPlan(manifest, planned, encoding)
+
+
+@contextmanager
+def read_block(blocks: BlockStore, store: LMDBStore, manifest: Manifest,
+               block: PlannedBlock) -> Iterator[memoryview]:
+    """The verified bytes of one planned block, read through the tiers (store.BlockStore.read).
+
+    Yields a buffer valid only inside the `with` (for LMDB, a view INTO the memory map: send it
+    from there and it is never copied in user space). The tiers check the bytes against the
+    manifest checksum before yielding (a corrupt cache entry is evicted and LMDB read instead);
+    only a corrupt or missing block in LMDB is DATA_LOSS. Blocking: call it off an event loop.
+    """
+    enc = "" if block.header["dtype"] == manifest.dtype else f" {block.header['dtype']}"
+    where = f"block ({block.level}, {block.node}){enc} of {manifest.bank}/{manifest.version}"
+    try:
+        with read_from(blocks, block.key, block.expect) as buf:
+            if buf is None:
+                # gc deletes a version's manifest (one commit) before its blocks: if the
+                # manifest is gone now, the version was collected after this fetch resolved
+                # it (NOT_FOUND: the client re-reads the manifest); if it is still there, the
+                # block is lost (DATA_LOSS)
+                if store.manifest(manifest.bank, manifest.version) is None:
+                    log.info("NOT_FOUND version %s of %s collected during a fetch",
+                             manifest.version, manifest.bank)
+                    raise FetchError("NOT_FOUND", f"version {manifest.version!r} of bank "
+                                                  f"{manifest.bank!r} was garbage-collected "
+                                                  f"during this fetch; fetch the current manifest")
+                log.error("DATA_LOSS %s is missing from the store", where)
+                raise FetchError("DATA_LOSS", f"{where} is missing from the store")
+            yield buf
+    except CorruptBlock:
+        log.error("DATA_LOSS %s fails its manifest checksum", where)
+        raise FetchError("DATA_LOSS", f"{where} fails its manifest checksum") from None

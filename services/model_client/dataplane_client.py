@@ -1,0 +1,468 @@
+"""DataPlaneClient: BankClient's face, with block bodies over the bank server's raw-TCP data plane.
+
+    with DataPlaneClient("127.0.0.1:50051+50052") as client:     # HOST:GRPC_PORT+DATAPLANE_PORT
+        manifest = client.get_manifest("demo")                 # gRPC, as BankClient
+        blocks = client.fetch("demo", manifest.version, manifest.path_blocks(path), manifest)
+
+    # the sharded fetcher, every shard over its data plane
+    ShardedFetcher({"s0": "10.0.0.1:50051+50052", "s1": "10.0.0.2:50051+50052"}, policy,
+                   client_factory=dataplane_factory(token=T, timeout_s=policy.attempt_timeout_s))
+
+Target syntax: "HOST:GRPC_PORT+DATAPLANE_PORT" (IPv6: "[::1]:50051+50052"): one string, so
+that it fits anywhere a BankClient address goes (ShardedFetcher's targets, a factory's argument,
+the device's `--bank`); services/model_client/targets.py `make_client` picks this client for
+such a target and BankClient for a plain "HOST:PORT".
+The server prints both ports at start (`membank bank_server listening on ...` and `... dataplane
+on ...`, services/bank_server/server.py); `dataplane_target(grpc_address, dataplane_port)`
+builds one. `get_manifest`, `route` and `health` go to gRPC (a BankClient on HOST:GRPC_PORT);
+only `fetch` uses the data plane (protocol: services/bank_server/dataplane.py).
+
+`fetch` has BankClient.fetch's signature and guarantees: one request for every block; each
+block received straight into its buffer (`out[(level, node)]`, else one new bytearray) with
+`recv_into`, hashed in 1 MiB pieces while the next piece arrives, and returned only when its
+header agrees with the MANIFEST and its bytes hash to the manifest's checksum; otherwise
+BlockIntegrityError. An error frame raises BankError with that gRPC status code; a connection
+that fails raises UNAVAILABLE, a passed deadline DEADLINE_EXCEEDED, `cancel()` of the object
+given to `on_call` (it shuts the socket, from any thread) CANCELLED: the codes ShardedFetcher
+acts on. Connections are pooled per client (at most `max_idle` kept open; one per concurrent
+fetch) and dropped after any error; a pooled connection the server had closed is retried once
+on a fresh one.
+
+Security, as BankClient: `token=` goes in every request (auth on: UNAUTHENTICATED without it),
+`tls_ca=` (PEM path or bytes, or True for the system roots) makes both gRPC and the data plane
+TLS, checking the server certificate (`tls_server_name` overrides the name checked).
+Run its tests: .venv/bin/python -m pytest -q tests/integration/test_dataplane.py
+"""
+from __future__ import annotations
+
+import json
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import grpc
+
+from membank import quant
+from membank.blocks import checksum_stream
+from membank.manifest import Manifest
+from services.model_client.bank_client import BankClient, BankError, BlockIntegrityError
+
+# the protocol's constants (services/bank_server/dataplane.py; repeated here so that the device
+# never imports the server package)
+MAGIC = b"MBD1"
+PREFIX = struct.Struct(">4scI")          # magic, kind, payload length
+REQUEST, HEADER, END, ERROR = b"Q", b"H", b"E", b"X"
+MAX_FRAME = 64 << 10                     # a header / end / error frame is ~200 bytes
+PIECE = 1 << 20                          # receive and hash in 1 MiB pieces (stays in cache)
+
+
+def parse_target(target: str) -> tuple[str, str, int]:
+    """"HOST:GRPC_PORT+DP_PORT" -> ("HOST:GRPC_PORT", HOST, DP_PORT); ValueError otherwise."""
+    grpc_target, plus, dp = target.rpartition("+")
+    host, colon, port = grpc_target.rpartition(":")
+    if not (plus and colon and host and port.isdigit() and dp.isdigit()
+            and 0 < int(dp) < 65536):
+        raise ValueError(f"a data plane target is HOST:GRPC_PORT+DATAPLANE_PORT "
+                         f"(e.g. 127.0.0.1:50051+50052), not {target!r}")
+    return grpc_target, host.strip("[]"), int(dp)
+
+
+def dataplane_target(grpc_address: str, dataplane: int | str) -> str:
+    """The target of a server from its two printed addresses (or the data plane's port)."""
+    port = int(str(dataplane).rsplit(":", 1)[-1])
+    return f"{grpc_address}+{port}"
+
+
+def dataplane_factory(*, token: str | None = None, tls_ca=None, tls_server_name: str | None = None,
+                      timeout_s: float = 10.0, max_idle: int = 8) -> Callable[[str], "DataPlaneClient"]:
+    """A `client_factory` for ShardedFetcher: target -> DataPlaneClient with these settings."""
+    def make(target: str) -> DataPlaneClient:
+        return DataPlaneClient(target, timeout_s, token=token, tls_ca=tls_ca,
+                               tls_server_name=tls_server_name, max_idle=max_idle)
+    return make
+
+
+class DataPlaneCall:
+    """What `on_call` gets: `cancel()` shuts the fetch's socket, so the fetch stops at once."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self.cancelled = False
+
+    def attach(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sock = sock
+            if self.cancelled:
+                _shut(sock)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            if self._sock is not None:
+                _shut(self._sock)
+
+
+class _ServerError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+
+
+class _Stale(Exception):
+    """A pooled connection was closed by the server before it answered (retry once)."""
+
+
+class DataPlaneClient:
+    def __init__(self, target: str, timeout_s: float = 10.0, *, token: str | None = None,
+                 tls_ca: str | Path | bytes | bool | None = None,
+                 tls_server_name: str | None = None, max_idle: int = 8,
+                 bank_client: BankClient | None = None):
+        """`target`: "HOST:GRPC_PORT+DATAPLANE_PORT". `timeout_s`: the default deadline of a
+        call. `max_idle`: pooled connections kept open. `bank_client`: the gRPC client for
+        everything but fetch (default: a BankClient on HOST:GRPC_PORT with the same settings)."""
+        self.target = target
+        self.grpc_target, self.host, self.port = parse_target(target)
+        self.timeout_s = timeout_s
+        self.max_idle = max_idle
+        self._token = token
+        self._tls = _client_context(tls_ca)
+        self._server_hostname = tls_server_name or self.host
+        self.grpc = bank_client or BankClient(self.grpc_target, timeout_s, token=token,
+                                              tls_ca=tls_ca, tls_server_name=tls_server_name)
+        self._idle: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- control: gRPC ------------------------------------------------------------------------
+    def get_manifest(self, bank: str, version: str = "", *,
+                     timeout_s: float | None = None) -> Manifest:
+        return self.grpc.get_manifest(bank, version, timeout_s=timeout_s)
+
+    def route(self, bank: str, embedding, version: str = ""):
+        return self.grpc.route(bank, embedding, version)
+
+    def health(self, timeout_s: float = 1.0) -> bool:
+        """gRPC health of the server (the data plane runs in the same process)."""
+        return self.grpc.health(timeout_s)
+
+    # -- blocks: the data plane ----------------------------------------------------------------
+    def fetch(self, bank: str, version: str, blocks: list[tuple[int, int]],
+              manifest: Manifest, *, out: dict | None = None, timeout_s: float | None = None,
+              on_call=None, encoding: str = "") -> dict[tuple[int, int], bytearray]:
+        """Fetch `blocks` [(level, node), ...] of bank/version in one request, verified.
+
+        As BankClient.fetch: `manifest` is what is trusted ("" version = the manifest's);
+        `out` maps (level, node) to a writable buffer of the block's size, received into
+        directly and returned (its content is undefined after an error); `timeout_s` overrides
+        the deadline; `on_call(call)` gets an object whose `cancel()` stops this fetch
+        (BankError CANCELLED). `encoding`: "" / "native" or "int8" (membank/quant.py), as
+        BankClient's: a version without it is BankError NOT_FOUND before any request.
+        """
+        version = version or manifest.version
+        if bank != manifest.bank or version != manifest.version:
+            raise ValueError(f"manifest is {manifest.bank}/{manifest.version}, "
+                             f"not {bank}/{version}")
+        encoding = quant.normalize(encoding)            # ValueError for an unknown name
+        if not manifest.has_encoding(encoding):         # as BankClient: no request at all
+            raise BankError(grpc.StatusCode.NOT_FOUND, manifest.missing_encoding(encoding))
+        ids = [(int(level), int(node)) for level, node in blocks]
+        views = _out_views(ids, manifest, out, encoding)     # ValueError before any I/O
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        request = {"bank": bank, "version": version, "blocks": [list(b) for b in ids],
+                   "encoding": encoding}
+        if self._token:
+            request["token"] = self._token
+        call = DataPlaneCall()
+        if on_call is not None:
+            on_call(call)
+        for attempt in (0, 1):
+            sock, reused = self._connect(deadline, call)
+            try:
+                request["deadline_ms"] = max(0.0, (deadline - time.monotonic()) * 1e3)
+                result = self._exchange(sock, request, ids, manifest, views, deadline, encoding,
+                                        reused)
+            except _Stale:
+                _close(sock)
+                if call.cancelled:
+                    raise BankError(grpc.StatusCode.CANCELLED, "fetch cancelled") from None
+                if attempt == 0:
+                    continue            # the server closed an idle connection: a fresh one
+                raise BankError(grpc.StatusCode.UNAVAILABLE,
+                                f"data plane {self.host}:{self.port} closed the connection")
+            except _ServerError as e:
+                _close(sock)
+                code = getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN)
+                raise BankError(code, e.message) from None
+            except (BankError, ValueError):
+                _close(sock)
+                raise
+            except (OSError, ssl.SSLError, EOFError) as e:
+                _close(sock)
+                raise self._transport_error(e, call, deadline) from None
+            self._release(sock)
+            return result
+        raise AssertionError("unreachable")
+
+    # -- one request on one connection -----------------------------------------------------------
+    def _exchange(self, sock, request: dict, ids, manifest: Manifest, views, deadline: float,
+                  encoding: str, reused: bool) -> dict:
+        body = json.dumps(request, separators=(",", ":")).encode()
+        try:
+            self._send(sock, PREFIX.pack(MAGIC, REQUEST, len(body)) + body, deadline)
+            kind, payload = self._read_frame(sock, deadline)
+        except (EOFError, ConnectionResetError, BrokenPipeError):
+            if reused:      # closed by the server while pooled (idle timeout, restart)
+                raise _Stale() from None
+            raise
+        result: dict = {}
+        for i, (level, node) in enumerate(ids):
+            if i:
+                kind, payload = self._read_frame(sock, deadline)
+            if kind == ERROR:
+                raise _ServerError(*_error_fields(payload))
+            if kind != HEADER:
+                raise BlockIntegrityError(f"unexpected frame {kind!r} where the header of block "
+                                          f"({level}, {node}) belongs")
+            h = _json(payload)
+            if h.get("index") != i:
+                raise BlockIntegrityError(f"block index {h.get('index')!r} where {i} "
+                                          f"({level}, {node}) was expected")
+            if not manifest.has_block(level, node):
+                raise BlockIntegrityError(f"server sent block ({level}, {node}), which the "
+                                          f"manifest does not have")
+            nbytes, checksum, dtype = _expected(manifest, level, node, encoding)
+            want = (level, node, manifest.version, checksum, nbytes, dtype,
+                    tuple(manifest.block_shape(level)))
+            shape = h.get("shape")
+            got = (h.get("level"), h.get("node"), h.get("version"), h.get("checksum"),
+                   h.get("nbytes"), h.get("dtype"),
+                   tuple(shape) if isinstance(shape, list) else shape)
+            if got != want:
+                raise BlockIntegrityError(f"block ({level}, {node}) header {got} does not match "
+                                          f"the manifest {want}")
+            view = views[i]
+            if view is None:
+                dest = bytearray(nbytes)      # the one allocation per block
+                view = memoryview(dest)
+            else:
+                dest = view.obj
+            if self._recv_body(sock, view, deadline) != checksum:
+                raise BlockIntegrityError(f"block ({level}, {node}) fails its manifest checksum")
+            result[(level, node)] = dest
+        kind, payload = self._read_frame(sock, deadline)
+        if kind == ERROR:
+            raise _ServerError(*_error_fields(payload))
+        if kind != END or _json(payload).get("blocks") != len(ids):
+            raise BlockIntegrityError(f"unexpected frame {kind!r} after {len(ids)} blocks "
+                                      f"(expected the end frame)")
+        return result
+
+    def _recv_body(self, sock, view: memoryview, deadline: float) -> str:
+        """Receive exactly len(view) bytes into view, hashing 1 MiB pieces as they complete."""
+        n, got, hashed = view.nbytes, 0, 0
+        h = checksum_stream()
+        # MSG_WAITALL: one system call per whole piece (plain sockets; TLS reads records)
+        flags = 0 if self._tls else socket.MSG_WAITALL
+        while got < n:
+            self._timeout(sock, deadline)
+            k = sock.recv_into(view[got:], min(PIECE, n - got), flags)
+            if k == 0:
+                raise EOFError("connection closed inside a block")
+            got += k
+            if got - hashed >= PIECE or got == n:
+                h.update(view[hashed:got])
+                hashed = got
+        return h.hexdigest()
+
+    def _read_frame(self, sock, deadline: float) -> tuple[bytes, bytes]:
+        magic, kind, n = PREFIX.unpack(self._recv_exact(sock, PREFIX.size, deadline))
+        if magic != MAGIC:
+            raise BlockIntegrityError(f"not a membank data plane frame (magic {magic!r}); is "
+                                      f"{self.host}:{self.port} the data plane port?")
+        if n > MAX_FRAME:
+            raise BlockIntegrityError(f"frame of {n} bytes (at most {MAX_FRAME})")
+        return kind, self._recv_exact(sock, n, deadline)
+
+    def _recv_exact(self, sock, n: int, deadline: float) -> bytes:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            self._timeout(sock, deadline)
+            k = sock.recv_into(view[got:], n - got)
+            if k == 0:
+                raise EOFError("connection closed")
+            got += k
+        return bytes(buf)
+
+    def _send(self, sock, data: bytes, deadline: float) -> None:
+        self._timeout(sock, deadline, send=True)
+        sock.sendall(data)
+
+    def _timeout(self, sock, deadline: float, send: bool = False) -> None:
+        """Bound the next blocking call by the deadline. Plain sockets stay blocking (a
+        MSG_WAITALL receive is one call) with the kernel's SO_RCVTIMEO / SO_SNDTIMEO; TLS
+        sockets use Python's timeout."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("deadline passed")
+        if self._tls:
+            sock.settimeout(left)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO if send else socket.SO_RCVTIMEO,
+                            _timeval(left))
+
+    # -- connections ---------------------------------------------------------------------------
+    def _connect(self, deadline: float, call: DataPlaneCall) -> tuple[socket.socket, bool]:
+        """A pooled connection (reused=True) or a new one; BankError when none can be had."""
+        while True:
+            with self._lock:
+                sock = self._idle.pop() if self._idle else None
+            if sock is None:
+                break
+            # readable while idle = the server closed it (or sent junk): not reusable
+            try:
+                if not select.select([sock], [], [], 0)[0]:
+                    call.attach(sock)
+                    return sock, True
+            except (OSError, ValueError):
+                pass
+            _close(sock)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BankError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before connecting")
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=left)
+        except socket.timeout:
+            raise BankError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"connecting to the data plane {self.host}:{self.port} timed out") from None
+        except OSError as e:
+            raise BankError(grpc.StatusCode.UNAVAILABLE,
+                            f"data plane {self.host}:{self.port} unreachable: {e}") from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(sock, server_hostname=self._server_hostname)
+            else:
+                sock.settimeout(None)      # blocking; deadlines via SO_RCVTIMEO (_timeout)
+        except socket.timeout:
+            _close(sock)
+            raise BankError(grpc.StatusCode.DEADLINE_EXCEEDED, "TLS handshake timed out") from None
+        except (OSError, ssl.SSLError) as e:
+            _close(sock)
+            raise BankError(grpc.StatusCode.UNAVAILABLE,
+                            f"data plane {self.host}:{self.port}: TLS failed: {e}") from None
+        call.attach(sock)
+        return sock, False
+
+    def _release(self, sock: socket.socket) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < self.max_idle:
+                self._idle.append(sock)
+                return
+        _close(sock)
+
+    def _transport_error(self, e: BaseException, call: DataPlaneCall, deadline: float) -> BankError:
+        if call.cancelled:
+            return BankError(grpc.StatusCode.CANCELLED, "fetch cancelled")
+        if isinstance(e, (socket.timeout, BlockingIOError, ssl.SSLWantReadError,
+                          ssl.SSLWantWriteError)) or time.monotonic() >= deadline:
+            return BankError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"data plane fetch from {self.host}:{self.port}: deadline exceeded")
+        return BankError(grpc.StatusCode.UNAVAILABLE,
+                         f"data plane {self.host}:{self.port}: {e or type(e).__name__}")
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for s in idle:
+            _close(s)
+        self.grpc.close()
+
+    def __enter__(self) -> "DataPlaneClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _expected(manifest: Manifest, level: int, node: int, encoding: str) -> tuple[int, str, str]:
+    """(nbytes, checksum, dtype) the manifest says a block in `encoding` has."""
+    if not encoding:
+        return manifest.block_nbytes(level), manifest.checksum(level, node), manifest.dtype
+    try:
+        return (manifest.block_nbytes(level, encoding), manifest.checksum(level, node, encoding),
+                manifest.block_dtype(encoding))
+    except (KeyError, TypeError, AttributeError):
+        raise BlockIntegrityError(f"the manifest has no {encoding!r} checksums for block "
+                                  f"({level}, {node})") from None
+
+
+def _out_views(ids, manifest: Manifest, out: dict | None, encoding: str) -> list:
+    """Per requested block: a writable byte view of the caller's buffer, or None."""
+    views: list = [None] * len(ids)
+    if not out:
+        return views
+    for i, (level, node) in enumerate(ids):
+        dest = out.get((level, node))
+        if dest is None or not manifest.has_block(level, node):
+            continue
+        nbytes = _expected(manifest, level, node, encoding)[0]
+        view = memoryview(dest).cast("B")
+        if view.readonly or view.nbytes != nbytes:
+            raise ValueError(f"out buffer for block ({level}, {node}) must be writable "
+                             f"and {nbytes} bytes")
+        views[i] = view
+    return views
+
+
+def _json(payload: bytes) -> dict:
+    try:
+        obj = json.loads(payload)
+    except ValueError:
+        raise BlockIntegrityError("malformed frame from the data plane (not JSON)") from None
+    if not isinstance(obj, dict):
+        raise BlockIntegrityError("malformed frame from the data plane (not an object)")
+    return obj
+
+
+def _error_fields(payload: bytes) -> tuple[str, str]:
+    obj = _json(payload)
+    return str(obj.get("code", "UNKNOWN")), str(obj.get("message", ""))
+
+
+def _client_context(tls_ca) -> ssl.SSLContext | None:
+    if tls_ca is None or tls_ca is False:
+        return None
+    if tls_ca is True:
+        return ssl.create_default_context()
+    if isinstance(tls_ca, bytes):
+        return ssl.create_default_context(cadata=tls_ca.decode())
+    return ssl.create_default_context(cafile=str(tls_ca))
+
+
+def _timeval(seconds: float) -> bytes:
+    seconds = max(seconds, 0.001)      # 0 would mean "no timeout"
+    return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+
+
+def _shut(sock) -> None:
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _close(sock) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
