@@ -48,15 +48,18 @@ K, RANKS, D, LAYERS = 4, [64, 16], 512, [0, 1]
 
 
 class StallRelay:
-    """TCP relay; each server->client segment is held `stall_s` with probability `p`."""
+    """TCP relay; each server->client segment is held `stall_s` with probability `p` (p = 1: a
+    uniformly slow replica; tests/integration/test_client_failover.py uses it so)."""
 
-    def __init__(self, upstream: str, p: float, stall_s: float, seed: int):
+    def __init__(self, upstream: str, p: float, stall_s: float, seed: int = 0):
         self.upstream, self.p, self.stall_s = upstream, p, stall_s
         self.rng = random.Random(seed)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.stalls = 0
         self.segments = 0
+        self.connections = 0
+        self._socks: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -69,6 +72,8 @@ class StallRelay:
             server = socket.create_connection((host, int(port)))
             for s in (client, server):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.connections += 1
+            self._socks += [client, server]
             threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
 
@@ -91,6 +96,11 @@ class StallRelay:
 
     def close(self):
         self.listener.close()
+        for s in self._socks:
+            try:
+                s.close()
+            except OSError:
+                pass
 
 
 def build(root: Path) -> dict[str, Path]:

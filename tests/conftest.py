@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -202,3 +203,32 @@ def start_ingest_writing(export: Path, db: Path, *flags: str, timeout: float = 6
                 return proc, time.monotonic()
     proc.kill()
     raise RuntimeError("ingest did not start writing")
+
+
+class FakeEmbedder:
+    """A stable 384-d unit vector per text: routing without loading MiniLM (different prompts
+    may take different paths)."""
+    dim = 384
+
+    def encode(self, texts, **_):
+        rows = [np.random.default_rng(sum(t.encode())).standard_normal(self.dim) for t in texts]
+        out = np.asarray(rows, dtype=np.float32)
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+class ConstantEmbedder:
+    """The same 384-d unit vector for every text: every prompt takes the same path."""
+    dim = 384
+
+    def encode(self, texts, **_):
+        return np.ones((len(texts), self.dim), dtype=np.float32) / self.dim ** 0.5
+
+
+def wait_for(predicate, timeout: float, step: float = 0.1) -> bool:
+    """Poll `predicate` until it holds or `timeout` s pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()

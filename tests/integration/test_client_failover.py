@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import logging
 import shutil
-import socket
-import threading
-import time
 
 import lmdb
-import numpy as np
 import pytest
 
 from membank.artifacts import iter_blocks, load_manifest
@@ -27,70 +23,12 @@ from services.model_client.bank_client import BankClient
 from services.model_client.device_cache import DeviceCache
 from services.model_client.fetcher import FetchPolicy, ShardedFetcher
 from services.model_client.memory_model import MemoryModel
-from tests.conftest import free_port, run_bank_server
+from benchmarks.hedging import StallRelay
+from tests.conftest import FakeEmbedder, free_port, run_bank_server
 
 pytestmark = pytest.mark.integration
 SHARDS = ["s0", "s1"]
 PROMPT = "The atomic number of Ruthenium is"
-
-
-class FakeEmbedder:
-    """A stable 384-d unit vector per text: routing without loading MiniLM."""
-    dim = 384
-
-    def encode(self, texts, **_):
-        rows = [np.random.default_rng(sum(t.encode())).standard_normal(self.dim) for t in texts]
-        out = np.asarray(rows, dtype=np.float32)
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
-
-
-class DelayRelay:
-    """A TCP relay that holds every server->client segment for `delay_s` (a slow replica)."""
-
-    def __init__(self, upstream: str, delay_s: float):
-        self.upstream, self.delay_s = upstream, delay_s
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.connections = 0
-        self._socks: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            host, port = self.upstream.rsplit(":", 1)
-            server = socket.create_connection((host, int(port)))
-            self.connections += 1
-            self._socks += [client, server]
-            threading.Thread(target=self._pump, args=(client, server, 0.0), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, self.delay_s), daemon=True).start()
-
-    @staticmethod
-    def _pump(src, dst, delay):
-        try:
-            while data := src.recv(1 << 16):
-                if delay:
-                    time.sleep(delay)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self):
-        self.listener.close()
-        for s in self._socks:
-            try:
-                s.close()
-            except OSError:
-                pass
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +108,8 @@ def test_a_killed_shard_fails_over_to_its_replica(shard_lmdbs, tmp_path, model, 
 def test_a_slow_replica_is_hedged_and_the_hedge_wins(servers, model, exported):
     m = manifest_from(servers["s0"])
     _, blocks, (primary, secondary) = path_and_owners(model, m)
-    relay = DelayRelay(servers[primary], delay_s=2.0)     # far beyond the 50 ms hedge delay
+    # every reply segment held 2 s: far beyond the 50 ms hedge delay
+    relay = StallRelay(servers[primary], p=1.0, stall_s=2.0)
     targets = {primary: relay.address, secondary: servers[secondary]}
     try:
         with ShardedFetcher(targets, FetchPolicy(hedge_initial_s=0.05, deadline_s=20)) as f:

@@ -38,7 +38,7 @@ from services.model_client.dataplane_client import (DataPlaneClient, dataplane_f
 from services.model_client.fetcher import FetchPolicy, ShardedFetcher
 from tests.conftest import run_bank_server
 from tests.integration.test_api import self_signed
-from tests.integration.test_client_failover import DelayRelay
+from benchmarks.hedging import StallRelay
 
 pytestmark = pytest.mark.integration
 
@@ -203,7 +203,7 @@ def test_many_requests_per_connection(server, client, exported):
 
 
 def test_cancel_from_another_thread_stops_the_fetch(server):
-    relay = DelayRelay(server.dp, delay_s=0.2)             # ~64 KiB per 0.2 s: a long fetch
+    relay = StallRelay(server.dp, p=1.0, stall_s=0.2)      # ~64 KiB per 0.2 s: a long fetch
     calls = []
     try:
         with DataPlaneClient(f"{server.address}+{relay.address.rsplit(':', 1)[1]}",
@@ -534,7 +534,7 @@ def test_sharded_fetcher_hedges_over_the_data_plane(replicas, exported):
     with BankClient(replicas["s0"].address) as c:
         m = c.get_manifest("test")
     slow = m.owners(*ids[-1])[0]          # the replica asked first: its data plane is slow
-    relay = DelayRelay(replicas[slow].dp, delay_s=0.4)
+    relay = StallRelay(replicas[slow].dp, p=1.0, stall_s=0.4)
     targets = {s: r.target for s, r in replicas.items()}
     targets[slow] = f"{replicas[slow].address}+{relay.address.rsplit(':', 1)[1]}"
     policy = FetchPolicy(deadline_s=10, hedge_initial_s=0.05, hedge_min_samples=1000)

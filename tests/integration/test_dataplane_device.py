@@ -17,7 +17,6 @@ Run: .venv/bin/python -m pytest -q tests/integration/test_dataplane_device.py
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 
 import pytest
@@ -31,8 +30,7 @@ from services.model_client.dataplane_client import DataPlaneClient, dataplane_ta
 from services.model_client.fetcher import FetchPolicy, ShardedFetcher
 from services.model_client.memory_model import MemoryModel
 from services.model_client.targets import make_client
-from tests.conftest import run_bank_server
-from tests.integration.test_int8 import FakeEmbedder
+from tests.conftest import FakeEmbedder, run_bank_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -142,15 +140,6 @@ def test_cli_generate_takes_a_dataplane_target(served, tiny_model_export, capsys
 
 
 # -- the local cluster with its data planes ---------------------------------------------------
-def wait_for(predicate, timeout: float, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
-
-
 @pytest.mark.slow
 def test_local_cluster_with_dataplane_serves_a_load_loop_with_no_error(tiny_export, tmp_path):
     with run_local_cluster(tiny_export, shards=2, replication=2, workdir=tmp_path,

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import grpc
 import lmdb
-import numpy as np
 import pytest
 import torch
 
@@ -44,21 +43,11 @@ from services.bank_server.store import Expect, LMDBStore
 from services.model_client.bank_client import BankClient, BankError
 from services.model_client.fetcher import ShardedFetcher
 from services.model_client.memory_model import MemoryModel
-from tests.conftest import REPO, make_export, start_ingest_writing
+from tests.conftest import REPO, FakeEmbedder, make_export, start_ingest_writing
 
 pytestmark = pytest.mark.integration
 MAP = 1 << 30
 INT8 = ("int8",)
-
-
-class FakeEmbedder:
-    """A stable 384-d unit vector per text: routing without loading MiniLM."""
-    dim = 384
-
-    def encode(self, texts, **_):
-        rows = [np.random.default_rng(sum(t.encode())).standard_normal(self.dim) for t in texts]
-        out = np.asarray(rows, dtype=np.float32)
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
 @pytest.fixture(scope="module")

@@ -5,20 +5,13 @@ A fake bank (no sockets); the model is the random-weight `tiny` export (tests/co
 Run: .venv/bin/python -m pytest -q tests/unit/test_memory_model_fetch.py
 """
 import grpc
-import numpy as np
 import pytest
 
 from membank.artifacts import iter_blocks, load_manifest
 from services.model_client.bank_client import BankError
 from services.model_client.device_cache import DeviceCache
 from services.model_client.memory_model import GenerateResult, MemoryModel
-
-
-class FakeEmbedder:
-    dim = 384
-
-    def encode(self, texts, **_):
-        return np.ones((len(texts), self.dim), dtype=np.float32) / self.dim ** 0.5
+from tests.conftest import ConstantEmbedder
 
 
 class FakeBank:
@@ -48,7 +41,7 @@ class FakeBank:
 def setup(tiny_model_export):
     m = load_manifest(tiny_model_export)
     blocks = {(l, n): d for l, n, d in iter_blocks(tiny_model_export, m)}
-    model = MemoryModel.from_pretrained(tiny_model_export, embedder=FakeEmbedder(),
+    model = MemoryModel.from_pretrained(tiny_model_export, embedder=ConstantEmbedder(),
                                         cache=DeviceCache(1 << 20), manifest_ttl_s=3600)
     return model, FakeBank(m, blocks), m
 

@@ -19,6 +19,7 @@ from membank.manifest import Manifest
 from services.model_client.bank_client import BankError
 from services.model_client.device_cache import DeviceCache, file_name, parse_file_name
 from services.model_client.memory_model import GenerateResult, MemoryModel
+from tests.conftest import ConstantEmbedder
 
 SHAPE = (2, 3, 5, 64)          # (L, n_mats, r, W)
 
@@ -214,13 +215,6 @@ def test_device_cache_keeps_native_and_int8_apart(tmp_path):
 
 
 # -- MemoryModel attaching int8 blocks (fake bank, no sockets) --------------------------------------
-class FakeEmbedder:
-    dim = 384
-
-    def encode(self, texts, **_):
-        return np.ones((len(texts), self.dim), dtype=np.float32) / self.dim ** 0.5
-
-
 class Int8Bank:
     """Serves a manifest with (or without) int8 payloads made from the export's blocks."""
 
@@ -261,7 +255,7 @@ def test_memory_model_dequantizes_int8_blocks_into_its_room(int8_setup):
     export, m, blocks = int8_setup
     bank = Int8Bank(m, blocks)
     cache = DeviceCache(1 << 20)
-    model = MemoryModel.from_pretrained(export, embedder=FakeEmbedder(), cache=cache,
+    model = MemoryModel.from_pretrained(export, embedder=ConstantEmbedder(), cache=cache,
                                         encoding="int8")
     r = fetch_path(model, bank, [1, 0])
     assert r.encoding == "int8" and bank.calls == [(m.path_blocks([1, 0]), "int8")]
@@ -277,7 +271,7 @@ def test_memory_model_dequantizes_int8_blocks_into_its_room(int8_setup):
     r = fetch_path(model, bank, [1, 0])
     assert r.fetched_blocks == [] and len(r.cached_blocks) == 2 and len(bank.calls) == 1
     # a native model next to it attaches different (full precision) weights for the same path
-    native_model = MemoryModel.from_pretrained(export, embedder=FakeEmbedder())
+    native_model = MemoryModel.from_pretrained(export, embedder=ConstantEmbedder())
     fetch_path(native_model, bank, [1, 0])
     assert bank.calls[-1][1] == "" and not torch.equal(native_model.mem, model.mem)
     assert (native_model.mem - model.mem).abs().max() < 0.02 / 127 * 6
@@ -286,7 +280,7 @@ def test_memory_model_dequantizes_int8_blocks_into_its_room(int8_setup):
 def test_a_version_without_int8_is_fetched_native_and_logged_once(int8_setup, caplog):
     export, m, blocks = int8_setup
     bank = Int8Bank(m, blocks, with_int8=False)
-    model = MemoryModel.from_pretrained(export, embedder=FakeEmbedder(), encoding="int8")
+    model = MemoryModel.from_pretrained(export, embedder=ConstantEmbedder(), encoding="int8")
     with caplog.at_level(logging.WARNING, logger="membank.client"):
         r = fetch_path(model, bank, [0, 1])
         fetch_path(model, bank, [1, 1])
@@ -312,4 +306,4 @@ def test_bank_client_refuses_an_encoding_the_manifest_lacks_before_any_rpc(int8_
         f.fetch("test", "v1", [(1, 0)], m, encoding="int8")
     assert e.value.code == grpc.StatusCode.NOT_FOUND
     with pytest.raises(ValueError, match="unknown block encoding"):
-        MemoryModel.from_pretrained(int8_setup[0], embedder=FakeEmbedder(), encoding="fp8")
+        MemoryModel.from_pretrained(int8_setup[0], embedder=ConstantEmbedder(), encoding="fp8")
