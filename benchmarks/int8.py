@@ -161,9 +161,10 @@ def serve_and_fetch(preset: str, work: Path, reps: int, seed: int) -> dict:
 
 def accuracy(run: Path, preset: str, train_if_missing: bool, work: Path) -> dict:
     from training import checkpoint
-    from training.evaluate import eval_preset, run_eval
+    from training.evaluate import eval_preset, run_dirs, run_eval
 
-    have = all(checkpoint.latest(run / r) is not None for r in ("memory", "anchor", "dense"))
+    have = all(checkpoint.latest(d / r) is not None for d in run_dirs(run, eval_preset(preset))
+               for r in ("memory", "anchor", "dense"))
     if not have and not train_if_missing:
         return {"skipped": f"no checkpoints under {run} (--train-if-missing trains the preset)"}
     t0 = time.perf_counter()

@@ -113,12 +113,22 @@ def cmd_eval(args) -> None:
     from training.probes import load_probe
 
     ec = eval_preset(args.preset)
-    if args.set:  # key=value overrides of the training fields, as for `membank train`
+    if args.set:  # key=value overrides of the training fields, as for `membank train`;
+        # corpus.KEY=VALUE sets a long-tail corpus field (training/longtail.py LongTailConfig)
         from training.config import TrainConfig
+        from training.evaluate import corpus_override
         tc = TrainConfig(**ec.train)
         for item in args.set:
-            apply_override(tc, item)
+            if item.startswith("corpus."):
+                ec.corpus = corpus_override(ec.corpus, item)
+            else:
+                apply_override(tc, item)
         ec.train = {k: v for k, v in tc.to_dict().items() if k != "corpus"}
+    if args.seeds:
+        try:
+            ec.seeds = tuple(int(x) for x in args.seeds.split(","))
+        except ValueError:
+            raise ValueError(f"--seeds takes comma-separated integers, not {args.seeds!r}") from None
     probe = load_probe(args.probe, template=args.template, matcher=args.matcher)
     run_eval(args.out or f"runs/eval-{args.preset}", ec, probe=probe, corpus=args.corpus,
              heldout=args.heldout, results=args.results, preset=args.preset)
@@ -233,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--matcher", default=None, choices=["int", "string"])
     s.add_argument("--corpus", default=None, help="your own training JSONL (default: the long-tail corpus)")
     s.add_argument("--heldout", default=None, help="held-out JSONL for perplexity (with --corpus)")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a training field")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a training field, or a corpus field as corpus.KEY=VALUE")
+    s.add_argument("--seeds", default=None, help="comma-separated seeds, one whole run each, "
+                   "pooled (default: the preset's)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("demo", help="train (or reuse), export, serve, and answer prompts")

@@ -70,9 +70,11 @@ class EvalConfig:
     corpus: dict = field(default_factory=dict)  # LongTailConfig fields
     max_new_tokens: int = 4      # greedy tokens generated per probe prompt
     threads: int = 0             # torch threads (0: torch's default)
+    seeds: tuple[int, ...] = (0,)  # one whole run per seed (corpus draw, tree, training)
 
-    def train_config(self, corpus_path: Path) -> TrainConfig:
-        tc = TrainConfig(**{**self.train, "corpus": str(corpus_path)})
+    def train_config(self, corpus_path: Path, seed: int | None = None) -> TrainConfig:
+        tc = TrainConfig(**{**self.train, "corpus": str(corpus_path),
+                            **({"seed": seed} if seed is not None else {})})
         if tc.frozen_steps or not (tc.anchor_steps and tc.cotrain_steps):
             raise ValueError("the evaluation needs anchor_steps (pretraining) and cotrain_steps "
                              "(the continuation), and no frozen_steps")
@@ -104,6 +106,25 @@ EVAL_PRESETS: dict[str, EvalConfig] = {
     # k=4, depth 2: measured on this corpus, a probe reaches the leaf holding its subject's
     # documents for 69% of subjects (depth 3: 60%; k=8, depth 2: 49%); see the README
 }
+
+
+def corpus_override(corpus: dict, item: str) -> dict:
+    """`corpus.KEY=VALUE` -> a copy of the corpus fields with KEY set (checked against
+    LongTailConfig; VALUE as JSON)."""
+    from training.longtail import LongTailConfig
+
+    key, sep, raw = item.removeprefix("corpus.").partition("=")
+    fields = {f.name: f.type for f in dataclasses.fields(LongTailConfig) if f.name != "seed"}
+    if not sep or key not in fields:
+        raise ValueError(f"bad corpus override {item!r}: use corpus.KEY=VALUE with KEY one of "
+                         f"{', '.join(fields)} (seeds: --seeds)")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ValueError(f"bad corpus override {item!r}: {raw!r} is not a number") from None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"bad corpus override {item!r}: {key} takes a number")
+    return {**corpus, key: value}
 
 
 def eval_preset(name: str) -> EvalConfig:
@@ -285,6 +306,7 @@ VARIANTS = {
 # none of the other variants' numbers
 INT8_VARIANTS = {"fetched-int8": ("memory", "fetched-int8", "path")}
 ALL_VARIANTS = {**VARIANTS, **INT8_VARIANTS}
+HOME_ROUTE = "fetched-home-route"  # diagnostic (see evaluate)
 
 
 def buckets_by_mentions(subjects: list[str], mentions: dict[str, int], n: int = N_BUCKETS) -> dict[str, int]:
@@ -306,6 +328,10 @@ def evaluate(models: dict, probe: Probe, data, heldout: list[str], mentions: dic
     emb = torch.from_numpy(embedder.encode([p for p, _ in pairs]))
     paths = {"path": router.node_ids(router.route(emb)), "blocked": router.node_ids(reroute_blocked(router, emb))}
     bucket = buckets_by_mentions(probe.subjects, mentions)
+    # diagnostic, not one of the compared models: the memory model with each probe sent to its
+    # subject's home leaf instead of where the prompt's embedding routes it, to tell routing
+    # misses from knowledge the memory does not hold
+    home = home_leaves(data, probe)
 
     rows = []
     for i, ((prompt, answer), subject) in enumerate(tqdm(list(zip(pairs, probe.subjects)), desc="probe", unit="prompt")):
@@ -325,6 +351,10 @@ def evaluate(models: dict, probe: Probe, data, heldout: list[str], mentions: dic
             out_ids = greedy(models[which].model, ids, mem, ec.max_new_tokens, eos)[0]
             text = tok.decode(out_ids)
             row[name] = {"text": text, "correct": probe.correct(answer, text)}
+        if subject in home:
+            mem = memories("fetched", models["memory"], leaf_node_ids(router, home[subject]), 1)
+            text = tok.decode(greedy(models["memory"].model, ids, mem, ec.max_new_tokens, eos)[0])
+            row[HOME_ROUTE] = {"text": text, "correct": probe.correct(answer, text)}
         rows.append(row)
 
     # held-out perplexity: each document routed by its whole text, as the paper does for LM
@@ -336,7 +366,7 @@ def evaluate(models: dict, probe: Probe, data, heldout: list[str], mentions: dic
         trainer = models[which]
         ppl[name] = perplexity(trainer.model, docs, memories(mode, trainer, dpaths[route], len(docs)),
                                tc.seq_len, eos)
-    return {"rows": rows, "perplexity": ppl, "routing": routing_agreement(data, rows, probe),
+    return {"rows": rows, "perplexity": ppl, "routing": routing_agreement(rows, home, router),
             "int8": int8_report(models["memory"], paths["path"])}
 
 
@@ -365,8 +395,9 @@ def int8_report(trainer: Trainer, node_ids: torch.Tensor) -> dict:
             "path_ratio": total_q / total_n, "path_saved_fraction": 1 - total_q / total_n}
 
 
-def routing_agreement(data, rows: list[dict], probe: Probe) -> dict:
-    """How often a probe prompt reaches the leaf that holds most of its subject's documents."""
+def home_leaves(data, probe: Probe) -> dict[str, int]:
+    """Subject -> its home leaf: the leaf that most of its training documents were routed to
+    (empty when the corpus does not record each document's subject, e.g. a user's corpus)."""
     meta_path = Path(data.tokenizer_path).parent / "corpus_subjects.json"
     emb_path = Path(data.tokenizer_path).parent / "embeddings.npy"
     if not meta_path.exists() or not emb_path.exists():
@@ -374,19 +405,45 @@ def routing_agreement(data, rows: list[dict], probe: Probe) -> dict:
     doc_subjects = json.loads(meta_path.read_text())
     emb = torch.from_numpy(np.array(np.load(emb_path, mmap_mode="r")))
     leaves = data.router.node_ids(data.router.route(emb))[:, -1].numpy()
-    home = {}
-    for s in probe.subjects:
-        hits = leaves[[i for i, d in enumerate(doc_subjects) if d == s]]
-        if len(hits):
-            home[s] = int(np.bincount(hits).argmax())
-    same_leaf = [r["path"][-1] == home[r["subject"]] for r in rows if r["subject"] in home]
-    same_l1 = [r["path"][0] == home[r["subject"]] // data.router.branching ** (data.router.depth - 1)
-               for r in rows if r["subject"] in home]
-    return {"probe_in_home_leaf": float(np.mean(same_leaf)), "probe_in_home_level1": float(np.mean(same_l1))}
+    by_subject: dict[str, list[int]] = {}
+    for leaf, s in zip(leaves.tolist(), doc_subjects):
+        by_subject.setdefault(s, []).append(leaf)
+    return {s: int(np.bincount(by_subject[s]).argmax()) for s in probe.subjects if s in by_subject}
+
+
+def leaf_node_ids(router: Router, leaf: int) -> torch.Tensor:
+    """A leaf's global index -> (1, depth) node index per level (its ancestors, then itself)."""
+    return torch.tensor([[leaf // router.branching ** (router.depth - 1 - l) for l in range(router.depth)]])
+
+
+def routing_agreement(rows: list[dict], home: dict[str, int], router: Router) -> dict:
+    """How often a probe prompt reaches its subject's home leaf (and its level-1 subtree),
+    overall and per frequency bucket (rarest first)."""
+    if not home:
+        return {}
+    top = router.branching ** (router.depth - 1)
+    rs = [r for r in rows if r["subject"] in home]
+    leaf = lambda r: r["path"][-1] == home[r["subject"]]  # noqa: E731
+    l1 = lambda r: r["path"][0] == home[r["subject"]] // top  # noqa: E731
+    per_bucket = lambda f: [float(np.mean([f(r) for r in rs if r["bucket"] == b])) for b in range(N_BUCKETS)]  # noqa: E731
+    return {"probe_in_home_leaf": float(np.mean([leaf(r) for r in rs])),
+            "probe_in_home_level1": float(np.mean([l1(r) for r in rs])),
+            "probe_in_home_leaf_per_bucket": per_bucket(leaf),
+            "probe_in_home_level1_per_bucket": per_bucket(l1)}
 
 
 # ---------------------------------------------------------------------------------------------
 # summary, table, plot
+
+
+def home_route_accuracy(rows: list[dict]) -> dict:
+    """The fetched model's accuracy with every probe sent to its subject's home leaf."""
+    rs = [r for r in rows if HOME_ROUTE in r]
+    if not rs:
+        return {}
+    return {"fetched_home_route_per_bucket": [float(np.mean([r[HOME_ROUTE]["correct"] for r in rs if r["bucket"] == b]))
+                                              for b in range(N_BUCKETS)],
+            "fetched_home_route_overall": float(np.mean([r[HOME_ROUTE]["correct"] for r in rs]))}
 
 
 def summarize(ev: dict) -> dict:
@@ -409,7 +466,7 @@ def summarize(ev: dict) -> dict:
     return {"accuracy_per_bucket": acc, "accuracy_overall": overall, "bucket_mentions": spans,
             "gain_fetched_vs_generic_per_bucket": [f - g for f, g in zip(acc["fetched"], acc["generic"])],
             "blocked_keeps_fraction_of_gain": kept, "targets": targets, "perplexity": ev["perplexity"],
-            "routing": ev["routing"], "int8": {
+            "routing": {**ev["routing"], **home_route_accuracy(rows)}, "int8": {
                 **ev["int8"],
                 "accuracy_change": overall["fetched-int8"] - overall["fetched"],
                 "accuracy_change_per_bucket": [q - f for q, f in zip(acc["fetched-int8"], acc["fetched"])],
@@ -418,7 +475,7 @@ def summarize(ev: dict) -> dict:
                 "n_prompts": len(rows)}}
 
 
-def markdown(summary: dict, params: dict) -> str:
+def markdown(summary: dict, params: dict, per_seed: list[dict] | None = None) -> str:
     acc, spans = summary["accuracy_per_bucket"], summary["bucket_mentions"]
     head = ["model", "runtime params"] + [f"bucket {b + 1} ({lo}-{hi})" for b, (lo, hi) in enumerate(spans)] + \
         ["overall", "held-out ppl"]
@@ -430,11 +487,31 @@ def markdown(summary: dict, params: dict) -> str:
     lines.append("")
     lines.append("Buckets: subjects split into 5 equal groups by how often their name appears in the "
                  "training text (mentions in parentheses), rarest first.")
+    if per_seed:
+        lines.append(f"Pooled over {len(per_seed)} seeds (each its own corpus draw, tree and training "
+                     f"runs; {len(per_seed)} x 24 subjects per bucket). Per seed, rarest bucket / overall:")
+        lines.append("")
+        lines.append("| seed | " + " | ".join(MODELS) + " |")
+        lines.append("|---|" + "---|" * len(MODELS))
+        for r in per_seed:
+            lines.append(f"| {r['seed']} | " + " | ".join(
+                f"{100 * r['accuracy_per_bucket'][m][0]:.1f}% / {100 * r['accuracy_overall'][m]:.1f}%"
+                for m in MODELS) + " |")
     lines.append("")
     lines.append("| target | met |")
     lines.append("|---|---|")
     for name, ok in summary["targets"].items():
         lines.append(f"| {name} | {'yes' if ok else 'no'} |")
+    r = summary.get("routing") or {}
+    if "probe_in_home_leaf_per_bucket" in r:
+        pct = lambda xs: " / ".join(f"{100 * x:.0f}%" for x in xs)  # noqa: E731
+        lines.append("")
+        lines.append(f"Routing (diagnostic): probes reaching their subject's home leaf, per bucket: "
+                     f"{pct(r['probe_in_home_leaf_per_bucket'])} ({100 * r['probe_in_home_leaf']:.0f}% overall); "
+                     f"home level-1 subtree: {pct(r['probe_in_home_level1_per_bucket'])}.")
+    if "fetched_home_route_per_bucket" in r:
+        lines.append(f"Fetched memory with every probe sent to its subject's home leaf, per bucket: "
+                     f"{pct(r['fetched_home_route_per_bucket'])} ({100 * r['fetched_home_route_overall']:.1f}% overall).")
     q = summary.get("int8")
     if q:
         lines.append("")
@@ -446,7 +523,9 @@ def markdown(summary: dict, params: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, path: Path, title: str) -> None:
+def plot(summary: dict, path: Path, title: str, per_seed: list[dict] | None = None) -> None:
+    """Accuracy per bucket, one bar group per bucket (the paper's Figure 1); with several
+    seeds, each bar is the pooled accuracy and its whisker spans the seeds' own values."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     import io
@@ -458,7 +537,14 @@ def plot(summary: dict, path: Path, title: str) -> None:
     x = np.arange(N_BUCKETS)
     width = 0.8 / len(MODELS)
     for i, name in enumerate(MODELS):
-        ax.bar(x + (i - (len(MODELS) - 1) / 2) * width, [100 * a for a in acc[name]], width, label=name)
+        err = None
+        if per_seed:
+            lo = [100 * min(r["accuracy_per_bucket"][name][b] for r in per_seed) for b in range(N_BUCKETS)]
+            hi = [100 * max(r["accuracy_per_bucket"][name][b] for r in per_seed) for b in range(N_BUCKETS)]
+            mid = [100 * a for a in acc[name]]
+            err = [[m - l for m, l in zip(mid, lo)], [h - m for m, h in zip(mid, hi)]]
+        ax.bar(x + (i - (len(MODELS) - 1) / 2) * width, [100 * a for a in acc[name]], width, label=name,
+               yerr=err, capsize=2 if err else 0, error_kw={"elinewidth": 0.8})
     ax.set_xticks(x, [f"{'rarest' if b == 0 else 'common' if b == N_BUCKETS - 1 else ''}\n{lo}-{hi} mentions"
                       for b, (lo, hi) in enumerate(spans)])
     ax.set_ylabel("probe accuracy (%)")
@@ -475,33 +561,102 @@ def plot(summary: dict, path: Path, title: str) -> None:
 # the whole evaluation
 
 
+def run_dirs(out_dir: str | Path, ec: EvalConfig) -> list[Path]:
+    """Where each seed's run lives: OUT itself for one seed, OUT/seed-S for several."""
+    out = Path(out_dir)
+    return [out] if len(ec.seeds) == 1 else [out / f"seed-{s}" for s in ec.seeds]
+
+
 def run_eval(out_dir: str | Path, ec: EvalConfig, *, probe: Probe | None = None, corpus: str | None = None,
              heldout: str | None = None, results: str | Path | None = None, preset: str = "custom",
              log=print, reuse_only: bool = False) -> dict:
-    """Build (or take) the corpus, train the three runs, probe five models, write the results.
+    """Build (or take) the corpus, train the three runs, probe five models, write the results;
+    once per seed in `ec.seeds` (each seed its own corpus draw and training runs), the results
+    pooled over seeds (every bucket then holds 24 subjects per seed) and given per seed too.
 
-    corpus/heldout: JSONL files of the user's own data (default: the long-tail element corpus).
+    corpus/heldout: JSONL files of the user's own data (default: the long-tail element corpus;
+    with your own corpus, seeds vary the tree and the training runs only).
     results: path of the JSON (the Markdown table and the PNG go beside it).
     reuse_only: probe the finished checkpoints under out_dir, never train (ValueError if any
-    of the three runs is missing or unfinished)."""
+    of the three runs of any seed is missing or unfinished)."""
+    t_start = time.perf_counter()
+    if not ec.seeds:
+        raise ValueError("the evaluation needs at least one seed")
+    dirs = run_dirs(out_dir, ec)
+    if reuse_only:    # fail before building any corpus, not after
+        missing = [str(d / r) for d in dirs for r in ("memory", "anchor", "dense")
+                   if checkpoint.latest(d / r) is None]
+        if missing:
+            raise ValueError(f"no checkpoints under {', '.join(missing)}; run the evaluation "
+                             f"without reuse_only to train them")
+    if ec.threads:
+        torch.set_num_threads(ec.threads)
+    probe = probe or load_probe("atomic-number")
+    runs = []
+    for seed, run_dir in zip(ec.seeds, dirs):
+        if len(dirs) > 1:
+            log(f"-- seed {seed} ({run_dir})")
+        runs.append(_run_one(run_dir, ec, seed, probe, corpus, heldout, log, reuse_only))
+
+    rows = [{**row, "seed": seed} for seed, r in zip(ec.seeds, runs) for row in r["ev"]["rows"]]
+    ev = {"rows": rows, "perplexity": _mean_dicts([r["ev"]["perplexity"] for r in runs]),
+          "routing": _mean_dicts([r["ev"]["routing"] for r in runs]), "int8": runs[0]["ev"]["int8"]}
+    summary = summarize(ev)
+    first = runs[0]
+    params = first["params"]
+    result = {
+        "preset": preset, "probe": probe.name, "template": probe.template, "n_subjects": len(probe.pairs),
+        "seeds": list(ec.seeds),
+        "eval_config": dataclasses.asdict(ec), "model_config": first["config"].to_dict(),
+        "bank_params": first["sizes"]["bank_params"], "fetch_params": first["sizes"]["fetch_params"],
+        "runtime_params": params, "dense_added_neurons": first["dense_added_neurons"],
+        "data": first["data"] if len(runs) == 1 else [r["data"] for r in runs],
+        "timings_s": {**first["timings"], "total": time.perf_counter() - t_start} if len(runs) == 1 else
+                     {"per_seed": [r["timings"] for r in runs], "total": time.perf_counter() - t_start},
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "torch_threads": torch.get_num_threads()},
+        **summary,
+        "per_seed": [{"seed": seed, **{k: v for k, v in summarize(r["ev"]).items()
+                                       if k in ("accuracy_per_bucket", "accuracy_overall", "bucket_mentions",
+                                                "targets", "routing")}}
+                     for seed, r in zip(ec.seeds, runs)],
+        "prompts": rows,
+    }
+    results_path = Path(results) if results else Path(out_dir) / "longtail.json"
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    artifacts.atomic_write_bytes(results_path, json.dumps(result, indent=1).encode())
+    table = markdown(summary, params, per_seed=result["per_seed"] if len(runs) > 1 else None)
+    artifacts.atomic_write_bytes(results_path.with_suffix(".md"), table.encode())
+    seeds_note = f", {len(runs)} seeds pooled" if len(runs) > 1 else ""
+    plot(summary, results_path.with_suffix(".png"),
+         f"{probe.name} probe: accuracy per frequency bucket ({preset} preset{seeds_note})",
+         per_seed=result["per_seed"] if len(runs) > 1 else None)
+    log(table)
+    log(f"results: {results_path} (+ .md, .png); total {result['timings_s']['total']:.0f} s")
+    return result
+
+
+def _mean_dicts(dicts: list[dict]) -> dict:
+    """Key-wise mean of dicts of numbers or equal-length lists of numbers (keys of the first)."""
+    out = {}
+    for k, v in dicts[0].items():
+        vals = [d[k] for d in dicts if k in d]
+        out[k] = [float(np.mean(x)) for x in zip(*vals)] if isinstance(v, list) else float(np.mean(vals))
+    return out
+
+
+def _run_one(out: Path, ec: EvalConfig, seed: int, probe: Probe, corpus: str | None,
+             heldout: str | None, log, reuse_only: bool) -> dict:
+    """One seed: corpus (drawn with this seed), data, the three training runs, the probe."""
     from training import longtail
     from training.data import read_jsonl_corpus
     from training.prepare import prepare_data
 
     t_start = time.perf_counter()
-    out = Path(out_dir)
-    if reuse_only:    # fail before building the corpus, not after
-        missing = [r for r in ("memory", "anchor", "dense") if checkpoint.latest(out / r) is None]
-        if missing:
-            raise ValueError(f"no checkpoints of {', '.join(missing)} under {out}; run the "
-                             f"evaluation without reuse_only to train them")
     out.mkdir(parents=True, exist_ok=True)
-    if ec.threads:
-        torch.set_num_threads(ec.threads)
-    probe = probe or load_probe("atomic-number")
     doc_subjects = None
     if corpus is None:
-        lt = LongTailConfig(**ec.corpus)
+        lt = LongTailConfig(**{**ec.corpus, "seed": seed})
         built = longtail.build(lt, probe)
         paths = longtail.write(out / "corpus", built)
         corpus, heldout = str(paths["train"]), str(paths["heldout"])
@@ -515,7 +670,7 @@ def run_eval(out_dir: str | Path, ec: EvalConfig, *, probe: Probe | None = None,
                          f"e.g. {leaks[0]!r}): the probe would test memorised strings")
     mentions = name_counts(probe.subjects, train_texts)
 
-    tc = ec.train_config(Path(corpus))
+    tc = ec.train_config(Path(corpus), seed=seed)
     config = tc.model_config()
     data_dir = out / "data"
     data = prepare_data(data_dir, tc, config, log=log)
@@ -531,30 +686,12 @@ def run_eval(out_dir: str | Path, ec: EvalConfig, *, probe: Probe | None = None,
     ev = evaluate(models, probe, data, heldout_texts, mentions, ec, tc, log=log)
     t_eval = time.perf_counter() - t0
 
-    summary = summarize(ev)
     anchor_params = trained["anchor"].model.num_params()
     sizes = config.memory.sizes(config.model)
     params = {"anchor": anchor_params, "cotrained-anchor": anchor_params, "dense": trained["dense"].model.num_params()}
     for name in ("generic", "fetched", "blocked", "fetched-int8"):
         params[name] = anchor_params + sizes["fetch_params"]
-    result = {
-        "preset": preset, "probe": probe.name, "template": probe.template, "n_subjects": len(probe.pairs),
-        "eval_config": dataclasses.asdict(ec), "model_config": config.to_dict(),
-        "bank_params": sizes["bank_params"], "fetch_params": sizes["fetch_params"], "runtime_params": params,
-        "dense_added_neurons": trained["dense_added_neurons"], "data": data.meta,
-        "timings_s": {"data": t_data, **trained["timings"], "eval": t_eval,
-                      "total": time.perf_counter() - t_start},
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "torch_threads": torch.get_num_threads()},
-        **summary, "prompts": ev["rows"],
-    }
-    results_path = Path(results) if results else out / "longtail.json"
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    artifacts.atomic_write_bytes(results_path, json.dumps(result, indent=1).encode())
-    table = markdown(summary, params)
-    artifacts.atomic_write_bytes(results_path.with_suffix(".md"), table.encode())
-    plot(summary, results_path.with_suffix(".png"),
-         f"{probe.name} probe: accuracy per frequency bucket ({preset} preset)")
-    log(table)
-    log(f"results: {results_path} (+ .md, .png); total {result['timings_s']['total']:.0f} s")
-    return result
+    return {"ev": ev, "params": params, "config": config, "sizes": sizes, "data": data.meta,
+            "dense_added_neurons": trained["dense_added_neurons"],
+            "timings": {"data": t_data, **trained["timings"], "eval": t_eval,
+                        "total": time.perf_counter() - t_start}}

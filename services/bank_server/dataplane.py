@@ -446,24 +446,31 @@ def _timeval(seconds: float) -> bytes:
 
 def _recv_exact(sock, n: int, deadline: float, first: bool = False) -> bytes:
     """Exactly n bytes by `deadline` (FetchError DEADLINE_EXCEEDED after it); _Closed when the
-    peer closes before the first byte of a frame, ConnectionError when it closes inside one."""
+    peer closes before the first byte of a frame, ConnectionError when it closes inside one.
+    Plain sockets stay blocking: the kernel's SO_RCVTIMEO bounds each receive and MSG_WAITALL
+    takes a whole frame in one system call (no O_NONBLOCK toggling and poll per receive)."""
+    tls = isinstance(sock, ssl.SSLSocket)
     buf = bytearray(n)
     view, got = memoryview(buf), 0
     while got < n:
         left = deadline - time.monotonic()
         if left <= 0:
             raise FetchError("DEADLINE_EXCEEDED", "request not received in time")
-        sock.settimeout(left)
+        if tls:
+            sock.settimeout(left)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(left))
         try:
-            k = sock.recv_into(view[got:])
-        except socket.timeout:
+            k = sock.recv_into(view[got:], n - got, 0 if tls else socket.MSG_WAITALL)
+        except (socket.timeout, BlockingIOError, TimeoutError):
             raise FetchError("DEADLINE_EXCEEDED", "request not received in time") from None
         if k == 0:
             if first and got == 0:
                 raise _Closed()
             raise ConnectionError("connection closed inside a request frame")
         got += k
-    sock.settimeout(None)
+    if tls:
+        sock.settimeout(None)
     return bytes(buf)
 
 

@@ -77,7 +77,8 @@ async def serve(settings: BankServerSettings) -> None:
     # blocking store reads run on this pool (servicer uses run_in_executor(None, ...))
     loop.set_default_executor(ThreadPoolExecutor(settings.max_workers, thread_name_prefix="store"))
 
-    store = LMDBStore(settings.lmdb_path, settings.map_size, readonly=True)
+    store = LMDBStore(settings.lmdb_path, settings.map_size, readonly=True,
+                      verify_ttl_s=settings.verify_ttl_s)
     if settings.shard_id and store.shard_id not in (None, settings.shard_id):
         raise SystemExit(f"bank_server: {settings.lmdb_path} was ingested for shard "
                          f"{store.shard_id!r}, not {settings.shard_id!r}")

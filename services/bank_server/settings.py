@@ -33,6 +33,9 @@ class BankServerSettings(BaseSettings):
     # -- storage: shards and cache tiers (services/bank_server/tiers.py, cache.py) -------------
     shard_id: str = ""                  # this server's shard id in the manifest; "": all blocks
     lru_mb: float = Field(default=0, ge=0)              # in-process LRU budget; 0: no LRU
+    # an LMDB block verified this recently, unchanged and still in the page cache, is served
+    # without hashing it again (store.py, "Verify once"); 0: hash on every read
+    verify_ttl_s: float = Field(default=60, ge=0)
     lru_max_item_mb: float | None = Field(default=None, gt=0)  # None: a quarter of lru_mb
     redis_cluster: bool = False                         # redis_url is a Redis Cluster node
     redis_timeout_ms: float = Field(default=200, gt=0)  # per socket operation (connect, recv)
@@ -97,6 +100,8 @@ class BankServerSettings(BaseSettings):
                        "for others); empty: every block")
         p.add_argument("--lru-mb", type=float, help="in-process LRU block cache (0: off)")
         p.add_argument("--lru-max-item-mb", type=float)
+        p.add_argument("--verify-ttl-s", type=float, help="trust a verified, unchanged, "
+                       "resident LMDB block this long without re-hashing (0: hash every read)")
         p.add_argument("--redis-cluster", action="store_const", const=True,
                        help="--redis-url names a Redis Cluster node")
         p.add_argument("--redis-timeout-ms", type=float)

@@ -25,6 +25,17 @@ MADV_WILLNEED over the block's pages the kernel issues the whole block at once. 
 200 MB of 25 MB values evicted from the page cache: 36 MB/s without readahead, 0.4-0.5 GB/s with
 readahead, 1.2-1.6 GB/s with readahead + WILLNEED (benchmarks/tiers.py measures it per size).
 
+Verify once (`verify_ttl_s` > 0, the server's `verify_ttl_s` setting): a block read with an
+`Expect` is hashed and, when it matches, remembered with the file's stamp (inode, size, mtime).
+A later read of it is served without hashing again only while (1) the stamp is unchanged: any
+LMDB commit and any other write into data.mdb (a tool, a stray `dd`) moves the mtime; (2)
+every page of the block is in the page cache when it is read (mincore): a block evicted since
+is read back from disk by this read and hashed again, so bit rot on the device is caught (a
+page that another reader pulled back in between is not seen: (3) covers it); (3) the check is
+younger than `verify_ttl_s`, a periodic re-check that bounds whatever else slips by. The device verifies every
+block again against its own manifest, end to end. Saves the hash on the hot path (measured in
+BENCHMARKS.md, "Fetch").
+
 One environment per process and path (LMDB forbids opening the same file twice in a process:
 closing one handle would drop the other's POSIX locks): `acquire_env` hands out a shared,
 reference-counted handle, used by the store, ingest, GC and rebalance alike.
@@ -37,6 +48,7 @@ import ctypes
 import json
 import os
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +63,8 @@ from membank.manifest import Manifest
 
 # values at least this large get an explicit MADV_WILLNEED (one big read instead of page faults)
 PREFETCH_MIN_BYTES = 256 << 10
+# verify once: at most this many verified blocks remembered (~100 B each)
+_VERIFIED_MAX = 1 << 17
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MADV_WILLNEED = 3
 
@@ -185,19 +199,34 @@ def _libc():
 _LIBC = _libc()
 
 
-def prefetch(buf) -> bool:
-    """Ask the kernel to read a mapped buffer's pages now, in one go (MADV_WILLNEED), unless
-    they are all in the page cache already (mincore: ~5-20 us, where a WILLNEED over resident
-    pages costs 40-180 us for 1.7-27.5 MB). True when it issued the read-ahead."""
-    if _LIBC is None:
-        return False
+def _page_span(buf) -> tuple[int, int]:
+    """(page-aligned start address, length) of the pages a mapped buffer lies on."""
     n = memoryview(buf).nbytes
     addr = np.frombuffer(buf, dtype=np.uint8).ctypes.data
     start = addr - addr % _PAGE
-    length = addr + n - start
-    vec = np.empty((length + _PAGE - 1) // _PAGE, dtype=np.uint8)
-    if _LIBC.mincore(start, length, vec.ctypes.data) == 0 and (vec & 1).all():
+    return start, addr + n - start
+
+
+def resident(buf) -> bool:
+    """Whether every page of a mapped buffer is in the page cache now (mincore: ~5-20 us for
+    1.7-27.5 MB). False when it cannot tell (no libc, or mincore failed)."""
+    if _LIBC is None:
         return False
+    start, length = _page_span(buf)
+    vec = np.empty((length + _PAGE - 1) // _PAGE, dtype=np.uint8)
+    if _LIBC.mincore(start, length, vec.ctypes.data) != 0:
+        return False
+    np.bitwise_and(vec, 1, out=vec)     # bit 0 = resident; the others are reserved
+    return bool(vec.all())
+
+
+def prefetch(buf) -> bool:
+    """Ask the kernel to read a mapped buffer's pages now, in one go (MADV_WILLNEED); a
+    WILLNEED over resident pages costs 40-180 us for 1.7-27.5 MB, so call it only for buffers
+    that are not `resident`. True when it issued the read-ahead."""
+    if _LIBC is None:
+        return False
+    start, length = _page_span(buf)
     _LIBC.madvise(start, length, _MADV_WILLNEED)
     return True
 
@@ -246,18 +275,26 @@ class LMDBStore:
     name = "lmdb"
 
     def __init__(self, path: str | Path, map_size: int = 64 << 30, *, readonly: bool = True,
-                 prefetch: bool = True):
+                 prefetch: bool = True, verify_ttl_s: float = 0.0):
+        """`verify_ttl_s` > 0: trust a block verified less than this long ago without hashing
+        it again, while the file is unchanged and the block's pages stayed in the page cache
+        (module docstring, "Verify once"); 0: hash on every read."""
         self.path = Path(path)
         if readonly and not (self.path / "data.mdb").exists():
             raise FileNotFoundError(f"no LMDB database at {self.path} (run ingest first)")
         self.env = acquire_env(self.path, map_size, readonly=readonly)
         self.prefetch = prefetch
+        self.verify_ttl_s = verify_ttl_s
         self._manifests: dict[tuple[str, str], Manifest] = {}
+        # key -> (checksum, file stamp, monotonic time) of a verified read (see _trusted)
+        self._verified: dict[bytes, tuple[str, tuple, float]] = {}
+        self._data_fd = os.open(self.path / "data.mdb", os.O_RDONLY) if verify_ttl_s > 0 else None
         self._lock = threading.Lock()
         self._closed = False
-        # cold_reads: blocks not wholly in the page cache when read (the disk was read)
+        # cold_reads: blocks not wholly in the page cache when read (the disk was read);
+        # trusted: reads of a block verified before, not hashed again
         self._n = {"reads": 0, "hits": 0, "misses": 0, "bytes": 0, "corrupt": 0,
-                   "cold_reads": 0}
+                   "cold_reads": 0, "trusted": 0}
 
     # -- blocks -----------------------------------------------------------------------------
     @contextmanager
@@ -269,9 +306,18 @@ class LMDBStore:
         txn = self.env.begin(buffers=True)
         try:
             buf = txn.get(key)
-            cold = (buf is not None and self.prefetch and len(buf) >= PREFETCH_MIN_BYTES
-                    and prefetch(buf))
-            bad = buf is not None and expect is not None and not expect.ok(buf)
+            cold = trusted = bad = False
+            if buf is not None:
+                warm = resident(buf)
+                cold = (not warm and self.prefetch and len(buf) >= PREFETCH_MIN_BYTES
+                        and prefetch(buf))
+                if expect is not None:
+                    stamp = self._stamp()
+                    trusted = warm and self._trusted(key, expect, stamp)
+                    if not trusted:
+                        bad = not expect.ok(buf)
+                        if not bad and stamp is not None:
+                            self._remember(key, expect, stamp)
             with self._lock:
                 self._n["reads"] += 1
                 if buf is None:
@@ -281,11 +327,33 @@ class LMDBStore:
                     self._n["bytes"] += len(buf)
                     self._n["corrupt"] += bad
                     self._n["cold_reads"] += cold
+                    self._n["trusted"] += trusted
             if bad:
+                self._verified.pop(bytes(key), None)
                 raise CorruptBlock(f"{bytes(key)[:120]!r} fails its manifest checksum")
             yield buf
         finally:
             txn.abort()   # read-only: abort = end; the view must not be used after this
+
+    def _stamp(self) -> tuple | None:
+        """What identifies data.mdb's content: (inode, size, mtime in ns). Every LMDB commit
+        and every other write to the file moves the mtime. None when verify-once is off."""
+        if self._data_fd is None:
+            return None
+        st = os.fstat(self._data_fd)
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def _trusted(self, key: bytes, expect: Expect, stamp: tuple | None) -> bool:
+        """A verified read of these bytes under this stamp, younger than verify_ttl_s."""
+        seen = self._verified.get(bytes(key)) if stamp is not None else None
+        if seen is None or seen[0] != expect.checksum or seen[1] != stamp:
+            return False
+        return time.monotonic() - seen[2] < self.verify_ttl_s
+
+    def _remember(self, key: bytes, expect: Expect, stamp: tuple) -> None:
+        if len(self._verified) >= _VERIFIED_MAX:   # bounded: forget all, re-verify as read
+            self._verified.clear()
+        self._verified[bytes(key)] = (expect.checksum, stamp, time.monotonic())
 
     def get(self, key: bytes) -> bytes | None:
         """A copy of the value (valid after the transaction), or None."""
@@ -350,6 +418,8 @@ class LMDBStore:
         if not self._closed:
             self._closed = True
             release_env(self.env)
+            if self._data_fd is not None:
+                os.close(self._data_fd)
 
     def __enter__(self) -> "LMDBStore":
         return self

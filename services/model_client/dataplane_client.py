@@ -19,7 +19,7 @@ only `fetch` uses the data plane (protocol: services/bank_server/dataplane.py).
 
 `fetch` has BankClient.fetch's signature and guarantees: one request for every block; each
 block received straight into its buffer (`out[(level, node)]`, else one new bytearray) with
-`recv_into`, hashed in 1 MiB pieces while the next piece arrives, and returned only when its
+`recv_into`, hashed piece by piece while the next piece arrives, and returned only when its
 header agrees with the MANIFEST and its bytes hash to the manifest's checksum; otherwise
 BlockIntegrityError. An error frame raises BankError with that gRPC status code; a connection
 that fails raises UNAVAILABLE, a passed deadline DEADLINE_EXCEEDED, `cancel()` of the object
@@ -58,7 +58,15 @@ MAGIC = b"MBD1"
 PREFIX = struct.Struct(">4scI")          # magic, kind, payload length
 REQUEST, HEADER, END, ERROR = b"Q", b"H", b"E", b"X"
 MAX_FRAME = 64 << 10                     # a header / end / error frame is ~200 bytes
-PIECE = 1 << 20                          # receive and hash in 1 MiB pieces (stays in cache)
+# receive (MSG_WAITALL) and hash a block in pieces. A small piece frees socket buffer sooner,
+# so the server's copy into the socket overlaps this side's copy out of it (one large receive
+# serialises the two), but each piece is a trip through Python, which concurrent fetches of one
+# process pay under one GIL. So: small pieces while a fetch is alone in the process, large ones
+# when several run at once. Measured (BENCHMARKS.md, "Fetch"): 32 KiB best for one client,
+# 512 KiB-1 MiB for eight.
+PIECE_ALONE = 32 << 10
+PIECE_BUSY = 512 << 10
+REARM_S = 0.002                          # a socket timeout is set again once this old
 
 
 def parse_target(target: str) -> tuple[str, str, int]:
@@ -106,6 +114,32 @@ class DataPlaneCall:
             self.cancelled = True
             if self._sock is not None:
                 _shut(self._sock)
+
+
+class _Counter:
+    """Fetches in flight in this process (all clients): picks the receive piece size."""
+
+    def __init__(self):
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def add(self, k: int) -> None:
+        with self._lock:
+            self.value += k
+
+
+_in_flight = _Counter()
+
+
+class _Deadline:
+    """One exchange's deadline (monotonic seconds) and when it armed each socket timeout
+    (receive, send) on the exchange's socket (see DataPlaneClient._timeout)."""
+
+    __slots__ = ("at", "armed")
+
+    def __init__(self, at: float):
+        self.at = at
+        self.armed: list[float | None] = [None, None]
 
 
 class _ServerError(Exception):
@@ -181,12 +215,21 @@ class DataPlaneClient:
         call = DataPlaneCall()
         if on_call is not None:
             on_call(call)
+        _in_flight.add(1)
+        try:
+            return self._fetch(request, ids, manifest, views, deadline, encoding, call)
+        finally:
+            _in_flight.add(-1)
+
+    def _fetch(self, request: dict, ids, manifest: Manifest, views, deadline: float, encoding: str,
+               call: DataPlaneCall) -> dict:
+        """The request on a pooled (or, once the pooled one proves stale, a new) connection."""
         for attempt in (0, 1):
             sock, reused = self._connect(deadline, call)
             try:
                 request["deadline_ms"] = max(0.0, (deadline - time.monotonic()) * 1e3)
-                result = self._exchange(sock, request, ids, manifest, views, deadline, encoding,
-                                        reused)
+                result = self._exchange(sock, request, ids, manifest, views, _Deadline(deadline),
+                                        encoding, reused)
             except _Stale:
                 _close(sock)
                 if call.cancelled:
@@ -210,7 +253,7 @@ class DataPlaneClient:
         raise AssertionError("unreachable")
 
     # -- one request on one connection -----------------------------------------------------------
-    def _exchange(self, sock, request: dict, ids, manifest: Manifest, views, deadline: float,
+    def _exchange(self, sock, request: dict, ids, manifest: Manifest, views, deadline: "_Deadline",
                   encoding: str, reused: bool) -> dict:
         body = json.dumps(request, separators=(",", ":")).encode()
         try:
@@ -263,24 +306,25 @@ class DataPlaneClient:
                                       f"(expected the end frame)")
         return result
 
-    def _recv_body(self, sock, view: memoryview, deadline: float) -> str:
-        """Receive exactly len(view) bytes into view, hashing 1 MiB pieces as they complete."""
+    def _recv_body(self, sock, view: memoryview, deadline: "_Deadline") -> str:
+        """Receive exactly len(view) bytes into view, hashing each piece as it completes."""
         n, got, hashed = view.nbytes, 0, 0
+        piece = PIECE_ALONE if _in_flight.value <= 1 else PIECE_BUSY
         h = checksum_stream()
         # MSG_WAITALL: one system call per whole piece (plain sockets; TLS reads records)
         flags = 0 if self._tls else socket.MSG_WAITALL
         while got < n:
             self._timeout(sock, deadline)
-            k = sock.recv_into(view[got:], min(PIECE, n - got), flags)
+            k = sock.recv_into(view[got:], min(piece, n - got), flags)
             if k == 0:
                 raise EOFError("connection closed inside a block")
             got += k
-            if got - hashed >= PIECE or got == n:
+            if got - hashed >= piece or got == n:
                 h.update(view[hashed:got])
                 hashed = got
         return h.hexdigest()
 
-    def _read_frame(self, sock, deadline: float) -> tuple[bytes, bytes]:
+    def _read_frame(self, sock, deadline: "_Deadline") -> tuple[bytes, bytes]:
         magic, kind, n = PREFIX.unpack(self._recv_exact(sock, PREFIX.size, deadline))
         if magic != MAGIC:
             raise BlockIntegrityError(f"not a membank data plane frame (magic {magic!r}); is "
@@ -289,33 +333,45 @@ class DataPlaneClient:
             raise BlockIntegrityError(f"frame of {n} bytes (at most {MAX_FRAME})")
         return kind, self._recv_exact(sock, n, deadline)
 
-    def _recv_exact(self, sock, n: int, deadline: float) -> bytes:
-        buf = bytearray(n)
-        view, got = memoryview(buf), 0
+    def _recv_exact(self, sock, n: int, deadline: "_Deadline") -> bytes:
+        # MSG_WAITALL: one system call for the whole frame (plain sockets); a shorter answer
+        # means the deadline's timeout fired part-way, or the server closed the connection
+        flags = 0 if self._tls else socket.MSG_WAITALL
+        self._timeout(sock, deadline)
+        data = sock.recv(n, flags)
+        if len(data) == n:
+            return data
+        parts, got = [data], len(data)
         while got < n:
-            self._timeout(sock, deadline)
-            k = sock.recv_into(view[got:], n - got)
-            if k == 0:
+            if not parts[-1]:
                 raise EOFError("connection closed")
-            got += k
-        return bytes(buf)
+            self._timeout(sock, deadline)
+            parts.append(sock.recv(n - got, flags))
+            got += len(parts[-1])
+        return b"".join(parts)
 
-    def _send(self, sock, data: bytes, deadline: float) -> None:
+    def _send(self, sock, data: bytes, deadline: "_Deadline") -> None:
         self._timeout(sock, deadline, send=True)
         sock.sendall(data)
 
-    def _timeout(self, sock, deadline: float, send: bool = False) -> None:
+    def _timeout(self, sock, deadline: "_Deadline", send: bool = False) -> None:
         """Bound the next blocking call by the deadline. Plain sockets stay blocking (a
-        MSG_WAITALL receive is one call) with the kernel's SO_RCVTIMEO / SO_SNDTIMEO; TLS
-        sockets use Python's timeout."""
-        left = deadline - time.monotonic()
+        MSG_WAITALL receive is one call) with the kernel's SO_RCVTIMEO / SO_SNDTIMEO, set to
+        the time left and set again only once that setting is REARM_S old (so a fetch makes
+        one or two setsockopt calls, not one per receive, and a blocking call ends at most
+        REARM_S after the deadline); TLS sockets use Python's timeout."""
+        now = time.monotonic()
+        left = deadline.at - now
         if left <= 0:
             raise socket.timeout("deadline passed")
         if self._tls:
             sock.settimeout(left)
-        else:
+            return
+        armed = deadline.armed[send]
+        if armed is None or now - armed >= REARM_S:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO if send else socket.SO_RCVTIMEO,
                             _timeval(left))
+            deadline.armed[send] = now
 
     # -- connections ---------------------------------------------------------------------------
     def _connect(self, deadline: float, call: DataPlaneCall) -> tuple[socket.socket, bool]:

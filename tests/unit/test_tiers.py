@@ -5,6 +5,7 @@ Run: .venv/bin/python -m pytest -q tests/unit/test_tiers.py
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -12,6 +13,7 @@ import pytest
 
 from membank.blocks import checksum
 from services.bank_server import cache as cache_mod
+from services.bank_server import store as store_mod
 from services.bank_server.cache import CircuitBreaker
 from services.bank_server.store import (CorruptBlock, Expect, LMDBStore, acquire_env,
                                         page_cache_residency, release_env)
@@ -227,3 +229,65 @@ def test_breaker_ignores_calls_that_began_before_it_opened(clock):
     assert b.state == "open" and b.opens == 1
     clock.t += 1.0                    # backoff not doubled by the stale failures
     assert b.allow()
+
+
+# -- verify once ------------------------------------------------------------------------------------
+def _aged(db):
+    """Date data.mdb an hour back, as a bank ingested long before it is served: the next write
+    to the file then moves its mtime however coarse the file system's clock is."""
+    old = time.time_ns() - 3600 * 10**9
+    os.utime(db / "data.mdb", ns=(old, old))
+
+
+def _flip_byte(db, value: bytes) -> None:
+    """One byte of `value` flipped inside data.mdb (a write under LMDB, as bit rot or a tool)."""
+    raw = (db / "data.mdb").read_bytes()
+    at = raw.find(value)
+    assert at >= 0
+    with open(db / "data.mdb", "r+b") as f:
+        f.seek(at + len(value) // 2)
+        f.write(bytes([raw[at + len(value) // 2] ^ 0xFF]))
+
+
+def test_verify_once_trusts_an_unchanged_resident_block_until_the_file_changes(db):
+    _aged(db)
+    big = b"a" * (1 << 20)
+    with LMDBStore(db, 1 << 26, verify_ttl_s=60) as store:
+        for _ in range(3):
+            with store.read(b"b/x/v/1/0", expect(big)) as buf:
+                assert buf == big
+        assert store.stats()["trusted"] == 2          # hashed once, trusted twice
+        _flip_byte(db, big)                            # the pages stay resident: mtime tells
+        with pytest.raises(CorruptBlock):
+            with store.read(b"b/x/v/1/0", expect(big)):
+                pass
+        with pytest.raises(CorruptBlock):              # and it stays refused
+            with store.read(b"b/x/v/1/0", expect(big)):
+                pass
+        assert store.stats()["corrupt"] == 2
+
+
+def test_verify_once_hashes_again_when_evicted_expired_or_expecting_other_bytes(db, monkeypatch):
+    _aged(db)
+    big = b"a" * (1 << 20)
+
+    def read(store, want=big):
+        with store.read(b"b/x/v/1/0", expect(want)):
+            pass
+        return store.stats()["trusted"]
+
+    with LMDBStore(db, 1 << 26, verify_ttl_s=60) as store:
+        assert read(store) == 0 and read(store) == 1
+        monkeypatch.setattr(store_mod, "resident", lambda buf: False)   # read back from disk
+        assert read(store) == 1
+        monkeypatch.undo()
+        assert read(store) == 2
+        store.verify_ttl_s = 1e-9                                       # expired
+        assert read(store) == 2
+        store.verify_ttl_s = 60
+        assert read(store) == 3
+        with pytest.raises(CorruptBlock):     # another manifest's checksum: never trusted
+            read(store, b"b" * (1 << 20))
+        assert read(store) == 3               # the refusal dropped what was remembered
+    with LMDBStore(db, 1 << 26) as store:     # off (the library default): hash every read
+        assert read(store) == 0 and read(store) == 0
