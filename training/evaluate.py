@@ -102,7 +102,10 @@ EVAL_PRESETS: dict[str, EvalConfig] = {
                    memory=dict(branching=4, ranks=[32, 64]),
                    anchor_steps=600, cotrain_steps=900, warmup_steps=60,
                    anchor_lr=3e-3, anchor_min_lr=3e-4, memory_lr=1e-2, memory_min_lr=1e-3),
-        corpus=dict(max_docs=300, zipf=1.2, heldout_docs=120), threads=2),
+        # min_docs 2: a subject seen in one document states its atomic number in one phrasing
+        # only, and no model (anchor, memory or dense) answered the held-out template for any
+        # of them (README, "Long-tail results"); two seeds, pooled: 48 subjects per bucket
+        corpus=dict(max_docs=300, zipf=1.2, min_docs=2, heldout_docs=120), threads=2, seeds=(0, 1)),
     # k=4, depth 2: measured on this corpus, a probe reaches the leaf holding its subject's
     # documents for 69% of subjects (depth 3: 60%; k=8, depth 2: 49%); see the README
 }

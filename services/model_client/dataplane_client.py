@@ -253,7 +253,7 @@ class DataPlaneClient:
         raise AssertionError("unreachable")
 
     # -- one request on one connection -----------------------------------------------------------
-    def _exchange(self, sock, request: dict, ids, manifest: Manifest, views, deadline: "_Deadline",
+    def _exchange(self, sock, request: dict, ids, manifest: Manifest, views, deadline: _Deadline,
                   encoding: str, reused: bool) -> dict:
         body = json.dumps(request, separators=(",", ":")).encode()
         try:
@@ -306,7 +306,7 @@ class DataPlaneClient:
                                       f"(expected the end frame)")
         return result
 
-    def _recv_body(self, sock, view: memoryview, deadline: "_Deadline") -> str:
+    def _recv_body(self, sock, view: memoryview, deadline: _Deadline) -> str:
         """Receive exactly len(view) bytes into view, hashing each piece as it completes."""
         n, got, hashed = view.nbytes, 0, 0
         piece = PIECE_ALONE if _in_flight.value <= 1 else PIECE_BUSY
@@ -324,7 +324,7 @@ class DataPlaneClient:
                 hashed = got
         return h.hexdigest()
 
-    def _read_frame(self, sock, deadline: "_Deadline") -> tuple[bytes, bytes]:
+    def _read_frame(self, sock, deadline: _Deadline) -> tuple[bytes, bytes]:
         magic, kind, n = PREFIX.unpack(self._recv_exact(sock, PREFIX.size, deadline))
         if magic != MAGIC:
             raise BlockIntegrityError(f"not a membank data plane frame (magic {magic!r}); is "
@@ -333,7 +333,7 @@ class DataPlaneClient:
             raise BlockIntegrityError(f"frame of {n} bytes (at most {MAX_FRAME})")
         return kind, self._recv_exact(sock, n, deadline)
 
-    def _recv_exact(self, sock, n: int, deadline: "_Deadline") -> bytes:
+    def _recv_exact(self, sock, n: int, deadline: _Deadline) -> bytes:
         # MSG_WAITALL: one system call for the whole frame (plain sockets); a shorter answer
         # means the deadline's timeout fired part-way, or the server closed the connection
         flags = 0 if self._tls else socket.MSG_WAITALL
@@ -350,11 +350,11 @@ class DataPlaneClient:
             got += len(parts[-1])
         return b"".join(parts)
 
-    def _send(self, sock, data: bytes, deadline: "_Deadline") -> None:
+    def _send(self, sock, data: bytes, deadline: _Deadline) -> None:
         self._timeout(sock, deadline, send=True)
         sock.sendall(data)
 
-    def _timeout(self, sock, deadline: "_Deadline", send: bool = False) -> None:
+    def _timeout(self, sock, deadline: _Deadline, send: bool = False) -> None:
         """Bound the next blocking call by the deadline. Plain sockets stay blocking (a
         MSG_WAITALL receive is one call) with the kernel's SO_RCVTIMEO / SO_SNDTIMEO, set to
         the time left and set again only once that setting is REARM_S old (so a fetch makes

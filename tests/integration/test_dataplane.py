@@ -176,6 +176,38 @@ def test_preallocated_out_buffers_are_filled_and_returned(client, exported):
     assert bytes(client.fetch("big", "b1", [(1, 0)], m)[(1, 0)]) == exported[("big", 1, 0)]
 
 
+def test_piece_sizes_alone_and_busy_give_the_same_verified_bytes(client, exported, monkeypatch):
+    """A block is received in small pieces while its fetch is alone in the process and in large
+    ones while others run: tiny pieces (many per block, a piece boundary inside every block)
+    and concurrent fetches both give the exact bytes, and the in-flight count returns to 0,
+    also after a refused fetch."""
+    monkeypatch.setattr(dataplane_client, "PIECE_ALONE", 4096 + 7)
+    monkeypatch.setattr(dataplane_client, "PIECE_BUSY", 65536 + 3)
+    m = client.get_manifest("big")
+    ids = list(m.blocks())
+    got = client.fetch("big", "b1", ids, m)
+    assert all(bytes(got[k]) == exported[("big", *k)] for k in ids)
+    errors, results = [], []
+
+    def worker():
+        with DataPlaneClient(client.target) as c:
+            try:
+                results.append(c.fetch("big", "b1", ids, m))
+            except Exception as e:     # reported below
+                errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 4
+    assert all(bytes(r[k]) == exported[("big", *k)] for r in results for k in ids)
+    with pytest.raises(BankError):
+        client.fetch("big", "no-such-version", [(1, 0)], m.model_copy(update={"version": "no-such-version"}))
+    assert dataplane_client._in_flight.value == 0
+
+
 def test_many_requests_per_connection(server, client, exported):
     m = client.get_manifest("test")
     ports = set()
