@@ -74,6 +74,12 @@ def build_block_store(settings: BankServerSettings, store: LMDBStore) -> BlockSt
 async def serve(settings: BankServerSettings) -> None:
     """Run the server until SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
+    # before anything serves: the data plane's threads answer as soon as they start, so a
+    # SIGTERM right after the first answer must already find the graceful handler (it did not
+    # once under load: the default action killed the process mid-fetch)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     # blocking store reads run on this pool (servicer uses run_in_executor(None, ...))
     loop.set_default_executor(ThreadPoolExecutor(settings.max_workers, thread_name_prefix="store"))
 
@@ -156,10 +162,6 @@ async def serve(settings: BankServerSettings) -> None:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     print(f"membank bank_server listening on {settings.host}:{port}", flush=True)
     warm = asyncio.create_task(readiness.warm())
-
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
     grace = settings.shutdown_grace_s
