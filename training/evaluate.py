@@ -30,7 +30,14 @@ encoding (membank/quant.py quantize -> dequantize: the bytes a device with `--en
 attaches), and the bytes one path costs native vs int8 (`int8` in the JSON).
 
 Subjects are split into 5 buckets of equal size by how often their name appears in the
-training text (rarest first). Every training run checkpoints (training/checkpoint.py): a rerun
+training text (rarest first). With several seeds (`EvalConfig.seeds`, `--seeds 0,1`; the small
+preset uses two) each seed is a whole run of its own (corpus draw, tree, training) under
+OUT/seed-S, and the results pool every seed's prompts (per-seed tables in `per_seed`).
+
+Diagnostics beside the comparison (`routing` in the JSON): how often a probe reaches its
+subject's home leaf (the leaf most of its training documents were routed to), per bucket, and
+the fetched model's accuracy when every probe is sent to its home leaf instead, which tells a
+routing miss from knowledge the memory does not hold. Every training run checkpoints (training/checkpoint.py): a rerun
 of the same command resumes or reuses it; `run_eval(..., reuse_only=True)` only re-probes
 finished checkpoints and refuses to train (benchmarks/int8.py uses it).
 """
@@ -492,7 +499,8 @@ def markdown(summary: dict, params: dict, per_seed: list[dict] | None = None) ->
                  "training text (mentions in parentheses), rarest first.")
     if per_seed:
         lines.append(f"Pooled over {len(per_seed)} seeds (each its own corpus draw, tree and training "
-                     f"runs; {len(per_seed)} x 24 subjects per bucket). Per seed, rarest bucket / overall:")
+                     f"runs; every bucket holds its share of each seed's subjects). Per seed, rarest "
+                     f"bucket / overall:")
         lines.append("")
         lines.append("| seed | " + " | ".join(MODELS) + " |")
         lines.append("|---|" + "---|" * len(MODELS))
@@ -506,8 +514,8 @@ def markdown(summary: dict, params: dict, per_seed: list[dict] | None = None) ->
     for name, ok in summary["targets"].items():
         lines.append(f"| {name} | {'yes' if ok else 'no'} |")
     r = summary.get("routing") or {}
+    pct = lambda xs: " / ".join(f"{100 * x:.0f}%" for x in xs)  # noqa: E731
     if "probe_in_home_leaf_per_bucket" in r:
-        pct = lambda xs: " / ".join(f"{100 * x:.0f}%" for x in xs)  # noqa: E731
         lines.append("")
         lines.append(f"Routing (diagnostic): probes reaching their subject's home leaf, per bucket: "
                      f"{pct(r['probe_in_home_leaf_per_bucket'])} ({100 * r['probe_in_home_leaf']:.0f}% overall); "
