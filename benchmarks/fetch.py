@@ -289,6 +289,15 @@ class GrpcFloorClient:
         self.channel.close()
 
 
+def level_buffer(bufs: dict[int, bytearray], manifest, level: int) -> bytearray:
+    """The client's one receive buffer for a level's blocks, allocated on first use (as the TCP
+    client's; `setdefault(level, bytearray(n))` would build and drop one per fetch)."""
+    buf = bufs.get(level)
+    if buf is None:
+        buf = bufs[level] = bytearray(manifest.block_nbytes(level))
+    return buf
+
+
 class MembankClient:
     def __init__(self, address: str, manifest, *, tuned: bool = True):
         from services.model_client.bank_client import BankClient
@@ -299,19 +308,11 @@ class MembankClient:
         self.tuned = tuned
         self.bufs: dict[int, bytearray] = {}
 
-    def _buf(self, level: int) -> bytearray:
-        # allocated once per level (setdefault would build a new block-sized bytearray on
-        # every call and throw it away: a calloc + free per fetch the TCP client never pays)
-        buf = self.bufs.get(level)
-        if buf is None:
-            buf = self.bufs[level] = bytearray(self.m.block_nbytes(level))
-        return buf
-
     def fetch(self, level: int, node: int) -> int:
         # a preallocated buffer per level, as the TCP client has (BankClient.fetch(out=...))
         out = None
         if self.tuned:
-            out = {(level, node): self._buf(level)}
+            out = {(level, node): level_buffer(self.bufs, self.m, level)}
         return len(self.c.fetch(BANK, VERSION, [(level, node)], self.m, out=out)[(level, node)])
 
     def close(self):
@@ -325,11 +326,9 @@ class MembankDataPlaneClient:
         self.m = manifest
         self.bufs: dict[int, bytearray] = {}
 
-    _buf = MembankClient._buf
-
     def fetch(self, level: int, node: int) -> int:
         # a preallocated buffer per level, as the TCP client has
-        out = {(level, node): self._buf(level)}
+        out = {(level, node): level_buffer(self.bufs, self.m, level)}
         return len(self.c.fetch(BANK, VERSION, [(level, node)], self.m, out=out)[(level, node)])
 
     def close(self):

@@ -308,9 +308,11 @@ class LMDBStore:
             buf = txn.get(key)
             cold = trusted = bad = False
             if buf is not None:
-                warm = resident(buf)
-                cold = (not warm and self.prefetch and len(buf) >= PREFETCH_MIN_BYTES
-                        and prefetch(buf))
+                big = self.prefetch and len(buf) >= PREFETCH_MIN_BYTES
+                verify_once = expect is not None and self._data_fd is not None
+                # mincore only where an answer is used: read-ahead of big blocks, verify once
+                warm = (big or verify_once) and resident(buf)
+                cold = big and not warm and prefetch(buf)
                 if expect is not None:
                     stamp = self._stamp()
                     trusted = warm and self._trusted(key, expect, stamp)
