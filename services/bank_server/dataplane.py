@@ -46,7 +46,11 @@ the same certificate as gRPC when one is configured. Metrics: requests by final 
 
 Threads, not asyncio: one thread per connection with blocking sockets (a blocking send of a
 27.5 MB buffer is one system call), at most `dataplane_max_connections` of them, plus one
-accept thread. SIGTERM (server.py -> `stop(grace)`): no new connections, idle connections
+accept thread. What a request costs before its first byte is sent is what keeps a 1.7 MB fetch
+behind raw TCP (BENCHMARKS.md, "Fetch"), so that path is kept short: a request is usually read
+in one receive (no select, no setsockopt per request: the socket's receive timeout is the
+drain poll), and a request asked before is answered from its prepared plan and frames while
+the store is unchanged (`_prepare`). SIGTERM (server.py -> `stop(grace)`): no new connections, idle connections
 closed, a request being answered finishes within the grace, then every socket is shut.
 
     server = DataPlaneServer(settings, store, blocks, metrics=metrics, limiter=limiter,
@@ -61,15 +65,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import select
 import socket
 import ssl
 import struct
 import threading
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from services.bank_server.fetchplan import FetchError, plan_fetch, read_block
+from services.bank_server.fetchplan import FetchError, FetchPlan, plan_fetch, read_block
 from services.bank_server.security import RateLimiter, token_matches
 from services.bank_server.store import BlockStore, LMDBStore
 
@@ -80,6 +84,9 @@ PREFIX = struct.Struct(">4scI")      # magic, kind, payload length
 REQUEST, HEADER, END, ERROR = b"Q", b"H", b"E", b"X"
 METHOD = "DataPlaneFetch"           # the metrics' method label
 _POLL_S = 0.25                       # idle connections look at the drain flag this often
+_RECV_BYTES = 4096                   # a connection's receive buffer (a request is ~150 bytes)
+_TIMEOUTS = (socket.timeout, BlockingIOError, TimeoutError)   # a receive timeout's faces
+_PLANS_MAX = 4096                    # prepared requests remembered (_prepare); then forget all
 
 
 def frame(kind: bytes, payload: dict) -> bytes:
@@ -88,15 +95,11 @@ def frame(kind: bytes, payload: dict) -> bytes:
     return PREFIX.pack(MAGIC, kind, len(body)) + body
 
 
-class _Closed(Exception):
-    """The client closed the connection between requests (not an error)."""
-
-
 @dataclass(frozen=True)
 class DataPlaneRequest:
     bank: str
     version: str
-    blocks: list[tuple[int, int]]
+    blocks: tuple[tuple[int, int], ...]
     encoding: str
     token: str | None
     deadline_ms: float | None
@@ -109,46 +112,53 @@ def parse_request(payload: bytes) -> DataPlaneRequest:
     except (ValueError, RecursionError) as e:   # UnicodeDecodeError and JSONDecodeError too
         raise FetchError("INVALID_ARGUMENT", f"malformed request: not JSON "
                                              f"({type(e).__name__})") from None
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:
         raise FetchError("INVALID_ARGUMENT", "malformed request: a JSON object expected")
-
-    def field(name: str, kinds, default):
-        value = obj.get(name, default)
-        if value is None and default is None:
-            return None
-        if not isinstance(value, kinds) or isinstance(value, bool):
-            raise FetchError("INVALID_ARGUMENT", f"malformed request: {name!r} must be "
-                                                 f"{_KIND_NAMES[kinds]}")
-        return value
-
-    bank = field("bank", str, "")
-    version = field("version", str, "")
-    encoding = field("encoding", str, "")
-    token = field("token", str, None)
-    deadline_ms = field("deadline_ms", (int, float), None)
+    # one pass of exact type tests (JSON makes only these types; bool is not an int here):
+    # this runs for every request, so it stays flat; _field_error names the first bad field
+    get = obj.get
+    bank, version, encoding = get("bank", ""), get("version", ""), get("encoding", "")
+    token, deadline_ms, raw = get("token"), get("deadline_ms"), get("blocks", [])
+    if not (type(bank) is str and type(version) is str and type(encoding) is str
+            and (token is None or type(token) is str)
+            and (deadline_ms is None or type(deadline_ms) in _NUMBER)
+            and type(raw) is list):
+        raise _field_error(obj)
     if deadline_ms is not None and math.isnan(deadline_ms):
         raise FetchError("INVALID_ARGUMENT", "malformed request: 'deadline_ms' is NaN")
-    raw = field("blocks", list, [])
-    blocks = []
     for b in raw:
-        if (not isinstance(b, list) or len(b) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in b)):
+        if type(b) is not list or len(b) != 2 or type(b[0]) is not int or type(b[1]) is not int:
             raise FetchError("INVALID_ARGUMENT", "malformed request: 'blocks' must be a list of "
                                                  "[level, node] integer pairs")
-        blocks.append((b[0], b[1]))
-    return DataPlaneRequest(bank, version, blocks, encoding, token, deadline_ms)
+    return DataPlaneRequest(bank, version, tuple((b[0], b[1]) for b in raw), encoding, token,
+                            deadline_ms)
 
 
-_KIND_NAMES = {str: "a string", list: "a list", (int, float): "a number"}
+_NUMBER = (int, float)
+_FIELDS = (("bank", (str,), "a string"), ("version", (str,), "a string"),
+           ("encoding", (str,), "a string"), ("token", (str, type(None)), "a string"),
+           ("deadline_ms", (int, float, type(None)), "a number"), ("blocks", (list,), "a list"))
+
+
+def _field_error(obj: dict) -> FetchError:
+    """The error for the first field (in _FIELDS order) of the wrong type."""
+    for name, kinds, what in _FIELDS:
+        if name in obj and type(obj[name]) not in kinds:
+            return FetchError("INVALID_ARGUMENT", f"malformed request: {name!r} must be {what}")
+    raise AssertionError("no field of the wrong type")
 
 
 class _Conn:
-    """One client connection and whether it is answering a request now (drain needs to know)."""
+    """One client connection, its receive buffer, and whether it is answering a request now
+    (drain needs to know)."""
 
-    __slots__ = ("sock", "peer", "busy", "thread")
+    __slots__ = ("sock", "peer", "busy", "thread", "buf", "pending")
 
     def __init__(self, sock: socket.socket, peer):
         self.sock, self.peer, self.busy, self.thread = sock, peer, False, None
+        # a request usually arrives whole in one receive into this; a bigger one grows it
+        self.buf = bytearray(_RECV_BYTES)
+        self.pending = b""       # bytes that came after the last request frame (a next frame)
 
     def shut(self) -> None:
         """Wake and end whatever the connection's thread is blocked on (any thread may call)."""
@@ -156,6 +166,14 @@ class _Conn:
             socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+class _Prepared(NamedTuple):
+    """A checked request's plan and its frames, good while the store's generation holds."""
+    generation: int
+    plan: FetchPlan
+    heads: list[bytes]        # each block's header frame, in request order
+    end: bytes                # the end frame
 
 
 class DataPlaneServer:
@@ -178,6 +196,7 @@ class DataPlaneServer:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)     # notified when a connection ends
         self._draining = False
+        self._plans: dict[tuple, _Prepared] = {}       # see _prepare
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> int:
@@ -275,20 +294,22 @@ class DataPlaneServer:
             # long is dropped (a partial send restarts the clock: slow but reading is fine)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                             _timeval(self.s.dataplane_send_timeout_s))
+            # ... and every blocking receive ends within _POLL_S, for good: a thread waiting
+            # for a request looks at the drain flag and its idle and request clocks that often,
+            # with no select and no setsockopt per request (_read_request)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(_POLL_S))
             if self.ssl_context is not None:
                 sock.settimeout(self.s.dataplane_request_timeout_s)   # the handshake, too
                 sock = conn.sock = self.ssl_context.wrap_socket(sock, server_side=True)
-            while self._next_request(conn):
+            while True:
                 try:
-                    payload = self._read_request(sock)
-                except _Closed:
-                    return
+                    payload = self._read_request(conn)
                 except FetchError as e:      # framing broken: answer, then close
                     self._count(e.code, 0.0)
-                    _send_error(sock, e, self.s.dataplane_send_timeout_s)
-                    _linger_close(sock)
+                    _send_error(conn.sock, e, self.s.dataplane_send_timeout_s)
+                    _linger_close(conn.sock)
                     return
-                if not self._answer(conn, payload):
+                if payload is None or not self._answer(conn, payload):
                     return
                 with self._lock:
                     conn.busy = False
@@ -304,31 +325,36 @@ class DataPlaneServer:
                 self._conns.discard(conn)
                 self._idle.notify_all()
 
-    def _next_request(self, conn: _Conn) -> bool:
-        """Wait for the first byte of the next request: True once there is one (the
-        connection is then busy), False on idle timeout or drain."""
-        sock = conn.sock
-        until = time.monotonic() + self.s.dataplane_idle_timeout_s
-        while True:
-            with self._lock:
-                if self._draining:
-                    return False
-            pending = isinstance(sock, ssl.SSLSocket) and sock.pending()
-            left = until - time.monotonic()
-            if not pending and left <= 0:
-                return False
-            if pending or select.select([sock], [], [], min(_POLL_S, left))[0]:
-                with self._lock:
-                    if self._draining:
-                        return False
-                    conn.busy = True
-                return True
-
-    def _read_request(self, sock) -> bytes:
-        """One request frame's payload, whole within request_timeout_s (slowloris bound)."""
+    def _read_request(self, conn: _Conn) -> bytes | None:
+        """The next request frame's payload, or None when the connection is to end quietly:
+        the client closed it between requests, sent nothing for idle_timeout_s, or the server
+        drains. FetchError when the frame is bad or not whole within request_timeout_s
+        (slowloris bound). Usually one system call: the first receive takes the whole frame."""
+        sock, tls = conn.sock, self.ssl_context is not None
+        if tls:
+            sock.settimeout(_POLL_S)     # as SO_RCVTIMEO for plain sockets (_serve)
+        got = len(conn.pending)
+        if got:                          # a frame that came right after the last one
+            conn.buf[:got], conn.pending = conn.pending, b""
+        idle_until = time.monotonic() + self.s.dataplane_idle_timeout_s
+        while not got:
+            if self._draining:           # a plain read; the locked check below settles races
+                return None
+            try:
+                got = sock.recv_into(conn.buf)
+            except _TIMEOUTS:            # a _POLL_S tick with nothing received
+                if time.monotonic() >= idle_until:
+                    return None
+                continue
+            if not got:                  # closed between requests: not an error
+                return None
+        with self._lock:
+            if self._draining:
+                return None
+            conn.busy = True
         deadline = time.monotonic() + self.s.dataplane_request_timeout_s
-        head = _recv_exact(sock, PREFIX.size, deadline, first=True)
-        magic, kind, n = PREFIX.unpack(head)
+        got = _fill(conn, got, PREFIX.size, deadline)
+        magic, kind, n = PREFIX.unpack_from(conn.buf)
         if magic != MAGIC:
             raise FetchError("INVALID_ARGUMENT", f"not a membank data plane request (magic "
                                                  f"{bytes(magic)!r}, expected {MAGIC!r})")
@@ -337,7 +363,11 @@ class DataPlaneServer:
         if n > self.s.max_request_bytes:
             raise FetchError("RESOURCE_EXHAUSTED", f"request of {n} bytes, at most "
                                                    f"{self.s.max_request_bytes}")
-        return _recv_exact(sock, n, deadline)
+        end = PREFIX.size + n
+        got = _fill(conn, got, end, deadline)
+        if got > end:
+            conn.pending = bytes(conn.buf[end:got])
+        return bytes(conn.buf[PREFIX.size:end])
 
     def _answer(self, conn: _Conn, payload: bytes) -> bool:
         """Answer one request; False when the connection must be closed (a send failed)."""
@@ -355,20 +385,18 @@ class DataPlaneServer:
                 deadline = time.monotonic() + req.deadline_ms / 1e3
                 if req.deadline_ms <= 0:
                     raise FetchError("DEADLINE_EXCEEDED", "deadline exceeded before the fetch")
-            plan = plan_fetch(self.store, req.bank, req.version, req.blocks,
-                              max_blocks_per_request=self.s.max_blocks_per_request,
-                              shard_id=self.s.shard_id, encoding=req.encoding)
+            prepared = self._prepare(req)
+            plan = prepared.plan
             last = len(plan.blocks) - 1
             for b in plan.blocks:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise FetchError("DEADLINE_EXCEEDED", "deadline exceeded while sending")
                 tb = time.perf_counter()
                 with read_block(self.blocks, self.store, plan.manifest, b) as buf:
-                    head = frame(HEADER, {"index": b.index, **b.header})
                     # the end frame rides with the last body: one system call, no extra packet
-                    tail = frame(END, {"blocks": len(plan.blocks)}) if b.index == last else b""
                     sent_any = True
-                    self._send(sock, head, buf, tail, deadline)
+                    self._send(sock, prepared.heads[b.index], buf,
+                               prepared.end if b.index == last else b"", deadline)
                 if self.metrics is not None:
                     self.metrics.block_sent(b.level, b.expect.nbytes, time.perf_counter() - tb)
             return True
@@ -392,6 +420,31 @@ class DataPlaneServer:
         finally:
             if self.metrics is not None:
                 self.metrics.rpc_done(METHOD, code, time.perf_counter() - t0)
+
+    def _prepare(self, req: DataPlaneRequest) -> _Prepared:
+        """The request checked and planned (fetchplan.plan_fetch), with its frames encoded.
+
+        Reused for the same (bank, version, blocks, encoding) while the store's generation
+        (LMDB's last committed transaction) is unchanged: a plan depends only on the current
+        version and the manifests, which change only by a commit (ingest, publish, gc, in any
+        process). Devices fetch the same paths again and again, so most requests skip the
+        planning and the JSON of their headers. A refused request is never remembered."""
+        key = (req.bank, req.version, req.blocks, req.encoding)
+        generation = self.store.generation()       # before planning: a plan is never older
+        prepared = self._plans.get(key)
+        if prepared is not None and prepared.generation == generation:
+            return prepared
+        plan = plan_fetch(self.store, req.bank, req.version, req.blocks,
+                          max_blocks_per_request=self.s.max_blocks_per_request,
+                          shard_id=self.s.shard_id, encoding=req.encoding)
+        prepared = _Prepared(generation, plan,
+                             [frame(HEADER, {"index": b.index, **b.header}) for b in plan.blocks],
+                             frame(END, {"blocks": len(plan.blocks)}))
+        with self._lock:
+            if len(self._plans) >= _PLANS_MAX:     # bounded: forget all, plan again as asked
+                self._plans.clear()
+            self._plans[key] = prepared
+        return prepared
 
     def _admit(self, conn: _Conn, req: DataPlaneRequest) -> None:
         """Rate limit (first, so token guessing is limited too), then auth: as security.py."""
@@ -444,34 +497,24 @@ def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
 
 
-def _recv_exact(sock, n: int, deadline: float, first: bool = False) -> bytes:
-    """Exactly n bytes by `deadline` (FetchError DEADLINE_EXCEEDED after it); _Closed when the
-    peer closes before the first byte of a frame, ConnectionError when it closes inside one.
-    Plain sockets stay blocking: the kernel's SO_RCVTIMEO bounds each receive and MSG_WAITALL
-    takes a whole frame in one system call (no O_NONBLOCK toggling and poll per receive)."""
-    tls = isinstance(sock, ssl.SSLSocket)
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
+def _fill(conn: _Conn, got: int, need: int, deadline: float) -> int:
+    """Receive into conn.buf until it holds at least `need` bytes (growing it to fit); the
+    count it holds. FetchError DEADLINE_EXCEEDED past `deadline`; ConnectionError when the
+    client closes inside the frame. Each receive ends within _POLL_S (SO_RCVTIMEO or the TLS
+    socket's timeout), so the deadline is looked at that often."""
+    if need > len(conn.buf):
+        conn.buf.extend(bytes(need - len(conn.buf)))
+    while got < need:
+        if time.monotonic() >= deadline:
             raise FetchError("DEADLINE_EXCEEDED", "request not received in time")
-        if tls:
-            sock.settimeout(left)
-        else:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(left))
         try:
-            k = sock.recv_into(view[got:], n - got, 0 if tls else socket.MSG_WAITALL)
-        except (socket.timeout, BlockingIOError, TimeoutError):
-            raise FetchError("DEADLINE_EXCEEDED", "request not received in time") from None
-        if k == 0:
-            if first and got == 0:
-                raise _Closed()
+            k = conn.sock.recv_into(memoryview(conn.buf)[got:])
+        except _TIMEOUTS:
+            continue
+        if not k:
             raise ConnectionError("connection closed inside a request frame")
         got += k
-    if tls:
-        sock.settimeout(None)
-    return bytes(buf)
+    return got
 
 
 def _send_error(sock, e: FetchError, timeout: float) -> None:

@@ -213,11 +213,27 @@ def resident(buf) -> bool:
     if _LIBC is None:
         return False
     start, length = _page_span(buf)
-    vec = np.empty((length + _PAGE - 1) // _PAGE, dtype=np.uint8)
-    if _LIBC.mincore(start, length, vec.ctypes.data) != 0:
+    n = (length + _PAGE - 1) // _PAGE
+    vec, addr = _mincore_vector(n)
+    if _LIBC.mincore(start, length, addr) != 0:
         return False
-    np.bitwise_and(vec, 1, out=vec)     # bit 0 = resident; the others are reserved
-    return bool(vec.all())
+    return 0 not in vec[:n].translate(_BIT0)
+
+
+# mincore's answer: a byte per page, bit 0 = resident (the other bits are reserved)
+_BIT0 = bytes(b & 1 for b in range(256))
+_VECTORS = threading.local()
+
+
+def _mincore_vector(pages: int) -> tuple[bytearray, int]:
+    """This thread's mincore vector (at least `pages` bytes) and its address: made once per
+    thread, not per read (resident() runs for every verified block read)."""
+    held = getattr(_VECTORS, "held", None)
+    if held is None or len(held[0]) < pages:
+        vec = bytearray(max(pages, 8192))      # 8192 pages: a 32 MiB block
+        ref = ctypes.c_char.from_buffer(vec)   # keeps the address valid while held
+        held = _VECTORS.held = (vec, ctypes.addressof(ref), ref)
+    return held[0], held[1]
 
 
 def prefetch(buf) -> bool:
@@ -356,6 +372,12 @@ class LMDBStore:
         if len(self._verified) >= _VERIFIED_MAX:   # bounded: forget all, re-verify as read
             self._verified.clear()
         self._verified[bytes(key)] = (expect.checksum, stamp, time.monotonic())
+
+    def generation(self) -> int:
+        """LMDB's last committed write transaction: it moves with every commit to the store
+        (ingest, publish, gc), by this process or any other; what is derived from the store's
+        versions and manifests stays valid while it does not move."""
+        return self.env.info()["last_txnid"]
 
     def get(self, key: bytes) -> bytes | None:
         """A copy of the value (valid after the transaction), or None."""

@@ -14,6 +14,7 @@ Run: .venv/bin/python -m pytest -q tests/integration/test_dataplane.py
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import struct
@@ -30,13 +31,13 @@ from hypothesis import strategies as st
 
 from membank.artifacts import iter_blocks, load_manifest
 from membank.keys import block_key
-from services.bank_server.ingest import ingest
+from services.bank_server.ingest import gc, ingest
 from services.model_client.bank_client import BankClient, BankError, BlockIntegrityError
 from services.model_client import dataplane_client
 from services.model_client.dataplane_client import (DataPlaneClient, dataplane_factory,
                                                     dataplane_target)
 from services.model_client.fetcher import FetchPolicy, ShardedFetcher
-from tests.conftest import run_bank_server
+from tests.conftest import make_export, run_bank_server
 from tests.integration.test_api import self_signed
 from benchmarks.hedging import StallRelay
 
@@ -232,6 +233,68 @@ def test_many_requests_per_connection(server, client, exported):
             for (h, body), (level, node) in zip(blocks, payload["blocks"]):
                 assert (h["level"], h["node"]) == (level, node)
                 assert body == exported[(payload["bank"], level, node)]
+
+
+def test_frames_in_pieces_back_to_back_or_large_are_read_whole(server, exported):
+    """A request frame is read whole however it arrives: byte by byte, two frames in one send
+    (answered in turn), or larger than the connection's first receive buffer (4 KiB)."""
+    one = request_frame({"bank": "test", "blocks": [[1, 0]]})
+    two = request_frame({"bank": "test", "blocks": [[2, 3]]})
+    large = request_frame({"bank": "test", "blocks": [[1, 1]], "padding": "x" * 20_000})
+    with socket.create_connection(server.dp_addr, timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(len(one)):
+            s.sendall(one[i:i + 1])
+            time.sleep(0.002)
+        answers = [read_answer(s)]
+        s.sendall(one + two)
+        answers += [read_answer(s), read_answer(s)]
+        s.sendall(large)
+        answers.append(read_answer(s))
+    for (blocks, end), (level, node) in zip(answers, [(1, 0), (1, 0), (2, 3), (1, 1)]):
+        assert end == ("E", {"blocks": 1}), end
+        assert (blocks[0][0]["level"], blocks[0][0]["node"]) == (level, node)
+        assert blocks[0][1] == exported[("test", level, node)]
+
+
+def test_a_publish_or_gc_by_another_writer_is_seen_by_the_next_request(lmdb_dir, tiny_export,
+                                                                        tmp_path):
+    """The data plane plans a request once and reuses the plan while the store is unchanged
+    (dataplane._prepare): a version published, or collected, by another writer while a
+    connection is open is what that connection's next request gets."""
+    copy = tmp_path / "bank.lmdb"
+    shutil.copytree(lmdb_dir, copy)
+    m1 = load_manifest(tiny_export)
+    export2 = tmp_path / "v2"
+    m2 = make_export(export2, bank="test", version="v2", dtype=m1.dtype, d_model=m1.d_model,
+                     mem_layers=m1.mem_layers, branching=m1.branching, ranks=m1.ranks, seed=1)
+    v2 = {(l, n): bytes(d) for l, n, d in iter_blocks(export2, m2)}
+    v1 = exported_block(tiny_export, m1, 1, 0)
+    assert v2[(1, 0)] != v1
+
+    def ask(s, **fields):
+        s.sendall(request_frame({"bank": "test", "blocks": [[1, 0]], **fields}))
+        return read_answer(s)
+
+    with start(copy, tmp_path / "log", "--no-admin") as (address, proc), \
+            socket.create_connection(Server(address, proc).dp_addr, timeout=10) as s:
+        for _ in range(2):                                   # planned, then reused
+            blocks, end = ask(s)
+            assert blocks[0][0]["version"] == "v1" and end[0] == "E"
+            assert blocks[0][1] == v1
+        assert ask(s, version="v1")[1][0] == "E"              # v1 by name, planned too
+        ingest(export2, copy, progress=False, map_size=1 << 30)      # publishes v2
+        blocks, end = ask(s)
+        assert (blocks[0][0]["version"], end[0]) == ("v2", "E")
+        assert blocks[0][1] == v2[(1, 0)]
+        gc(copy, "test", keep=0, map_size=1 << 30)           # v1 collected
+        code, message = error_of(ask(s, version="v1"))
+        assert code == "NOT_FOUND" and "unknown version 'v1'" in message
+        assert ask(s)[0][0][1] == v2[(1, 0)]
+
+
+def exported_block(export, manifest, level: int, node: int) -> bytes:
+    return next(bytes(d) for l, n, d in iter_blocks(export, manifest) if (l, n) == (level, node))
 
 
 def test_cancel_from_another_thread_stops_the_fetch(server):

@@ -137,7 +137,7 @@ def req(**fields) -> bytes:
 def test_parse_request_fields_and_defaults():
     r = parse_request(req(bank="test", blocks=[[1, 0], [2, 3]]))
     assert (r.bank, r.version, r.blocks, r.encoding, r.token, r.deadline_ms) == \
-        ("test", "", [(1, 0), (2, 3)], "", None, None)
+        ("test", "", ((1, 0), (2, 3)), "", None, None)
     r = parse_request(req(bank="b", version="v1", blocks=[], encoding="", token="t",
                           deadline_ms=2.5, unknown_field={"ignored": True}))
     assert (r.version, r.token, r.deadline_ms) == ("v1", "t", 2.5)

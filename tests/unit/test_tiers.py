@@ -291,3 +291,22 @@ def test_verify_once_hashes_again_when_evicted_expired_or_expecting_other_bytes(
         assert read(store) == 3               # the refusal dropped what was remembered
     with LMDBStore(db, 1 << 26) as store:     # off (the library default): hash every read
         assert read(store) == 0 and read(store) == 0
+
+
+def test_resident_sees_every_page_of_a_mapping_small_or_large():
+    """mincore per page, from the first to the last (and a mapping larger than the reused
+    per-thread vector, which grows): untouched anonymous pages are not resident."""
+    import mmap
+    page = mmap.PAGESIZE
+    for pages in (3, 9000):                          # 9000 pages: past the first 8192-page vector
+        m = mmap.mmap(-1, pages * page)
+        view = memoryview(m)
+        assert not store_mod.resident(view)          # nothing touched yet
+        for i in range(0, pages - 1):
+            m[i * page] = 1
+        assert not store_mod.resident(view)          # all but the last page
+        assert store_mod.resident(view[: (pages - 1) * page])
+        m[(pages - 1) * page] = 1
+        assert store_mod.resident(view) and store_mod.resident(view[page + 5: 2 * page + 7])
+        view.release()
+        m.close()
