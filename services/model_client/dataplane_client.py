@@ -67,6 +67,7 @@ MAX_FRAME = 64 << 10                     # a header / end / error frame is ~200 
 PIECE_ALONE = 32 << 10
 PIECE_BUSY = 512 << 10
 REARM_S = 0.002                          # a socket timeout is set again once this old
+_PLANS_MAX = 1024                        # fetch plans a client remembers (_plan); then forget all
 
 
 def parse_target(target: str) -> tuple[str, str, int]:
@@ -170,6 +171,7 @@ class DataPlaneClient:
         self.grpc = bank_client or BankClient(self.grpc_target, timeout_s, token=token,
                                               tls_ca=tls_ca, tls_server_name=tls_server_name)
         self._idle: list[socket.socket] = []
+        self._plans: dict[tuple, _Plan] = {}       # see _plan
         self._lock = threading.Lock()
         self._closed = False
 
@@ -205,31 +207,38 @@ class DataPlaneClient:
         encoding = quant.normalize(encoding)            # ValueError for an unknown name
         if not manifest.has_encoding(encoding):         # as BankClient: no request at all
             raise BankError(grpc.StatusCode.NOT_FOUND, manifest.missing_encoding(encoding))
-        ids = [(int(level), int(node)) for level, node in blocks]
-        views = _out_views(ids, manifest, out, encoding)     # ValueError before any I/O
+        plan = self._plan(manifest, blocks, encoding)
+        views = _out_views(plan, out)                       # ValueError before any I/O
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
-        request = {"bank": bank, "version": version, "blocks": [list(b) for b in ids],
-                   "encoding": encoding}
-        if self._token:
-            request["token"] = self._token
         call = DataPlaneCall()
         if on_call is not None:
             on_call(call)
         _in_flight.add(1)
         try:
-            return self._fetch(request, ids, manifest, views, deadline, encoding, call)
+            return self._fetch(plan, views, deadline, call)
         finally:
             _in_flight.add(-1)
 
-    def _fetch(self, request: dict, ids, manifest: Manifest, views, deadline: float, encoding: str,
-               call: DataPlaneCall) -> dict:
+    def _plan(self, manifest: Manifest, blocks, encoding: str) -> "_Plan":
+        """The request's fixed part and what its answer must be, made once per (manifest,
+        blocks, encoding) and reused: a device asks for the same paths again and again."""
+        ids = tuple((int(level), int(node)) for level, node in blocks)
+        key = (id(manifest), ids, encoding)
+        plan = self._plans.get(key)
+        if plan is None or plan.manifest is not manifest:    # `is`: an id may be reused
+            plan = _Plan.make(manifest, ids, encoding, self._token)
+            with self._lock:
+                if len(self._plans) >= _PLANS_MAX:
+                    self._plans.clear()
+                self._plans[key] = plan
+        return plan
+
+    def _fetch(self, plan: "_Plan", views, deadline: float, call: DataPlaneCall) -> dict:
         """The request on a pooled (or, once the pooled one proves stale, a new) connection."""
         for attempt in (0, 1):
             sock, reused = self._connect(deadline, call)
             try:
-                request["deadline_ms"] = max(0.0, (deadline - time.monotonic()) * 1e3)
-                result = self._exchange(sock, request, ids, manifest, views, _Deadline(deadline),
-                                        encoding, reused)
+                result = self._exchange(sock, plan, views, _Deadline(deadline), reused)
             except _Stale:
                 _close(sock)
                 if call.cancelled:
@@ -253,9 +262,8 @@ class DataPlaneClient:
         raise AssertionError("unreachable")
 
     # -- one request on one connection -----------------------------------------------------------
-    def _exchange(self, sock, request: dict, ids, manifest: Manifest, views, deadline: _Deadline,
-                  encoding: str, reused: bool) -> dict:
-        body = json.dumps(request, separators=(",", ":")).encode()
+    def _exchange(self, sock, plan: "_Plan", views, deadline: _Deadline, reused: bool) -> dict:
+        body = plan.request_json(max(0.0, (deadline.at - time.monotonic()) * 1e3))
         try:
             self._send(sock, PREFIX.pack(MAGIC, REQUEST, len(body)) + body, deadline)
             kind, payload = self._read_frame(sock, deadline)
@@ -264,7 +272,7 @@ class DataPlaneClient:
                 raise _Stale() from None
             raise
         result: dict = {}
-        for i, (level, node) in enumerate(ids):
+        for i, (level, node) in enumerate(plan.ids):
             if i:
                 kind, payload = self._read_frame(sock, deadline)
             if kind == ERROR:
@@ -272,37 +280,21 @@ class DataPlaneClient:
             if kind != HEADER:
                 raise BlockIntegrityError(f"unexpected frame {kind!r} where the header of block "
                                           f"({level}, {node}) belongs")
-            h = _json(payload)
-            if h.get("index") != i:
-                raise BlockIntegrityError(f"block index {h.get('index')!r} where {i} "
-                                          f"({level}, {node}) was expected")
-            if not manifest.has_block(level, node):
-                raise BlockIntegrityError(f"server sent block ({level}, {node}), which the "
-                                          f"manifest does not have")
-            nbytes, checksum, dtype = _expected(manifest, level, node, encoding)
-            want = (level, node, manifest.version, checksum, nbytes, dtype,
-                    tuple(manifest.block_shape(level)))
-            shape = h.get("shape")
-            got = (h.get("level"), h.get("node"), h.get("version"), h.get("checksum"),
-                   h.get("nbytes"), h.get("dtype"),
-                   tuple(shape) if isinstance(shape, list) else shape)
-            if got != want:
-                raise BlockIntegrityError(f"block ({level}, {node}) header {got} does not match "
-                                          f"the manifest {want}")
+            plan.check_header(i, payload)
             view = views[i]
             if view is None:
-                dest = bytearray(nbytes)      # the one allocation per block
+                dest = bytearray(plan.nbytes[i])      # the one allocation per block
                 view = memoryview(dest)
             else:
                 dest = view.obj
-            if self._recv_body(sock, view, deadline) != checksum:
+            if self._recv_body(sock, view, deadline) != plan.checksums[i]:
                 raise BlockIntegrityError(f"block ({level}, {node}) fails its manifest checksum")
             result[(level, node)] = dest
         kind, payload = self._read_frame(sock, deadline)
         if kind == ERROR:
             raise _ServerError(*_error_fields(payload))
-        if kind != END or _json(payload).get("blocks") != len(ids):
-            raise BlockIntegrityError(f"unexpected frame {kind!r} after {len(ids)} blocks "
+        if kind != END or (payload != plan.end and _json(payload).get("blocks") != len(plan.ids)):
+            raise BlockIntegrityError(f"unexpected frame {kind!r} after {len(plan.ids)} blocks "
                                       f"(expected the end frame)")
         return result
 
@@ -351,6 +343,16 @@ class DataPlaneClient:
         return b"".join(parts)
 
     def _send(self, sock, data: bytes, deadline: _Deadline) -> None:
+        if not self._tls:
+            # a request (~150 bytes) almost always fits the empty send buffer at once: try
+            # without blocking first, and arm the send timeout only for what is left
+            try:
+                sent = sock.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            data = data[sent:]
+            if not data:
+                return
         self._timeout(sock, deadline, send=True)
         sock.sendall(data)
 
@@ -462,20 +464,78 @@ def _expected(manifest: Manifest, level: int, node: int, encoding: str) -> tuple
                                   f"({level}, {node})") from None
 
 
-def _out_views(ids, manifest: Manifest, out: dict | None, encoding: str) -> list:
+class _Plan:
+    """One fetch's fixed part, made once per (manifest, blocks, encoding) by
+    DataPlaneClient._plan: the request's JSON but for its deadline, and what every block's
+    header, size and checksum must be (the manifest's word, never the server's)."""
+
+    __slots__ = ("manifest", "ids", "nbytes", "checksums", "wants", "request", "end", "seen")
+
+    @classmethod
+    def make(cls, manifest: Manifest, ids: tuple, encoding: str, token: str | None) -> "_Plan":
+        plan = cls()
+        plan.manifest, plan.ids = manifest, ids
+        plan.nbytes, plan.checksums, plan.wants = [], [], []
+        for level, node in ids:
+            if manifest.has_block(level, node):
+                nbytes, checksum, dtype = _expected(manifest, level, node, encoding)
+                want = (level, node, manifest.version, checksum, nbytes, dtype,
+                        tuple(manifest.block_shape(level)))
+            else:       # the server must refuse it; a header for it is an integrity error
+                nbytes, checksum, want = None, None, None
+            plan.nbytes.append(nbytes)
+            plan.checksums.append(checksum)
+            plan.wants.append(want)
+        request = {"bank": manifest.bank, "version": manifest.version,
+                   "blocks": [list(b) for b in ids], "encoding": encoding}
+        if token:
+            request["token"] = token
+        # '"bank":...}': the deadline goes in front of it per request (request_json)
+        plan.request = json.dumps(request, separators=(",", ":")).encode()[1:]
+        plan.end = json.dumps({"blocks": len(ids)}, separators=(",", ":")).encode()
+        # per block: the last header payload that passed check_header (the same bytes pass
+        # again without parsing them); a race between fetches only means one parses again
+        plan.seen = [None] * len(ids)
+        return plan
+
+    def request_json(self, deadline_ms: float) -> bytes:
+        return b'{"deadline_ms":%.3f,' % deadline_ms + self.request
+
+    def check_header(self, i: int, payload: bytes) -> None:
+        """BlockIntegrityError unless the header of block i agrees with the manifest."""
+        if payload == self.seen[i]:
+            return
+        level, node = self.ids[i]
+        h = _json(payload)
+        if h.get("index") != i:
+            raise BlockIntegrityError(f"block index {h.get('index')!r} where {i} "
+                                      f"({level}, {node}) was expected")
+        want = self.wants[i]
+        if want is None:
+            raise BlockIntegrityError(f"server sent block ({level}, {node}), which the "
+                                      f"manifest does not have")
+        shape = h.get("shape")
+        got = (h.get("level"), h.get("node"), h.get("version"), h.get("checksum"),
+               h.get("nbytes"), h.get("dtype"), tuple(shape) if isinstance(shape, list) else shape)
+        if got != want:
+            raise BlockIntegrityError(f"block ({level}, {node}) header {got} does not match "
+                                      f"the manifest {want}")
+        self.seen[i] = payload
+
+
+def _out_views(plan: _Plan, out: dict | None) -> list:
     """Per requested block: a writable byte view of the caller's buffer, or None."""
-    views: list = [None] * len(ids)
+    views: list = [None] * len(plan.ids)
     if not out:
         return views
-    for i, (level, node) in enumerate(ids):
-        dest = out.get((level, node))
-        if dest is None or not manifest.has_block(level, node):
+    for i, key in enumerate(plan.ids):
+        dest = out.get(key)
+        if dest is None or plan.nbytes[i] is None:
             continue
-        nbytes = _expected(manifest, level, node, encoding)[0]
         view = memoryview(dest).cast("B")
-        if view.readonly or view.nbytes != nbytes:
-            raise ValueError(f"out buffer for block ({level}, {node}) must be writable "
-                             f"and {nbytes} bytes")
+        if view.readonly or view.nbytes != plan.nbytes[i]:
+            raise ValueError(f"out buffer for block {key} must be writable "
+                             f"and {plan.nbytes[i]} bytes")
         views[i] = view
     return views
 
