@@ -30,3 +30,18 @@ def test_fetch_benchmark_smoke(tmp_path):
     assert "single_client_6.9MB_x_tcp" in summary["targets"]
     assert "single_client_6.9MB_x_tcp" in summary["targets"]["dataplane"]
     assert summary["targets"]["judged_on"] == "membank-dp"
+
+
+def test_dataplane_latency_benchmark_smoke(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "benchmarks/dataplane_latency.py", "--work", str(tmp_path),
+         "--sizes", "1.7", "--fetches", "20", "--rounds", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["benchmark"] == "dataplane_latency"
+    (row,) = summary["results"]
+    assert row["size_mb"] == 1.7 and row["fetches"] == 20
+    d, t = row["raw_dp"], row["raw_tcp"]
+    assert 0 < d["ttfb_us"] < d["total_us"] and 0 < t["ttfb_us"] < t["total_us"]
+    assert row["client_dp_us"] > 0 and row["client_tcp_us"] > 0
