@@ -1,5 +1,5 @@
-"""What the data plane's two tuning knobs are worth: the device's receive piece size, and the
-shard's verify-once of LMDB blocks, each against raw TCP in the same run.
+"""What the data plane's tuning knobs are worth: the device's receive piece size and receive
+buffer, and the shard's verify-once of LMDB blocks, each against raw TCP in the same run.
 
     .venv/bin/python benchmarks/dataplane_tuning.py            # about 2 minutes here
     .venv/bin/python benchmarks/dataplane_tuning.py --quick
@@ -14,6 +14,8 @@ server with the data plane, fetched with the real DataPlaneClient, and the raw-T
   verify   the shard with --verify-ttl-s 0 (hash every block on every read) vs 60 (the
            default: hash once, then trust while the file is unchanged and the block resident),
            one client, adaptive pieces.
+  rcvbuf   the device's SO_RCVBUF on its data plane connections: "auto" (not set: the
+           kernel's autotuning, as the raw-TCP client) vs the shipped 4 MiB, 1 and 8 clients.
 
 Every point is interleaved over --rounds rounds; reported: MB/s (bytes / wall time) and the
 ratio to raw TCP's MB/s for the same size and client count. The last line is ONE JSON object.
@@ -37,6 +39,9 @@ PIECES = {"32K": 32 << 10, "128K": 128 << 10, "512K": 512 << 10, "1M": 1 << 20}
 ADAPTIVE = "adaptive"
 
 
+RCVBUFS = {"auto": 0, "4M": 4 << 20}
+
+
 def set_pieces(name: str) -> None:
     """Point the client at one piece size (both cases), or back at the shipped rule."""
     if name == ADAPTIVE:
@@ -46,6 +51,7 @@ def set_pieces(name: str) -> None:
 
 
 SHIPPED = (DC.PIECE_ALONE, DC.PIECE_BUSY)
+SHIPPED_RCVBUF = DC.RCVBUF
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                     points.append(("tcp", "-", size, c))
                     for name in [*PIECES, ADAPTIVE]:
                         points.append(("pieces", name, size, c))
+                    points += [("rcvbuf", name, size, c) for name in RCVBUFS]
                 points += [("verify", "ttl0", size, 1), ("verify", "ttl60", size, 1)]
             acc: dict[tuple, list] = {pt: [0.0, 0, []] for pt in points}   # wall, bytes, lat
             for r in range(args.rounds):
@@ -96,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                         make = lambda: F.TcpClient(tcp_port, sizes_by_level)           # noqa: E731
                     else:
                         set_pieces(setting if experiment == "pieces" else ADAPTIVE)
+                        DC.RCVBUF = RCVBUFS[setting] if experiment == "rcvbuf" else SHIPPED_RCVBUF
                         target = targets[0 if setting == "ttl0" else 60]
                         make = lambda t=target: F.MembankDataPlaneClient(t, manifest)  # noqa: E731
                     lat, wall, nbytes = F.measure(make, level, manifest.n_nodes(level), c, ops)
@@ -105,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                     a[2] += lat
                 print(f"round {r + 1}/{args.rounds} done", flush=True)
             set_pieces(ADAPTIVE)
+            DC.RCVBUF = SHIPPED_RCVBUF
     finally:
         tcp_proc.kill()
 
@@ -124,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"benchmark": "dataplane_tuning", "machine": {
         "cpus": __import__("os").cpu_count(), "python": platform.python_version(),
         "platform": platform.platform()}, "rounds": args.rounds, "mb_per_point": mb,
-        "shipped_pieces": {"alone": SHIPPED[0], "busy": SHIPPED[1]}, "results": results}))
+        "shipped_pieces": {"alone": SHIPPED[0], "busy": SHIPPED[1]},
+        "shipped_rcvbuf": SHIPPED_RCVBUF, "results": results}))
     return 0
 
 

@@ -22,6 +22,9 @@ bf16, ranks 256/64/16, k=2) has level-1/2/3 blocks of 27.5 / 6.9 / 1.7 MB. Each 
                gRPC in Python costs on this machine before membank adds anything
   tcp          raw TCP: a tiny threaded socket server (subprocess) sending length-prefixed
                bytes from memory, received with recv_into into a preallocated buffer
+  tcp-rcvbuf   the same, with the receive buffer the membank device sets on its data plane
+               connections (SO_RCVBUF, dataplane_client.RCVBUF) instead of the kernel's
+               autotuning: raw TCP tuned as membank is (the ratios stay against plain `tcp`)
   redis        GET from a private redis-server (started here on a free port; hiredis)
   http         plain HTTP: a FastAPI endpoint returning the bytes (uvicorn subprocess),
                fetched with http.client over a kept-alive connection
@@ -59,6 +62,7 @@ BANK, VERSION = "bench", "v1"
 D_MODEL, N_LAYERS, RANKS, K = 512, 35, [256, 64, 16], 2
 SIZE_LEVEL = {27.5: 1, 6.9: 2, 1.7: 3}      # MB (decimal) -> level holding blocks that size
 SYSTEMS = ("membank-dp", "membank", "membank-untuned", "membank-raw", "grpc-floor", "tcp",
+           "tcp-rcvbuf",
            "redis", "http")
 
 
@@ -219,9 +223,11 @@ def start_redis(work: Path, blocks: dict) -> tuple[subprocess.Popen, int]:
 
 # -- clients: one per thread, each `fetch(level, node) -> nbytes` -------------------------------
 class TcpClient:
-    def __init__(self, port: int, sizes: dict[int, int]):
+    def __init__(self, port: int, sizes: dict[int, int], rcvbuf: int = 0):
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.bufs = {l: bytearray(n) for l, n in sizes.items()}
 
     def fetch(self, level: int, node: int) -> int:
@@ -459,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
               + f" (built in {time.perf_counter() - t0:.1f} s)", flush=True)
 
         ports = {}
-        if "tcp" in systems:
+        if "tcp" in systems or "tcp-rcvbuf" in systems:
             proc, ports["tcp"] = start_child("tcp", lmdb_path)
             procs.append(proc)
         if "http" in systems:
@@ -475,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         with run_bank_server(lmdb_path, "--map-size-gb", "1", "--no-admin",
                              "--dataplane-port", "0", *flags,
                              log_path=work / "bank_server.log", cwd=REPO) as (address, server):
-            from services.model_client.dataplane_client import dataplane_target
+            from services.model_client.dataplane_client import RCVBUF, dataplane_target
             dp_target = dataplane_target(address, server.dataplane_address)
             makers = {
                 "membank-dp": lambda: MembankDataPlaneClient(dp_target, manifest),
@@ -483,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                 "membank-untuned": lambda: MembankClient(address, manifest, tuned=False),
                 "membank-raw": lambda: MembankRawClient(address, manifest),
                 "tcp": lambda: TcpClient(ports["tcp"], sizes_by_level),
+                "tcp-rcvbuf": lambda: TcpClient(ports["tcp"], sizes_by_level, rcvbuf=RCVBUF),
                 "redis": lambda: RedisClient(ports["redis"], sizes_by_level),
                 "http": lambda: HttpClient(ports["http"], sizes_by_level),
                 "grpc-floor": lambda: GrpcFloorClient(ports["grpc-floor"], sizes_by_level),

@@ -67,6 +67,11 @@ MAX_FRAME = 64 << 10                     # a header / end / error frame is ~200 
 PIECE_ALONE = 32 << 10
 PIECE_BUSY = 512 << 10
 REARM_S = 0.002                          # a socket timeout is set again once this old
+# the receive buffer of a data plane connection. A fixed large buffer (Linux doubles it and caps
+# it at net.core.rmem_max) lets the shard put a whole multi-MB block in flight at once, where
+# the kernel's autotuning starts small and grows per connection; measured faster at every
+# block size for one client (BENCHMARKS.md, "Fetch": benchmarks/dataplane_tuning.py, rcvbuf)
+RCVBUF = 4 << 20
 _PLANS_MAX = 1024                        # fetch plans a client remembers (_plan); then forget all
 
 
@@ -88,11 +93,13 @@ def dataplane_target(grpc_address: str, dataplane: int | str) -> str:
 
 
 def dataplane_factory(*, token: str | None = None, tls_ca=None, tls_server_name: str | None = None,
-                      timeout_s: float = 10.0, max_idle: int = 8) -> Callable[[str], "DataPlaneClient"]:
+                      timeout_s: float = 10.0, max_idle: int = 8,
+                      rcvbuf: int | None = None) -> Callable[[str], "DataPlaneClient"]:
     """A `client_factory` for ShardedFetcher: target -> DataPlaneClient with these settings."""
     def make(target: str) -> DataPlaneClient:
         return DataPlaneClient(target, timeout_s, token=token, tls_ca=tls_ca,
-                               tls_server_name=tls_server_name, max_idle=max_idle)
+                               tls_server_name=tls_server_name, max_idle=max_idle,
+                               rcvbuf=rcvbuf)
     return make
 
 
@@ -157,14 +164,16 @@ class DataPlaneClient:
     def __init__(self, target: str, timeout_s: float = 10.0, *, token: str | None = None,
                  tls_ca: str | Path | bytes | bool | None = None,
                  tls_server_name: str | None = None, max_idle: int = 8,
-                 bank_client: BankClient | None = None):
+                 rcvbuf: int | None = None, bank_client: BankClient | None = None):
         """`target`: "HOST:GRPC_PORT+DATAPLANE_PORT". `timeout_s`: the default deadline of a
-        call. `max_idle`: pooled connections kept open. `bank_client`: the gRPC client for
+        call. `max_idle`: pooled connections kept open. `rcvbuf`: SO_RCVBUF of data plane
+        connections in bytes (None: RCVBUF; 0: the kernel's autotuning). `bank_client`: the gRPC client for
         everything but fetch (default: a BankClient on HOST:GRPC_PORT with the same settings)."""
         self.target = target
         self.grpc_target, self.host, self.port = parse_target(target)
         self.timeout_s = timeout_s
         self.max_idle = max_idle
+        self.rcvbuf = RCVBUF if rcvbuf is None else rcvbuf
         self._token = token
         self._tls = _client_context(tls_ca)
         self._server_hostname = tls_server_name or self.host
@@ -404,6 +413,8 @@ class DataPlaneClient:
                             f"data plane {self.host}:{self.port} unreachable: {e}") from None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.rcvbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
             if self._tls is not None:
                 sock = self._tls.wrap_socket(sock, server_hostname=self._server_hostname)
             else:

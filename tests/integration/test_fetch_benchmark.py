@@ -19,13 +19,13 @@ def test_fetch_benchmark_smoke(tmp_path):
     out = subprocess.run(
         [sys.executable, "benchmarks/fetch.py", "--work", str(tmp_path), "--sizes", "1.7,6.9",
          "--clients", "1,2", "--mb-per-point", "20", "--rounds", "1",
-         "--systems", "membank-dp,membank,membank-raw,grpc-floor,tcp,redis,http"],
+         "--systems", "membank-dp,membank,membank-raw,grpc-floor,tcp,tcp-rcvbuf,redis,http"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["benchmark"] == "fetch"
     points = {(r["size_mb"], r["clients"], r["system"]) for r in summary["results"]}
-    assert len(points) == 2 * 2 * 7
+    assert len(points) == 2 * 2 * 8
     assert all(r["mb_s"] > 0 and r["p99_ms"] >= r["median_ms"] > 0 for r in summary["results"])
     assert "single_client_6.9MB_x_tcp" in summary["targets"]
     assert "single_client_6.9MB_x_tcp" in summary["targets"]["dataplane"]
