@@ -173,3 +173,33 @@ def test_target_syntax():
     for bad in ("127.0.0.1:50051", "127.0.0.1+50052", ":1+2", "h:1+x", "h:1+0", "h:1+70000", ""):
         with pytest.raises(ValueError, match="HOST:GRPC_PORT"):
             parse_target(bad)
+
+
+def test_client_plan_checks_headers_and_skips_only_bytes_it_already_checked(tiny_export):
+    """The device's fetch plan (dataplane_client._Plan): the request is JSON with the deadline
+    in front; a header passes only if it agrees with the manifest, and only the very bytes of
+    a header that passed are let through again without parsing."""
+    from services.model_client.bank_client import BlockIntegrityError
+    from services.model_client.dataplane_client import _Plan
+
+    m = load_manifest(tiny_export)
+    plan = _Plan.make(m, ((2, 3), (9, 0)), "", "tok")
+    assert json.loads(plan.request_json(1234.5)) == {
+        "deadline_ms": 1234.5, "bank": "test", "version": "v1", "blocks": [[2, 3], [9, 0]],
+        "encoding": "", "token": "tok"}
+    assert plan.nbytes == [m.block_nbytes(2), None] and plan.end == b'{"blocks":2}'
+    good = {"index": 0, "level": 2, "node": 3, "version": "v1", "checksum": m.checksum(2, 3),
+            "nbytes": m.block_nbytes(2), "dtype": m.dtype, "shape": list(m.block_shape(2))}
+
+    def header(**changes) -> bytes:
+        return json.dumps({**good, **changes}, separators=(",", ":")).encode()
+
+    plan.check_header(0, header())
+    assert plan.seen[0] == header()
+    for bad in (header(checksum="0" * 16), header(index=1), header(version="v2"),
+                header(nbytes=1), header(shape=[1, 2])):
+        with pytest.raises(BlockIntegrityError):
+            plan.check_header(0, bad)
+    plan.check_header(0, header())                    # the checked bytes still pass
+    with pytest.raises(BlockIntegrityError, match="manifest does not have"):
+        plan.check_header(1, header(index=1, level=9, node=0))
