@@ -124,6 +124,8 @@ def parse_request(payload: bytes) -> DataPlaneRequest:
             and (deadline_ms is None or type(deadline_ms) in _NUMBER)
             and type(raw) is list):
         raise _field_error(obj)
+    if type(deadline_ms) is int:    # JSON ints are unbounded: clamp before any float math
+        deadline_ms = float(max(-_MAX_DEADLINE_MS, min(deadline_ms, _MAX_DEADLINE_MS)))
     if deadline_ms is not None and math.isnan(deadline_ms):
         raise FetchError("INVALID_ARGUMENT", "malformed request: 'deadline_ms' is NaN")
     for b in raw:
@@ -135,6 +137,7 @@ def parse_request(payload: bytes) -> DataPlaneRequest:
 
 
 _NUMBER = (int, float)
+_MAX_DEADLINE_MS = 10 ** 12            # ~31 years: any longer deadline means none
 _FIELDS = (("bank", (str,), "a string"), ("version", (str,), "a string"),
            ("encoding", (str,), "a string"), ("token", (str, type(None)), "a string"),
            ("deadline_ms", (int, float, type(None)), "a number"), ("blocks", (list,), "a list"))

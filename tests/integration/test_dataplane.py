@@ -257,6 +257,18 @@ def test_frames_in_pieces_back_to_back_or_large_are_read_whole(server, exported)
         assert blocks[0][1] == exported[("test", level, node)]
 
 
+def test_a_huge_integer_deadline_means_no_deadline(server, exported):
+    """JSON integers are unbounded: a 401-digit deadline_ms is clamped (it once overflowed the
+    float conversion and answered INTERNAL)."""
+    for deadline in (10 ** 400, -(10 ** 400)):
+        blocks, end = exchange(server, {"bank": "test", "blocks": [[1, 0]],
+                                        "deadline_ms": deadline})
+        if deadline > 0:
+            assert end == ("E", {"blocks": 1}) and blocks[0][1] == exported[("test", 1, 0)]
+        else:
+            assert error_of((blocks, end))[0] == "DEADLINE_EXCEEDED"
+
+
 def test_a_publish_or_gc_by_another_writer_is_seen_by_the_next_request(lmdb_dir, tiny_export,
                                                                         tmp_path):
     """The data plane plans a request once and reuses the plan while the store is unchanged

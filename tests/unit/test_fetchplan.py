@@ -141,6 +141,10 @@ def test_parse_request_fields_and_defaults():
     r = parse_request(req(bank="b", version="v1", blocks=[], encoding="", token="t",
                           deadline_ms=2.5, unknown_field={"ignored": True}))
     assert (r.version, r.token, r.deadline_ms) == ("v1", "t", 2.5)
+    # JSON integers are unbounded; a 401-digit deadline is clamped, not an overflow
+    r = parse_request(b'{"bank": "b", "deadline_ms": 1' + b"0" * 400 + b"}")
+    assert r.deadline_ms == 1e12
+    assert parse_request(b'{"bank": "b", "deadline_ms": -1' + b"0" * 400 + b"}").deadline_ms == -1e12
 
 
 @pytest.mark.parametrize("payload, words", [
