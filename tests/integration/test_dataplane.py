@@ -550,7 +550,8 @@ def test_connection_limit_slowloris_idle_and_stale_connections(lmdb_dir, tmp_pat
 
 # -- hypothesis: random requests and random bytes ------------------------------------------------
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.floats(allow_nan=False)
+    st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70)
+    | st.integers(-(10 ** 400), 10 ** 400) | st.floats(allow_nan=False)
     | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                  max_size=4),
