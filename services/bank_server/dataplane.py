@@ -46,12 +46,13 @@ the same certificate as gRPC when one is configured. Metrics: requests by final 
 
 Threads, not asyncio: one thread per connection with blocking sockets (a blocking send of a
 27.5 MB buffer is one system call), at most `dataplane_max_connections` of them, plus one
-accept thread. What a request costs before its first byte is sent is what keeps a 1.7 MB fetch
-behind raw TCP (BENCHMARKS.md, "Fetch"), so that path is kept short: a request is usually read
-in one receive (no select, no setsockopt per request: the socket's receive timeout is the
-drain poll), and a request asked before is answered from its prepared plan and frames while
-the store is unchanged (`_prepare`). SIGTERM (server.py -> `stop(grace)`): no new connections, idle connections
-closed, a request being answered finishes within the grace, then every socket is shut.
+accept thread. What a request costs before its first byte is sent is most of what a small
+block's fetch pays beyond raw TCP (benchmarks/dataplane_latency.py), so that path is kept
+short: a request is usually read in one receive (no select, no setsockopt per request: the
+socket's receive timeout is the drain poll), and a request asked before is answered from its
+prepared plan and frames while the store is unchanged (`_prepare`). SIGTERM (server.py ->
+`stop(grace)`): no new connections, idle connections closed, a request being answered
+finishes within the grace, then every socket is shut.
 
     server = DataPlaneServer(settings, store, blocks, metrics=metrics, limiter=limiter,
                              auth_token=..., admin_token=..., ssl_context=...)

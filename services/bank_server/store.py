@@ -32,9 +32,9 @@ LMDB commit and any other write into data.mdb (a tool, a stray `dd`) moves the m
 every page of the block is in the page cache when it is read (mincore): a block evicted since
 is read back from disk by this read and hashed again, so bit rot on the device is caught (a
 page that another reader pulled back in between is not seen: (3) covers it); (3) the check is
-younger than `verify_ttl_s`, a periodic re-check that bounds whatever else slips by. The device verifies every
-block again against its own manifest, end to end. Saves the hash on the hot path (measured in
-BENCHMARKS.md, "Fetch").
+younger than `verify_ttl_s`, a periodic re-check that bounds whatever else slips by. The
+device verifies every block again against its own manifest, end to end. Saves the hash on the
+hot path (measured in BENCHMARKS.md, "Fetch").
 
 One environment per process and path (LMDB forbids opening the same file twice in a process:
 closing one handle would drop the other's POSIX locks): `acquire_env` hands out a shared,

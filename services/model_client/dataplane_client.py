@@ -167,8 +167,9 @@ class DataPlaneClient:
                  rcvbuf: int | None = None, bank_client: BankClient | None = None):
         """`target`: "HOST:GRPC_PORT+DATAPLANE_PORT". `timeout_s`: the default deadline of a
         call. `max_idle`: pooled connections kept open. `rcvbuf`: SO_RCVBUF of data plane
-        connections in bytes (None: RCVBUF; 0: the kernel's autotuning). `bank_client`: the gRPC client for
-        everything but fetch (default: a BankClient on HOST:GRPC_PORT with the same settings)."""
+        connections in bytes (None: RCVBUF; 0: the kernel's autotuning). `bank_client`: the
+        gRPC client for everything but fetch (default: a BankClient on HOST:GRPC_PORT with the
+        same settings)."""
         self.target = target
         self.grpc_target, self.host, self.port = parse_target(target)
         self.timeout_s = timeout_s
