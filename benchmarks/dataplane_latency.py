@@ -47,15 +47,6 @@ def _connect(port: int) -> socket.socket:
     return s
 
 
-def _recv_into(sock: socket.socket, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        k = sock.recv_into(view[got:], len(view) - got)
-        if k == 0:
-            raise ConnectionError("closed")
-        got += k
-
-
 def raw_dp(sock: socket.socket, level: int, node: int, view: memoryview) -> tuple:
     """(ttfb, header, body, end, total) seconds of one fetch over the data plane's protocol."""
     body = json.dumps({"bank": F.BANK, "version": F.VERSION, "blocks": [[level, node]],
@@ -68,7 +59,7 @@ def raw_dp(sock: socket.socket, level: int, node: int, view: memoryview) -> tupl
         raise RuntimeError(f"unexpected frame {kind!r}: {sock.recv(n, socket.MSG_WAITALL)!r}")
     header = json.loads(sock.recv(n, socket.MSG_WAITALL))
     t2 = time.perf_counter()
-    _recv_into(sock, view[:header["nbytes"]])
+    F.recv_exact_into(sock, view[:header["nbytes"]])
     t3 = time.perf_counter()
     _, kind, n = PREFIX.unpack(sock.recv(PREFIX.size, socket.MSG_WAITALL))
     sock.recv(n, socket.MSG_WAITALL)
@@ -85,7 +76,7 @@ def raw_tcp(sock: socket.socket, level: int, node: int, view: memoryview) -> tup
     sock.sendall(struct.pack("<H", len(key)) + key)
     n = struct.unpack("<Q", sock.recv(8, socket.MSG_WAITALL))[0]
     t1 = time.perf_counter()
-    _recv_into(sock, view[:n])
+    F.recv_exact_into(sock, view[:n])
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, t2 - t0
 

@@ -222,6 +222,18 @@ def start_redis(work: Path, blocks: dict) -> tuple[subprocess.Popen, int]:
 
 
 # -- clients: one per thread, each `fetch(level, node) -> nbytes` -------------------------------
+def recv_exact_into(sock: socket.socket, buf):
+    """Fill `buf` from `sock` with recv_into, taking whatever each receive returns (the raw-TCP
+    baseline's receive loop); `buf` back."""
+    view, got = memoryview(buf), 0
+    while got < len(view):
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise ConnectionError("closed")
+        got += k
+    return buf
+
+
 class TcpClient:
     def __init__(self, port: int, sizes: dict[int, int], rcvbuf: int = 0):
         self.sock = socket.create_connection(("127.0.0.1", port))
@@ -233,19 +245,10 @@ class TcpClient:
     def fetch(self, level: int, node: int) -> int:
         key = f"{level}/{node}".encode()
         self.sock.sendall(struct.pack("<H", len(key)) + key)
-        head = self._recv_exact(bytearray(8))
+        head = recv_exact_into(self.sock, bytearray(8))
         n = struct.unpack("<Q", head)[0]
-        self._recv_exact(memoryview(self.bufs[level])[:n])
+        recv_exact_into(self.sock, memoryview(self.bufs[level])[:n])
         return n
-
-    def _recv_exact(self, buf):
-        view, got = memoryview(buf), 0
-        while got < len(view):
-            k = self.sock.recv_into(view[got:])
-            if k == 0:
-                raise ConnectionError("closed")
-            got += k
-        return buf
 
     def close(self):
         self.sock.close()

@@ -161,12 +161,8 @@ def read_block(blocks: BlockStore, store: LMDBStore, manifest: Manifest,
     """
     enc = "" if block.header["dtype"] == manifest.dtype else f" {block.header['dtype']}"
     where = f"block ({block.level}, {block.node}){enc} of {manifest.bank}/{manifest.version}"
-    # straight to the tier's own read when it has one (read_from's extra layer is measurable
-    # on the data plane's path to a first byte)
-    reader = (blocks.read(block.key, block.expect) if hasattr(blocks, "read")
-              else read_from(blocks, block.key, block.expect))
     try:
-        with reader as buf:
+        with read_from(blocks, block.key, block.expect) as buf:
             if buf is None:
                 # gc deletes a version's manifest (one commit) before its blocks: if the
                 # manifest is gone now, the version was collected after this fetch resolved

@@ -98,13 +98,16 @@ class BlockStore(Protocol):
     def stats(self) -> dict: ...
 
 
-@contextmanager
-def read_from(store, key: bytes, expect: Expect | None = None) -> Iterator:
-    """`store.read(key, expect)`, or the same over `store.get` for get-only stores."""
+def read_from(store, key: bytes, expect: Expect | None = None) -> ContextManager:
+    """`store.read(key, expect)` itself (no extra layer: it is on every block fetch's path), or
+    the same over `store.get` for get-only stores."""
     if hasattr(store, "read"):
-        with store.read(key, expect) as buf:
-            yield buf
-        return
+        return store.read(key, expect)
+    return _read_via_get(store, key, expect)
+
+
+@contextmanager
+def _read_via_get(store, key: bytes, expect: Expect | None) -> Iterator:
     data = store.get(key)
     if data is not None and expect is not None and not expect.ok(data):
         raise CorruptBlock(f"{bytes(key)[:120]!r} fails its checksum")

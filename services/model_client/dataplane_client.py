@@ -236,7 +236,7 @@ class DataPlaneClient:
         key = (id(manifest), ids, encoding)
         plan = self._plans.get(key)
         if plan is None or plan.manifest is not manifest:    # `is`: an id may be reused
-            plan = _Plan.make(manifest, ids, encoding, self._token)
+            plan = _Plan(manifest, ids, encoding, self._token)
             with self._lock:
                 if len(self._plans) >= _PLANS_MAX:
                     self._plans.clear()
@@ -483,11 +483,9 @@ class _Plan:
 
     __slots__ = ("manifest", "ids", "nbytes", "checksums", "wants", "request", "end", "seen")
 
-    @classmethod
-    def make(cls, manifest: Manifest, ids: tuple, encoding: str, token: str | None) -> "_Plan":
-        plan = cls()
-        plan.manifest, plan.ids = manifest, ids
-        plan.nbytes, plan.checksums, plan.wants = [], [], []
+    def __init__(self, manifest: Manifest, ids: tuple, encoding: str, token: str | None):
+        self.manifest, self.ids = manifest, ids
+        self.nbytes, self.checksums, self.wants = [], [], []
         for level, node in ids:
             if manifest.has_block(level, node):
                 nbytes, checksum, dtype = _expected(manifest, level, node, encoding)
@@ -495,20 +493,19 @@ class _Plan:
                         tuple(manifest.block_shape(level)))
             else:       # the server must refuse it; a header for it is an integrity error
                 nbytes, checksum, want = None, None, None
-            plan.nbytes.append(nbytes)
-            plan.checksums.append(checksum)
-            plan.wants.append(want)
+            self.nbytes.append(nbytes)
+            self.checksums.append(checksum)
+            self.wants.append(want)
         request = {"bank": manifest.bank, "version": manifest.version,
                    "blocks": [list(b) for b in ids], "encoding": encoding}
         if token:
             request["token"] = token
         # '"bank":...}': the deadline goes in front of it per request (request_json)
-        plan.request = json.dumps(request, separators=(",", ":")).encode()[1:]
-        plan.end = json.dumps({"blocks": len(ids)}, separators=(",", ":")).encode()
+        self.request = json.dumps(request, separators=(",", ":")).encode()[1:]
+        self.end = json.dumps({"blocks": len(ids)}, separators=(",", ":")).encode()
         # per block: the last header payload that passed check_header (the same bytes pass
         # again without parsing them); a race between fetches only means one parses again
-        plan.seen = [None] * len(ids)
-        return plan
+        self.seen = [None] * len(ids)
 
     def request_json(self, deadline_ms: float) -> bytes:
         return b'{"deadline_ms":%.3f,' % deadline_ms + self.request

@@ -187,7 +187,7 @@ def test_client_plan_checks_headers_and_skips_only_bytes_it_already_checked(tiny
     from services.model_client.dataplane_client import _Plan
 
     m = load_manifest(tiny_export)
-    plan = _Plan.make(m, ((2, 3), (9, 0)), "", "tok")
+    plan = _Plan(m, ((2, 3), (9, 0)), "", "tok")
     assert json.loads(plan.request_json(1234.5)) == {
         "deadline_ms": 1234.5, "bank": "test", "version": "v1", "blocks": [[2, 3], [9, 0]],
         "encoding": "", "token": "tok"}
