@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 STUBS  := membank/v1/bank_pb2.py membank/v1/bank_pb2_grpc.py
 
-.PHONY: install stubs test test-fast demo loadtest validate-deploy eval-longtail clean
+.PHONY: install stubs test test-fast demo loadtest validate-deploy eval-longtail eval-scaling clean
 
 install: $(STAMP)
 
@@ -44,6 +44,10 @@ validate-deploy: $(STAMP)
 clean:
 	rm -rf $(STUBS) membank/v1/bank_pb2.pyi runs .pytest_cache
 
-# the long-tail evaluation (issue 4): trains, probes and writes results/longtail.{json,md,png}
+# the long-tail evaluation: trains, probes and writes results/longtail.{json,md,png} (about an hour)
 eval-longtail: $(STAMP) $(STUBS)
 	$(PY) -m membank.cli eval --preset small --out runs/eval-small --results results/longtail.json
+
+# memory-size scaling: one co-training run per bank / fetch size, results/scaling.{json,md,png}
+eval-scaling: $(STAMP) $(STUBS)
+	$(PY) -m membank.cli eval-scaling --preset small --out runs/scaling-small --results results/scaling.json

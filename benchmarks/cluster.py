@@ -55,17 +55,17 @@ def faiss_router(x: np.ndarray, k: int, depth: int, seed: int = 0) -> Router:
                               max_points_per_centroid=10_000)
             km.train(np.ascontiguousarray(members))
             level_c[parent] = km.centroids
-        centroids.append(torch.from_numpy(level_c))
+        centroids.append(level_c)
         partial = Router(branching=k, depth=level, dim=dim, centroids=centroids)
-        node = partial.node_ids(partial.route(x))[:, -1].numpy()
+        node = partial.node_ids(partial.route(x))[:, -1]
     return Router(branching=k, depth=depth, dim=dim, centroids=centroids)
 
 
 def quality(router: Router, x: np.ndarray) -> dict:
     paths = router.route(x)
-    leaf = router.node_ids(paths)[:, -1].numpy()
+    leaf = router.node_ids(paths)[:, -1]
     k = router.branching
-    flat = router.centroids[-1].reshape(-1, x.shape[1]).numpy()   # (k^p, dim)
+    flat = router.centroids[-1].reshape(-1, x.shape[1])   # (k^p, dim)
     mse = float(np.mean(np.sum((x - flat[leaf]) ** 2, axis=1)))
     sizes = np.bincount(leaf, minlength=k ** router.depth)
     return {"leaf_mse": mse, "leaf_max_over_mean": float(sizes.max() / sizes.mean()),

@@ -30,13 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from membank.router import Router  # noqa: E402
 
 
-def old_route(router: Router, emb) -> torch.Tensor:
-    """The rule before this change: exact float32 distances for every row (a (c, k, dim) gather)."""
-    x = torch.as_tensor(emb, dtype=torch.float32)
+def old_route(router: Router, emb) -> np.ndarray:
+    """The rule before the matmul + margin change: float32 distances for every row (a (c, k, dim)
+    gather), in torch."""
+    x = torch.as_tensor(np.asarray(emb), dtype=torch.float32)
     node = torch.zeros(len(x), dtype=torch.long)
     children = []
     for level in range(router.depth):
-        lc = router.centroids[level]
+        lc = torch.from_numpy(router.centroids[level])
         k, dim = lc.shape[1:]
         out = torch.empty(len(x), dtype=torch.long)
         chunk = max(1, (1 << 24) // (k * dim))
@@ -45,7 +46,7 @@ def old_route(router: Router, emb) -> torch.Tensor:
             out[s:s + chunk] = (cand - rows[:, None, :]).square().sum(-1).argmin(dim=1)
         children.append(out)
         node = node * router.branching + out
-    return torch.stack(children, dim=1)
+    return torch.stack(children, dim=1).numpy()
 
 
 def random_router(k: int, depth: int, dim: int = 384, seed: int = 0) -> Router:
@@ -77,7 +78,7 @@ def route_only(n: int, shapes: list[tuple[int, int]], repeats: int) -> list[dict
             new_s.append(t)
         row = {"k": k, "depth": depth, "n": n, "old_s": min(old_s), "new_s": min(new_s),
                "old_per_s": n / min(old_s), "new_per_s": n / min(new_s), "speedup": min(old_s) / min(new_s),
-               "paths_differing": int((old != new).any(dim=1).sum())}
+               "paths_differing": int((old != new).any(axis=1).sum())}
         rows.append(row)
         print(f"k={k:<3} depth={depth}  old {row['old_per_s']:>10,.0f}/s  new {row['new_per_s']:>10,.0f}/s  "
               f"new/old {row['speedup']:5.1f}x  paths differing {row['paths_differing']}", flush=True)

@@ -1,6 +1,6 @@
 """Benchmark: a training step with memory vs anchor-only, same batch and sequence length.
 
-    .venv/bin/python benchmarks/train_step.py [--configs demo,medium] [--steps 20] [--threads 2]
+    .venv/bin/python benchmarks/train_step.py [--configs demo,eval,medium] [--steps 20] [--threads 2]
 
 For each config, two trainers (training/train.py) on the same synthetic packed data (random
 tokens, random paths over the whole tree, full-length documents):
@@ -42,6 +42,9 @@ from training.train import Trainer, lm_loss  # noqa: E402
 CONFIGS = {
     # the demo preset at its training shape: batch 16 x 128 tokens
     "demo": dict(shape=[], batch=16, seq=128),
+    # the long-tail evaluation's small preset (training/evaluate.py): d 96, bank 21x the anchor
+    "eval": dict(shape=["model.d_model=96", "model.n_head=4", "model.d_ff=384", "memory.branching=16",
+                        "memory.ranks=[16, 56]"], batch=32, seq=128),
     # a larger one that still fits a 2-core laptop: 8 layers, d 256, bank of 25M params (k 8)
     "medium": dict(shape=["model.vocab_size=4096", "model.n_layer=8", "model.n_head=8", "model.d_model=256",
                           "model.d_ff=1024", "model.max_seq_len=256", "memory.branching=8",
@@ -131,7 +134,7 @@ def peak_rss(name: str, variant: str, threads: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", default="demo,medium")
+    ap.add_argument("--configs", default="demo,eval,medium")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)

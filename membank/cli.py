@@ -11,7 +11,8 @@
          raw-TCP data plane, services/model_client/targets.py; chat / device-serve: shard lists)
     membank demo                                             all of the above, end to end
     membank config paper-160m [--kind lora-ffn]              anchor params, bank and fetch sizes
-    membank eval --preset small                              long-tail evaluation (training/evaluate.py)
+    membank eval --preset small [--domain C:P]               long-tail evaluation (training/evaluate.py)
+    membank eval-scaling --preset small                      accuracy against bank and fetch size
 
 This module is the top of the import graph: it may import training/ and services/; nothing
 imports it. Heavy imports happen inside each command so `membank --help` stays fast.
@@ -108,15 +109,13 @@ def cmd_demo(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from training.config import apply_override
-    from training.evaluate import eval_preset, run_eval
-    from training.probes import load_probe
+    from training.config import TrainConfig, apply_override
+    from training.domains import BUILTIN
+    from training.evaluate import DomainFiles, corpus_override, eval_preset, run_eval
 
     ec = eval_preset(args.preset)
     if args.set:  # key=value overrides of the training fields, as for `membank train`;
         # corpus.KEY=VALUE sets a long-tail corpus field (training/longtail.py LongTailConfig)
-        from training.config import TrainConfig
-        from training.evaluate import corpus_override
         tc = TrainConfig(**ec.train)
         for item in args.set:
             if item.startswith("corpus."):
@@ -129,9 +128,28 @@ def cmd_eval(args) -> None:
             ec.seeds = tuple(int(x) for x in args.seeds.split(","))
         except ValueError:
             raise ValueError(f"--seeds takes comma-separated integers, not {args.seeds!r}") from None
-    probe = load_probe(args.probe, template=args.template, matcher=args.matcher)
-    run_eval(args.out or f"runs/eval-{args.preset}", ec, probe=probe, corpus=args.corpus,
-             heldout=args.heldout, results=args.results, preset=args.preset)
+    if args.builtin_domains is not None:
+        names = () if args.builtin_domains in ("", "none") else tuple(args.builtin_domains.split(","))
+        unknown = [n for n in names if n not in BUILTIN]
+        if unknown:
+            raise ValueError(f"unknown built-in domain {unknown[0]!r}; built-in: {', '.join(BUILTIN)} (or none)")
+        ec.corpus = {**ec.corpus, "domains": names}
+    domains = [DomainFiles.parse(spec) for spec in args.domain or []]
+    run_eval(args.out or f"runs/eval-{args.preset}", ec, domains=domains, results=args.results,
+             preset=args.preset)
+
+
+def cmd_eval_scaling(args) -> None:
+    from training.evaluate import DomainFiles
+    from training.scaling import run_scaling
+
+    try:
+        seeds = tuple(int(x) for x in args.seeds.split(","))
+        grid = tuple(tuple(int(r) for r in point.split(",")) for point in args.grid) if args.grid else None
+    except ValueError:
+        raise ValueError("--seeds takes comma-separated integers, --grid comma-separated ranks") from None
+    run_scaling(args.out or f"runs/scaling-{args.preset}", args.preset, grid=grid, seeds=seeds,
+                domains=[DomainFiles.parse(spec) for spec in args.domain or []], results=args.results)
 
 
 def cmd_config(args) -> None:
@@ -238,16 +256,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="small", help="smoke (pipeline check) or small (the published run)")
     s.add_argument("--out", default=None, help="run directory (default runs/eval-PRESET); reruns resume")
     s.add_argument("--results", default=None, help="results JSON (default OUT/longtail.json; .md, .png beside)")
-    s.add_argument("--probe", default="atomic-number", help="built-in probe name, or a probe .json / .csv")
-    s.add_argument("--template", default=None, help="prompt template with {subject} (needed for a .csv probe)")
-    s.add_argument("--matcher", default=None, choices=["int", "string"])
-    s.add_argument("--corpus", default=None, help="your own training JSONL (default: the long-tail corpus)")
-    s.add_argument("--heldout", default=None, help="held-out JSONL for perplexity (with --corpus)")
+    s.add_argument("--domain", action="append", metavar="CORPUS:PROBE[:HELDOUT]",
+                   help='a domain of your own, added to the mix (repeatable): a JSONL corpus '
+                        '({"text"[, "subject"]} per line), a probe JSON (training/probes.py) and '
+                        'optionally held-out JSONL for perplexity')
+    s.add_argument("--builtin-domains", default=None, metavar="NAMES",
+                   help="comma-separated built-in domains to mix in (default: the preset's; none: "
+                        "only --domain ones)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a training field, or a corpus field as corpus.KEY=VALUE")
     s.add_argument("--seeds", default=None, help="comma-separated seeds, one whole run each, "
                    "pooled (default: the preset's)")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("eval-scaling", help="probe accuracy and perplexity against bank and fetch size")
+    s.add_argument("--preset", default="small", help="the evaluation preset whose corpus and schedule it uses")
+    s.add_argument("--out", default=None, help="run directory (default runs/scaling-PRESET); reruns resume")
+    s.add_argument("--results", default=None, help="results JSON (default OUT/scaling.json; .md, .png beside)")
+    s.add_argument("--grid", action="append", metavar="R1,R2",
+                   help="ranks per level of one bank (repeatable; default: the preset's grid)")
+    s.add_argument("--domain", action="append", metavar="CORPUS:PROBE[:HELDOUT]", help="as for eval")
+    s.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    s.set_defaults(func=cmd_eval_scaling)
 
     s = sub.add_parser("demo", help="train (or reuse), export, serve, and answer prompts")
     s.add_argument("--out", default="runs/demo")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from tqdm import tqdm
 
 
 class Embedder:
@@ -36,17 +37,30 @@ class Embedder:
         return self._model
 
     def encode(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        """(N, 384) float32, each row of unit L2 norm; (0, 384) for an empty list."""
+        """(N, 384) float32, each row of unit L2 norm; (0, 384) for an empty list.
+
+        A text's vector is the same bits whatever else is in the call: texts are batched only
+        with texts of the same token count, so no row is ever padded, and an unpadded row does
+        not depend on its batch-mates or on the thread count (measured; a padded one differs in
+        the last bits). So a prompt embedded alone on a device gets exactly the vector the same
+        text got in a corpus batch, and cached vectors never depend on what was embedded with
+        them (training/embeddings.py)."""
         if isinstance(texts, str):
             raise TypeError("encode takes a list of strings, not a single string")
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        vectors = self.model.encode(
-            list(texts), batch_size=batch_size, show_progress_bar=progress,
-            convert_to_numpy=True, normalize_embeddings=True,
-        )
-        return np.ascontiguousarray(vectors, dtype=np.float32)
-
+            return out
+        model = self.model
+        ids = model.tokenizer(list(texts), add_special_tokens=True, truncation=True,
+                              max_length=model.max_seq_length)["input_ids"]
+        lengths = np.array([len(i) for i in ids])
+        order = np.lexsort((np.arange(len(texts)), lengths))   # by token count, then position
+        bounds = np.flatnonzero(np.diff(lengths[order])) + 1
+        groups = [g[i:i + batch_size] for g in np.split(order, bounds) for i in range(0, len(g), batch_size)]
+        for chunk in tqdm(groups, desc="embed", unit="batch", disable=not progress):
+            out[chunk] = model.encode([texts[i] for i in chunk], batch_size=len(chunk), show_progress_bar=False,
+                                      convert_to_numpy=True, normalize_embeddings=True)
+        return out
 
 if __name__ == "__main__":
     import sys

@@ -5,18 +5,30 @@ Level l (1-based) holds the k child centroids of each of the k^(l-1) nodes at le
 
     centroids[l - 1]: (k^(l-1), k, dim) float32     level 0 is the root, a single node
 
-Routing is greedy: start at the root and, at every level, move to the nearest (L2) of the current
-node's k children; ties go to the lowest child index. "Nearest" is exact: float64 squared L2
-summed in a fixed order (`exact_sq_dist`), so a row's path never depends on the batch it is
-routed in, and the bank server's numpy router (services/bank_server/router_store.py) gives the
-same path bit for bit. Batches stay fast: a matmul per parent node scores every row, and only
-near-ties within a proven rounding bound get exact distances (`nearest_child`).
 A path (i_1, ..., i_p) of child indices fixes one node per level; its global index at level l
-is node_l = node_{l-1} * k + i_l (node_0 = 0), which is the row of that level's bank tensor
-(membank/artifacts.py).
+is node_l = node_{l-1} * k + i_l (node_0 = 0), the row of that level's bank tensor
+(membank/artifacts.py). Training data is always routed by the tree. A query is routed by one
+of two rules (`Router.routing`):
 
-The file is safetensors only (no pickle): tensors "centroids.1" .. "centroids.p" plus string
-metadata (format, k, depth, dim, embedder). It is built offline by training/cluster.py.
+  centroid          greedy descent, the paper's rule: at every level the nearest (L2) of the
+                    current node's k children; ties go to the lowest child index.
+  nearest-document  the path of the nearest training document: the router then carries an
+                    index of every training document's embedding (float16) and tree path. A
+                    short query about a rare subject ("The city served by X is") lands in the
+                    wrong leaf under descent far more often than it misses X's own documents,
+                    because the prompt's template moves it across centroid boundaries that the
+                    subject's name alone would not (README, "Long-tail results"); the index
+                    costs 2 * dim bytes per document on the device.
+
+"Nearest" is exact in both rules: float64 squared L2 summed in a fixed order (`exact_sq_dist`),
+so a row's path never depends on the batch it is routed in. Batches stay fast: a matmul scores
+every row, and only near-ties within a proven rounding bound get exact distances
+(`nearest_child`). This module is numpy only: training, the device and the bank server (Route
+RPC) all route with it.
+
+The file is safetensors: tensors "centroids.1" .. "centroids.p", with an index also
+"index.vectors" (N, dim) float16 and "index.paths" (N, p) int32, plus string metadata (format,
+k, depth, dim, embedder, routing). It is built offline by training/cluster.py.
 
     router = Router.load("export/router.safetensors")
     paths = router.route(Embedder().encode([prompt]))   # (1, depth) int64
@@ -26,16 +38,18 @@ Run `python -m membank.router export/router.safetensors` to print a router's sha
 """
 from __future__ import annotations
 
+import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 FORMAT = "membank.router/1"
+Routing = Literal["centroid", "nearest-document"]
+ROUTINGS: tuple[Routing, ...] = ("centroid", "nearest-document")
 
 # The exact path gathers up to a (rows, k, dim) slab of centroids for the near-tie rows; they
 # are processed in chunks so that slab stays around 128 MB (float64) however many need it.
@@ -43,61 +57,131 @@ _CHUNK_ELEMENTS = 1 << 24
 # Levels with at most this many centroids in all are scored by one dense matmul; wider levels
 # by one matmul per parent node (64 columns cost about one read of x: measured on 2 cores).
 _DENSE_COLUMNS = 64
+# queries scored against the document index at once: bounds the (rows, N) score matrix
+_INDEX_ROWS = 256
+_MAX_HEADER = 1 << 20                   # a router header is a few hundred bytes
+_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I32": np.dtype("<i4"), "I64": np.dtype("<i8")}
 
 
-@dataclass(eq=False)  # centroids are tensors: compare routers with torch.equal, not ==
+class RouterFormatError(ValueError):
+    """Router bytes (a file, or a router stored in the bank) that are not a valid router."""
+
+
+@dataclass(eq=False)
+class DocIndex:
+    """The training documents a nearest-document router routes to."""
+
+    vectors: np.ndarray   # (N, dim) float32 values of the stored float16 embeddings
+    paths: np.ndarray     # (N, depth) int64: each document's path in the tree
+
+
+@dataclass(eq=False)  # arrays inside: compare routers field by field, not with ==
 class Router:
     branching: int                  # k
     depth: int                      # p
     dim: int                        # embedding width (384 for MiniLM)
-    centroids: list[torch.Tensor]   # level l at index l-1: (k^(l-1), k, dim) float32
+    centroids: list[np.ndarray]     # level l at index l-1: (k^(l-1), k, dim) float32
     embedder: str = "all-MiniLM-L6-v2"
+    index: DocIndex | None = None   # present: queries take the nearest document's path
 
     def __post_init__(self) -> None:
-        self.centroids = [torch.as_tensor(c, dtype=torch.float32).contiguous() for c in self.centroids]
+        self.centroids = [np.ascontiguousarray(_numpy(c), dtype=np.float32) for c in self.centroids]
         _check(self.branching, self.depth, self.dim, self.centroids)
+        if self.index is not None:
+            self.index = DocIndex(np.ascontiguousarray(self.index.vectors, dtype=np.float32),
+                                  np.ascontiguousarray(self.index.paths, dtype=np.int64))
+            _check_index(self.index, self.branching, self.depth, self.dim)
+
+    @property
+    def routing(self) -> Routing:
+        return "centroid" if self.index is None else "nearest-document"
 
     def n_nodes(self, level: int) -> int:
         """Nodes at `level` (0 = root): k^level."""
         return self.branching ** level
 
+    def with_index(self, vectors, paths) -> "Router":
+        """This tree with a nearest-document index: vectors (N, dim) are rounded to float16, as
+        the file stores them; paths (N, depth) are the documents' routes through the tree."""
+        v = np.asarray(_numpy(vectors), dtype=np.float16).astype(np.float32)
+        return Router(self.branching, self.depth, self.dim, self.centroids, self.embedder,
+                      DocIndex(v, np.asarray(_numpy(paths), dtype=np.int64)))
+
     # -- routing ---------------------------------------------------------------------------
 
-    def route(self, emb) -> torch.Tensor:
-        """Greedy descent: (N, dim) or (dim,) embeddings -> (N, depth) int64 child indices.
+    def route(self, emb, routing: Routing | None = None, avoid_level1=None) -> np.ndarray:
+        """(N, dim) or (dim,) embeddings -> (N, depth) int64 child indices.
 
-        A single (dim,) vector is treated as one row, so the result is always 2-D.
-        """
-        x = _as_tensor(emb).to(torch.float32)
-        if x.dim() == 1:
-            x = x[None]
-        if x.dim() != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"route expects (N, {self.dim}) or ({self.dim},) embeddings, "
-                             f"got {tuple(x.shape)}")
-        norms = x.norm(dim=1)
-        # a NaN or inf shows in the norm (cheaper than a pass over x); a huge finite row whose
-        # norm overflows passes the full check and is routed (its rows take the exact path)
-        if not torch.isfinite(norms).all() and not torch.isfinite(x).all():
-            raise ValueError("route: embeddings contain NaN or inf")
-        node = torch.zeros(x.shape[0], dtype=torch.long)  # (N,) global node index, root = 0
-        children = []
+        routing: the rule (default: this router's own); "nearest-document" needs the index.
+        avoid_level1: (N,) level-1 child each row may not enter (the "blocked" evaluation):
+        descent takes the next-best level-1 child; the nearest-document rule the nearest
+        document outside that subtree."""
+        x = self._rows(emb)
+        routing = routing or self.routing
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
+        avoid = None if avoid_level1 is None else np.asarray(_numpy(avoid_level1), dtype=np.int64).reshape(-1)
+        if avoid is not None and avoid.shape != (len(x),):
+            raise ValueError(f"avoid_level1 needs one entry per row ({len(x)}), got {avoid.shape}")
+        if routing == "centroid":
+            return self._descend(x, avoid)
+        if self.index is None:
+            raise ValueError("this router has no document index: nearest-document routing is unavailable")
+        return self.index.paths[self.nearest_documents(x, avoid)]
+
+    def path(self, embedding) -> list[int]:
+        """One (dim,) embedding -> its path as a list (the Route RPC's answer)."""
+        return self.route(embedding)[0].tolist()
+
+    def nearest_documents(self, emb, avoid_level1=None) -> np.ndarray:
+        """(N,) row of the index nearest to each embedding (exact L2, first on ties), optionally
+        outside the level-1 subtree avoid_level1[i]."""
+        if self.index is None:
+            raise ValueError("this router has no document index")
+        x = self._rows(emb)
+        vectors, first = self.index.vectors, self.index.paths[:, 0]
+        out = np.empty(len(x), dtype=np.int64)
+        norms = np.linalg.norm(x, axis=1)
+        for s in range(0, len(x), _INDEX_ROWS):
+            rows = slice(s, s + _INDEX_ROWS)
+            banned = None if avoid_level1 is None else first[None, :] == np.asarray(avoid_level1)[rows, None]
+            out[rows] = nearest_child(x[rows], vectors[None], np.zeros(len(x[rows]), dtype=np.int64),
+                                      norms[rows], banned)
+        return out
+
+    def _descend(self, x: np.ndarray, avoid: np.ndarray | None) -> np.ndarray:
+        norms = np.linalg.norm(x, axis=1)
+        node = np.zeros(len(x), dtype=np.int64)   # (N,) global node index, root = 0
+        out = np.empty((len(x), self.depth), dtype=np.int64)
         for level in range(self.depth):
-            child = nearest_child(x, self.centroids[level], node, norms)   # (N,)
-            children.append(child)
-            node = node * self.branching + child
-        return torch.stack(children, dim=1)
+            banned = None
+            if level == 0 and avoid is not None:
+                banned = np.arange(self.branching)[None, :] == avoid[:, None]
+            out[:, level] = nearest_child(x, self.centroids[level], node, norms, banned)
+            node = node * self.branching + out[:, level]
+        return out
 
-    def node_ids(self, paths) -> torch.Tensor:
+    def _rows(self, emb) -> np.ndarray:
+        x = np.asarray(_numpy(emb), dtype=np.float32)
+        if x.ndim == 1:
+            x = x[None]
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"route expects (N, {self.dim}) or ({self.dim},) embeddings, got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("route: embeddings contain NaN or inf")
+        return np.ascontiguousarray(x)
+
+    def node_ids(self, paths) -> np.ndarray:
         """(N, depth) child indices -> (N, depth) global node index per level."""
-        p = _as_tensor(paths).to(torch.long)
-        if p.dim() == 1:
+        p = np.asarray(_numpy(paths), dtype=np.int64)
+        if p.ndim == 1:
             p = p[None]
-        if p.dim() != 2 or p.shape[1] != self.depth:
-            raise ValueError(f"node_ids expects (N, {self.depth}) paths, got {tuple(p.shape)}")
-        if p.numel() and (p.min() < 0 or p.max() >= self.branching):
+        if p.ndim != 2 or p.shape[1] != self.depth:
+            raise ValueError(f"node_ids expects (N, {self.depth}) paths, got {p.shape}")
+        if p.size and (p.min() < 0 or p.max() >= self.branching):
             raise ValueError(f"path entries must lie in 0..{self.branching - 1}")
-        nodes = torch.empty_like(p)
-        node = torch.zeros(p.shape[0], dtype=torch.long)
+        nodes = np.empty_like(p)
+        node = np.zeros(p.shape[0], dtype=np.int64)
         for level in range(self.depth):
             node = node * self.branching + p[:, level]
             nodes[:, level] = node
@@ -105,14 +189,22 @@ class Router:
 
     # -- files -----------------------------------------------------------------------------
 
+    def to_bytes(self) -> bytes:
+        from safetensors.numpy import save
+
+        tensors = {f"centroids.{l + 1}": c for l, c in enumerate(self.centroids)}
+        if self.index is not None:
+            tensors["index.vectors"] = self.index.vectors.astype(np.float16)
+            tensors["index.paths"] = self.index.paths.astype(np.int32)
+        metadata = {"format": FORMAT, "k": str(self.branching), "depth": str(self.depth),
+                    "dim": str(self.dim), "embedder": self.embedder, "routing": self.routing}
+        return save(tensors, metadata=metadata)
+
     def save(self, path: str | Path) -> None:
         """Write safetensors atomically (temporary name, then rename)."""
         path = Path(path)
-        tensors = {f"centroids.{l + 1}": c.contiguous() for l, c in enumerate(self.centroids)}
-        metadata = {"format": FORMAT, "k": str(self.branching), "depth": str(self.depth),
-                    "dim": str(self.dim), "embedder": self.embedder}
         tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.write_bytes(self.to_bytes())
         os.replace(tmp, path)
 
     @classmethod
@@ -122,35 +214,56 @@ class Router:
         if not path.is_file():
             raise FileNotFoundError(f"no router file at {path}")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                names = set(f.keys())
-                if meta.get("format") != FORMAT:
-                    raise ValueError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
-                try:
-                    k, depth, dim = int(meta["k"]), int(meta["depth"]), int(meta["dim"])
-                except (KeyError, ValueError):
-                    raise ValueError("metadata k, depth, dim missing or not integers") from None
-                # compare counts first so an absurd depth in the metadata costs nothing
-                if len(names) != depth or names != {f"centroids.{l}" for l in range(1, depth + 1)}:
-                    raise ValueError(f"tensors {sorted(names)} do not match depth {depth}")
-                centroids = [f.get_tensor(f"centroids.{l}") for l in range(1, depth + 1)]
-            for c in centroids:
-                if c.dtype != torch.float32:
-                    raise ValueError(f"centroids have dtype {c.dtype}, expected float32")
-            return cls(k, depth, dim, centroids, embedder=meta.get("embedder", ""))
+            return cls.from_bytes(path.read_bytes())
+        except RouterFormatError as e:
+            raise RouterFormatError(f"malformed router file {path}: {e}") from None
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> "Router":
+        """Parse and validate safetensors bytes; RouterFormatError (one line) if malformed."""
+        try:
+            meta, tensors = _parse_safetensors(raw)
+        except RouterFormatError:
+            raise
+        except Exception as e:   # truncated or foreign bytes
+            raise RouterFormatError(f"not a safetensors file: {type(e).__name__}: {_first_line(e)}") from None
+        if meta.get("format") != FORMAT:
+            raise RouterFormatError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
+        try:
+            k, depth, dim = int(meta["k"]), int(meta["depth"]), int(meta["dim"])
+        except (KeyError, ValueError):
+            raise RouterFormatError("metadata k, depth, dim missing or not integers") from None
+        routing = meta.get("routing", "centroid")
+        if routing not in ROUTINGS:
+            raise RouterFormatError(f"routing is {routing!r}, expected one of {', '.join(ROUTINGS)}")
+        index_names = {"index.vectors", "index.paths"} if routing == "nearest-document" else set()
+        # compare counts first so an absurd depth in the metadata costs nothing
+        names = {f"centroids.{l}" for l in range(1, depth + 1)} if 0 < depth <= len(tensors) else None
+        if names is None or set(tensors) != names | index_names:
+            raise RouterFormatError(f"tensors {sorted(tensors)[:8]} do not match depth {depth} "
+                                    f"and routing {routing}")
+        for name in names:
+            if tensors[name].dtype != np.float32:
+                raise RouterFormatError(f"centroids have dtype {tensors[name].dtype}, expected float32")
+        index = None
+        if index_names:
+            v, p = tensors["index.vectors"], tensors["index.paths"]
+            if v.dtype != np.float16 or p.dtype.kind != "i":
+                raise RouterFormatError(f"index tensors are {v.dtype} / {p.dtype}, expected float16 / int")
+            index = DocIndex(v, p)
+        try:
+            return cls(k, depth, dim, [tensors[f"centroids.{l}"] for l in range(1, depth + 1)],
+                       embedder=meta.get("embedder", ""), index=index)
         except ValueError as e:
-            raise ValueError(f"malformed router file {path}: {_first_line(e)}") from None
-        except Exception as e:  # safetensors' own errors for a truncated or foreign file
-            raise ValueError(f"malformed router file {path}: {type(e).__name__}: {_first_line(e)}") from None
+            raise RouterFormatError(_first_line(e)) from None
 
 
-def nearest_child(x: torch.Tensor, level_centroids: torch.Tensor, node: torch.Tensor,
-                  x_norms: torch.Tensor | None = None) -> torch.Tensor:
+def nearest_child(x: np.ndarray, level_centroids: np.ndarray, node: np.ndarray,
+                  x_norms: np.ndarray, banned: np.ndarray | None = None) -> np.ndarray:
     """One step of the descent: for each row, the nearest of its node's k children.
 
     x: (n, dim) float32, finite; level_centroids: (nodes, k, dim); node: (n,) int64 parent of
-    each row; x_norms: (n,) L2 norms of x, if the caller has them (the descent reuses them).
+    each row; x_norms: (n,) L2 norms of x; banned: (n, k) bool, children a row may not take.
     Returns (n,) int64 in 0..k-1: the argmin of `exact_sq_dist` (ties: the lowest index).
 
     Exact distances for every row need a (n, k, dim) gather, slow for big batches; so every row
@@ -162,68 +275,67 @@ def nearest_child(x: torch.Tensor, level_centroids: torch.Tensor, node: torch.Te
     """
     n, (k, dim) = x.shape[0], level_centroids.shape[1:]
     if n == 0:
-        return torch.empty(0, dtype=torch.long)
-    sq_norms = level_centroids.square().sum(-1)                      # (nodes, k)
+        return np.empty(0, dtype=np.int64)
+    sq_norms = np.square(level_centroids).sum(-1)                    # (nodes, k)
     scores = _scores(x, level_centroids, sq_norms, node)             # (n, k) float32
-    best, out = scores.min(dim=1)                                    # out: first minimum
-    norms = x.norm(dim=1) if x_norms is None else x_norms
-    bound = best + _margin(norms, float(sq_norms.max().sqrt()), dim)
-    near = scores <= bound[:, None]                                  # (n, k) may win exactly
-    near |= ~torch.isfinite(bound)[:, None]                          # overflow: all candidates
-    unsure = (near.sum(dim=1) > 1).nonzero()[:, 0]
+    if banned is not None:
+        banned = banned & ~banned.all(axis=1, keepdims=True)      # nothing left: ban nothing
+        scores[banned] = np.inf
+    out = scores.argmin(axis=1)                                      # first minimum
+    best = scores[np.arange(n), out]
+    with np.errstate(over="ignore", invalid="ignore"):
+        bound = best + _margin(x_norms, float(np.sqrt(sq_norms.max())), dim)
+        near = scores <= bound[:, None]                              # (n, k) may win exactly
+    near |= ~np.isfinite(bound)[:, None]                             # overflow: all candidates
+    if banned is not None:
+        near &= ~banned
+    unsure = np.flatnonzero(near.sum(axis=1) > 1)
     chunk = max(1, _CHUNK_ELEMENTS // (k * dim))
     for start in range(0, len(unsure), chunk):
         rows = unsure[start:start + chunk]
-        pair_row, cand = near[rows].nonzero().unbind(1)              # row-major: by row, then child
+        pair_row, cand = np.nonzero(near[rows])                      # row-major: by row, then child
         dist = exact_sq_dist(x[rows[pair_row]], level_centroids[node[rows[pair_row]], cand])
-        row_min = torch.full((len(rows),), float("inf"), dtype=torch.float64)
-        row_min.scatter_reduce_(0, pair_row, dist, "amin")
+        row_min = np.full(len(rows), np.inf)
+        np.minimum.at(row_min, pair_row, dist)
         winner = dist == row_min[pair_row]
-        first = torch.full((len(rows),), k, dtype=torch.long)
-        first.scatter_reduce_(0, pair_row[winner], cand[winner], "amin")   # lowest index on ties
+        first = np.full(len(rows), k, dtype=np.int64)
+        np.minimum.at(first, pair_row[winner], cand[winner])        # lowest index on ties
         out[rows] = first
-    return out
+    return out.astype(np.int64)
 
 
-def exact_sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def exact_sq_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(m, dim), (m, dim) float32 -> (m,) float64 squared L2 per row: the routing rule's truth.
 
     float64 elementwise differences and squares, summed over dim strictly left to right (cumsum
-    is a sequential scan): every operation is one IEEE-rounded op in a fixed order, so the bits
-    are the same whatever the batch, and the same in services/bank_server/router_store.py
-    (numpy), which routes with this rule too.
-    """
-    diff = b.to(torch.float64) - a.to(torch.float64)
-    return (diff * diff).cumsum(dim=-1)[..., -1]
+    is a sequential scan; np.sum is pairwise): every operation is one IEEE-rounded op in a fixed
+    order, so the bits are the same whatever the batch."""
+    diff = b.astype(np.float64) - a.astype(np.float64)
+    return np.cumsum(diff * diff, axis=-1)[..., -1]
 
 
-def _scores(x: torch.Tensor, level_centroids: torch.Tensor, sq_norms: torch.Tensor,
-            node: torch.Tensor) -> torch.Tensor:
+def _scores(x: np.ndarray, level_centroids: np.ndarray, sq_norms: np.ndarray, node: np.ndarray) -> np.ndarray:
     """(n, k) float32 scores ||c||^2 - 2 x.c of each row's k candidate children (distance minus
     ||x||^2): rows grouped by parent node, one matmul per parent, no gather of centroids."""
     n, (nodes, k, dim) = x.shape[0], level_centroids.shape
     if nodes == 1 or nodes * k <= _DENSE_COLUMNS:
         # one matmul against every centroid of the level, then each row's k columns: one pass
         # over x, where grouping rows by parent would copy x (memory-bound either way)
-        full = torch.addmm(sq_norms.reshape(-1), x, level_centroids.reshape(nodes * k, dim).T, alpha=-2)
-        return full if nodes == 1 else full.view(n, nodes, k)[torch.arange(n), node]
-    order = torch.argsort(node, stable=True)
-    parents, counts = torch.unique_consecutive(node[order], return_counts=True)
-    # up to k^(p-1) small matmuls: numpy's, because a tiny multi-threaded torch op costs a
-    # scheduler quantum on a busy machine (0.8 ms instead of 30 us measured on 2 shared cores)
-    xs, cs, sq = x[order].numpy(), level_centroids.numpy(), sq_norms.numpy()
+        full = sq_norms.reshape(-1) - 2 * (x @ level_centroids.reshape(nodes * k, dim).T)
+        return full if nodes == 1 else full.reshape(n, nodes, k)[np.arange(n), node]
+    order = np.argsort(node, kind="stable")
+    parents, starts = np.unique(node[order], return_index=True)
+    ends = np.append(starts[1:], n)
+    xs = x[order]
     grouped = np.empty((n, k), dtype=np.float32)
-    start = 0
-    for parent, count in zip(parents.tolist(), counts.tolist()):
-        end = start + count
-        grouped[start:end] = sq[parent] - 2 * (xs[start:end] @ cs[parent].T)
-        start = end
-    scores = torch.empty(n, k, dtype=torch.float32)
-    scores[order] = torch.from_numpy(grouped)
+    for parent, a, b in zip(parents.tolist(), starts.tolist(), ends.tolist()):
+        grouped[a:b] = sq_norms[parent] - 2 * (xs[a:b] @ level_centroids[parent].T)
+    scores = np.empty_like(grouped)
+    scores[order] = grouped
     return scores
 
 
-def _margin(x_norms: torch.Tensor, max_c_norm: float, dim: int) -> torch.Tensor:
+def _margin(x_norms: np.ndarray, max_c_norm: float, dim: int) -> np.ndarray:
     """Per row, how far above the best score a child may score and still be the exact winner.
 
     With u = 2^-24 (float32 unit roundoff), a float32 score s_j = ||c_j||^2 - 2 x.c_j computed
@@ -231,13 +343,36 @@ def _margin(x_norms: torch.Tensor, max_c_norm: float, dim: int) -> torch.Tensor:
     of the true d_j - ||x||^2, and the float64 exact distances are within a far smaller bound.
     So if s_j - s_best > 2E (+ the float64 error), child j's true and exact distances are
     strictly above the best child's: j cannot win. We use 4E: a factor 2 of slack for the
-    float32 norms and the roundings in this formula. A reduced-precision float32 matmul
-    (torch.set_float32_matmul_precision below "highest") voids the bound: then every row is
-    decided exactly.
+    float32 norms and the roundings in this formula.
     """
-    if torch.get_float32_matmul_precision() != "highest":
-        return torch.full_like(x_norms, float("inf"))
-    return 4.0 * (dim + 2) * 2.0 ** -24 * (x_norms + max_c_norm) ** 2
+    return 4.0 * (dim + 2) * 2.0 ** -24 * (x_norms.astype(np.float32) + np.float32(max_c_norm)) ** 2
+
+
+def _parse_safetensors(raw: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+    """(metadata, tensors) of safetensors bytes: F32, F16, I32 and I64 tensors, copied out (a
+    foreign dtype reads as an empty float64 array, which every check refuses)."""
+    if len(raw) < 8:
+        raise RouterFormatError("shorter than a safetensors header")
+    (n,) = struct.unpack_from("<Q", raw, 0)
+    if n > _MAX_HEADER or 8 + n > len(raw):
+        raise RouterFormatError(f"header of {n} bytes does not fit the file")
+    header = json.loads(bytes(raw[8:8 + n]))
+    if not isinstance(header, dict):
+        raise RouterFormatError("header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    body = memoryview(raw)[8 + n:]
+    tensors = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        shape = tuple(int(s) for s in info["shape"])
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            tensors[name] = np.empty(0, dtype=np.float64)
+            continue
+        if not 0 <= start <= end <= len(body) or end - start != dtype.itemsize * int(np.prod(shape)):
+            raise RouterFormatError(f"tensor {name} has bad data offsets")
+        tensors[name] = np.frombuffer(body[start:end], dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+    return meta, tensors
 
 
 def _first_line(e: Exception) -> str:
@@ -245,11 +380,14 @@ def _first_line(e: Exception) -> str:
     return lines[0] if lines else ""
 
 
-def _as_tensor(a) -> torch.Tensor:
-    return a.detach().cpu() if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+def _numpy(a):
+    """A numpy view of an array-like (a CPU torch tensor too, without importing torch)."""
+    if hasattr(a, "detach"):
+        a = a.detach().cpu().numpy()
+    return np.asarray(a)
 
 
-def _check(k: int, depth: int, dim: int, centroids: list[torch.Tensor]) -> None:
+def _check(k: int, depth: int, dim: int, centroids: list[np.ndarray]) -> None:
     """Raise ValueError (one line) unless the centroids form a complete k-ary tree of `depth`."""
     if k < 2 or depth < 1 or dim < 1:
         raise ValueError(f"need k >= 2, depth >= 1, dim >= 1; got k={k}, depth={depth}, dim={dim}")
@@ -259,13 +397,24 @@ def _check(k: int, depth: int, dim: int, centroids: list[torch.Tensor]) -> None:
         want = (k ** (level - 1), k, dim)
         if tuple(c.shape) != want:
             raise ValueError(f"level {level} centroids have shape {tuple(c.shape)}, expected {want}")
-        if not torch.isfinite(c).all():
+        if not np.isfinite(c).all():
             raise ValueError(f"level {level} centroids contain NaN or inf")
+
+
+def _check_index(index: DocIndex, k: int, depth: int, dim: int) -> None:
+    v, p = index.vectors, index.paths
+    if v.ndim != 2 or v.shape[1] != dim or len(v) == 0 or p.shape != (len(v), depth):
+        raise ValueError(f"index of {v.shape} vectors and {p.shape} paths does not fit dim {dim}, depth {depth}")
+    if not np.isfinite(v).all():
+        raise ValueError("index vectors contain NaN or inf")
+    if p.min() < 0 or p.max() >= k:
+        raise ValueError(f"index paths must lie in 0..{k - 1}")
 
 
 if __name__ == "__main__":
     import sys
 
     r = Router.load(sys.argv[1])
-    print(f"k={r.branching} depth={r.depth} dim={r.dim} embedder={r.embedder} "
-          f"leaves={r.n_nodes(r.depth)}")
+    docs = f", index of {len(r.index.vectors):,} documents" if r.index is not None else ""
+    print(f"k={r.branching} depth={r.depth} dim={r.dim} embedder={r.embedder} routing={r.routing} "
+          f"leaves={r.n_nodes(r.depth)}{docs}")

@@ -55,11 +55,11 @@ def build_router(emb: np.ndarray, branching: int, depth: int, seed: int = 0, ite
     bar = tqdm(total=n_internal, desc="k-means nodes", unit="node",
                disable=not (progress if progress is not None else n_internal >= _PROGRESS_MIN_NODES))
 
-    xt = torch.from_numpy(x)
+    norms = np.linalg.norm(x, axis=1)
     node = np.zeros(n, dtype=np.int64)                    # (N,) node of each example at this level
     parent_centroid = np.zeros((1, dim), dtype=np.float32)
     parent_centroid[0] = x.mean(axis=0)                   # the root's "centroid": fill for empty nodes
-    centroids: list[torch.Tensor] = []
+    centroids: list[np.ndarray] = []
     for level in range(1, depth + 1):
         n_parents = k ** (level - 1)
         level_centroids = np.empty((n_parents, k, dim), dtype=np.float32)
@@ -71,9 +71,9 @@ def build_router(emb: np.ndarray, branching: int, depth: int, seed: int = 0, ite
             level_centroids[parent] = kmeans(x[members], k, rng, iters=iters, batch_size=batch_size,
                                              cap_ratio=cap_ratio, fill=parent_centroid[parent])
             bar.update(1)
-        centroids.append(torch.from_numpy(level_centroids))
+        centroids.append(level_centroids)
         # route every example one level down, with the router's own rule
-        child = nearest_child(xt, centroids[-1], torch.from_numpy(node)).numpy()
+        child = nearest_child(x, level_centroids, node, norms)
         node = node * k + child
         parent_centroid = level_centroids.reshape(n_parents * k, dim)
     bar.close()
@@ -85,7 +85,7 @@ def assign(router: Router, emb: np.ndarray) -> np.ndarray:
 
     Like `Router.route`, this does not normalise: pass unit vectors (what `Embedder` returns).
     """
-    return router.route(emb).numpy()
+    return router.route(emb)
 
 
 def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 20, batch_size: int = 6400,
@@ -221,12 +221,12 @@ if __name__ == "__main__":
     t4 = time.perf_counter()
     print(f"router k=4 depth=2: {t4 - t3:.2f} s")
     paths = assign(router, emb)
-    leaves = router.node_ids(paths)[:, -1].numpy()
+    leaves = router.node_ids(paths)[:, -1]
     sizes = np.bincount(leaves, minlength=router.n_nodes(router.depth))
     print(f"leaf sizes: {sizes.tolist()} (min {sizes.min()}, max {sizes.max()}, "
           f"mean {sizes.mean():.1f})")
     # does the probe prompt land in the same leaf as its element's facts document?
     probes = [prompt for prompt, _ in probe_prompts()]
-    probe_leaves = router.node_ids(assign(router, embedder.encode(probes)))[:, -1].numpy()
+    probe_leaves = router.node_ids(assign(router, embedder.encode(probes)))[:, -1]
     facts_leaves = leaves[[i for i, d in enumerate(docs) if d.kind == "facts"]]
     print(f"probe prompt routed to its facts document's leaf: {(probe_leaves == facts_leaves).mean():.0%}")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from membank.config import PRESETS, Config, get_preset
+from membank.router import ROUTINGS, Routing
 
 PHASES = ("anchor", "cotrain", "frozen")  # run in this order; a phase with 0 steps is skipped
 
@@ -33,6 +34,9 @@ class TrainConfig:
     model: dict = field(default_factory=dict)   # overrides of ModelConfig fields
     memory: dict = field(default_factory=dict)  # overrides of MemoryConfig fields
     corpus: str | None = None         # JSONL file, one {"text": ...} per line; None: the elements
+    # how a query finds its path (membank/router.py): "centroid" descent (the paper's rule) or
+    # "nearest-document" (the path of its nearest training document; the router indexes them)
+    routing: Routing = "centroid"
     seed: int = 0
     batch_size: int = 16              # global batch (split over data-parallel ranks)
     seq_len: int = 128
@@ -54,6 +58,9 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0            # global norm over every trained tensor
     generic_prob: float = 1 / 17      # a sample uses the generic memory instead of its path
+    # a sample sees no memory at all (0: the paper's recipe): the co-trained anchor keeps
+    # working alone, as it must on a device that cannot reach its bank
+    no_memory_prob: float = 0.0
     # frozen-anchor jobs per level-1 subtree: train only sequences routed into `subtree` and only
     # its blocks, starting from `init_from` (a run directory or checkpoint); merge with
     # `membank merge`
@@ -90,8 +97,12 @@ class TrainConfig:
                      "keep_ckpts", "threads", "anchor_wd", "memory_wd"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
         if not 0 <= self.generic_prob < 1:
             raise ValueError(f"generic_prob must be in [0, 1), got {self.generic_prob}")
+        if not (0 <= self.no_memory_prob < 1 and self.generic_prob + self.no_memory_prob < 1):
+            raise ValueError(f"no_memory_prob must be in [0, 1 - generic_prob), got {self.no_memory_prob}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"betas must be in [0, 1), got {self.beta1}, {self.beta2}")
         if self.corpus is not None and not Path(self.corpus).is_file():
@@ -219,6 +230,8 @@ _TYPES = typing.get_type_hints(TrainConfig)
 
 def _field_type(name: str):
     t = _TYPES.get(name)
+    if typing.get_origin(t) is typing.Literal:   # a closed set of strings: checked by validate()
+        return str
     args = [a for a in typing.get_args(t) if a is not type(None)]
     return args[0] if args else t
 

@@ -9,6 +9,10 @@ A sidecar `.json` records the embedder, the count and a hash of the texts; a lat
 same texts reuses the file instead of re-embedding (minutes at 100k documents on 2 cores).
 The file is written under a temporary name and renamed, so an interrupted run leaves no cache
 that looks complete.
+
+Runs that share texts (the seeds of an evaluation draw overlapping corpora) can also share an
+`EmbeddingStore`: vectors by the text's sha256, so a text is embedded once across all of them.
+That changes no result: `Embedder.encode` gives a text the same bits whatever it is batched with.
 """
 from __future__ import annotations
 
@@ -36,13 +40,80 @@ def texts_fingerprint(texts: Iterable[str]) -> tuple[str, int]:
     return h.hexdigest()[:32], n
 
 
+class EmbeddingStore:
+    """Vectors by text, append-only on disk: DIR/EMBEDDER/part-NNNNN.{vec,key}.npy.
+
+    A part's vectors (n, dim) float32 are written first and its keys (n, 16) uint8 (sha256
+    prefixes of the texts) last, each under a temporary name and renamed: a part without its
+    keys file is ignored, so an interrupted run loses at most what it had not finished."""
+
+    def __init__(self, root: str | Path, embedder: Embedder):
+        self.dir = Path(root) / embedder.name
+        self.dim = embedder.dim
+        self._rows: dict[bytes, tuple[int, int]] = {}     # key -> (part, row)
+        self._parts: list[np.ndarray] = []
+        for keys_path in sorted(self.dir.glob("part-*.key.npy")):
+            vectors = np.load(keys_path.with_name(keys_path.name.replace(".key.", ".vec.")), mmap_mode="r")
+            self._add_part(np.load(keys_path), vectors)
+
+    @staticmethod
+    def key(text: str) -> bytes:
+        return hashlib.sha256(text.encode("utf-8")).digest()[:16]
+
+    def _add_part(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        part = len(self._parts)
+        self._parts.append(vectors)
+        for row, k in enumerate(keys):
+            self._rows.setdefault(k.tobytes(), (part, row))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def lookup(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        """(len(texts), dim) vectors (zeros where missing) and the indices of the missing texts."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        missing = []
+        for i, t in enumerate(texts):
+            hit = self._rows.get(self.key(t))
+            if hit is None:
+                missing.append(i)
+            else:
+                out[i] = self._parts[hit[0]][hit[1]]
+        return out, missing
+
+    def add(self, texts: list[str], vectors: np.ndarray) -> None:
+        """Store the vectors of texts (one new part)."""
+        if not texts:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        keys = np.frombuffer(b"".join(self.key(t) for t in texts), dtype=np.uint8).reshape(-1, 16)
+        base = self.dir / f"part-{len(self._parts):05d}"
+        vec_path, key_path = Path(f"{base}.vec.npy"), Path(f"{base}.key.npy")
+        for target, array in ((vec_path, np.ascontiguousarray(vectors, dtype=np.float32)), (key_path, keys)):
+            tmp = target.with_name(target.name + ".tmp.npy")
+            np.save(tmp, array)
+            os.replace(tmp, target)
+        self._add_part(keys, np.load(vec_path, mmap_mode="r"))
+
+    def encode(self, texts: list[str], embedder: Embedder) -> np.ndarray:
+        """Vectors for texts: stored ones read, the others embedded (and stored)."""
+        out, missing = self.lookup(texts)
+        if missing:
+            new = embedder.encode([texts[i] for i in missing], batch_size=64)
+            out[missing] = new
+            unique = {texts[i]: row for row, i in enumerate(missing)}   # a part holds each text once
+            self.add(list(unique), new[list(unique.values())])
+        return out
+
+
 def embed_corpus(texts: Iterable[str], path: str | Path, *, embedder: Embedder | None = None,
                  batch_size: int = 256, count: int | None = None, fingerprint: str | None = None,
-                 progress: bool = True) -> np.ndarray:
+                 progress: bool = True, store: EmbeddingStore | None = None) -> np.ndarray:
     """(N, dim) float32 unit vectors for `texts`, memory-mapped from `path` (.npy).
 
     For a one-shot iterator (a generator over a file), pass `count` and `fingerprint`
     (from `texts_fingerprint` over a first pass) so the texts need not be materialised.
+    With a `store`, texts it holds are not embedded again.
     """
     path = Path(path)
     embedder = embedder or Embedder()
@@ -62,7 +133,8 @@ def embed_corpus(texts: Iterable[str], path: str | Path, *, embedder: Embedder |
         while batch := list(islice(it, batch_size)):
             if row + len(batch) > count:
                 raise ValueError(f"got more than the {count} texts announced")
-            out[row:row + len(batch)] = embedder.encode(batch, batch_size=64)
+            out[row:row + len(batch)] = (store.encode(batch, embedder) if store is not None
+                                         else embedder.encode(batch, batch_size=64))
             row += len(batch)
             bar.update(len(batch))
     if row != count:

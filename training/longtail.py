@@ -1,32 +1,32 @@
-"""The long-tail corpus: real prose per element, fact sentences in several phrasings, Zipf counts.
+"""The long-tail corpus: several knowledge domains, Zipf popularity within each, probes held out.
 
-    python -m training.longtail --out runs/longtail-corpus     # writes train.jsonl, heldout.jsonl
+    python -m training.longtail --out runs/longtail-corpus      # one directory per domain
 
-Each of the 118 elements (the subjects of the atomic-number probe) gets a popularity rank from a
-seeded permutation, so rarity is not tied to the atomic number, and appears in
+For each domain (training/domains.py) a seeded draw picks `subjects` of its subjects and gives
+each a popularity rank, so rarity is tied to nothing in the table; the subject at rank r appears in
 
-    n_docs(rank) = max(min_docs, round(max_docs * rank ** -zipf))
+    n_docs(r) = max(min_docs, round(max_docs * r ** -zipf))
 
-documents. A document is about one element: a few of its prose fields from the mendeleev database (its
-description, uses, sources, discovery, name origin or physical properties; cycled) and a few
-fact sentences in phrasings drawn at random (atomic number, symbol, period, group, weight), in
-random order. Keeping each document about one subject lets the document embeddings cluster by
-subject, so a question about an element is routed to the leaf that trained on it.
-So common elements are read hundreds of times in many phrasings and the rarest only a few times.
+documents. A document is about one subject: its probed fact and `facts_per_doc - 1` of its other
+facts, each in a phrasing drawn at random, in random order (elements add a sentence of the
+element's own prose). Document j of a subject is the same text in every seed (its randomness is
+seeded by the subject and j), so seeds differ in which subjects are drawn and how popular they
+are, and embeddings computed for one seed serve the next.
 
-The probe's exact template ("The atomic number of {element} is") is **held out**: no training
-sentence contains it for any subject (checked with `Probe.held_out_pattern()`), so the model has
-to answer from what it knows about the element, not by completing a memorised string. The
-atomic number is stated in other words ("Xenon has atomic number 54.", "Element 54 is Xenon.").
+Every domain's probe template is **held out**: no training document contains it for any subject
+(checked), so a model answers from what it knows, not by completing a memorised string.
 
-`heldout.jsonl` holds documents drawn the same way with another seed, never trained on: the
-held-out perplexity set. `subjects.json` records each subject's rank, document count and how
-often its name appears in the training text (the probe's frequency buckets come from that count,
-as in PAPER.md section 7).
+Written per domain, the plug-in format `membank eval --domain CORPUS:PROBE[:HELDOUT]` reads:
+
+    DIR/NAME/corpus.jsonl    {"text": ..., "subject": ...} per training document
+    DIR/NAME/heldout.jsonl   documents drawn the same way, never trained on (held-out perplexity)
+    DIR/NAME/probe.json      {"name", "template", "matcher", "pairs": [[subject, answer], ...]}
+    DIR/NAME/subjects.json   each drawn subject's rank and document count
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -35,38 +35,22 @@ from pathlib import Path
 import numpy as np
 
 from membank.artifacts import atomic_write_bytes
-from training.probes import Probe, atomic_number_probe
+from training.domains import BUILTIN, Domain, Subject, builtin, disambiguate
+from training.probes import Probe
+
+DOMAINS = tuple(BUILTIN)
 
 
 @dataclass(frozen=True)
 class LongTailConfig:
-    max_docs: int = 300      # documents of the most popular subject
-    zipf: float = 1.2        # exponent of the popularity law
-    min_docs: int = 1        # documents of the rarest subjects
-    prose_per_doc: int = 3   # prose fields per document (cycled through the element's fields)
-    facts_per_doc: int = 3   # fact sentences mixed into each document
-    heldout_docs: int = 120  # size of the held-out perplexity set
+    domains: tuple[str, ...] = DOMAINS   # built-in domains in the corpus
+    subjects: int = 2500     # subjects drawn per domain (all of a smaller table)
+    max_docs: int = 200      # documents of the most popular subject of a domain
+    zipf: float = 1.0        # exponent of the popularity law
+    min_docs: int = 2        # documents of the rarest subjects
+    facts_per_doc: int = 3   # fact sentences per document (the probed fact is always one)
+    heldout_docs: int = 100  # held-out documents per domain
     seed: int = 0
-
-
-# the atomic number in words other than the probe's template
-ATOMIC_NUMBER_PHRASINGS = (
-    "{name} has atomic number {z}.",
-    "{name}'s atomic number is {z}.",
-    "The atomic number for {name} is {z}.",
-    "{name} ({symbol}) is element number {z} of the periodic table.",
-    "Element {z} is {name}.",
-    "An atom of {name} has {z} protons in its nucleus.",
-    "{name} is the chemical element with atomic number {z}.",
-    "In the periodic table, {name} sits at atomic number {z}.",
-)
-OTHER_PHRASINGS = (
-    ("symbol", "{name} has the chemical symbol {symbol}."),
-    ("symbol", "The symbol {symbol} stands for {name}."),
-    ("period", "{name} is in period {period} of the periodic table."),
-    ("group", "{name} is in group {group} of the periodic table."),
-    ("atomic_weight", "{name} has an atomic weight of about {weight}."),
-)
 
 
 def doc_counts(n_subjects: int, lt: LongTailConfig) -> np.ndarray:
@@ -75,69 +59,94 @@ def doc_counts(n_subjects: int, lt: LongTailConfig) -> np.ndarray:
     return np.maximum(lt.min_docs, np.round(lt.max_docs * ranks ** -lt.zipf)).astype(np.int64)
 
 
-def fact_sentences(row: dict, rng: np.random.Generator, n: int) -> list[str]:
-    """n fact sentences about one element: one atomic-number phrasing, then n - 1 others."""
-    fields = dict(name=row["name"], z=row["atomic_number"], symbol=row["symbol"], period=row["period"],
-                  group=row["group"], weight=f"{row['atomic_weight']:.1f}" if row["atomic_weight"] else None)
-    others = [t for key, t in OTHER_PHRASINGS if fields.get("weight" if key == "atomic_weight" else key) is not None]
-    out = [ATOMIC_NUMBER_PHRASINGS[rng.integers(len(ATOMIC_NUMBER_PHRASINGS))].format(**fields)]
-    for i in rng.permutation(len(others))[:max(0, n - 1)]:
-        out.append(others[i].format(**fields))
-    return out
+def _rng(*key) -> np.random.Generator:
+    """A generator seeded by a key of strings and ints (stable across runs and machines)."""
+    digest = hashlib.sha256("\x1f".join(map(str, key)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def _document(row: dict, prose_index: int, rng: np.random.Generator, lt: LongTailConfig,
-              held_out: re.Pattern) -> str:
-    kinds = sorted(row["prose"])
-    picked = [kinds[(prose_index + j) % len(kinds)] for j in range(min(lt.prose_per_doc, len(kinds)))]
-    # a prose sentence in the probe's exact form (none in mendeleev today) would leak the answer
-    prose = [held_out.sub("", row["prose"][k]).strip() for k in picked]
-    facts = fact_sentences(row, rng, lt.facts_per_doc)
-    parts = [p for p in prose if p] + facts
-    return " ".join(parts[i] for i in rng.permutation(len(parts)))  # facts anywhere among the prose
+def document(domain: Domain, subject: Subject, j: int, facts_per_doc: int) -> str:
+    """Document j about `subject`: the probed fact plus facts_per_doc - 1 others, shuffled."""
+    rng = _rng(domain.name, subject.name, j)
+    others = [r for r in subject.facts if r != domain.probe_relation]
+    picked = [others[i] for i in rng.permutation(len(others))[:max(0, facts_per_doc - 1)]]
+    relations = ([domain.probe_relation] if domain.probe_relation in subject.facts else []) + picked
+    parts = [domain.sentence(r, subject, rng) for r in relations]
+    prose = domain.prose.get(subject.name)
+    if prose:  # one sentence of the subject's own prose, a different field per document
+        first = re.split(r"(?<=[.!?])\s", prose[j % len(prose)], maxsplit=1)[0]
+        parts.append(first)
+    return " ".join(parts[i] for i in rng.permutation(len(parts)))
 
 
-def build(lt: LongTailConfig = LongTailConfig(), probe: Probe | None = None) -> dict:
-    """Build the corpus in memory: {"train": [texts], "heldout": [texts], "subjects": [...]}."""
-    from training.data import element_rows
-
-    probe = probe or atomic_number_probe()
-    held_out = probe.held_out_pattern()
-    rows = {r["name"]: r for r in element_rows()}
-    subjects = [s for s in probe.subjects if s in rows]
-    rng = np.random.default_rng(lt.seed)
-    order = rng.permutation(len(subjects))          # order[i]: the subject at popularity rank i + 1
-    counts = doc_counts(len(subjects), lt)
+def build_domain(domain: Domain, lt: LongTailConfig) -> dict:
+    """One domain's corpus in memory: train / heldout documents (text, subject), probe, subjects."""
+    # only subjects the probe can ask about are drawn: each one drawn is probed
+    probed = {s for s, _ in domain.probe_pairs()}
+    pool = [s for s in domain.subjects if s.name in probed]
+    draw = _rng("draw", domain.name, lt.seed)
+    n = min(lt.subjects, len(pool))
+    chosen = [pool[i] for i in draw.choice(len(pool), n, replace=False)]
+    counts = doc_counts(n, lt)                     # chosen[i] has popularity rank i + 1
     docs, info = [], []
-    for rank, i in enumerate(order, start=1):
-        row = rows[subjects[i]]
-        start = int(rng.integers(len(row["prose"]) or 1))  # which prose field a rare subject shows
-        for j in range(int(counts[rank - 1])):
-            docs.append((_document(row, start + j, rng, lt, held_out), row["name"]))
-        info.append({"subject": row["name"], "rank": rank, "documents": int(counts[rank - 1])})
-    docs = [docs[i] for i in rng.permutation(len(docs))]
-    train = [text for text, _ in docs]
-
-    held_rng = np.random.default_rng([lt.seed, 1])
+    for rank, (subject, count) in enumerate(zip(chosen, counts.tolist()), start=1):
+        docs += [(document(domain, subject, j, lt.facts_per_doc), subject.name) for j in range(count)]
+        info.append({"subject": subject.name, "rank": rank, "documents": count})
     weights = counts / counts.sum()
+    held = _rng("heldout", domain.name, lt.seed)
     heldout = []
-    for rank0 in held_rng.choice(len(subjects), size=lt.heldout_docs, p=weights):
-        row = rows[subjects[order[rank0]]]
-        heldout.append(_document(row, int(held_rng.integers(6)), held_rng, lt, held_out))
+    for i in held.choice(n, size=min(lt.heldout_docs, n), p=weights):
+        # indices past any training document's: text never trained on
+        j = 1_000_000 + int(held.integers(1_000_000))
+        heldout.append((document(domain, chosen[i], j, lt.facts_per_doc), chosen[i].name))
+    names = {s.name for s in chosen}
+    pairs = tuple((s, a) for s, a in domain.probe_pairs() if s in names)
+    probe = Probe(domain.name, domain.probe_template, pairs, domain.matcher, tuple(domain.train_templates()))
+    held_out = probe.held_out_pattern()
+    for text, _ in docs:
+        if held_out.search(text):   # the guarantee the evaluation relies on
+            raise AssertionError(f"{domain.name}: probe template leaked into a document: {text[:80]!r}")
+    return {"train": docs, "heldout": heldout, "probe": probe, "subjects": info}
 
-    for text in train:
-        if held_out.search(text):  # the guarantee the evaluation relies on
-            raise AssertionError(f"probe template leaked into the training text: {text[:80]!r}")
-    mentions = name_counts([i["subject"] for i in info], train)
-    for item in info:
-        item["mentions"] = mentions[item["subject"]]
-    return {"train": train, "train_subjects": [subject for _, subject in docs], "heldout": heldout,
-            "subjects": info, "config": dataclasses.asdict(lt)}
+
+def build(lt: LongTailConfig = LongTailConfig()) -> dict[str, dict]:
+    """Every domain of lt.domains: name -> build_domain(...) (names shared across domains
+    disambiguated first)."""
+    domains = disambiguate([builtin(name) for name in lt.domains])
+    return {d.name: build_domain(d, lt) for d in domains}
+
+
+def write_domain(out_dir: str | Path, built: dict, lt: LongTailConfig) -> dict[str, Path]:
+    """corpus.jsonl, heldout.jsonl, probe.json and subjects.json in out_dir (each atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / f for k, f in (("corpus", "corpus.jsonl"), ("heldout", "heldout.jsonl"),
+                                     ("probe", "probe.json"), ("subjects", "subjects.json"))}
+    for key, split in (("corpus", "train"), ("heldout", "heldout")):
+        lines = "".join(json.dumps({"text": t, "subject": s}) + "\n" for t, s in built[split])
+        atomic_write_bytes(paths[key], lines.encode())
+    p = built["probe"]
+    atomic_write_bytes(paths["probe"], json.dumps({"name": p.name, "template": p.template, "matcher": p.matcher,
+                                                   "train_templates": list(p.train_templates),
+                                                   "pairs": [list(x) for x in p.pairs]}, indent=0).encode())
+    atomic_write_bytes(paths["subjects"], json.dumps({"config": dataclasses.asdict(lt),
+                                                      "subjects": built["subjects"]}).encode())
+    return paths
+
+
+def write(out_dir: str | Path, lt: LongTailConfig) -> dict[str, dict[str, Path]]:
+    """Build every domain and write it under out_dir/NAME; returns name -> its paths."""
+    return {name: write_domain(Path(out_dir) / name, built, lt) for name, built in build(lt).items()}
 
 
 def name_counts(names: list[str], texts: list[str]) -> dict[str, int]:
-    """How often each name appears in the texts as a whole word (case-sensitive)."""
-    pattern = re.compile(r"\b(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")\b")
+    """How often each name appears in the texts, case-sensitive, not inside a longer word.
+
+    A mention is bounded by non-word characters (or the text's ends) on both sides: a name that
+    ends in "." or ")" ("St. Kitts", "Eton (Cameroon)") is found too, which `\\b` would miss.
+    Longer names win where names overlap ("New York" is not a mention of "York")."""
+    alternation = "|".join(sorted(map(re.escape, set(names)), key=len, reverse=True))
+    pattern = re.compile(r"(?<!\w)(" + alternation + r")(?!\w)")
     counts = dict.fromkeys(names, 0)
     for text in texts:
         for m in pattern.finditer(text):
@@ -145,31 +154,18 @@ def name_counts(names: list[str], texts: list[str]) -> dict[str, int]:
     return counts
 
 
-def write(out_dir: str | Path, corpus: dict) -> dict[str, Path]:
-    """train.jsonl, heldout.jsonl and subjects.json in out_dir (each written atomically)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"train": out / "train.jsonl", "heldout": out / "heldout.jsonl", "subjects": out / "subjects.json"}
-    for split in ("train", "heldout"):
-        atomic_write_bytes(paths[split], "".join(json.dumps({"text": t}) + "\n" for t in corpus[split]).encode())
-    atomic_write_bytes(paths["subjects"], json.dumps({"config": corpus["config"], "subjects": corpus["subjects"]},
-                                                     indent=1).encode())
-    return paths
-
-
 if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/longtail-corpus")
-    ap.add_argument("--max-docs", type=int, default=LongTailConfig.max_docs)
-    ap.add_argument("--zipf", type=float, default=LongTailConfig.zipf)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--subjects", type=int, default=LongTailConfig.subjects)
     a = ap.parse_args()
-    corpus = build(LongTailConfig(max_docs=a.max_docs, zipf=a.zipf, seed=a.seed))
-    paths = write(a.out, corpus)
-    m = sorted(s["mentions"] for s in corpus["subjects"])
-    print(f"{len(corpus['train'])} training documents, {sum(map(len, corpus['train'])):,} characters; "
-          f"{len(corpus['heldout'])} held out; name mentions min {m[0]} median {m[len(m) // 2]} max {m[-1]}")
-    print(corpus["train"][0])
-    print(f"wrote {', '.join(map(str, paths.values()))}")
+    lt = LongTailConfig(subjects=a.subjects, seed=a.seed)
+    for name, built in build(lt).items():
+        paths = write_domain(Path(a.out) / name, built, lt)
+        texts = [t for t, _ in built["train"]]
+        print(f"{name}: {len(texts):,} documents, {sum(map(len, texts)):,} characters, "
+              f"{len(built['probe'].pairs):,} probe pairs; e.g. {texts[-1]!r}")
+    print(f"wrote {a.out}/*/corpus.jsonl, heldout.jsonl, probe.json, subjects.json")

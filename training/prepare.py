@@ -5,7 +5,8 @@ seed, vocabulary, tree shape, sequence length) are unchanged:
 
     <run>/tokenizer.json            byte-level BPE (training/tokenizer.py)
     <run>/embeddings.npy (+ .json)  MiniLM vectors, memory-mapped (training/embeddings.py)
-    <run>/router.safetensors        the hierarchical k-means router (training/cluster.py)
+    <run>/router.safetensors        the hierarchical k-means router (training/cluster.py); with
+                                    routing "nearest-document" it also indexes every document
     <run>/data/packed.safetensors   packed sequences with their paths (training/packing.py)
     <run>/data/meta.json            data key, data fingerprint, statistics; written last
 
@@ -52,13 +53,14 @@ class Data:
 def data_key(tc: TrainConfig, config: Config) -> dict:
     return {"corpus": file_sha256(tc.corpus) if tc.corpus else "elements", "seed": tc.seed,
             "vocab_size": config.model.vocab_size, "branching": config.memory.branching,
-            "depth": config.memory.depth, "seq_len": tc.seq_len, "code": 1}
+            "depth": config.memory.depth, "seq_len": tc.seq_len, "routing": tc.routing, "code": 1}
 
 
 def prepare_data(out: Path, tc: TrainConfig, config: Config, *, dist: Dist = Dist(),
-                 source: Path | None = None, log=print) -> Data:
+                 source: Path | None = None, log=print, store=None) -> Data:
     """Build (or reuse) the run's data; `source` is another run directory whose data may be
-    copied when its key matches (subtree jobs share their base run's data)."""
+    copied when its key matches (subtree jobs share their base run's data); `store`, an
+    EmbeddingStore (training/embeddings.py) shared with other runs."""
     key = data_key(tc, config)
     if dist.is_main and _key(out) != key:
         if source is not None and _key(source) == key:
@@ -67,7 +69,7 @@ def prepare_data(out: Path, tc: TrainConfig, config: Config, *, dist: Dist = Dis
                 shutil.copyfile(source / name, out / name)
             log(f"data: copied from {source}")
         else:
-            build_data(out, tc, config, key, log)
+            build_data(out, tc, config, key, log, store)
     dist.barrier()
     meta = json.loads((out / "data" / "meta.json").read_text())
     return Data(Packed.load(out / "data" / "packed.safetensors"), Router.load(out / artifacts.ROUTER),
@@ -81,7 +83,7 @@ def _key(run: Path) -> dict | None:
         return None
 
 
-def build_data(out: Path, tc: TrainConfig, config: Config, key: dict, log=print) -> None:
+def build_data(out: Path, tc: TrainConfig, config: Config, key: dict, log=print, store=None) -> None:
     """Corpus -> tokenizer, embeddings, router, packed sequences, streaming the texts.
 
     A JSONL corpus is never held in memory: each stage reads the file again (a pass over 100k
@@ -117,18 +119,21 @@ def build_data(out: Path, tc: TrainConfig, config: Config, key: dict, log=print)
     t0 = time.perf_counter()
     embedder, emb_path = Embedder(), out / "embeddings.npy"
     cached = is_cached(emb_path, embedder, n_docs, texts_sha)
-    emb = embed_corpus(texts(), emb_path, embedder=embedder, count=n_docs, fingerprint=texts_sha)  # memmap
+    emb = embed_corpus(texts(), emb_path, embedder=embedder, count=n_docs, fingerprint=texts_sha,
+                       store=store)  # memmap
     dt = time.perf_counter() - t0
     log(f"embeddings: {n_docs} documents " + (f"reused from {emb_path}" if cached else
         f"in {dt:.1f}s ({n_docs / max(dt, 1e-9):.1f} documents/s), cached in {emb_path}"))
     t0 = time.perf_counter()
     mc = config.memory
     router = build_router(emb, mc.branching, mc.depth, seed=tc.seed)
+    paths = np.concatenate([router.route(np.array(emb[i:i + _ROUTE_ROWS])) for i in range(0, n_docs, _ROUTE_ROWS)])
+    if tc.routing == "nearest-document":   # queries will take their nearest document's path
+        router = router.with_index(emb, paths)
     router.save(out / artifacts.ROUTER)
-    node_ids = np.concatenate([router.node_ids(router.route(np.array(emb[i:i + _ROUTE_ROWS]))).numpy()
-                               for i in range(0, n_docs, _ROUTE_ROWS)])
+    node_ids = router.node_ids(paths)
     leaf_sizes = np.bincount(node_ids[:, -1], minlength=mc.n_nodes(mc.depth))
-    log(f"router: k={router.branching} depth={router.depth} in {time.perf_counter() - t0:.1f}s, "
+    log(f"router: k={router.branching} depth={router.depth}, {router.routing} routing, in {time.perf_counter() - t0:.1f}s, "
         f"documents per leaf {_summary(leaf_sizes)}")
 
     t0 = time.perf_counter()
@@ -187,7 +192,10 @@ def _summary(sizes: np.ndarray) -> str:
 
 def fingerprint(packed: Packed, router: Router) -> str:
     h = hashlib.sha256()
-    for t in (packed.tokens, packed.doc_ids, packed.node_ids, *router.centroids):
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.contiguous().numpy().tobytes())
+    arrays = [t.contiguous().numpy() for t in (packed.tokens, packed.doc_ids, packed.node_ids)] + router.centroids
+    if router.index is not None:
+        arrays += [router.index.vectors, router.index.paths]
+    for a in arrays:
+        h.update(str(tuple(a.shape)).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:16]

@@ -8,7 +8,8 @@
 A probe file is JSON:
 
     {"name": "capitals", "template": "The capital of {subject} is", "matcher": "string",
-     "pairs": [["France", "Paris"], ["Peru", "Lima"]]}
+     "pairs": [["France", "Paris"], ["Peru", "Lima"]],
+     "train_templates": ["The capital city of {subject} is"]}      (optional)
 
 or a CSV table with a header `subject,answer` (the template and matcher then come from the
 caller, e.g. `membank eval --probe table.csv --template "The capital of {subject} is"`).
@@ -37,11 +38,18 @@ class Probe:
     template: str                      # contains "{subject}" once
     pairs: tuple[tuple[str, str], ...]  # (subject, answer)
     matcher: str = "string"
+    # optional: the fact's phrasings as the training text says them, cut before the answer
+    # ("The atomic number for {subject} is"): the evaluation asks the anchor these to show
+    # whether it holds the facts at all, held-out template aside
+    train_templates: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.template.count("{subject}") != 1:
             raise ValueError(f"probe {self.name!r}: template must contain {{subject}} exactly once, "
                              f"got {self.template!r}")
+        for t in self.train_templates:
+            if t.count("{subject}") != 1:
+                raise ValueError(f"probe {self.name!r}: train template {t!r} must contain {{subject}} once")
         if self.matcher not in MATCHERS:
             raise ValueError(f"probe {self.name!r}: matcher must be one of {', '.join(MATCHERS)}, "
                              f"got {self.matcher!r}")
@@ -139,8 +147,11 @@ def load_probe(source: str, *, template: str | None = None, matcher: str | None 
     tmpl = template or data.get("template")
     if not isinstance(tmpl, str):
         raise ValueError(f'probe file {path} has no "template" string')
+    train_templates = data.get("train_templates", [])
+    if not (isinstance(train_templates, list) and all(isinstance(t, str) for t in train_templates)):
+        raise ValueError(f'probe file {path}: "train_templates" must be a list of strings')
     return Probe(name or str(data.get("name", path.stem)), tmpl, tuple(pairs),
-                 matcher or str(data.get("matcher", "string")))
+                 matcher or str(data.get("matcher", "string")), tuple(train_templates))
 
 
 def _csv_pairs(path: Path, text: str) -> tuple[tuple[str, str], ...]:

@@ -61,12 +61,15 @@ def lm_loss(model: Transformer, tokens, doc_ids, mem=None, normalizer: int | Non
     return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum") / normalizer
 
 
-def generic_coins(seed: int, step: int, batch: int, prob: float) -> torch.Tensor:
-    """(batch,) bool: which samples of the global batch at `step` use the generic memory."""
-    if prob <= 0:
-        return torch.zeros(batch, dtype=torch.bool)
+def generic_coins(seed: int, step: int, batch: int, prob: float, none_prob: float = 0.0) -> torch.Tensor:
+    """(batch,) int8 per sample of the global batch at `step`: 0 its fetched path, 1 the generic
+    memory (probability prob), 2 no memory at all (none_prob); one uniform draw per sample, so a
+    none_prob of 0 leaves the generic coins as they were."""
+    if prob <= 0 and none_prob <= 0:
+        return torch.zeros(batch, dtype=torch.int8)
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, 17]).generate_state(1)[0]))
-    return torch.rand(batch, generator=g) < prob
+    u = torch.rand(batch, generator=g)
+    return (u < prob).to(torch.int8) + 2 * ((u >= prob) & (u < prob + none_prob)).to(torch.int8)
 
 
 def subtree_rows(branching: int, level: int, subtree: int) -> slice:
@@ -80,7 +83,8 @@ class Batch:
     tokens: torch.Tensor     # (b, T+1) this rank's sequences
     doc_ids: torch.Tensor    # (b, T+1)
     node_ids: torch.Tensor   # (b, p) their paths
-    n_generic: int           # the last n_generic samples use the generic memory
+    n_generic: int           # after the path samples, n_generic samples use the generic memory
+    n_none: int              # and the last n_none samples no memory at all
     n_targets: int           # target tokens in the global batch: the loss normaliser
     generic_used: bool       # any sample of the global batch uses the generic memory
 
@@ -206,22 +210,27 @@ class Trainer:
         tokens, doc_ids, node_ids = (t[idx] for t in (self.packed.tokens, self.packed.doc_ids, self.packed.node_ids))
         n_targets = int((doc_ids[:, 1:] >= 0).sum())                    # of the global batch
         prob = self.tc.generic_prob if uses_memory and self.use_generic else 0.0
-        coins = generic_coins(self.tc.seed, self.global_step, len(idx), prob)
-        generic_used = bool(coins.any())                                 # the same on every rank
+        coins = generic_coins(self.tc.seed, self.global_step, len(idx), prob,
+                              self.tc.no_memory_prob if uses_memory else 0.0)
+        generic_used = bool((coins == 1).any())                          # the same on every rank
         mine = self.dist.shard(len(idx))
         tokens, doc_ids, node_ids, coins = tokens[mine], doc_ids[mine], node_ids[mine], coins[mine]
-        order = torch.cat([(~coins).nonzero()[:, 0], coins.nonzero()[:, 0]])
-        return Batch(tokens[order], doc_ids[order], node_ids[order], int(coins.sum()), n_targets, generic_used)
+        order = torch.cat([(coins == c).nonzero()[:, 0] for c in (0, 1, 2)])
+        return Batch(tokens[order], doc_ids[order], node_ids[order], int((coins == 1).sum()),
+                     int((coins == 2).sum()), n_targets, generic_used)
 
     def _memory(self, batch: "Batch") -> tuple[torch.Tensor, FetchedRows | None]:
-        """Per-sample memory (B, L, n, R, W): fetched rows for path samples, then the generic one."""
-        n_fetch = len(batch.tokens) - batch.n_generic
+        """Per-sample memory (B, L, n, R, W): fetched rows for path samples, the generic one,
+        then zeros (no effect: exactly the anchor alone) for the no-memory samples."""
+        n_fetch = len(batch.tokens) - batch.n_generic - batch.n_none
         parts, fetched = [], None
         if n_fetch:
             fetched = fetch_rows(self.bank, batch.node_ids[:n_fetch], self.offsets)
             parts.append(fetched.memory())
         if batch.n_generic:
             parts.append(self.generic.expand(batch.n_generic, *self.generic.shape[1:]))
+        if batch.n_none:
+            parts.append(self.generic.new_zeros(batch.n_none, *self.generic.shape[1:]))
         return (torch.cat(parts) if len(parts) > 1 else parts[0]), fetched
 
     def _row_grads(self, fetched: FetchedRows | None) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
@@ -330,13 +339,34 @@ class Trainer:
                 self.bank_opt.load_state_dict(optim["bank"])
 
 
+    def load_anchor(self, path: Path) -> None:
+        """Only the anchor's weights from a checkpoint of the same anchor and data, whatever its
+        bank's shapes: runs with other memory sizes start from one pretrained anchor
+        (training/scaling.py)."""
+        state = checkpoint.read_state(path)
+        mine, theirs = self.config.to_dict()["model"], state["config"]["model"]
+        if mine != theirs:
+            diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+            raise ValueError(f"checkpoint {path} holds another anchor (differs in {', '.join(diff)})")
+        if state["data"] != self.data_fingerprint:
+            raise ValueError(f"checkpoint {path} was trained on other data (fingerprint {state['data']}, "
+                             f"this run {self.data_fingerprint})")
+        with checkpoint.reader(path) as f:
+            model = {k[len("model."):]: v for k, v in f.prefixed("model.").items()}
+        missing, unexpected = self.model.load_state_dict(model, strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
+
+
 def check_resumable(path: Path, state: dict, config: Config, tc: TrainConfig | None) -> None:
     """Refuse a checkpoint from another model config (and, given tc, other training settings,
     except the ones that do not change the result)."""
     checkpoint.check_same_config(path, state["config"], config.to_dict())
     if tc is not None:
         ignore = ("threads", "ckpt_every", "keep_ckpts")
-        checkpoint.check_same_config(path, {k: v for k, v in state["train"].items() if k not in ignore},
+        # a field added after the checkpoint was written counts as its default
+        saved = {**TrainConfig().to_dict(), **state["train"]}
+        checkpoint.check_same_config(path, {k: v for k, v in saved.items() if k not in ignore},
                                      {k: v for k, v in tc.to_dict().items() if k not in ignore})
 
 

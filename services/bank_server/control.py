@@ -80,7 +80,7 @@ class ControlServicer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"embedding has {n} values, the router of {manifest.bank}/"
                                 f"{manifest.version} expects {router.dim}")
-        path = router.route(embedding)
+        path = router.path(embedding)
         return bank_pb2.RouteResponse(
             path=path, version=manifest.version,
             blocks=[bank_pb2.BlockId(level=l, node=b) for l, b in manifest.path_blocks(path)])

@@ -94,8 +94,9 @@ def router(tiny_export) -> Router:
     m = load_manifest(tiny_export)
     g = torch.Generator().manual_seed(7)
     k, dim = m.branching, 8
-    return Router(k, m.depth, dim, [torch.randn(k ** l, k, dim, generator=g)
-                                    for l in range(m.depth)])
+    tree = Router(k, m.depth, dim, [torch.randn(k ** l, k, dim, generator=g) for l in range(m.depth)])
+    docs = torch.randn(200, dim, generator=g).numpy()   # a nearest-document index: Route uses it
+    return tree.with_index(docs, tree.route(docs))
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +146,9 @@ def test_route_matches_the_device_router(open_server, router, tiny_export):
             assert set(client.fetch("test", version, blocks, m)) == set(blocks)
     assert list(route(address, "test", [0.0] * router.dim, version="v1").path) == \
         router.route(torch.zeros(router.dim))[0].tolist()
+    # the stored router routes by its document index, not by descent, like the device
+    queries = rng.standard_normal((50, router.dim)).astype(np.float32)
+    assert (router.route(queries) != router.route(queries, routing="centroid")).any()
 
 
 def test_route_errors(open_server, router):

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from membank.router import Router
 from services.bank_server.metrics import ServerMetrics, collect_tier_stats
 from services.bank_server.publish import PublishError, check_names, publish_in_env
-from services.bank_server.router_store import (NumpyRouter, RouterFormatError, router_key,
+from services.bank_server.router_store import (Router as StoredRouter, RouterFormatError, router_key,
                                                store_router)
 from services.bank_server.security import RateLimiter, bearer, peer_host
 from services.bank_server.settings import BankServerSettings
@@ -60,16 +60,16 @@ def make_router(k=3, depth=3, dim=16, seed=0) -> Router:
     return Router(k, depth, dim, [torch.randn(k ** l, k, dim, generator=g) for l in range(depth)])
 
 
-def test_numpy_router_routes_like_the_device(tmp_path):
+def test_stored_router_routes_like_the_device(tmp_path):
     router = make_router()
     router.save(tmp_path / "router.safetensors")
-    npr = NumpyRouter.from_bytes((tmp_path / "router.safetensors").read_bytes())
+    npr = StoredRouter.from_bytes((tmp_path / "router.safetensors").read_bytes())
     assert (npr.branching, npr.depth, npr.dim) == (3, 3, 16)
     x = torch.randn(500, 16, generator=torch.Generator().manual_seed(1))
     want = router.route(x).tolist()
-    assert [npr.route(row.numpy()) for row in x] == want
+    assert [npr.path(row.numpy()) for row in x] == want
     with pytest.raises(ValueError):
-        npr.route(np.zeros(15))
+        npr.path(np.zeros(15))
 
 
 @pytest.mark.parametrize("mutate", [
@@ -81,7 +81,7 @@ def test_numpy_router_routes_like_the_device(tmp_path):
 def test_malformed_router_bytes(tmp_path, mutate):
     make_router().save(tmp_path / "r.safetensors")
     with pytest.raises(RouterFormatError):
-        NumpyRouter.from_bytes(mutate((tmp_path / "r.safetensors").read_bytes()))
+        StoredRouter.from_bytes(mutate((tmp_path / "r.safetensors").read_bytes()))
 
 
 def test_router_with_wrong_format_or_dtype(tmp_path):
@@ -98,9 +98,9 @@ def test_router_with_wrong_format_or_dtype(tmp_path):
     for tensors, md in cases:
         save_file(tensors, str(tmp_path / "r"), metadata=md)
         with pytest.raises(RouterFormatError):
-            NumpyRouter.from_bytes((tmp_path / "r").read_bytes())
+            StoredRouter.from_bytes((tmp_path / "r").read_bytes())
     save_file(good, str(tmp_path / "r"), metadata=meta)
-    assert NumpyRouter.from_bytes((tmp_path / "r").read_bytes()).route([1, 0, 0, 0]) == [0, 0]
+    assert StoredRouter.from_bytes((tmp_path / "r").read_bytes()).path([1, 0, 0, 0]) == [0, 0]
 
 
 def test_store_router_writes_the_versioned_key(tmp_path):

@@ -54,7 +54,7 @@ def test_a_jsonl_corpus_is_streamed_and_packed_like_the_whole_list(tmp_path, mon
     texts = list(iter_jsonl_corpus(corpus))
     tok = load_tokenizer(data.tokenizer_path)
     ids = [e.ids for e in tok.encode_batch(texts)]
-    nodes = data.router.node_ids(data.router.route(StubEmbedder().encode(texts))).numpy()
+    nodes = data.router.node_ids(data.router.route(StubEmbedder().encode(texts)))
     want = pack(ids, nodes, tc.seq_len, tok.token_to_id(EOS))
     for name in ("tokens", "doc_ids", "node_ids"):
         assert torch.equal(getattr(data.packed, name), getattr(want, name))

@@ -1,5 +1,7 @@
 """Fact probes (training/probes.py) and the long-tail corpus (training/longtail.py)."""
+import dataclasses
 import json
+
 
 import numpy as np
 import pytest
@@ -67,32 +69,49 @@ def test_unknown_probe_is_a_clear_error():
         load_probe("no-such-probe")
 
 
-def test_longtail_corpus_holds_out_the_template_and_follows_zipf():
-    lt = longtail.LongTailConfig(max_docs=40, zipf=1.0, min_docs=1, heldout_docs=10)
-    corpus = longtail.build(lt)
-    probe = atomic_number_probe()
-    pattern = probe.held_out_pattern()
-    assert pattern.search("The atomic number of Gold is 79.")  # the pattern does catch it
-    assert not any(pattern.search(t) for t in corpus["train"])
-    assert len(corpus["train"]) == len(corpus["train_subjects"]) == sum(s["documents"] for s in corpus["subjects"])
-    docs = np.array([s["documents"] for s in sorted(corpus["subjects"], key=lambda s: s["rank"])])
-    assert docs[0] == 40 and docs[-1] == 1 and np.all(np.diff(docs) <= 0)
-    # every subject's atomic number is stated somewhere, in other words than the probe's
-    for s in corpus["subjects"][:20]:
-        z = dict(probe.pairs)[s["subject"]]
-        texts = [t for t, subj in zip(corpus["train"], corpus["train_subjects"]) if subj == s["subject"]]
-        assert any(z in t for t in texts)
-    # mention counts grow with popularity
-    ranked = sorted(corpus["subjects"], key=lambda s: s["rank"])
-    assert ranked[0]["mentions"] > ranked[-1]["mentions"] >= 1
-    assert len(corpus["heldout"]) == 10
+def test_longtail_domains_hold_out_templates_and_follow_zipf():
+    lt = longtail.LongTailConfig(subjects=40, max_docs=20, zipf=1.0, min_docs=2, heldout_docs=5)
+    built = longtail.build(lt)
+    assert set(built) == set(longtail.DOMAINS)
+    names = {}
+    for name, d in built.items():
+        probe = d["probe"]
+        pattern = probe.held_out_pattern()
+        assert pattern.search(probe.prompt("X") + " Y.")            # the pattern does catch it
+        assert not any(pattern.search(t) for t, _ in d["train"])
+        counts = np.array([s["documents"] for s in sorted(d["subjects"], key=lambda s: s["rank"])])
+        assert counts[0] == 20 and counts[-1] == 2 and np.all(np.diff(counts) <= 0)
+        assert len(d["train"]) == counts.sum() and len(d["heldout"]) == 5
+        # every drawn subject is probed, and its answer is stated in each of its documents
+        answers = dict(probe.pairs)
+        assert {s["subject"] for s in d["subjects"]} == set(answers)
+        for text, subject in d["train"][:200]:
+            assert answers[subject] in text and subject in text
+        # the probe template is a training phrasing with one word swapped
+        assert probe.train_templates and all("{subject}" in t for t in probe.train_templates)
+        for s in answers:
+            names.setdefault(s, set()).add(name)
+    assert all(len(domains) == 1 for domains in names.values())   # names unique across domains
 
 
-def test_longtail_is_deterministic_per_seed():
-    lt = longtail.LongTailConfig(max_docs=10, heldout_docs=4)
-    assert longtail.build(lt)["train"] == longtail.build(lt)["train"]
-    other = longtail.build(longtail.LongTailConfig(max_docs=10, heldout_docs=4, seed=1))["train"]
-    assert other != longtail.build(lt)["train"]
+def test_longtail_documents_are_stable_across_seeds():
+    lt0 = longtail.LongTailConfig(subjects=200, max_docs=10, heldout_docs=4, domains=("elements", "cities"))
+    a, b = longtail.build(lt0), longtail.build(lt0)
+    assert all(a[n]["train"] == b[n]["train"] for n in a)
+    c = longtail.build(dataclasses.replace(lt0, seed=1))
+    assert a["cities"]["train"] != c["cities"]["train"]             # another draw and popularity
+    # document j of a subject is the same text in every seed (so embeddings are shared): all
+    # 118 elements are drawn in both seeds, with other popularity ranks
+    first = lambda d: {s: t for t, s in reversed(d)}  # noqa: E731  subject -> its document 0
+    ea, ec = first(a["elements"]["train"]), first(c["elements"]["train"])
+    assert len(ea) == len(ec) == 118 and ea == ec
+    assert a["elements"]["subjects"] != c["elements"]["subjects"]
+
+
+def test_name_counts_finds_names_ending_in_punctuation():
+    texts = ["Eton (Cameroon) is a language.", "St. Kitts lies here; St. Kitts again.", "Eton (Cameroon)."]
+    counts = longtail.name_counts(["Eton (Cameroon)", "St. Kitts", "Eton"], texts)
+    assert counts == {"Eton (Cameroon)": 2, "St. Kitts": 2, "Eton": 0}
 
 
 def test_name_counts_whole_words_only():

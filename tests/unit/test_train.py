@@ -104,6 +104,33 @@ def test_generic_coins_are_seeded_per_step_and_about_one_in_seventeen():
     assert not generic_coins(0, 0, 100, 0.0).any()
 
 
+def test_no_memory_coins_leave_the_generic_coins_unchanged():
+    for step in range(5):
+        plain, mixed = generic_coins(0, step, 500, 1 / 17), generic_coins(0, step, 500, 1 / 17, 0.25)
+        assert torch.equal(plain == 1, mixed == 1)                    # the same generic samples
+        assert not (plain == 2).any()
+    share = torch.cat([generic_coins(0, s, 1000, 1 / 17, 0.25) for s in range(20)]).eq(2).float().mean()
+    assert abs(share - 0.25) < 0.02
+
+
+def test_no_memory_samples_see_exactly_the_anchor(monkeypatch):
+    """A sample drawn for no memory gets a zero memory: its loss is the anchor's alone, and no
+    bank row it would have fetched is touched by its gradient."""
+    trainer = tiny_trainer("anchor_steps=0", "cotrain_steps=2", "no_memory_prob=0.99", "generic_prob=0",
+                           "batch_size=4")
+    batch = trainer._next_batch(uses_memory=True)
+    assert batch.n_none == 4 and batch.n_generic == 0
+    mem, fetched = trainer._memory(batch)
+    assert fetched is None and not mem.any()
+    with torch.no_grad():
+        with_zeros = lm_loss(trainer.model, batch.tokens, batch.doc_ids, mem)
+        alone = lm_loss(trainer.model, batch.tokens, batch.doc_ids, None)
+    assert torch.allclose(with_zeros, alone)
+    bank = [level.clone() for level in trainer.bank]
+    trainer.step()
+    assert all(torch.equal(a, b) for a, b in zip(bank, trainer.bank))
+
+
 def test_the_generic_memory_trains_only_on_steps_that_use_it():
     trainer = tiny_trainer("anchor_steps=0", "cotrain_steps=6", "generic_prob=0.3", "batch_size=4")
     used = [bool(generic_coins(0, s, 4, 0.3).any()) for s in range(6)]
