@@ -1,7 +1,7 @@
 """Benchmark: batched routing, the old exact per-row rule vs the matmul + margin rule, one run.
 
     .venv/bin/python benchmarks/routing.py [--n 100000] [--shapes 4x2,16x2,8x3,16x4] [--repeats 2]
-                                           [--texts 512] [--threads 2]
+                                           [--texts 512] [--threads 2] [--index-docs 25000]
 
 route only     n random unit vectors (384-d), a router of k x depth with random centroids of
                norm 0.5 (like k-means centroids of unit vectors); `old` is the previous
@@ -11,6 +11,9 @@ route only     n random unit vectors (384-d), a router of k x depth with random 
                the best of --repeats is reported, with rows/s and new/old speed-up.
 embed + route  --texts element documents embedded with MiniLM (batched) and routed, with each
                rule (embedding dominates); and one device prompt at a time (embed + route).
+
+nearest-document  the rule that routes a query to its nearest training document's path, over an
+               index of --index-docs documents: batched rows/s and one query at a time.
 
 Also counts paths where the old float32 rule and the new exact rule differ (near-ties the old
 rule's float32 sum got wrong or right by luck). Ends with one JSON line of the figures.
@@ -109,6 +112,26 @@ def embed_and_route(n_texts: int) -> dict:
             "one_prompt_embed_route_ms": 1e3 * float(np.median(one))}
 
 
+def nearest_document(n_docs: int, n: int, repeats: int) -> dict:
+    """The nearest-document rule over an index of n_docs random unit documents (k=16, depth 2):
+    batched rows/s, and one query at a time (a device's prompt) in ms, next to centroid descent."""
+    rng = np.random.default_rng(2)
+    docs = rng.standard_normal((n_docs, 384)).astype(np.float32)
+    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+    tree = random_router(16, 2)
+    router = tree.with_index(docs, tree.route(docs))
+    x = rng.standard_normal((n, 384)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    router.route(x[:64])
+    batch = min(best_time(router.route, x)[0] for _ in range(repeats))
+    one, one_centroid = [], []
+    for row in x[:64]:
+        one.append(best_time(router.route, row)[0])
+        one_centroid.append(best_time(lambda r: router.route(r, routing="centroid"), row)[0])
+    return {"index_documents": n_docs, "rows": n, "batch_per_s": n / batch,
+            "one_query_ms": 1e3 * float(np.median(one)), "one_query_centroid_ms": 1e3 * float(np.median(one_centroid))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000)
@@ -116,6 +139,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--texts", type=int, default=512, help="0 skips embed + route")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--index-docs", type=int, default=25_000,
+                    help="documents in the nearest-document index (0 skips it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -123,6 +148,11 @@ def main() -> None:
     figures: dict = {"threads": args.threads, "route": route_only(args.n, shapes, args.repeats)}
     speedups = [r["speedup"] for r in figures["route"]]
     figures["min_speedup"], figures["max_speedup"] = min(speedups), max(speedups)
+    if args.index_docs:
+        nd = nearest_document(args.index_docs, min(args.n, 20_000), args.repeats)
+        figures["nearest_document"] = nd
+        print(f"nearest-document routing over {nd['index_documents']:,} documents: {nd['batch_per_s']:,.0f} rows/s "
+              f"batched; one query {nd['one_query_ms']:.2f} ms (centroid descent {nd['one_query_centroid_ms']:.3f} ms)")
     if args.texts:
         er = embed_and_route(args.texts)
         figures["embed_route"] = er

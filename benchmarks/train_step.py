@@ -43,8 +43,10 @@ CONFIGS = {
     # the demo preset at its training shape: batch 16 x 128 tokens
     "demo": dict(shape=[], batch=16, seq=128),
     # the long-tail evaluation's small preset (training/evaluate.py): d 96, bank 21x the anchor
+    # in the last 2 layers, a tenth of the samples without memory
     "eval": dict(shape=["model.d_model=96", "model.n_head=4", "model.d_ff=384", "memory.branching=16",
-                        "memory.ranks=[16, 56]"], batch=32, seq=128),
+                        "memory.ranks=[32, 112]", "memory.placement=last", "memory.n_layers=2",
+                        "no_memory_prob=0.1"], batch=32, seq=128),
     # a larger one that still fits a 2-core laptop: 8 layers, d 256, bank of 25M params (k 8)
     "medium": dict(shape=["model.vocab_size=4096", "model.n_layer=8", "model.n_head=8", "model.d_model=256",
                           "model.d_ff=1024", "model.max_seq_len=256", "memory.branching=8",

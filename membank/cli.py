@@ -134,6 +134,10 @@ def cmd_eval(args) -> None:
         if unknown:
             raise ValueError(f"unknown built-in domain {unknown[0]!r}; built-in: {', '.join(BUILTIN)} (or none)")
         ec.corpus = {**ec.corpus, "domains": names}
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        ec.threads = args.threads
     domains = [DomainFiles.parse(spec) for spec in args.domain or []]
     run_eval(args.out or f"runs/eval-{args.preset}", ec, domains=domains, results=args.results,
              preset=args.preset)
@@ -267,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a training field, or a corpus field as corpus.KEY=VALUE")
     s.add_argument("--seeds", default=None, help="comma-separated seeds, one whole run each, "
                    "pooled (default: the preset's)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: the preset's, 2); a run reproduces bit for bit at "
+                        "the same thread count")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("eval-scaling", help="probe accuracy and perplexity against bank and fetch size")

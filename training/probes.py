@@ -12,7 +12,8 @@ A probe file is JSON:
      "train_templates": ["The capital city of {subject} is"]}      (optional)
 
 or a CSV table with a header `subject,answer` (the template and matcher then come from the
-caller, e.g. `membank eval --probe table.csv --template "The capital of {subject} is"`).
+caller: `load_probe("table.csv", template="The capital of {subject} is")`; `membank eval
+--domain` takes JSON probes, which carry their template).
 
 Matchers compare the answer with the model's greedy continuation:
   int     the first integer in the continuation equals the answer ("44" matches " 44." but not
@@ -131,7 +132,7 @@ def load_probe(source: str, *, template: str | None = None, matcher: str | None 
         pairs = _csv_pairs(path, text)
         if template is None:
             raise ValueError(f"probe file {path} is a CSV table: give the prompt template too "
-                             f"(e.g. --template 'The capital of {{subject}} is')")
+                             f"(or use a JSON probe file, which holds it)")
         return Probe(name or path.stem, template, pairs, matcher or "string")
     try:
         data = json.loads(text)

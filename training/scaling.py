@@ -32,12 +32,21 @@ from training.evaluate import (DomainFiles, _train, continuation, eval_preset, e
 from training.report import N_BUCKETS, accuracy
 from training.train import Trainer
 
-# (r_1, r_2) per run: two fetch sizes (72 and 36 neurons per layer, the evaluation's fetch and
-# half of it), three banks each (rank moved from level 1 to the leaves), k = 16
-GRIDS: dict[str, tuple[tuple[int, ...], ...]] = {
-    "smoke": ((2, 2), (1, 3)),
-    "small": ((56, 16), (36, 36), (16, 56), (28, 8), (18, 18), (8, 28)),
-}
+GRIDS: dict[str, tuple[tuple[int, ...], ...]] = {"smoke": ((2, 2), (1, 3))}
+
+
+def default_grid(ranks: list[int]) -> tuple[tuple[int, ...], ...]:
+    """For a two-level tree: the preset's fetch F = r_1 + r_2 and half of it, each split three
+    ways, 2/9, 1/2 and 7/9 of it at the leaves (the small preset's (32, 112) is F = 144 at 7/9):
+    three bank sizes per fetch size."""
+    if len(ranks) != 2:
+        raise ValueError(f"the default scaling grid is for two-level trees; give --grid for ranks {ranks}")
+    out = []
+    for fetch in (sum(ranks), sum(ranks) // 2):
+        for share in (2 / 9, 1 / 2, 7 / 9):
+            leaf = round(fetch * share)
+            out.append((fetch - leaf, leaf))
+    return tuple(out)
 
 
 def run_scaling(out_dir: str | Path, preset: str = "small", *, grid: tuple[tuple[int, ...], ...] | None = None,
@@ -49,10 +58,9 @@ def run_scaling(out_dir: str | Path, preset: str = "small", *, grid: tuple[tuple
 
     t_start = time.perf_counter()
     ec = eval_preset(preset)
-    grid = grid or GRIDS.get(preset)
-    if not grid:
-        raise ValueError(f"no scaling grid for preset {preset!r}; known: {', '.join(GRIDS)}")
-    depth = TrainConfig(**ec.train).model_config().memory.depth
+    memory = TrainConfig(**ec.train).model_config().memory
+    grid = grid or GRIDS.get(preset) or default_grid(list(memory.ranks))
+    depth = memory.depth
     for ranks in grid:
         if len(ranks) != depth:
             raise ValueError(f"grid point {ranks} has {len(ranks)} levels, the preset's tree {depth}")
