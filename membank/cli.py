@@ -67,14 +67,25 @@ def print_result(label: str, r) -> None:
 
 
 def cmd_generate(args) -> None:
+    from pydantic import ValidationError
+
+    from services.model_client.http_server import bank_from_settings
     from services.model_client.memory_model import MemoryModel
-    from services.model_client.targets import make_client
+    from services.model_client.settings import DeviceSettings
 
     token = Path(args.token_file).read_text().strip() if args.token_file else None  # never on argv
-    # BankClient for host:port, DataPlaneClient for host:port+DATAPLANE_PORT (bad syntax:
-    # ValueError, one line, before the model loads)
-    bank = make_client(args.bank, args.timeout, token=token, tls_ca=args.tls_ca) \
-        if args.bank else None
+    # the device's one bank builder (as chat and device-serve): BankClient / DataPlaneClient for
+    # one target, a ShardedFetcher (hedging, failover) for shard=TARGET,...; bad syntax is a
+    # one-line ValueError before the model loads
+    try:
+        settings = DeviceSettings(bank=args.bank or [], bank_timeout_s=args.timeout, token=token,
+                                  tls_ca=args.tls_ca)
+    except ValidationError as e:
+        err = e.errors()[0]
+        flag = {"bank_timeout_s": "--timeout", "tls_ca": "--tls-ca", "token": "--token-file"}.get(
+            str(err["loc"][0]) if err["loc"] else "", "--bank")
+        raise ValueError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
+    bank = bank_from_settings(settings)
     try:
         model = MemoryModel.from_pretrained(args.model, encoding=args.encoding)
         kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -224,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bank", default=None,
                    help="bank server target: host:port (gRPC), or host:port+DATAPLANE_PORT to "
                         "fetch block bodies over the server's raw-TCP data plane (its "
-                        "--dataplane-port); none: anchor only")
+                        "--dataplane-port); several shards: shard-0=TARGET,shard-1=TARGET; "
+                        "none: anchor only")
     s.add_argument("--no-memory", action="store_true")
     s.add_argument("--max-new-tokens", type=int, default=16)
     s.add_argument("--temperature", type=float, default=0.0)

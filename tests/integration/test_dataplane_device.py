@@ -172,3 +172,26 @@ def test_local_cluster_with_dataplane_serves_a_load_loop_with_no_error(tiny_expo
         rpcs = [s["rpcs"] for s in cluster.stats().values()]
         assert sum(r.get("DataPlaneFetch", {}).get("OK", 0) for r in rpcs) >= 60, rpcs
         assert all("FetchBlocks" not in r for r in rpcs), rpcs
+
+
+def test_cli_generate_takes_named_shards_and_fetches_through_the_sharded_fetcher(
+        served, tiny_model_export, capsys):
+    """`--bank shard=TARGET,...` builds the ShardedFetcher (as chat and device-serve do), not
+    one gRPC client for the whole string (which answered without memory)."""
+    from membank.cli import main
+    m = load_manifest(tiny_model_export)
+    owner = m.owners(*next(iter(m.blocks())))[0]
+    # a second shard no block lives on: never asked
+    main(["generate", "Gold is", "--model", str(tiny_model_export), "--bank",
+          f"{owner}={served.dataplane},spare=127.0.0.1:1", "--max-new-tokens", "1", "--json"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["memory"] and out["fetched_blocks"], out
+
+
+def test_cli_generate_names_the_flag_of_a_bad_setting(capsys, tmp_path):
+    from membank.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "hi", "--model", str(tmp_path / "none"), "--bank", "h:1", "--timeout", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("membank generate: error: --timeout:") and "\n" not in err
