@@ -45,11 +45,6 @@ def block_key(bank: str, version: str, level: int, node: int, encoding: str = ""
     return (f"{base}/{encoding}" if encoding else base).encode()
 
 
-def block_prefix(bank: str, version: str) -> bytes:
-    """Prefix of every block key of one (bank, block version)."""
-    return f"b/{bank}/{version}/".encode()
-
-
 def parse_block_key(key: bytes) -> tuple[str, str, int, int]:
     """(bank, version, level, node) of a block key, of any encoding; ValueError for anything
     else (GC treats every encoding of a block like the block itself)."""

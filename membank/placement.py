@@ -40,12 +40,6 @@ def shard_blocks(manifest, shard: str | None):
             yield level, node
 
 
-def placement_groups(manifest) -> list[int]:
-    """Node indices at `placement_level`: the units that placement moves between shards."""
-    level = min(manifest.placement_level, manifest.depth)
-    return list(range(manifest.n_nodes(level)))
-
-
 def moves(before, after) -> list[tuple[int, int, list[str], list[str]]]:
     """Blocks whose owner set changes from manifest `before` to `after` (same blocks, other
     shards / replication): (level, node, owners before, shards that must receive it).

@@ -94,16 +94,6 @@ def merge(jobs: list[str | Path], out: str | Path, base: str | Path | None = Non
     return _export(merged, state, out / "export", out)
 
 
-def export_checkpoint(ckpt: Path, export_dir: Path, run_dir: Path) -> Path:
-    """Export a checkpoint's anchor, bank and generic memory with the run's tokenizer and router."""
-    with checkpoint.reader(ckpt) as f:
-        state = checkpoint.read_state(ckpt)
-        depth = len(state["config"]["memory"]["ranks"])
-        keys = [k for k in f.keys() if k.startswith(("model.", "generic"))]
-        tensors = {k: f.get(k) for k in keys + [f"bank.level{l + 1}" for l in range(depth)]}
-    return _export(tensors, state, export_dir, run_dir)
-
-
 def _export(tensors: dict[str, torch.Tensor], state: dict, export_dir: Path, run_dir: Path) -> Path:
     from training.export import export
 

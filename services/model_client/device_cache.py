@@ -238,15 +238,6 @@ class DeviceCache:
             "levels": {lv: {**vars(s), "hit_ratio": round(s.hit_ratio, 4)} for lv, s in per.items()},
         }
 
-    def clear_memory(self) -> None:
-        """Drop the memory tier (the disk tier stays): what a restart would leave."""
-        with self._lock:
-            for level, od in self._mem.levels.items():
-                self._level(level).bytes = 0
-                self._level(level).blocks = 0
-                od.clear()
-            self._mem.used = 0
-
     # -- memory tier (lock held) --------------------------------------------------------------
     def _level(self, level: int) -> LevelStats:
         return self._stats.setdefault(level, LevelStats())
