@@ -21,7 +21,9 @@ a kind and appending rank rows appends LoRA ranks (B A = sum over rows of B[:, i
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -53,11 +55,14 @@ class ModelConfig:
 
 
 # memory kinds: FFN memories (the method, the default), LoRA memories, KV memories
-MEMORY_KINDS = ("ffn", "lora-qk", "lora-ov", "lora-ffn", "kv")
+MemoryKind = Literal["ffn", "lora-qk", "lora-ov", "lora-ffn", "kv"]
+MEMORY_KINDS: tuple[str, ...] = typing.get_args(MemoryKind)
 # the anchor linears a LoRA memory patches, in block order (names of membank/model.py modules)
 LORA_TARGETS = {"lora-qk": ("wq", "wk"), "lora-ov": ("wv", "wo"), "lora-ffn": ("w1", "w2", "w3")}
 LORA_ALPHA = 2.0  # PAPER.md section 4; the update is (alpha / R) B A with R the fetched rank
-PLACEMENTS = ("all", "first", "middle", "last")
+Placement = Literal["all", "first", "middle", "last"]
+PLACEMENTS: tuple[str, ...] = typing.get_args(Placement)
+Dtype = Literal["float32", "bfloat16"]    # the bank dtypes, bytes per element in DTYPES
 N_MATS = {"ffn": 3, "lora-qk": 2, "lora-ov": 2, "lora-ffn": 3, "kv": 2}  # matrices per memory layer
 
 
@@ -88,9 +93,9 @@ class MemoryConfig:
     ranks: tuple[int, ...] = (64, 32)      # r_l: rank a level-l block adds (FFN neurons, LoRA
                                            # rank or KV slots per layer); len = depth p
     layers: tuple[int, ...] | None = None  # anchor layers that carry memory, explicit; None: placement
-    dtype: str = "float32"                 # bank dtype on disk / on the wire
-    kind: str = "ffn"                      # one of MEMORY_KINDS
-    placement: str = "all"                 # which layers carry memory when `layers` is None
+    dtype: Dtype = "float32"               # bank dtype on disk / on the wire
+    kind: MemoryKind = "ffn"
+    placement: Placement = "all"           # which layers carry memory when `layers` is None
     n_layers: int | None = None            # how many, for placement first / middle / last
 
     @property
@@ -173,6 +178,7 @@ class MemoryConfig:
 
 # bytes per element of the bank dtypes a block may be stored in
 DTYPES = {"float32": 4, "bfloat16": 2}
+assert set(DTYPES) == set(typing.get_args(Dtype))
 
 
 @dataclass
