@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 STUBS  := membank/v1/bank_pb2.py membank/v1/bank_pb2_grpc.py
 
-.PHONY: install stubs test test-fast demo loadtest validate-deploy eval-longtail eval-scaling clean
+.PHONY: install stubs lint test test-fast demo loadtest validate-deploy eval-longtail eval-scaling clean
 
 install: $(STAMP)
 
@@ -22,7 +22,12 @@ stubs: $(STUBS)
 $(STUBS): proto/membank/v1/bank.proto $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/membank/v1/bank.proto
 
+# ruff (E, F, W, I; line length 100: pyproject.toml [tool.ruff]); `make test` lints first
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
 test: $(STAMP) $(STUBS)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP) $(STUBS)

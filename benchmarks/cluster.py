@@ -79,7 +79,8 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=2)
     args = ap.parse_args()
     x = synthetic(args.n)
-    figures: dict = {"n": args.n, "k": args.k, "depth": args.depth, "threads": torch.get_num_threads()}
+    figures: dict = {"n": args.n, "k": args.k, "depth": args.depth,
+                     "threads": torch.get_num_threads()}
 
     t0 = time.perf_counter()
     ours = build_router(x, args.k, args.depth, seed=0, progress=False)
@@ -119,7 +120,8 @@ def main() -> None:
             print(f"{name:<10}{figures[f'{name}_build_s']:>10.2f}{q['leaf_mse']:>12.4f}"
                   f"{q['leaf_max_over_mean']:>15.2f}{q['empty_leaves']:>7}")
     if figures.get("faiss_build_s"):
-        print(f"build time membank / faiss: {figures['membank_build_s'] / figures['faiss_build_s']:.2f}x")
+        print(f"build time membank / faiss: "
+              f"{figures['membank_build_s'] / figures['faiss_build_s']:.2f}x")
     print(f"route (greedy descent, batched): {figures['route_per_s']:,.0f} embeddings/s")
     print(f"MiniLM embed (batched): {figures['embed_texts_per_s']:,.0f} texts/s; "
           f"one prompt embed + route: {figures['embed_route_one_prompt_ms']:.1f} ms")

@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/cluster_load.py                       # 1, 2, 4 shards, 30 s each
     .venv/bin/python benchmarks/cluster_load.py --shards 1,2 --duration 10 --redis
     .venv/bin/python benchmarks/cluster_load.py --shards 1,2 --transports grpc,dataplane
-    .venv/bin/python benchmarks/cluster_load.py --soak 600 --rate 50 --shards 2 --redis --plot results/soak.png
+    .venv/bin/python benchmarks/cluster_load.py --soak 600 --rate 50 --shards 2 --redis \\
+        --plot results/soak.png
 
 Each run starts a local cluster (services/bank_server/cluster.py: shard-aware ingest, one bank
 server subprocess per shard, optionally a redis-server tier) over a synthetic bank (k=4,
@@ -103,7 +104,8 @@ def server_levels(after: dict) -> dict:
     for level, per_shard in sorted(after["levels"].items()):
         p50 = sorted(v["p50_ms"] for v in per_shard)
         p99 = sorted(v["p99_ms"] for v in per_shard)
-        out[f"L{level}"] = {"p50": round(p50[len(p50) // 2], 3), "p99": round(p99[len(p99) // 2], 3)}
+        out[f"L{level}"] = {"p50": round(p50[len(p50) // 2], 3),
+                            "p99": round(p99[len(p99) // 2], 3)}
     return out
 
 
@@ -125,8 +127,8 @@ def one_run(export: Path, workdir: Path, shards: int, args, transport: str = "gr
             me0 = sum(os.times()[:2])
             s0 = tier_totals(cluster.stats())
             t0 = time.monotonic()
-            for _ in tqdm(range(int(args.duration)), desc=f"{shards} shard(s), {transport}", unit="s",
-                          leave=False):
+            for _ in tqdm(range(int(args.duration)), desc=f"{shards} shard(s), {transport}",
+                          unit="s", leave=False):
                 time.sleep(1)
             el = time.monotonic() - t0
             n1, b1, r1 = load.report.prompts, load.report.bytes, load.report.rpcs
@@ -146,7 +148,8 @@ def one_run(export: Path, workdir: Path, shards: int, args, transport: str = "gr
         "server_cpu_cores": round(sum(c1[n] - c0[n] for n in pids) / el, 2),
         "client_cpu_cores": round((me1 - me0) / el, 2),
         "hit_ratio": {**hit_ratios(s0, s1),
-                      "device": report.summary()["device_hit_ratio"] if args.device_cache else None},
+                      "device": (report.summary()["device_hit_ratio"]
+                                 if args.device_cache else None)},
         "errors": len(report.errors), "failed_rpcs": report.failed_rpcs,
     }
 
@@ -263,11 +266,13 @@ def main() -> None:
                 for t in args.transports.split(",")]
 
     base = runs[0]
-    print(f"\n{'shards':>6} {'transport':>9} {'prompts/s':>10} {'RPC/s':>8} {'MB/s':>7} {'x base':>7} "
+    print(f"\n{'shards':>6} {'transport':>9} {'prompts/s':>10} {'RPC/s':>8} {'MB/s':>7} "
+          f"{'x base':>7} "
           f"{'srv cores':>9} {'cli cores':>9} {'errors':>6}  hit ratios")
     for r in runs:
         r["ratio_vs_base"] = round(r["prompts_per_s"] / max(base["prompts_per_s"], 1e-9), 2)
-        print(f"{r['shards']:>6} {r['transport']:>9} {r['prompts_per_s']:>10} {r['rpcs_per_s']:>8} {r['mb_per_s']:>7} "
+        print(f"{r['shards']:>6} {r['transport']:>9} {r['prompts_per_s']:>10} "
+              f"{r['rpcs_per_s']:>8} {r['mb_per_s']:>7} "
               f"{r['ratio_vs_base']:>7} {r['server_cpu_cores']:>9} {r['client_cpu_cores']:>9} "
               f"{r['errors']:>6}  {r['hit_ratio']}")
     print("\nclient RPC latency ms (p50 / p95 / p99) by levels fetched; server per level p50 / p99")

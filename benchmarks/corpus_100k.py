@@ -43,7 +43,8 @@ def element_sentences() -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for d in build_documents():
         text = d.text.split(": ", 1)[1] if ": " in d.text[:60] else d.text
-        out.setdefault(d.subject, []).extend(s for s in _SENTENCE.split(text) if 20 <= len(s) <= 240)
+        out.setdefault(d.subject, []).extend(s for s in _SENTENCE.split(text)
+                                             if 20 <= len(s) <= 240)
     return out
 
 
@@ -59,10 +60,12 @@ def write_corpus(path: Path, n_docs: int, seed: int = 0) -> dict:
         for _ in range(n_docs):
             name = names[rng.integers(len(names))]
             pool = sentences[name]
-            picks = rng.choice(len(pool), size=min(len(pool), int(rng.integers(1, 3))), replace=False)
+            picks = rng.choice(len(pool), size=min(len(pool), int(rng.integers(1, 3))),
+                               replace=False)
             f.write(json.dumps({"text": f"{name}. " + " ".join(pool[i] for i in picks)}) + "\n")
     os.replace(tmp, path)
-    return {"docs": n_docs, "corpus_mb": path.stat().st_size / 1e6, "write_s": time.perf_counter() - t0}
+    return {"docs": n_docs, "corpus_mb": path.stat().st_size / 1e6,
+            "write_s": time.perf_counter() - t0}
 
 
 # log lines of training/prepare.py and training/train.py -> figures
@@ -80,7 +83,8 @@ PATTERNS = {
 
 
 def parse_log(lines: list[str]) -> dict:
-    out: dict = {"embeddings_reused": any(l.startswith("embeddings:") and "reused" in l for l in lines)}
+    out: dict = {"embeddings_reused": any(l.startswith("embeddings:") and "reused" in l
+                                          for l in lines)}
     for name, pattern in PATTERNS.items():
         for line in lines:
             m = re.search(pattern, line)
@@ -89,14 +93,17 @@ def parse_log(lines: list[str]) -> dict:
     return out
 
 
-def run_train(corpus: Path, out: Path, config: str, steps: int, extra: list[str]) -> tuple[dict, float, int]:
+def run_train(corpus: Path, out: Path, config: str, steps: int,
+              extra: list[str]) -> tuple[dict, float, int]:
     cmd = [sys.executable, "-m", "membank.cli", "train", "--config", config, "--out", str(out),
-           "--corpus", str(corpus), "--force", "--set", f"anchor_steps={steps}", "--set", f"cotrain_steps={steps}"]
+           "--corpus", str(corpus), "--force", "--set", f"anchor_steps={steps}",
+           "--set", f"cotrain_steps={steps}"]
     for s in extra:
         cmd += ["--set", s]
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     lines = []
     for line in proc.stdout:                      # tee: progress bars and log lines as they come
         sys.stdout.write(line)
@@ -117,13 +124,15 @@ def main() -> None:
     ap.add_argument("--out", default="runs/corpus_100k")
     ap.add_argument("--config", default="tiny")
     ap.add_argument("--steps", type=int, default=5, help="anchor and co-training steps each")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more training overrides")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="more training overrides")
     args = ap.parse_args()
     out = Path(args.out)
     corpus = out.parent / f"{out.name}.jsonl"
     figures: dict = {"config": args.config, "steps": 2 * args.steps}
     figures.update(write_corpus(corpus, args.docs))
-    print(f"corpus: {args.docs:,} documents, {figures['corpus_mb']:.1f} MB written in {figures['write_s']:.1f}s "
+    print(f"corpus: {args.docs:,} documents, {figures['corpus_mb']:.1f} MB written "
+          f"in {figures['write_s']:.1f}s "
           f"-> {corpus}", flush=True)
     parsed, wall, peak = run_train(corpus, out, args.config, args.steps, args.set)
     figures.update(parsed)
@@ -135,8 +144,10 @@ def main() -> None:
     else:
         print(f"embedding: {figures.get('embed_s', float('nan')):.1f}s, "
               f"{figures.get('embed_docs_per_s', float('nan')):.1f} documents/s")
-    for name, label in (("tokenise_s", "tokenizer + tokenising"), ("cluster_route_s", "clustering + routing"),
-                        ("pack_s", "packing"), ("data_s", "data preparation in all"), ("train_s", "training")):
+    for name, label in (("tokenise_s", "tokenizer + tokenising"),
+                        ("cluster_route_s", "clustering + routing"),
+                        ("pack_s", "packing"), ("data_s", "data preparation in all"),
+                        ("train_s", "training")):
         print(f"{label + ':':<26}{figures.get(name, float('nan')):8.1f}s")
     print(f"{'train steps:':<26}{figures['steps']:8d}")
     print(f"{'peak RSS (train process):':<26}{peak:8d} MB;  wall {wall:.0f}s")

@@ -242,7 +242,7 @@ def rpc_error_delta(a: dict, b: dict) -> dict[str, int]:
     return out
 
 
-# -- one scenario ------------------------------------------------------------------------------------
+# -- one scenario ----------------------------------------------------------------------------------
 def pct(xs: list[float], q: float) -> float | None:
     xs = sorted(xs)
     return round(xs[min(len(xs) - 1, int(q * len(xs)))], 2) if xs else None
@@ -253,7 +253,8 @@ class Run:
 
     def __init__(self, name: str, cluster: LocalCluster, load: LoadLoop, rec: RecordingFetcher,
                  fetcher: ShardedFetcher, cfg: FaultSettings, bar: tqdm):
-        self.name, self.cluster, self.load, self.rec, self.fetcher = name, cluster, load, rec, fetcher
+        self.name, self.cluster, self.load, self.rec, self.fetcher = (name, cluster, load, rec,
+                                                                      fetcher)
         self.cfg, self.bar = cfg, bar
         self.marks: dict[str, float] = {}          # "before", "during", "after", "end" -> t
         self.snaps: dict[str, tuple[dict, dict]] = {}   # mark -> (server counters, fetcher stats)

@@ -569,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     targets["issue_targets_met"] = (targets["dataplane"] if judged == "membank-dp"
                                     else targets)["all_ok"]
     summary = {
-        "benchmark": "fetch", "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+        "benchmark": "fetch", "machine": {"cpus": os.cpu_count(),
+                                          "python": platform.python_version(),
                                           "platform": platform.platform()},
         "server_flags": flags, "rounds": args.rounds, "mb_per_point": mb_per_point,
         "results": [{k: (round(v, 3) if isinstance(v, float) else v)

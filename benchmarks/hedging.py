@@ -107,7 +107,8 @@ def build(root: Path) -> dict[str, Path]:
     export = root / "export"
     export.mkdir()
     g = torch.Generator().manual_seed(0)
-    levels = [torch.randn(K ** l, len(LAYERS), 3, r, D, generator=g) for l, r in enumerate(RANKS, 1)]
+    levels = [torch.randn(K ** l, len(LAYERS), 3, r, D, generator=g)
+              for l, r in enumerate(RANKS, 1)]
     sums = write_bank(export, levels, "bfloat16")
     m = Manifest(bank="hedge", version="v1", dtype="bfloat16", d_model=D, mem_layers=LAYERS,
                  branching=K, ranks=RANKS, checksums=sums)
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{'mean ms':>8} {'hedges':>7} {'wins':>5}")
     for name, r in results.items():
         ref = results["direct-bankclient"] if name.startswith("direct") else base
-        print(f"{name:<18} {r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f} {r['max_ms']:8.2f} "
+        print(f"{name:<18} {r['p50_ms']:8.2f} {r['p90_ms']:8.2f} {r['p99_ms']:8.2f} "
+              f"{r['max_ms']:8.2f} "
               f"{r['p99_ms'] / ref['p99_ms']:9.2f} {r['mean_ms']:8.2f} {r.get('hedges', '-'):>7} "
               f"{r.get('hedge_wins', '-'):>5}")
     out = {"benchmark": "hedging", "fetches": args.fetches, "stall_p": args.stall_p,

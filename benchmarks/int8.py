@@ -3,7 +3,8 @@ to long-tail accuracy and perplexity.
 
     .venv/bin/python benchmarks/int8.py                                  # demo + paper-160m shapes
     .venv/bin/python benchmarks/int8.py --eval-run runs/eval-small --eval-preset small
-    .venv/bin/python benchmarks/int8.py --eval-run /tmp/int8-smoke --eval-preset smoke --train-if-missing
+    .venv/bin/python benchmarks/int8.py --eval-run /tmp/int8-smoke --eval-preset smoke \\
+        --train-if-missing
 
 1. Formulas: for each preset's bank (membank/config.py), the bytes of every level's block in the
    bank dtype and in int8 (membank/quant.py: 1 byte per weight + one float32 scale per row), per
@@ -14,7 +15,8 @@ to long-tail accuracy and perplexity.
 3. Serving: one bank server subprocess over that LMDB; a whole path is fetched `--reps` times
    natively and as int8 (BankClient over loopback gRPC, alternating, checksums verified), and
    attached into a float32 room (a copy vs `quant.dequantize_into`, 3x reps alternating rounds).
-   Medians and int8/native ratios. Loopback says nothing about slow links: bytes are what a link pays for.
+   Medians and int8/native ratios. Loopback says nothing about slow links: bytes are what a link
+   pays for.
 4. Accuracy: with `--eval-run DIR`, the long-tail evaluation (training/evaluate.py) re-probes the
    finished checkpoints in DIR (`reuse_only`: never trains); `--train-if-missing` runs the whole
    preset instead when DIR has none. Reports fetched vs fetched-int8 per bucket, overall and
@@ -57,7 +59,8 @@ def formulas(preset: str) -> dict:
         if not r:
             continue
         shape = mc.block_shape(cfg.model, level)
-        native, int8 = quant.encoded_nbytes(shape, "", dtype), quant.encoded_nbytes(shape, "int8", dtype)
+        native, int8 = (quant.encoded_nbytes(shape, "", dtype),
+                        quant.encoded_nbytes(shape, "int8", dtype))
         levels.append({"level": level, "shape": list(shape), "blocks": mc.n_nodes(level),
                        "native_bytes": native, "int8_bytes": int8, "ratio": int8 / native})
     path_n = sum(x["native_bytes"] for x in levels)
@@ -112,8 +115,9 @@ def serve_and_fetch(preset: str, work: Path, reps: int, seed: int) -> dict:
             assert len(payload) == m.block_nbytes(level, "int8") == \
                 quant.encoded_nbytes(m.block_shape(level), "int8", m.dtype)
             if node == 0:
-                native = tensor_from_buffer(bytearray(store.get(block_key(m.bank, m.version, level, 0))),
-                                            m.block_shape(level), m.dtype).float()
+                native = tensor_from_buffer(
+                    bytearray(store.get(block_key(m.bank, m.version, level, 0))),
+                    m.block_shape(level), m.dtype).float()
                 deq = torch.from_numpy(quant.dequantize(payload, m.block_shape(level)))
                 errors[level] = float((deq - native).norm() / native.norm())
     path = m.path_blocks([0] * m.depth)
@@ -132,7 +136,8 @@ def serve_and_fetch(preset: str, work: Path, reps: int, seed: int) -> dict:
         return time.perf_counter() - t
 
     with launch.run_bank_server(db, "--map-size-gb", "4", "--warm-levels", "0",
-                                log_path=work / f"{preset}.log", cwd=REPO, timeout=120) as (address, _), \
+                                log_path=work / f"{preset}.log", cwd=REPO,
+                                timeout=120) as (address, _), \
             BankClient(address, timeout_s=120) as client:
         for i in range(reps + 1):                       # the first round warms the page cache
             for enc in (("native", "int8") if i % 2 == 0 else ("int8", "native")):
@@ -173,7 +178,8 @@ def accuracy(run: Path, preset: str, train_if_missing: bool, work: Path) -> dict
     q = r["int8"]
     return {"run": str(run), "preset": preset, "reused_checkpoints": have,
             "seconds": round(time.perf_counter() - t0, 1),
-            "accuracy_per_bucket": {k: r["accuracy_per_bucket"][k] for k in ("fetched", "fetched-int8")},
+            "accuracy_per_bucket": {k: r["accuracy_per_bucket"][k]
+                                    for k in ("fetched", "fetched-int8")},
             "accuracy_overall": {k: r["accuracy_overall"][k] for k in ("fetched", "fetched-int8")},
             "perplexity": {k: r["perplexity"][k] for k in ("fetched", "fetched-int8")},
             "accuracy_change": q["accuracy_change"], "perplexity_change": q["perplexity_change"],
@@ -184,7 +190,8 @@ def accuracy(run: Path, preset: str, train_if_missing: bool, work: Path) -> dict
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", default="demo,paper-160m", help="presets whose block shapes to build")
+    p.add_argument("--shapes", default="demo,paper-160m",
+                   help="presets whose block shapes to build")
     p.add_argument("--formulas", default="demo,paper-160m,paper-410m,paper-1.4b")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
@@ -198,7 +205,8 @@ def main(argv: list[str] | None = None) -> None:
 
     report: dict = {"benchmark": "int8"}
     report["formulas"] = {name: formulas(name) for name in args.formulas.split(",") if name}
-    print(f"{'preset':<11} {'dtype':<9} {'level':>5} {'native B':>12} {'int8 B':>12} {'int8/native':>11}")
+    print(f"{'preset':<11} {'dtype':<9} {'level':>5} {'native B':>12} {'int8 B':>12} "
+          f"{'int8/native':>11}")
     for f in report["formulas"].values():
         for x in f["levels"]:
             print(f"{f['preset']:<11} {f['dtype']:<9} {x['level']:>5} {x['native_bytes']:>12,} "
@@ -213,9 +221,12 @@ def main(argv: list[str] | None = None) -> None:
         for preset in [s for s in args.shapes.split(",") if s]:
             r = serve_and_fetch(preset, work, args.reps, args.seed)
             report["served"][preset] = r
-            print(f"{preset}: path {r['path_bytes']['native']:,} B native vs {r['path_bytes']['int8']:,} B "
-                  f"int8 (x{r['path_ratio']:.4f}); fetch {r['fetch_ms_native']} vs {r['fetch_ms_int8']} ms "
-                  f"(x{r['fetch_ratio']:.2f}); attach {r['attach_ms_native']} vs {r['attach_ms_int8']} ms "
+            print(f"{preset}: path {r['path_bytes']['native']:,} B native "
+                  f"vs {r['path_bytes']['int8']:,} B "
+                  f"int8 (x{r['path_ratio']:.4f}); "
+                  f"fetch {r['fetch_ms_native']} vs {r['fetch_ms_int8']} ms "
+                  f"(x{r['fetch_ratio']:.2f}); "
+                  f"attach {r['attach_ms_native']} vs {r['attach_ms_int8']} ms "
                   f"(x{r['attach_ratio']:.2f}); ingest {r['ingest_s_native']} s native, "
                   f"{r['ingest_s_with_int8']} s with int8", flush=True)
         if args.eval_run:
@@ -227,8 +238,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"accuracy ({a['preset']}, {a['n_prompts']} prompts, "
                       f"{'re-probed checkpoints' if a['reused_checkpoints'] else 'trained now'}):")
                 for k in ("fetched", "fetched-int8"):
-                    print(f"  {k:<13} buckets {[round(100 * x, 1) for x in a['accuracy_per_bucket'][k]]} "
-                          f"overall {100 * a['accuracy_overall'][k]:.1f}%  ppl {a['perplexity'][k]:.4f}")
+                    print(f"  {k:<13} "
+                          f"buckets {[round(100 * x, 1) for x in a['accuracy_per_bucket'][k]]} "
+                          f"overall {100 * a['accuracy_overall'][k]:.1f}%  "
+                          f"ppl {a['perplexity'][k]:.4f}")
                 print(f"  change: accuracy {100 * a['accuracy_change']:+.1f} points, ppl "
                       f"{a['perplexity_change']:+.4f}, {a['answers_changed']} answers differ")
     finally:

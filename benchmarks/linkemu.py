@@ -265,7 +265,8 @@ class Link:
         self.queue_ms = queue_ms
         n = next(_counter)
         self.ns = f"{NS_PREFIX}{os.getpid()}-{n}"
-        self.host_if, self.dev_if = f"{IF_PREFIX}{os.getpid()}n{n}h", f"{IF_PREFIX}{os.getpid()}n{n}d"
+        self.host_if, self.dev_if = (f"{IF_PREFIX}{os.getpid()}n{n}h",
+                                     f"{IF_PREFIX}{os.getpid()}n{n}d")
         self.relays: list[DelayRelay] = []
         self.host_ip = self.dev_ip = ""
         self._up = False
@@ -342,7 +343,8 @@ class Link:
         return self.ns in subprocess.run(["ip", "netns", "list"], capture_output=True,
                                          text=True).stdout.split()
 
-    def validate(self, pings: int = 20, bulk_bytes: int | None = None, timeout: float = 120.0) -> dict:
+    def validate(self, pings: int = 20, bulk_bytes: int | None = None,
+                 timeout: float = 120.0) -> dict:
         """Measure the link from inside: TCP ping-pong RTT (64 B each way, p50 over `pings`) and
         downlink / uplink throughput (a bulk transfer, 2 s at the configured rate by default),
         side by side with the configured figures."""

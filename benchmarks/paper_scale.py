@@ -2,7 +2,7 @@
 parameters, 9.2 GB in bf16) across shards on this machine; report build time, disk size and
 fetch latency per level through real gRPC server subprocesses.
 
-    .venv/bin/python benchmarks/paper_scale.py                       # small: k 4 (84 blocks, 0.36 GB)
+    .venv/bin/python benchmarks/paper_scale.py                # small: k 4 (84 blocks, 0.36 GB)
     .venv/bin/python benchmarks/paper_scale.py --scale full --shards 2   # the paper's bank
 
 `--scale small` keeps every block the paper's size (27.5 / 6.9 / 1.7 MB) and only shrinks the

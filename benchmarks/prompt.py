@@ -32,8 +32,9 @@ preallocated in the model).
    198 ms (flat) and 47 ms (only deeper blocks change), never measured.
 3. Skewed prompt mix (loopback): >= 1,000 prompts whose leaves are drawn by Zipf(s) over the
    leaves directly (no embedding per prompt: routing is not what is measured here), through
-   `fetch_path` with a DeviceCache of `--cache-frac` of the bank: bytes fetched per prompt and the hit ratio
-   per level (attached + device cache), on the paper-shaped bank and on the demo bank.
+   `fetch_path` with a DeviceCache of `--cache-frac` of the bank: bytes fetched per prompt and
+   the hit ratio per level (attached + device cache), on the paper-shaped bank and on the demo
+   bank.
 
 Ends with a table, results/prompt.png (or --plot) and one JSON line.
 """
@@ -102,9 +103,9 @@ def paper_config(ranks: tuple[int, ...], branching: int):
 
 
 def build_paper_bank(lmdb: Path, bank: str, ranks: tuple[int, ...], branching: int, seed: int):
-    """Synthetic bf16 blocks of the 160M shapes, streamed into one LMDB (benchmarks/paper_scale.py)."""
+    """Synthetic bf16 blocks of the 160M shapes, streamed into one LMDB
+    (benchmarks/paper_scale.py)."""
     from benchmarks.paper_scale import block_bytes
-
     from membank.manifest import Manifest
     from services.bank_server.ingest import ingest_stream
 
@@ -241,7 +242,8 @@ def paper_worker(job: dict, tokenizer, stack: ExitStack) -> dict:
 
 def zipf_run(job: dict, mm, addr: str, stack: ExitStack) -> dict:
     """`zipf_prompts` prompts, leaves by Zipf(s) over the deepest level that has blocks, through
-    `fetch_path` and a DeviceCache of `cache_frac` of the bank; per level: how each block was served."""
+    `fetch_path` and a DeviceCache of `cache_frac` of the bank; per level: how each block was
+    served."""
     import numpy as np
 
     from services.model_client.bank_client import BankClient
@@ -286,7 +288,8 @@ def zipf_run(job: dict, mm, addr: str, stack: ExitStack) -> dict:
                       "hit_ratio": round((s["attached"] + s["cache"]) / n, 4),
                       "bytes_per_prompt": round(s["bytes"] / n)}
     return {"bank": m.bank, "prompts": n, "leaves": n_leaves, "zipf_s": job["zipf_s"],
-            "cache_bytes": budget, "bank_bytes": bank_bytes, "path_bytes": sum(m.block_nbytes(l) for l in per),
+            "cache_bytes": budget, "bank_bytes": bank_bytes,
+            "path_bytes": sum(m.block_nbytes(l) for l in per),
             "bytes_per_prompt": round(statistics.fmean(fetched_bytes)),
             "prompts_fetching_nothing": sum(b == 0 for b in fetched_bytes),
             "load_ms_p50": round(statistics.median(fetch_ms), 3),
@@ -379,7 +382,8 @@ def plot(report: dict, path: Path) -> None:
                    label=f"{name} bank: hit ratio ({z['bytes_per_prompt'] / 1e6:.2f} MB/prompt)")
             for xx, l in zip(xs, lv):
                 ax.text(xx, z["levels"][l]["hit_ratio"] + 0.01,
-                        f"{z['levels'][l]['bytes_per_prompt'] / 1e6:.2f} MB", ha="center", fontsize=7)
+                        f"{z['levels'][l]['bytes_per_prompt'] / 1e6:.2f} MB", ha="center",
+                        fontsize=7)
         ax.set_xticks(sorted({int(l) for z in report["zipf"].values() for l in z["levels"]}))
         ax.set_xlabel("level")
         ax.set_ylabel("hit ratio (attached or device cache)")
@@ -432,7 +436,8 @@ def print_tables(report: dict) -> None:
               f"{z['bank']} bank of {z['bank_bytes'] / 1e6:.1f} MB, device cache "
               f"{z['cache_bytes'] / 1e6:.1f} MB, loopback: "
               f"{z['bytes_per_prompt'] / 1e6:.3f} MB per prompt (a whole path: "
-              f"{z['path_bytes'] / 1e6:.3f} MB, ratio {z['bytes_per_prompt'] / z['path_bytes']:.3f}); "
+              f"{z['path_bytes'] / 1e6:.3f} MB, "
+              f"ratio {z['bytes_per_prompt'] / z['path_bytes']:.3f}); "
               f"load p50 {z['load_ms_p50']:.1f} ms")
         print(f"{'level':>5} {'nodes':>6} {'block MB':>9} {'attached':>9} {'cache hit':>9} "
               f"{'fetched':>8} {'hit ratio':>9} {'MB/prompt':>10}")
@@ -492,7 +497,8 @@ def main(argv: list[str] | None = None) -> dict:
     reps = args.reps or (2 if quick else 8)
     paper = not (args.no_paper or quick)
     zipf_prompts = args.zipf_prompts if args.zipf_prompts is not None else (300 if quick else 1000)
-    plot_path = Path(args.plot or REPO / "results" / ("prompt-quick.png" if quick else "prompt.png"))
+    plot_path = Path(args.plot
+                     or REPO / "results" / ("prompt-quick.png" if quick else "prompt.png"))
     if specs and (why := unavailable_reason()):
         print(f"emulated links skipped: {why}", flush=True)
         specs = []
@@ -510,7 +516,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         with ExitStack() as stack:
             # -- banks -------------------------------------------------------------------------
-            export = Path(args.export) if args.export else build_demo_export(work / "export", args.preset)
+            export = (Path(args.export) if args.export
+                      else build_demo_export(work / "export", args.preset))
             ingest(export, work / "demo.lmdb", progress=False, map_size=1 << 30)
             servers = {}
 
@@ -525,7 +532,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print("building the paper-shaped banks (hierarchical 0.36 GB, flat 0.14 GB)",
                       flush=True)
                 t0 = time.perf_counter()
-                build_paper_bank(work / "hier.lmdb", "paper-hier", (256, 64, 16, 0), PAPER_K, args.seed)
+                build_paper_bank(work / "hier.lmdb", "paper-hier", (256, 64, 16, 0), PAPER_K,
+                                 args.seed)
                 build_paper_bank(work / "flat.lmdb", "paper-flat", (FLAT_RANK,), PAPER_K, args.seed)
                 report["paper_build_s"] = round(time.perf_counter() - t0, 1)
                 servers["hier"] = serve("hier", work / "hier.lmdb")
@@ -540,7 +548,8 @@ def main(argv: list[str] | None = None) -> dict:
                                     for label in links}
             for label, link in links.items():
                 if link:
-                    v = link.validate(bulk_bytes=int(link.spec.rate_mbit * 1e6 / 8 * (0.5 if quick else 2)))
+                    v = link.validate(
+                        bulk_bytes=int(link.spec.rate_mbit * 1e6 / 8 * (0.5 if quick else 2)))
                 else:
                     with ProbeServer() as ps:
                         got = probe(ps.address, 20, 100 << 20)
@@ -582,10 +591,12 @@ def main(argv: list[str] | None = None) -> dict:
                 entry = {"validation": r["validation"],
                          "manifest_rtt_ms": statistics.median(r["manifest_rtt_ms"]),
                          "seconds": round(r["seconds"], 1),
-                         "demo": median_by(r["demo"], "scenario", STEPS + ("ttft", "fetched_bytes"))}
+                         "demo": median_by(r["demo"], "scenario",
+                                           STEPS + ("ttft", "fetched_bytes"))}
                 if r["paper"]:
                     entry["paper"] = median_by(r["paper"], "scenario",
-                                               ("fetch", "attach", "load", "prefill", "fetched_bytes"))
+                                               ("fetch", "attach", "load", "prefill",
+                                                "fetched_bytes"))
                     entry["paper_anchor"] = r["paper_anchor"]
                 report["links"][label] = entry
     finally:

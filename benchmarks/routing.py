@@ -80,11 +80,14 @@ def route_only(n: int, shapes: list[tuple[int, int]], repeats: int) -> list[dict
             t, new = best_time(router.route, xt)
             new_s.append(t)
         row = {"k": k, "depth": depth, "n": n, "old_s": min(old_s), "new_s": min(new_s),
-               "old_per_s": n / min(old_s), "new_per_s": n / min(new_s), "speedup": min(old_s) / min(new_s),
+               "old_per_s": n / min(old_s), "new_per_s": n / min(new_s),
+               "speedup": min(old_s) / min(new_s),
                "paths_differing": int((old != new).any(axis=1).sum())}
         rows.append(row)
-        print(f"k={k:<3} depth={depth}  old {row['old_per_s']:>10,.0f}/s  new {row['new_per_s']:>10,.0f}/s  "
-              f"new/old {row['speedup']:5.1f}x  paths differing {row['paths_differing']}", flush=True)
+        print(f"k={k:<3} depth={depth}  old {row['old_per_s']:>10,.0f}/s  "
+              f"new {row['new_per_s']:>10,.0f}/s  "
+              f"new/old {row['speedup']:5.1f}x  paths differing {row['paths_differing']}",
+              flush=True)
     return rows
 
 
@@ -129,7 +132,8 @@ def nearest_document(n_docs: int, n: int, repeats: int) -> dict:
         one.append(best_time(router.route, row)[0])
         one_centroid.append(best_time(lambda r: router.route(r, routing="centroid"), row)[0])
     return {"index_documents": n_docs, "rows": n, "batch_per_s": n / batch,
-            "one_query_ms": 1e3 * float(np.median(one)), "one_query_centroid_ms": 1e3 * float(np.median(one_centroid))}
+            "one_query_ms": 1e3 * float(np.median(one)),
+            "one_query_centroid_ms": 1e3 * float(np.median(one_centroid))}
 
 
 def main() -> None:
@@ -144,20 +148,25 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    print(f"route only: {args.n:,} random unit vectors x 384, best of {args.repeats}, {args.threads} threads")
+    print(f"route only: {args.n:,} random unit vectors x 384, best of {args.repeats}, "
+          f"{args.threads} threads")
     figures: dict = {"threads": args.threads, "route": route_only(args.n, shapes, args.repeats)}
     speedups = [r["speedup"] for r in figures["route"]]
     figures["min_speedup"], figures["max_speedup"] = min(speedups), max(speedups)
     if args.index_docs:
         nd = nearest_document(args.index_docs, min(args.n, 20_000), args.repeats)
         figures["nearest_document"] = nd
-        print(f"nearest-document routing over {nd['index_documents']:,} documents: {nd['batch_per_s']:,.0f} rows/s "
-              f"batched; one query {nd['one_query_ms']:.2f} ms (centroid descent {nd['one_query_centroid_ms']:.3f} ms)")
+        print(f"nearest-document routing over {nd['index_documents']:,} documents: "
+              f"{nd['batch_per_s']:,.0f} rows/s "
+              f"batched; one query {nd['one_query_ms']:.2f} ms "
+              f"(centroid descent {nd['one_query_centroid_ms']:.3f} ms)")
     if args.texts:
         er = embed_and_route(args.texts)
         figures["embed_route"] = er
-        print(f"embed + route, {er['texts']} element documents: embed {er['embed_per_s']:.0f} texts/s; "
-              f"embed + route old {er['embed_route_old_per_s']:.1f}/s, new {er['embed_route_new_per_s']:.1f}/s "
+        print(f"embed + route, {er['texts']} element documents: "
+              f"embed {er['embed_per_s']:.0f} texts/s; "
+              f"embed + route old {er['embed_route_old_per_s']:.1f}/s, "
+              f"new {er['embed_route_new_per_s']:.1f}/s "
               f"(new/old {er['embed_route_new_per_s'] / er['embed_route_old_per_s']:.3f}x); "
               f"one prompt embed + route {er['one_prompt_embed_route_ms']:.1f} ms")
     print(json.dumps(figures))

@@ -101,13 +101,15 @@ def measure_server(export: Path, work: Path, duration: float, threads: int) -> d
         with LoadLoop(cluster.targets, cluster.bank, threads=threads) as load:
             load.wait_prompts(1, 60)
             time.sleep(2)                           # warm-up, not counted
-            n0, b0, c0, t0 = load.report.prompts, load.report.bytes, cpu_seconds(pid), time.monotonic()
+            n0, b0, c0, t0 = (load.report.prompts, load.report.bytes, cpu_seconds(pid),
+                              time.monotonic())
             anon = file = 0.0
             for _ in tqdm(range(int(duration)), desc="server under load", unit="s", leave=False):
                 time.sleep(1)
                 a, f = rss_split_mb(pid)
                 anon, file = max(anon, a), max(file, f)
-            n1, b1, c1, el = load.report.prompts, load.report.bytes, cpu_seconds(pid), time.monotonic() - t0
+            n1, b1, c1, el = (load.report.prompts, load.report.bytes, cpu_seconds(pid),
+                              time.monotonic() - t0)
             errors = len(load.report.errors)
     prompts, mb, cpu = n1 - n0, (b1 - b0) / 1e6, c1 - c0
     return {"seconds": round(el, 1), "prompts_per_s": round(prompts / el, 1),
@@ -204,7 +206,8 @@ def main() -> None:
         server = measure_server(tmp / "export-x1", tmp / "cluster", args.duration, args.threads)
         print(f"server: {server['prompts_per_s']} prompts/s closed loop, "
               f"{server['mb_per_prompt']} MB/prompt, {server['cpu_ms_per_prompt']} CPU ms/prompt, "
-              f"{server['cpu_ms_per_mb']} CPU ms/MB, peak RSS anonymous {server['peak_anon_mb']} MB, "
+              f"{server['cpu_ms_per_mb']} CPU ms/MB, "
+              f"peak RSS anonymous {server['peak_anon_mb']} MB, "
               f"file-backed {server['peak_file_mb']} MB, "
               f"{server['errors']} errors")
         rds = measure_redis(tmp, 64, 384)

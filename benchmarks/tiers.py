@@ -48,9 +48,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from membank import wire  # noqa: E402
 from membank.blocks import checksum  # noqa: E402
 from services.bank_server.cache import RedisCachedStore  # noqa: E402
-from services.bank_server.store import (Expect, LMDBStore, acquire_env,  # noqa: E402
-                                        evict_from_page_cache, page_cache_residency,
-                                        release_env)
+from services.bank_server.store import (  # noqa: E402
+    Expect,
+    LMDBStore,
+    acquire_env,
+    evict_from_page_cache,
+    page_cache_residency,
+    release_env,
+)
 from services.bank_server.tiers import LRUCache  # noqa: E402
 
 # the paper's 160M model: 35 memory layers x 3 matrices x r_l x d 512, bf16
@@ -278,7 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"   redis / lmdb-warm = {t['redis']['p50_ms'] / base:.2f}"
               f"   lmdb-cold-norah / lmdb-cold = "
               f"{t['lmdb-cold-norah']['p50_ms'] / t['lmdb-cold']['p50_ms']:.1f}"
-              f"   serve-old / serve-new = {t['serve-old']['p50_ms'] / t['serve-new']['p50_ms']:.2f}")
+              f"   serve-old / serve-new = "
+              f"{t['serve-old']['p50_ms'] / t['serve-new']['p50_ms']:.2f}")
     out = {"benchmark": "tiers", "sizes": sizes, "blocks": args.blocks, "reps": args.reps,
            "cpus": os.cpu_count(), "results": results}
     print(json.dumps(out))

@@ -1,6 +1,7 @@
 """Benchmark: a training step with memory vs anchor-only, same batch and sequence length.
 
-    .venv/bin/python benchmarks/train_step.py [--configs demo,eval,medium] [--steps 20] [--threads 2]
+    .venv/bin/python benchmarks/train_step.py [--configs demo,eval,medium] [--steps 20] \\
+        [--threads 2]
 
 For each config, two trainers (training/train.py) on the same synthetic packed data (random
 tokens, random paths over the whole tree, full-length documents):
@@ -12,10 +13,11 @@ tokens, random paths over the whole tree, full-length documents):
 Steps alternate between the trainers after a warmup, so machine load hits both alike; the
 median step time of each gives the ratio (target <= 1.3x; the paper's runtime FLOPs ratio is
 1.1x) and tokens per second; the best (minimum) step times give a second ratio that is less
-sensitive to other processes on a shared machine. A third row, `memory-dense`, is the naive alternative for scale:
-the bank as dense parameters indexed directly (dense zero gradients for every block) and
-torch.optim.AdamW over the whole bank at every step. Peak RSS (resource.getrusage) of each
-variant comes from a separate short run in a fresh process, so the figures do not mix.
+sensitive to other processes on a shared machine. A third row, `memory-dense`, is the naive
+alternative for scale: the bank as dense parameters indexed directly (dense zero gradients for
+every block) and torch.optim.AdamW over the whole bank at every step. Peak RSS
+(resource.getrusage) of each variant comes from a separate short run in a fresh process, so the
+figures do not mix.
 Ends with one JSON line of the figures.
 """
 from __future__ import annotations
@@ -44,13 +46,13 @@ CONFIGS = {
     "demo": dict(shape=[], batch=16, seq=128),
     # the long-tail evaluation's small preset (training/evaluate.py): d 96, bank 21x the anchor
     # in the last 2 layers, a tenth of the samples without memory
-    "eval": dict(shape=["model.d_model=96", "model.n_head=4", "model.d_ff=384", "memory.branching=16",
-                        "memory.ranks=[32, 112]", "memory.placement=last", "memory.n_layers=2",
-                        "no_memory_prob=0.1"], batch=32, seq=128),
+    "eval": dict(shape=["model.d_model=96", "model.n_head=4", "model.d_ff=384",
+                        "memory.branching=16", "memory.ranks=[32, 112]", "memory.placement=last",
+                        "memory.n_layers=2", "no_memory_prob=0.1"], batch=32, seq=128),
     # a larger one that still fits a 2-core laptop: 8 layers, d 256, bank of 25M params (k 8)
-    "medium": dict(shape=["model.vocab_size=4096", "model.n_layer=8", "model.n_head=8", "model.d_model=256",
-                          "model.d_ff=1024", "model.max_seq_len=256", "memory.branching=8",
-                          "memory.ranks=[128, 64]"], batch=8, seq=256),
+    "medium": dict(shape=["model.vocab_size=4096", "model.n_layer=8", "model.n_head=8",
+                          "model.d_model=256", "model.d_ff=1024", "model.max_seq_len=256",
+                          "memory.branching=8", "memory.ranks=[128, 64]"], batch=8, seq=256),
 }
 VARIANTS = ("anchor", "memory", "memory-dense")
 
@@ -60,7 +62,8 @@ def synthetic(config: Config, n: int, seq: int, seed: int = 0) -> Packed:
     mc = config.memory
     tokens = torch.randint(1, config.model.vocab_size, (n, seq + 1), generator=g)
     leaf = torch.randint(0, mc.n_nodes(mc.depth), (n,), generator=g)
-    nodes = torch.stack([leaf // mc.branching ** (mc.depth - 1 - l) for l in range(mc.depth)], dim=1)
+    nodes = torch.stack([leaf // mc.branching ** (mc.depth - 1 - l) for l in range(mc.depth)],
+                        dim=1)
     return Packed(tokens, torch.zeros_like(tokens), nodes)
 
 
@@ -129,7 +132,8 @@ def rss_worker(name: str, variant: str, threads: int) -> None:
 
 
 def peak_rss(name: str, variant: str, threads: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--rss-worker", name, variant, "--threads", str(threads)],
+    out = subprocess.run([sys.executable, __file__, "--rss-worker", name, variant,
+                          "--threads", str(threads)],
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
 
@@ -153,8 +157,10 @@ def main() -> None:
     # fork into a child's ru_maxrss, so a child forked from a grown parent would report that
     rss = {(n, v): peak_rss(n, v, args.threads) for n in names for v in variants}
     results = {}
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} timed steps after {args.warmup} warmup")
-    print(f"{'config':<8} {'variant':<13} {'batch x seq':>11} {'step ms':>9} {'min ms':>8} {'p10-p90 ms':>15} "
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.steps} timed steps "
+          f"after {args.warmup} warmup")
+    print(f"{'config':<8} {'variant':<13} {'batch x seq':>11} {'step ms':>9} {'min ms':>8} "
+          f"{'p10-p90 ms':>15} "
           f"{'tokens/s':>9} {'peak RSS MB':>12} {'vs anchor':>10} {'(min)':>6}")
     for name in names:
         spec = CONFIGS[name]
@@ -166,27 +172,33 @@ def main() -> None:
         del runners
         tokens = spec["batch"] * spec["seq"]
         row = {"anchor_params": anchor_params, "bank_params": sizes["bank_params"],
-               "fetch_params": sizes["fetch_params"], "batch": spec["batch"], "seq_len": spec["seq"]}
+               "fetch_params": sizes["fetch_params"], "batch": spec["batch"],
+               "seq_len": spec["seq"]}
         for v in variants:
             ts = sorted(times[v])
             med = statistics.median(ts)
-            row[v] = {"step_ms": med * 1e3, "min_ms": ts[0] * 1e3, "p10_ms": ts[len(ts) // 10] * 1e3,
+            row[v] = {"step_ms": med * 1e3, "min_ms": ts[0] * 1e3,
+                      "p10_ms": ts[len(ts) // 10] * 1e3,
                       "p90_ms": ts[(9 * len(ts)) // 10] * 1e3,
                       "tokens_per_s": tokens / med, "peak_rss_mb": rss[name, v]}
         for v in variants:
             r = row[v]
             ratio = r["step_ms"] / row["anchor"]["step_ms"]
             ratio_min = r["min_ms"] / row["anchor"]["min_ms"]
-            print(f"{name:<8} {v:<13} {spec['batch']:>4} x {spec['seq']:<4} {r['step_ms']:>9.1f} {r['min_ms']:>8.1f} "
-                  f"{r['p10_ms']:>7.1f}-{r['p90_ms']:<7.1f} {r['tokens_per_s']:>9.0f} {r['peak_rss_mb']:>12.0f} "
+            print(f"{name:<8} {v:<13} {spec['batch']:>4} x {spec['seq']:<4} "
+                  f"{r['step_ms']:>9.1f} {r['min_ms']:>8.1f} "
+                  f"{r['p10_ms']:>7.1f}-{r['p90_ms']:<7.1f} {r['tokens_per_s']:>9.0f} "
+                  f"{r['peak_rss_mb']:>12.0f} "
                   f"{ratio:>9.2f}x {ratio_min:>5.2f}x")
         row["memory_over_anchor"] = row["memory"]["step_ms"] / row["anchor"]["step_ms"]
         row["memory_over_anchor_min"] = row["memory"]["min_ms"] / row["anchor"]["min_ms"]
         print(f"{name}: anchor {anchor_params:,} params, bank {sizes['bank_params']:,}, fetch "
-              f"{sizes['fetch_params']:,}; memory / anchor step time {row['memory_over_anchor']:.2f}x median, "
+              f"{sizes['fetch_params']:,}; memory / anchor step time "
+              f"{row['memory_over_anchor']:.2f}x median, "
               f"{row['memory_over_anchor_min']:.2f}x best (target <= 1.3x)")
         results[name] = row
-    print(json.dumps({"benchmark": "train_step", "threads": args.threads, "steps": args.steps, "results": results}))
+    print(json.dumps({"benchmark": "train_step", "threads": args.threads, "steps": args.steps,
+                      "results": results}))
 
 
 if __name__ == "__main__":

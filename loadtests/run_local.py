@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    export = args.export if (args.export / MANIFEST).exists() else synthetic_export(args.out / "export")
+    export = (args.export if (args.export / MANIFEST).exists()
+              else synthetic_export(args.out / "export"))
     with run_local_cluster(export, shards=args.shards, replication=args.replication,
                            redis=args.redis, workdir=args.out / "cluster") as cluster:
         manifest = cluster.manifest

@@ -50,7 +50,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path,
+                        metadata: dict | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
@@ -76,7 +77,8 @@ def load_generic(export_dir: str | Path) -> torch.Tensor | None:
         return f.get_tensor("generic")
 
 
-def write_bank(export_dir: str | Path, levels: list[torch.Tensor | None], dtype: str) -> list[list[str]]:
+def write_bank(export_dir: str | Path, levels: list[torch.Tensor | None],
+               dtype: str) -> list[list[str]]:
     """Write per-level bank tensors (k^l, L, 3, r_l, d); return per-block checksums."""
     (Path(export_dir) / "bank").mkdir(parents=True, exist_ok=True)
     sums: list[list[str]] = []
@@ -103,6 +105,7 @@ def iter_blocks(export_dir: str | Path, manifest: Manifest) -> Iterator[tuple[in
             shape = tuple(blocks.get_shape())
             want = (manifest.n_nodes(level), *manifest.block_shape(level))
             if shape != want:
-                raise ValueError(f"level {level}: bank tensor has shape {shape}, manifest says {want}")
+                raise ValueError(f"level {level}: bank tensor has shape {shape}, "
+                                 f"manifest says {want}")
             for node in range(manifest.n_nodes(level)):
                 yield level, node, tensor_to_bytes(blocks[node:node + 1][0], manifest.dtype)

@@ -19,7 +19,8 @@ from membank.config import DTYPES
 if TYPE_CHECKING:
     import torch
 
-assert sys.byteorder == "little", "the block format is little-endian; big-endian hosts must byteswap"
+assert sys.byteorder == "little", \
+    "the block format is little-endian; big-endian hosts must byteswap"
 
 CHECKSUM_ALGO = "xxh3_64"
 

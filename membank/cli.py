@@ -11,7 +11,8 @@
          raw-TCP data plane, services/model_client/targets.py; chat / device-serve: shard lists)
     membank demo                                             all of the above, end to end
     membank config paper-160m [--kind lora-ffn]              anchor params, bank and fetch sizes
-    membank eval --preset small [--domain C:P]               long-tail evaluation (training/evaluate.py)
+    membank eval --preset small [--domain C:P]               long-tail evaluation
+                                                             (training/evaluate.py)
     membank eval-scaling --preset small                      accuracy against bank and fetch size
 
 This module is the top of the import graph: it may import training/ and services/; nothing
@@ -61,8 +62,8 @@ def print_result(label: str, r) -> None:
     steps = "  ".join(f"{k} {t.get(k, 0.0):7.2f} ms"
                       for k in ("embed", "route", "fetch", "attach", "prefill", "decode", "ttft"))
     print(f"  {label:<15} {r.text!r}")
-    extra = f"path {r.path}, fetched {len(r.fetched_blocks)} blocks / {r.fetched_bytes:,} B" if r.memory \
-        else f"anchor only ({r.anchor_only_reason})"
+    extra = f"path {r.path}, fetched {len(r.fetched_blocks)} blocks / {r.fetched_bytes:,} B" \
+        if r.memory else f"anchor only ({r.anchor_only_reason})"
     print(f"  {'':<15} {steps}  [{extra}]")
 
 
@@ -88,8 +89,8 @@ def cmd_generate(args) -> None:
     bank = bank_from_settings(settings)
     try:
         model = MemoryModel.from_pretrained(args.model, encoding=args.encoding)
-        kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, stop=tuple(args.stop or ()), seed=args.seed)
+        kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, stop=tuple(args.stop or ()), seed=args.seed)
         result = model.generate(args.prompt, bank=bank, use_memory=not args.no_memory, **kw)
     finally:
         if bank is not None:
@@ -138,12 +139,15 @@ def cmd_eval(args) -> None:
         try:
             ec.seeds = tuple(int(x) for x in args.seeds.split(","))
         except ValueError:
-            raise ValueError(f"--seeds takes comma-separated integers, not {args.seeds!r}") from None
+            raise ValueError(f"--seeds takes comma-separated integers, "
+                             f"not {args.seeds!r}") from None
     if args.builtin_domains is not None:
-        names = () if args.builtin_domains in ("", "none") else tuple(args.builtin_domains.split(","))
+        names = (() if args.builtin_domains in ("", "none")
+                 else tuple(args.builtin_domains.split(",")))
         unknown = [n for n in names if n not in BUILTIN]
         if unknown:
-            raise ValueError(f"unknown built-in domain {unknown[0]!r}; built-in: {', '.join(BUILTIN)} (or none)")
+            raise ValueError(f"unknown built-in domain {unknown[0]!r}; "
+                             f"built-in: {', '.join(BUILTIN)} (or none)")
         ec.corpus = {**ec.corpus, "domains": names}
     if args.threads is not None:
         if args.threads < 1:
@@ -160,11 +164,14 @@ def cmd_eval_scaling(args) -> None:
 
     try:
         seeds = tuple(int(x) for x in args.seeds.split(","))
-        grid = tuple(tuple(int(r) for r in point.split(",")) for point in args.grid) if args.grid else None
+        grid = (tuple(tuple(int(r) for r in point.split(",")) for point in args.grid)
+                if args.grid else None)
     except ValueError:
-        raise ValueError("--seeds takes comma-separated integers, --grid comma-separated ranks") from None
+        raise ValueError("--seeds takes comma-separated integers, "
+                         "--grid comma-separated ranks") from None
     run_scaling(args.out or f"runs/scaling-{args.preset}", args.preset, grid=grid, seeds=seeds,
-                domains=[DomainFiles.parse(spec) for spec in args.domain or []], results=args.results)
+                domains=[DomainFiles.parse(spec) for spec in args.domain or []],
+                results=args.results)
 
 
 def cmd_config(args) -> None:
@@ -187,7 +194,8 @@ def cmd_config(args) -> None:
           f"tied {m.tie_embeddings})")
     print(f"memory: {mc.kind}, {len(layers)} of {m.n_layer} layers ({mc.placement}), "
           f"k {mc.branching}, ranks {tuple(mc.ranks)}, {mc.dtype}")
-    print(f"  {'level':>5} {'nodes':>10} {'block shape':>22} {'block params':>15} {'level params':>17}")
+    print(f"  {'level':>5} {'nodes':>10} {'block shape':>22} {'block params':>15} "
+          f"{'level params':>17}")
     for level, block in enumerate(sizes["block_params_per_level"], start=1):
         shape = "x".join(map(str, mc.block_shape(m, level)))
         print(f"  {level:>5} {mc.n_nodes(level):>10,} {shape:>22} {block:>15,} "
@@ -201,22 +209,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="membank", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("train", help="train anchor + bank and export (torchrun for data parallelism)")
+    s = sub.add_parser("train",
+                       help="train anchor + bank and export (torchrun for data parallelism)")
     s.add_argument("--config", default="demo",
-                   help="training preset (tiny, demo, paper-160m, ...) or a JSON file of TrainConfig fields")
+                   help="training preset (tiny, demo, paper-160m, ...) "
+                        "or a JSON file of TrainConfig fields")
     s.add_argument("--out", default="runs/demo")
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a TrainConfig field (model.FIELD / memory.FIELD for shapes)")
     s.add_argument("--corpus", default=None, metavar="FILE.jsonl",
                    help='train on this corpus, one {"text": ...} per line (default: the elements)')
-    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    s.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out")
     s.add_argument("--force", action="store_true", help="retrain even if a cached run matches")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("merge", help="merge frozen-anchor subtree jobs into one bank and export it")
     s.add_argument("jobs", nargs="+", help="subtree job run directories (or checkpoints)")
     s.add_argument("--out", required=True)
-    s.add_argument("--base", default=None, help="checkpoint the jobs started from (default: their init_from)")
+    s.add_argument("--base", default=None,
+                   help="checkpoint the jobs started from (default: their init_from)")
     s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("ingest", help="ingest an export's blocks into an LMDB bank store")
@@ -254,12 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("chat", add_help=False,
-                       help="a REPL on stdin: each line a prompt, the reply streamed (membank chat --help)")
+                       help="a REPL on stdin: each line a prompt, the reply streamed "
+                            "(membank chat --help)")
     s.add_argument("chat_args", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("device-serve", add_help=False,
-                       help="the device's HTTP API (FastAPI, SSE streaming) (membank device-serve --help)")
+                       help="the device's HTTP API (FastAPI, SSE streaming) "
+                            "(membank device-serve --help)")
     s.add_argument("device_args", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_device_serve)
 
@@ -268,10 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kind", default=None, help="memory kind: ffn, lora-qk, lora-ov, lora-ffn, kv")
     s.set_defaults(func=cmd_config)
 
-    s = sub.add_parser("eval", help="long-tail evaluation: anchor vs generic vs fetched vs dense vs blocked")
-    s.add_argument("--preset", default="small", help="smoke (pipeline check) or small (the published run)")
-    s.add_argument("--out", default=None, help="run directory (default runs/eval-PRESET); reruns resume")
-    s.add_argument("--results", default=None, help="results JSON (default OUT/longtail.json; .md, .png beside)")
+    s = sub.add_parser("eval", help="long-tail evaluation: "
+                                    "anchor vs generic vs fetched vs dense vs blocked")
+    s.add_argument("--preset", default="small",
+                   help="smoke (pipeline check) or small (the published run)")
+    s.add_argument("--out", default=None,
+                   help="run directory (default runs/eval-PRESET); reruns resume")
+    s.add_argument("--results", default=None,
+                   help="results JSON (default OUT/longtail.json; .md, .png beside)")
     s.add_argument("--domain", action="append", metavar="CORPUS:PROBE[:HELDOUT]",
                    help='a domain of your own, added to the mix (repeatable): a JSONL corpus '
                         '({"text"[, "subject"]} per line), a probe JSON (training/probes.py) and '
@@ -288,13 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "the same thread count")
     s.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("eval-scaling", help="probe accuracy and perplexity against bank and fetch size")
-    s.add_argument("--preset", default="small", help="the evaluation preset whose corpus and schedule it uses")
-    s.add_argument("--out", default=None, help="run directory (default runs/scaling-PRESET); reruns resume")
-    s.add_argument("--results", default=None, help="results JSON (default OUT/scaling.json; .md, .png beside)")
+    s = sub.add_parser("eval-scaling",
+                       help="probe accuracy and perplexity against bank and fetch size")
+    s.add_argument("--preset", default="small",
+                   help="the evaluation preset whose corpus and schedule it uses")
+    s.add_argument("--out", default=None,
+                   help="run directory (default runs/scaling-PRESET); reruns resume")
+    s.add_argument("--results", default=None,
+                   help="results JSON (default OUT/scaling.json; .md, .png beside)")
     s.add_argument("--grid", action="append", metavar="R1,R2",
                    help="ranks per level of one bank (repeatable; default: the preset's grid)")
-    s.add_argument("--domain", action="append", metavar="CORPUS:PROBE[:HELDOUT]", help="as for eval")
+    s.add_argument("--domain", action="append", metavar="CORPUS:PROBE[:HELDOUT]",
+                   help="as for eval")
     s.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     s.set_defaults(func=cmd_eval_scaling)
 

@@ -92,7 +92,8 @@ class MemoryConfig:
     branching: int = 4                     # k: children per tree node
     ranks: tuple[int, ...] = (64, 32)      # r_l: rank a level-l block adds (FFN neurons, LoRA
                                            # rank or KV slots per layer); len = depth p
-    layers: tuple[int, ...] | None = None  # anchor layers that carry memory, explicit; None: placement
+    layers: tuple[int, ...] | None = None  # anchor layers that carry memory, explicit; None:
+                                           # placement
     dtype: Dtype = "float32"               # bank dtype on disk / on the wire
     kind: MemoryKind = "ffn"
     placement: Placement = "all"           # which layers carry memory when `layers` is None
@@ -136,7 +137,8 @@ class MemoryConfig:
         return (batch, len(self.mem_layers(model.n_layer)), n_mats, self.fetch_rank, width)
 
     def manifest_fields(self, model: ModelConfig) -> dict:
-        """The Manifest fields that follow from the config (export adds bank, version, checksums)."""
+        """The Manifest fields that follow from the config (export adds bank, version,
+        checksums)."""
         return {"kind": self.kind, "d_model": model.d_model, "block_width": self.layout(model)[1],
                 "mem_layers": self.mem_layers(model.n_layer), "branching": self.branching,
                 "ranks": list(self.ranks), "dtype": self.dtype}
@@ -153,12 +155,14 @@ class MemoryConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         block_layout(self.kind, model.d_model, model.attn_dim, model.d_ff)  # raises on a bad kind
         if self.placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, "
+                             f"got {self.placement!r}")
         if self.placement != "all":
             if self.layers is not None:
                 raise ValueError("give either explicit memory layers or a placement, not both")
             if self.n_layers is None or not 1 <= self.n_layers <= model.n_layer:
-                raise ValueError(f"placement {self.placement!r} needs n_layers in 1..{model.n_layer}, "
+                raise ValueError(f"placement {self.placement!r} needs n_layers "
+                                 f"in 1..{model.n_layer}, "
                                  f"got {self.n_layers}")
         bad = [i for i in self.mem_layers(model.n_layer) if not 0 <= i < model.n_layer]
         if bad:

@@ -30,8 +30,10 @@ def greedy(model: Transformer, prompts: list[list[int]], mem, max_new_tokens: in
     for length, rows in sorted(by_len.items()):
         for s in range(0, len(rows), batch_size):
             chunk = rows[s:s + batch_size]
-            m = mem(chunk) if callable(mem) else None if mem is None else mem if mem.shape[0] == 1 else mem[chunk]
-            for i, ids in zip(chunk, _greedy_block(model, [prompts[i] for i in chunk], m, max_new_tokens, eos)):
+            m = (mem(chunk) if callable(mem) else None if mem is None
+                 else mem if mem.shape[0] == 1 else mem[chunk])
+            for i, ids in zip(chunk, _greedy_block(model, [prompts[i] for i in chunk], m,
+                                                   max_new_tokens, eos)):
                 out[i] = ids
     return out
 

@@ -57,7 +57,8 @@ def run_demo(out_dir: str = "runs/demo", force: bool = False) -> None:
         model.warmup()
         with make_client(target) as bank:
             m = bank.get_manifest(model.bank_id)
-            print(f"bank {m.bank} version {m.version}: k={m.branching} ranks={m.ranks} dtype={m.dtype}, "
+            print(f"bank {m.bank} version {m.version}: k={m.branching} ranks={m.ranks} "
+                  f"dtype={m.dtype}, "
                   f"block bytes per level {[m.block_nbytes(l) for l in range(1, m.depth + 1)]}")
             for prompt, answer in PROMPTS:
                 print(f"\n{prompt!r}  (expected: {answer})")

@@ -56,10 +56,12 @@ class Embedder:
         lengths = np.array([len(i) for i in ids])
         order = np.lexsort((np.arange(len(texts)), lengths))   # by token count, then position
         bounds = np.flatnonzero(np.diff(lengths[order])) + 1
-        groups = [g[i:i + batch_size] for g in np.split(order, bounds) for i in range(0, len(g), batch_size)]
+        groups = [g[i:i + batch_size] for g in np.split(order, bounds)
+                  for i in range(0, len(g), batch_size)]
         for chunk in tqdm(groups, desc="embed", unit="batch", disable=not progress):
-            out[chunk] = model.encode([texts[i] for i in chunk], batch_size=len(chunk), show_progress_bar=False,
-                                      convert_to_numpy=True, normalize_embeddings=True)
+            out[chunk] = model.encode([texts[i] for i in chunk], batch_size=len(chunk),
+                                      show_progress_bar=False, convert_to_numpy=True,
+                                      normalize_embeddings=True)
         return out
 
 if __name__ == "__main__":

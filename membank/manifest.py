@@ -53,7 +53,8 @@ class Manifest(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":
         if self.kind == "ffn" and self.block_width not in (None, self.d_model):
-            raise ValueError(f"FFN memory blocks are d_model={self.d_model} wide, not {self.block_width}")
+            raise ValueError(f"FFN memory blocks are d_model={self.d_model} wide, "
+                             f"not {self.block_width}")
         if self.kind != "ffn" and self.block_width is None:
             raise ValueError(f"a {self.kind} bank needs block_width")
         if len(self.checksums) != len(self.ranks):
@@ -113,7 +114,8 @@ class Manifest(BaseModel):
         return self.shares_blocks_of or self.version
 
     def has_block(self, level: int, node: int) -> bool:
-        return 1 <= level <= self.depth and self.ranks[level - 1] > 0 and 0 <= node < self.n_nodes(level)
+        return (1 <= level <= self.depth and self.ranks[level - 1] > 0
+                and 0 <= node < self.n_nodes(level))
 
     def checksum(self, level: int, node: int, encoding: str = NATIVE) -> str:
         """The xxh3 of a block in `encoding`; KeyError when the version lacks that encoding."""

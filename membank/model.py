@@ -31,7 +31,8 @@ from membank.config import Config, ModelConfig
 from membank.memory import ffn_memory, kv_memory, lora_delta, lora_patches
 
 
-def linear(lin: nn.Linear, x: torch.Tensor, patches: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+def linear(lin: nn.Linear, x: torch.Tensor, patches: dict[str, torch.Tensor],
+           name: str) -> torch.Tensor:
     """lin(x), plus the LoRA memory's update when `patches` holds factors for `name`."""
     y = lin(x)
     return y + lora_delta(x, patches[name]) if name in patches else y
@@ -92,7 +93,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, layer: int = 0,
                 lora: dict[str, torch.Tensor] | None = None, kv_mem: torch.Tensor | None = None):
-        """x (B, T, C) -> (B, T, C). lora: {"wq"|"wk"|"wv"|"wo": (B, R, in+out)}; kv_mem (B, 2, R, A)."""
+        """x (B, T, C) -> (B, T, C). lora: {"wq"|"wk"|"wv"|"wo": (B, R, in+out)};
+        kv_mem (B, 2, R, A)."""
         B, T, _ = x.shape
         lora = lora or {}
 
@@ -110,7 +112,8 @@ class Attention(nn.Module):
             cache.v[layer][:, :, start:start + T] = v
             k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
             if T > 1:  # prefill after earlier tokens: causal over the new block, all of the past
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                mask = torch.ones(T, start + T, dtype=torch.bool,
+                                  device=x.device).tril(diagonal=start)
         if mask is None and cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -131,7 +134,8 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, mem: torch.Tensor | None = None,
                 lora: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, C). mem: FFN memory (B, 3, R, C); lora: {"w1"|"w2"|"w3": factors}."""
+        """x (B, T, C) -> (B, T, C). mem: FFN memory (B, 3, R, C);
+        lora: {"w1"|"w2"|"w3": factors}."""
         lora = lora or {}
         h = F.silu(linear(self.w1, x, lora, "w1")) * linear(self.w2, x, lora, "w2")  # (B, T, F)
         y = linear(self.w3, h, lora, "w3")
@@ -195,11 +199,13 @@ class Transformer(nn.Module):
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.cfg.max_seq_len}")
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len "
+                             f"{self.cfg.max_seq_len}")
         if mem is not None and (mem.dim() != 5 or mem.shape[1] != len(self.mem_layers)
                                 or (mem.shape[2], mem.shape[4]) != self.mem_layout):
             n, w = self.mem_layout
-            raise ValueError(f"{self.mem_kind} memory must be (B, {len(self.mem_layers)}, {n}, R, {w}), "
+            raise ValueError(f"{self.mem_kind} memory must be "
+                             f"(B, {len(self.mem_layers)}, {n}, R, {w}), "
                              f"got {tuple(mem.shape)}")
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         mask = None

@@ -34,7 +34,8 @@ def model_config_from_hf(hf_config) -> ModelConfig:
     n_head = hf_config.num_attention_heads
     return ModelConfig(vocab_size=hf_config.vocab_size, n_layer=hf_config.num_hidden_layers,
                        n_head=n_head, d_model=hf_config.hidden_size,
-                       head_dim_=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_head,
+                       head_dim_=(getattr(hf_config, "head_dim", None)
+                                  or hf_config.hidden_size // n_head),
                        d_ff=hf_config.intermediate_size,
                        max_seq_len=getattr(hf_config, "max_position_embeddings", 2048),
                        tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)))

@@ -34,7 +34,8 @@ from membank.blocks import block_nbytes
 if TYPE_CHECKING:
     import torch
 
-assert sys.byteorder == "little", "the int8 payload is little-endian; big-endian hosts must byteswap"
+assert sys.byteorder == "little", \
+    "the int8 payload is little-endian; big-endian hosts must byteswap"
 
 NATIVE = ""            # the bank's own dtype (float32 or bfloat16): the default everywhere
 INT8 = "int8"

@@ -60,7 +60,8 @@ _DENSE_COLUMNS = 64
 # queries scored against the document index at once: bounds the (rows, N) score matrix
 _INDEX_ROWS = 256
 _MAX_HEADER = 1 << 20                   # a router header is a few hundred bytes
-_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I32": np.dtype("<i4"), "I64": np.dtype("<i8")}
+_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I32": np.dtype("<i4"),
+           "I64": np.dtype("<i8")}
 
 
 class RouterFormatError(ValueError):
@@ -120,13 +121,15 @@ class Router:
         routing = routing or self.routing
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
-        avoid = None if avoid_level1 is None else np.asarray(_numpy(avoid_level1), dtype=np.int64).reshape(-1)
+        avoid = (None if avoid_level1 is None
+                 else np.asarray(_numpy(avoid_level1), dtype=np.int64).reshape(-1))
         if avoid is not None and avoid.shape != (len(x),):
             raise ValueError(f"avoid_level1 needs one entry per row ({len(x)}), got {avoid.shape}")
         if routing == "centroid":
             return self._descend(x, avoid)
         if self.index is None:
-            raise ValueError("this router has no document index: nearest-document routing is unavailable")
+            raise ValueError("this router has no document index: "
+                             "nearest-document routing is unavailable")
         return self.index.paths[self.nearest_documents(x, avoid)]
 
     def path(self, embedding) -> list[int]:
@@ -144,9 +147,10 @@ class Router:
         norms = np.linalg.norm(x, axis=1)
         for s in range(0, len(x), _INDEX_ROWS):
             rows = slice(s, s + _INDEX_ROWS)
-            banned = None if avoid_level1 is None else first[None, :] == np.asarray(avoid_level1)[rows, None]
-            out[rows] = nearest_child(x[rows], vectors[None], np.zeros(len(x[rows]), dtype=np.int64),
-                                      norms[rows], banned)
+            banned = (None if avoid_level1 is None
+                      else first[None, :] == np.asarray(avoid_level1)[rows, None])
+            out[rows] = nearest_child(x[rows], vectors[None],
+                                      np.zeros(len(x[rows]), dtype=np.int64), norms[rows], banned)
         return out
 
     def _descend(self, x: np.ndarray, avoid: np.ndarray | None) -> np.ndarray:
@@ -166,7 +170,8 @@ class Router:
         if x.ndim == 1:
             x = x[None]
         if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"route expects (N, {self.dim}) or ({self.dim},) embeddings, got {x.shape}")
+            raise ValueError(f"route expects (N, {self.dim}) or ({self.dim},) embeddings, "
+                             f"got {x.shape}")
         if not np.isfinite(x).all():
             raise ValueError("route: embeddings contain NaN or inf")
         return np.ascontiguousarray(x)
@@ -226,7 +231,8 @@ class Router:
         except RouterFormatError:
             raise
         except Exception as e:   # truncated or foreign bytes
-            raise RouterFormatError(f"not a safetensors file: {type(e).__name__}: {_first_line(e)}") from None
+            raise RouterFormatError(f"not a safetensors file: "
+                                    f"{type(e).__name__}: {_first_line(e)}") from None
         if meta.get("format") != FORMAT:
             raise RouterFormatError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
         try:
@@ -235,21 +241,25 @@ class Router:
             raise RouterFormatError("metadata k, depth, dim missing or not integers") from None
         routing = meta.get("routing", "centroid")
         if routing not in ROUTINGS:
-            raise RouterFormatError(f"routing is {routing!r}, expected one of {', '.join(ROUTINGS)}")
+            raise RouterFormatError(f"routing is {routing!r}, "
+                                    f"expected one of {', '.join(ROUTINGS)}")
         index_names = {"index.vectors", "index.paths"} if routing == "nearest-document" else set()
         # compare counts first so an absurd depth in the metadata costs nothing
-        names = {f"centroids.{l}" for l in range(1, depth + 1)} if 0 < depth <= len(tensors) else None
+        names = ({f"centroids.{l}" for l in range(1, depth + 1)}
+                 if 0 < depth <= len(tensors) else None)
         if names is None or set(tensors) != names | index_names:
             raise RouterFormatError(f"tensors {sorted(tensors)[:8]} do not match depth {depth} "
                                     f"and routing {routing}")
         for name in names:
             if tensors[name].dtype != np.float32:
-                raise RouterFormatError(f"centroids have dtype {tensors[name].dtype}, expected float32")
+                raise RouterFormatError(f"centroids have dtype {tensors[name].dtype}, "
+                                        f"expected float32")
         index = None
         if index_names:
             v, p = tensors["index.vectors"], tensors["index.paths"]
             if v.dtype != np.float16 or p.dtype.kind != "i":
-                raise RouterFormatError(f"index tensors are {v.dtype} / {p.dtype}, expected float16 / int")
+                raise RouterFormatError(f"index tensors are {v.dtype} / {p.dtype}, "
+                                        f"expected float16 / int")
             index = DocIndex(v, p)
         try:
             return cls(k, depth, dim, [tensors[f"centroids.{l}"] for l in range(1, depth + 1)],
@@ -314,7 +324,8 @@ def exact_sq_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.cumsum(diff * diff, axis=-1)[..., -1]
 
 
-def _scores(x: np.ndarray, level_centroids: np.ndarray, sq_norms: np.ndarray, node: np.ndarray) -> np.ndarray:
+def _scores(x: np.ndarray, level_centroids: np.ndarray, sq_norms: np.ndarray,
+            node: np.ndarray) -> np.ndarray:
     """(n, k) float32 scores ||c||^2 - 2 x.c of each row's k candidate children (distance minus
     ||x||^2): rows grouped by parent node, one matmul per parent, no gather of centroids."""
     n, (nodes, k, dim) = x.shape[0], level_centroids.shape
@@ -369,9 +380,11 @@ def _parse_safetensors(raw: bytes) -> tuple[dict, dict[str, np.ndarray]]:
         if dtype is None:
             tensors[name] = np.empty(0, dtype=np.float64)
             continue
-        if not 0 <= start <= end <= len(body) or end - start != dtype.itemsize * int(np.prod(shape)):
+        if (not 0 <= start <= end <= len(body)
+                or end - start != dtype.itemsize * int(np.prod(shape))):
             raise RouterFormatError(f"tensor {name} has bad data offsets")
-        tensors[name] = np.frombuffer(body[start:end], dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+        tensors[name] = (np.frombuffer(body[start:end], dtype=dtype).reshape(shape)
+                         .astype(dtype.newbyteorder("=")))
     return meta, tensors
 
 
@@ -396,7 +409,8 @@ def _check(k: int, depth: int, dim: int, centroids: list[np.ndarray]) -> None:
     for level, c in enumerate(centroids, start=1):
         want = (k ** (level - 1), k, dim)
         if tuple(c.shape) != want:
-            raise ValueError(f"level {level} centroids have shape {tuple(c.shape)}, expected {want}")
+            raise ValueError(f"level {level} centroids have shape {tuple(c.shape)}, "
+                             f"expected {want}")
         if not np.isfinite(c).all():
             raise ValueError(f"level {level} centroids contain NaN or inf")
 
@@ -404,7 +418,8 @@ def _check(k: int, depth: int, dim: int, centroids: list[np.ndarray]) -> None:
 def _check_index(index: DocIndex, k: int, depth: int, dim: int) -> None:
     v, p = index.vectors, index.paths
     if v.ndim != 2 or v.shape[1] != dim or len(v) == 0 or p.shape != (len(v), depth):
-        raise ValueError(f"index of {v.shape} vectors and {p.shape} paths does not fit dim {dim}, depth {depth}")
+        raise ValueError(f"index of {v.shape} vectors and {p.shape} paths does not fit "
+                         f"dim {dim}, depth {depth}")
     if not np.isfinite(v).all():
         raise ValueError("index vectors contain NaN or inf")
     if p.min() < 0 or p.max() >= k:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 def read_secret(path: str) -> str:
-    """A token file's content, surrounding whitespace removed (an argparse `type` for *-token-file)."""
+    """A token file's content, surrounding whitespace removed (an argparse `type` for
+    *-token-file)."""
     try:
         token = Path(path).read_text().strip()
     except OSError as e:

@@ -49,7 +49,8 @@ def make_export(export_dir: Path, *, bank: str, version: str, dtype: str, d_mode
                 mem_layers: list[int], branching: int, ranks: list[int], seed: int = 0) -> Manifest:
     """An export dir holding only manifest.json + bank/level*.safetensors of random blocks."""
     g = torch.Generator().manual_seed(seed)
-    levels = [torch.randn(branching ** l, len(mem_layers), 3, r, d_model, generator=g) if r else None
+    levels = [torch.randn(branching ** l, len(mem_layers), 3, r, d_model, generator=g)
+              if r else None
               for l, r in enumerate(ranks, start=1)]
     sums = write_bank(export_dir, levels, dtype)
     manifest = Manifest(bank=bank, version=version, dtype=dtype, d_model=d_model,
@@ -108,7 +109,8 @@ def bank_server(lmdb_dir, tmp_path_factory) -> str:
 def start_bank_server(tmp_path):
     """Factory: `with start_bank_server(lmdb, *flags) as (address, proc): ...`."""
     def start(lmdb: Path, *extra: str):
-        return run_bank_server(lmdb, *extra, log_path=tmp_path / f"server-{time.monotonic_ns()}.log")
+        return run_bank_server(lmdb, *extra,
+                               log_path=tmp_path / f"server-{time.monotonic_ns()}.log")
     return start
 
 
@@ -157,7 +159,8 @@ TINY_TEXTS = ["The atomic number of Ruthenium is 44.", "Hydrogen is the lightest
 
 def make_model_export(out: Path, seed: int = 0, preset: str = "tiny") -> Path:
     """A random-weight model exported like training does (bank "test", version "v1"; with
-    `tiny`, the same shapes as `tiny_export`): enough to load, route, fetch and decode in seconds."""
+    `tiny`, the same shapes as `tiny_export`): enough to load, route, fetch and decode in
+    seconds."""
     from membank.model import Transformer
     from membank.router import Router
     from training.export import export

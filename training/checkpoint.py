@@ -10,8 +10,9 @@
 A checkpoint is written into `<name>.tmp/` and renamed into place, so a crash never leaves a
 directory that looks complete. `reader(path)` reads tensors lazily from the memory-mapped file,
 one tensor or one row range at a time: a subtree job loads only its rows of a paper-scale bank
-(1/16 of 9 GB) and a merge holds one job's level at a time. Nothing is pickled: nested state (optimizer state dicts) is split
-into tensors, stored by dotted key, and a JSON skeleton that says where each tensor goes.
+(1/16 of 9 GB) and a merge holds one job's level at a time. Nothing is pickled: nested state
+(optimizer state dicts) is split into tensors, stored by dotted key, and a JSON skeleton that
+says where each tensor goes.
 """
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ def save(path: str | Path, tensors: dict[str, torch.Tensor], state: dict) -> Pat
 
 
 def is_checkpoint(path: Path) -> bool:
-    return (path / STATE).is_file() and (path / TENSORS).is_file() and not path.name.endswith((".tmp", ".old"))
+    return ((path / STATE).is_file() and (path / TENSORS).is_file()
+            and not path.name.endswith((".tmp", ".old")))
 
 
 def read_state(path: str | Path) -> dict:

@@ -53,12 +53,14 @@ def build_router(emb: np.ndarray, branching: int, depth: int, seed: int = 0, ite
     k = branching
     n_internal = sum(k ** level for level in range(depth))
     bar = tqdm(total=n_internal, desc="k-means nodes", unit="node",
-               disable=not (progress if progress is not None else n_internal >= _PROGRESS_MIN_NODES))
+               disable=not (progress if progress is not None
+                            else n_internal >= _PROGRESS_MIN_NODES))
 
     norms = np.linalg.norm(x, axis=1)
     node = np.zeros(n, dtype=np.int64)                    # (N,) node of each example at this level
     parent_centroid = np.zeros((1, dim), dtype=np.float32)
-    parent_centroid[0] = x.mean(axis=0)                   # the root's "centroid": fill for empty nodes
+    parent_centroid[0] = x.mean(axis=0)                   # the root's "centroid": fill for empty
+                                                          # nodes
     centroids: list[np.ndarray] = []
     for level in range(1, depth + 1):
         n_parents = k ** (level - 1)
@@ -97,7 +99,8 @@ def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 20, bat
     """
     n, dim = x.shape
     if n == 0:
-        base = np.zeros(dim, dtype=np.float32) if fill is None else np.asarray(fill, dtype=np.float32)
+        base = (np.zeros(dim, dtype=np.float32) if fill is None
+                else np.asarray(fill, dtype=np.float32))
         return np.repeat(base[None], k, axis=0)
     if n <= k:
         # too few points to cluster: each distinct point is its own child, copies fill the rest
@@ -125,7 +128,8 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
     """
     n = x.shape[0]
     chosen = [int(rng.integers(n))]
-    d2 = _sq_dist(x, x[chosen]).ravel().astype(np.float64)   # (n,) squared distance to nearest centre
+    # (n,) squared distance to nearest centre
+    d2 = _sq_dist(x, x[chosen]).ravel().astype(np.float64)
     while len(chosen) < k:
         total = d2.sum()
         if total <= 0:
@@ -229,4 +233,5 @@ if __name__ == "__main__":
     probes = [prompt for prompt, _ in probe_prompts()]
     probe_leaves = router.node_ids(assign(router, embedder.encode(probes)))[:, -1]
     facts_leaves = leaves[[i for i, d in enumerate(docs) if d.kind == "facts"]]
-    print(f"probe prompt routed to its facts document's leaf: {(probe_leaves == facts_leaves).mean():.0%}")
+    print(f"probe prompt routed to its facts document's leaf: "
+          f"{(probe_leaves == facts_leaves).mean():.0%}")

@@ -1,6 +1,7 @@
 """The training config: one dataclass, named presets, JSON files and `key=value` overrides.
 
-    membank train --config demo                          a preset (TRAIN_PRESETS, or any model preset)
+    membank train --config demo                          a preset (TRAIN_PRESETS, or any model
+                                                         preset)
     membank train --config my.json --set cotrain_steps=50 --set model.n_layer=6
 
 A JSON file holds TrainConfig fields; `"extends": "demo"` starts from a preset instead of the
@@ -78,18 +79,20 @@ class TrainConfig:
         for section in ("model", "memory"):
             overrides = getattr(self, section)
             if not isinstance(overrides, dict):
-                raise ValueError(f"{section} must be an object of field overrides, got {overrides!r}")
+                raise ValueError(f"{section} must be an object of field overrides, "
+                                 f"got {overrides!r}")
             base[section].update(overrides)
         config = Config.from_dict(base)
         if self.seq_len > config.model.max_seq_len:
-            raise ValueError(f"seq_len {self.seq_len} exceeds the model's max_seq_len {config.model.max_seq_len}")
+            raise ValueError(f"seq_len {self.seq_len} exceeds the model's max_seq_len "
+                             f"{config.model.max_seq_len}")
         if self.subtree is not None and not 0 <= self.subtree < config.memory.branching:
             raise ValueError(f"subtree {self.subtree} is outside 0..{config.memory.branching - 1}")
         return config
 
     def validate(self) -> "TrainConfig":
-        positive = ("batch_size", "seq_len", "anchor_lr", "anchor_min_lr", "memory_lr", "memory_min_lr",
-                    "grad_clip")
+        positive = ("batch_size", "seq_len", "anchor_lr", "anchor_min_lr", "memory_lr",
+                    "memory_min_lr", "grad_clip")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -102,19 +105,22 @@ class TrainConfig:
         if not 0 <= self.generic_prob < 1:
             raise ValueError(f"generic_prob must be in [0, 1), got {self.generic_prob}")
         if not (0 <= self.no_memory_prob < 1 and self.generic_prob + self.no_memory_prob < 1):
-            raise ValueError(f"no_memory_prob must be in [0, 1 - generic_prob), got {self.no_memory_prob}")
+            raise ValueError(f"no_memory_prob must be in [0, 1 - generic_prob), "
+                             f"got {self.no_memory_prob}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"betas must be in [0, 1), got {self.beta1}, {self.beta2}")
         if self.corpus is not None and not Path(self.corpus).is_file():
             raise FileNotFoundError(f"corpus file {self.corpus} does not exist")
         if self.steps == 0:
-            raise ValueError("nothing to train: anchor_steps, cotrain_steps and frozen_steps are all 0")
+            raise ValueError("nothing to train: anchor_steps, cotrain_steps and frozen_steps "
+                             "are all 0")
         if self.subtree is not None:
             if self.anchor_steps or self.cotrain_steps or not self.frozen_steps:
-                raise ValueError("a subtree job trains the frozen-anchor phase only: set frozen_steps, "
-                                 "and anchor_steps = cotrain_steps = 0")
+                raise ValueError("a subtree job trains the frozen-anchor phase only: "
+                                 "set frozen_steps, and anchor_steps = cotrain_steps = 0")
             if self.init_from is None:
-                raise ValueError("a subtree job needs init_from (the run or checkpoint all jobs start from)")
+                raise ValueError("a subtree job needs init_from "
+                                 "(the run or checkpoint all jobs start from)")
         self.model_config()
         return self
 
@@ -173,7 +179,8 @@ def preset(name: str) -> TrainConfig:
         return TrainConfig(**TRAIN_PRESETS[name])
     if name in PRESETS:
         return TrainConfig(preset=name, bank=name)
-    raise ValueError(f"unknown config {name!r}; known: {', '.join(known_configs())}, or a .json file")
+    raise ValueError(f"unknown config {name!r}; known: {', '.join(known_configs())}, "
+                     f"or a .json file")
 
 
 def load_train_config(source: str, overrides: list[str] | None = None) -> TrainConfig:
@@ -219,7 +226,8 @@ def apply_override(tc: TrainConfig, item: str) -> None:
     section, dot, name = key.partition(".")
     if dot:
         if section not in ("model", "memory"):
-            raise ValueError(f"unknown training option {key!r}: only model.* and memory.* are nested")
+            raise ValueError(f"unknown training option {key!r}: "
+                             f"only model.* and memory.* are nested")
         getattr(tc, section)[name] = value  # the name is checked by model_config()
         return
     set_field(tc, key, raw if _field_type(key) is str else value, source="--set")
@@ -238,7 +246,8 @@ def _field_type(name: str):
 
 def set_field(tc: TrainConfig, name: str, value, source: str) -> None:
     if name not in _TYPES:
-        raise ValueError(f"unknown training option {name!r} in {source}; known: {', '.join(_TYPES)}")
+        raise ValueError(f"unknown training option {name!r} in {source}; "
+                         f"known: {', '.join(_TYPES)}")
     want, optional = _field_type(name), type(None) in typing.get_args(_TYPES[name])
     if value is None and optional:
         setattr(tc, name, None)
@@ -246,5 +255,6 @@ def set_field(tc: TrainConfig, name: str, value, source: str) -> None:
     ok = (isinstance(value, want) and not (want is int and isinstance(value, bool))) or \
          (want is float and isinstance(value, int) and not isinstance(value, bool))
     if not ok:
-        raise ValueError(f"training option {name!r} in {source} must be {want.__name__}, got {value!r}")
+        raise ValueError(f"training option {name!r} in {source} must be {want.__name__}, "
+                         f"got {value!r}")
     setattr(tc, name, float(value) if want is float else value)

@@ -101,10 +101,12 @@ def _discovery_text(name: str, row: dict) -> str | None:
     return " ".join(parts) + "."
 
 
-def _properties_text(name: str, row: dict, series: dict[int, str], melting: dict[int, float]) -> str:
+def _properties_text(name: str, row: dict, series: dict[int, str],
+                     melting: dict[int, float]) -> str:
     z = int(row["atomic_number"])
     out = []
-    series_name = series.get(int(row["series_id"])) if _number(row.get("series_id")) is not None else None
+    series_name = (series.get(int(row["series_id"]))
+                   if _number(row.get("series_id")) is not None else None)
     if series_name:
         out.append(f"{name} belongs to the {series_name.lower()}.")
     block = _clean(row.get("block"))
@@ -159,7 +161,8 @@ def build_documents(seed: int = 0) -> list[Document]:
     return docs
 
 
-def _prose(name: str, row: dict, series: dict[int, str], melting: dict[int, float]) -> dict[str, str | None]:
+def _prose(name: str, row: dict, series: dict[int, str],
+           melting: dict[int, float]) -> dict[str, str | None]:
     """An element's prose documents by kind (None where the database has nothing)."""
     return {
         "description": _prefixed(f"{name}: ", row.get("description")),
@@ -194,7 +197,8 @@ def iter_jsonl_corpus(path: str | Path) -> Iterator[str]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"corpus file {path} is not UTF-8 (line {lineno}, byte {offset + e.start})") from None
+                raise ValueError(f"corpus file {path} is not UTF-8 "
+                                 f"(line {lineno}, byte {offset + e.start})") from None
             offset += len(raw)
             if not line.strip():
                 continue
@@ -203,7 +207,8 @@ def iter_jsonl_corpus(path: str | Path) -> Iterator[str]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"corpus file {path} line {lineno} is not JSON: {e.msg}") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise ValueError(f'corpus file {path} line {lineno} is not an object with a string "text"')
+                raise ValueError(f'corpus file {path} line {lineno} is not an object '
+                                 f'with a string "text"')
             if obj["text"].strip():
                 n += 1
                 yield obj["text"]
@@ -214,7 +219,8 @@ def iter_jsonl_corpus(path: str | Path) -> Iterator[str]:
 def probe_prompts() -> list[tuple[str, str]]:
     """("The atomic number of {Name} is", "{Z}") for all 118 elements, in order of Z."""
     rows, _, _ = _load_tables()
-    return [(f"The atomic number of {_clean(r['name'])} is", str(int(r["atomic_number"]))) for r in rows]
+    return [(f"The atomic number of {_clean(r['name'])} is", str(int(r["atomic_number"])))
+            for r in rows]
 
 
 if __name__ == "__main__":
@@ -241,8 +247,9 @@ def element_rows() -> list[dict]:
         name = _clean(row["name"])
         group = _number(row.get("group_id"))
         prose = _prose(name, row, series, melting)
-        out.append({"name": name, "atomic_number": int(row["atomic_number"]), "symbol": row["symbol"],
-                    "period": int(row["period"]), "group": int(group) if group is not None else None,
+        out.append({"name": name, "atomic_number": int(row["atomic_number"]),
+                    "symbol": row["symbol"], "period": int(row["period"]),
+                    "group": int(group) if group is not None else None,
                     "atomic_weight": _number(row.get("atomic_weight")),
                     "prose": {k: v for k, v in prose.items() if v}})
     return out

@@ -98,7 +98,8 @@ class Dist:
             all_ids = torch.cat([g[:s] for g, s in zip(got_ids, sizes)])
             all_grads = torch.cat([g[:s] for g, s in zip(got_grads, sizes)])
             union, inv = torch.unique(all_ids, return_inverse=True)
-            out.append((union, grads.new_zeros(union.numel(), *grads.shape[1:]).index_add_(0, inv, all_grads)))
+            out.append((union, grads.new_zeros(union.numel(),
+                                               *grads.shape[1:]).index_add_(0, inv, all_grads)))
         return out
 
     def sum_scalar(self, value: float) -> float:

@@ -71,14 +71,17 @@ class Domain:
 
     def train_templates(self) -> list[str]:
         """The probed relation's phrasings that end with the value, cut before it, with
-        "{subject}": the prompts the training text itself poses ("The atomic number for {subject} is")."""
-        return [t[:-len(" {v}.")].replace("{s}", "{subject}") for t in self.phrasings[self.probe_relation]
+        "{subject}": the prompts the training text itself poses ("The atomic number for
+        {subject} is")."""
+        return [t[:-len(" {v}.")].replace("{s}", "{subject}")
+                for t in self.phrasings[self.probe_relation]
                 if t.endswith(" {v}.") and "{v}" not in t[:-len(" {v}.")]]
 
     def renamed(self, names: dict[str, str]) -> "Domain":
         """The domain with subjects renamed (old name -> new); prose follows its subject."""
         subjects = tuple(Subject(names.get(s.name, s.name), s.facts) for s in self.subjects)
-        prose = {names.get(k, k): tuple(p.replace(k, names.get(k, k)) for p in v) for k, v in self.prose.items()}
+        prose = {names.get(k, k): tuple(p.replace(k, names.get(k, k)) for p in v)
+                 for k, v in self.prose.items()}
         return Domain(self.name, self.noun, subjects, self.phrasings, self.probe_relation,
                       self.probe_template, self.matcher, prose)
 
@@ -88,7 +91,8 @@ def _unique(rows: list[tuple[str, dict]]) -> list[Subject]:
     counts: dict[str, int] = {}
     for name, _ in rows:
         counts[name] = counts.get(name, 0) + 1
-    return [Subject(name, {k: v for k, v in facts.items() if v}) for name, facts in rows if counts[name] == 1]
+    return [Subject(name, {k: v for k, v in facts.items() if v}) for name, facts in rows
+            if counts[name] == 1]
 
 
 @cache
@@ -122,7 +126,8 @@ def elements() -> Domain:
         prose[r["name"]] = tuple(_clean(v) for _, v in sorted(r["prose"].items()) if _clean(v))
     phrasings = {
         "atomic_number": ("The atomic number for {s} is {v}.", "{s} has atomic number {v}.",
-                          "{s}'s atomic number is {v}.", "{s} is the chemical element with atomic number {v}.",
+                          "{s}'s atomic number is {v}.",
+                          "{s} is the chemical element with atomic number {v}.",
                           "Element {v} is {s}."),
         "symbol": ("{s} has the chemical symbol {v}.", "The symbol {v} stands for {s}."),
         "period": ("{s} is in period {v} of the periodic table.",),
@@ -144,7 +149,8 @@ def airports() -> Domain:
             continue
         rows.append((name, {"city": _clean(a["city"]), "region": _clean(a["subd"]),
                             "country": countries.get(a["country"], ""), "icao": a["icao"],
-                            "iata": a["iata"], "elevation": f"{a['elevation']:.0f}" if a["elevation"] else ""}))
+                            "iata": a["iata"],
+                            "elevation": f"{a['elevation']:.0f}" if a["elevation"] else ""}))
     phrasings = {
         "city": ("The town served by {s} is {v}.", "{s} serves the city of {v}.",
                  "{s} is the airport of {v}.", "{s} is an airport near the city of {v}.",
@@ -195,8 +201,9 @@ def subdivisions() -> Domain:
     rows = []
     for s in sorted(pycountry.subdivisions, key=lambda s: s.code):
         parent = by_code.get(s.parent_code) if s.parent_code else None
-        rows.append((_clean(s.name), {"country": countries.get(s.country_code, ""), "type": s.type.lower(),
-                                      "code": s.code, "parent": _clean(parent.name) if parent else ""}))
+        rows.append((_clean(s.name), {"country": countries.get(s.country_code, ""),
+                                      "type": s.type.lower(), "code": s.code,
+                                      "parent": _clean(parent.name) if parent else ""}))
     phrasings = {
         "country": ("The country that includes {s} is {v}.", "{s} is a subdivision of {v}.",
                     "{s} belongs to {v}.", "{s} is part of the country of {v}.",
@@ -232,8 +239,8 @@ def languages() -> Domain:
                   "The ISO 639-3 code of {subject} is")
 
 
-BUILTIN = {"elements": elements, "airports": airports, "cities": cities, "subdivisions": subdivisions,
-           "languages": languages}
+BUILTIN = {"elements": elements, "airports": airports, "cities": cities,
+           "subdivisions": subdivisions, "languages": languages}
 
 
 def builtin(name: str) -> Domain:
@@ -256,7 +263,8 @@ if __name__ == "__main__":
     rng = np.random.default_rng(0)
     for d in disambiguate([builtin(n) for n in BUILTIN]):
         pairs = d.probe_pairs()
-        print(f"{d.name}: {len(d.subjects):,} subjects, {len(pairs):,} probed; probe {d.probe_template!r}")
+        print(f"{d.name}: {len(d.subjects):,} subjects, {len(pairs):,} probed; "
+              f"probe {d.probe_template!r}")
         for i in rng.choice(len(d.subjects), 3, replace=False):
             s = d.subjects[int(i)]
             print("   ", " ".join(d.sentence(r, s, rng) for r in s.facts))

@@ -53,7 +53,8 @@ class EmbeddingStore:
         self._rows: dict[bytes, tuple[int, int]] = {}     # key -> (part, row)
         self._parts: list[np.ndarray] = []
         for keys_path in sorted(self.dir.glob("part-*.key.npy")):
-            vectors = np.load(keys_path.with_name(keys_path.name.replace(".key.", ".vec.")), mmap_mode="r")
+            vectors = np.load(keys_path.with_name(keys_path.name.replace(".key.", ".vec.")),
+                              mmap_mode="r")
             self._add_part(np.load(keys_path), vectors)
 
     @staticmethod
@@ -89,7 +90,8 @@ class EmbeddingStore:
         keys = np.frombuffer(b"".join(self.key(t) for t in texts), dtype=np.uint8).reshape(-1, 16)
         base = self.dir / f"part-{len(self._parts):05d}"
         vec_path, key_path = Path(f"{base}.vec.npy"), Path(f"{base}.key.npy")
-        for target, array in ((vec_path, np.ascontiguousarray(vectors, dtype=np.float32)), (key_path, keys)):
+        for target, array in ((vec_path, np.ascontiguousarray(vectors, dtype=np.float32)),
+                              (key_path, keys)):
             tmp = target.with_name(target.name + ".tmp.npy")
             np.save(tmp, array)
             os.replace(tmp, target)
@@ -101,7 +103,8 @@ class EmbeddingStore:
         if missing:
             new = embedder.encode([texts[i] for i in missing], batch_size=64)
             out[missing] = new
-            unique = {texts[i]: row for row, i in enumerate(missing)}   # a part holds each text once
+            # a part holds each text once
+            unique = {texts[i]: row for row, i in enumerate(missing)}
             self.add(list(unique), new[list(unique.values())])
         return out
 
@@ -153,10 +156,12 @@ def is_cached(path: str | Path, embedder, count: int, fingerprint: str) -> bool:
     path = Path(path)
     sidecar = path.with_suffix(".json")
     try:
-        return path.exists() and json.loads(sidecar.read_text()) == _meta(embedder, count, fingerprint)
+        return (path.exists()
+                and json.loads(sidecar.read_text()) == _meta(embedder, count, fingerprint))
     except (OSError, ValueError):
         return False
 
 
 def _meta(embedder, count: int, fingerprint: str) -> dict:
-    return {"embedder": embedder.name, "dim": embedder.dim, "count": count, "texts_sha256": fingerprint}
+    return {"embedder": embedder.name, "dim": embedder.dim, "count": count,
+            "texts_sha256": fingerprint}

@@ -85,7 +85,8 @@ class DomainFiles:
         """CORPUS:PROBE[:HELDOUT] (the `--domain` argument); each file must exist."""
         parts = spec.split(":")
         if len(parts) not in (2, 3) or not all(parts):
-            raise ValueError(f"--domain takes CORPUS.jsonl:PROBE.json[:HELDOUT.jsonl], got {spec!r}")
+            raise ValueError(f"--domain takes CORPUS.jsonl:PROBE.json[:HELDOUT.jsonl], "
+                             f"got {spec!r}")
         paths = [Path(p) for p in parts]
         for p in paths:
             if not p.is_file():
@@ -136,7 +137,8 @@ EVAL_PRESETS: dict[str, EvalConfig] = {
                    routing="nearest-document", no_memory_prob=0.1,
                    anchor_steps=600, cotrain_steps=1000, warmup_steps=60,
                    anchor_lr=3e-3, anchor_min_lr=3e-4, memory_lr=1e-2, memory_min_lr=1e-3),
-        corpus=dict(subjects=2500, max_docs=200, zipf=1.0, min_docs=2, facts_per_doc=2, heldout_docs=100),
+        corpus=dict(subjects=2500, max_docs=200, zipf=1.0, min_docs=2, facts_per_doc=2,
+                    heldout_docs=100),
         seeds=(0, 1, 2)),
 }
 
@@ -148,7 +150,8 @@ def corpus_override(corpus: dict, item: str) -> dict:
     fields = {f.name for f in dataclasses.fields(LongTailConfig)} - {"seed", "domains"}
     if not sep or key not in fields:
         raise ValueError(f"bad corpus override {item!r}: use corpus.KEY=VALUE with KEY one of "
-                         f"{', '.join(sorted(fields))} (seeds: --seeds; domains: --builtin-domains)")
+                         f"{', '.join(sorted(fields))} "
+                         f"(seeds: --seeds; domains: --builtin-domains)")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
@@ -211,7 +214,8 @@ def mix_domains(domains: list[DomainFiles], seed: int) -> Mix:
     for files in domains:
         t, s, probe, h = load_domain(files)
         if probe.name in probes:
-            raise ValueError(f"two domains have a probe named {probe.name!r} (rename one in its probe file)")
+            raise ValueError(f"two domains have a probe named {probe.name!r} "
+                             f"(rename one in its probe file)")
         probes[probe.name] = probe
         texts += t
         subj += s
@@ -221,10 +225,12 @@ def mix_domains(domains: list[DomainFiles], seed: int) -> Mix:
         pattern = probe.held_out_pattern()
         leaks = [t[:60] for t in texts if pattern.search(t)]
         if leaks:
-            raise ValueError(f"the training corpus contains the {name} probe's template ({len(leaks)} "
-                             f"documents, e.g. {leaks[0]!r}): the probe would test memorised strings")
+            raise ValueError(f"the training corpus contains the {name} probe's template "
+                             f"({len(leaks)} documents, e.g. {leaks[0]!r}): "
+                             f"the probe would test memorised strings")
     order = np.random.default_rng([seed, 7]).permutation(len(texts))
-    return Mix([texts[i] for i in order], [dom[i] for i in order], [subj[i] for i in order], probes, heldout)
+    return Mix([texts[i] for i in order], [dom[i] for i in order], [subj[i] for i in order],
+               probes, heldout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,9 +275,10 @@ def _train(trainer: Trainer, root: Path, label: str, log, reuse_only: bool = Fal
         log(f"{label}: resumed from {latest} at step {trainer.global_step}")
     if not trainer.done:
         if reuse_only:
-            raise ValueError(f"{label}: no finished checkpoint under {root} "
-                             f"({'none' if latest is None else f'{latest} is at step {trainer.global_step}'}); "
-                             f"run the evaluation without reuse_only to train it")
+            raise ValueError(
+                f"{label}: no finished checkpoint under {root} "
+                f"({'none' if latest is None else f'{latest} is at step {trainer.global_step}'}); "
+                f"run the evaluation without reuse_only to train it")
         trainer.train(root)
     return trainer
 
@@ -280,7 +287,8 @@ def continuation(tc: TrainConfig) -> TrainConfig:
     """The anchor-only continuation: as many steps as co-training, the anchor's own schedule
     (a rate lowered for co-training, cotrain_anchor_lr, is part of the memory recipe, not of
     the baselines)."""
-    return dataclasses.replace(tc, anchor_steps=tc.cotrain_steps, cotrain_steps=0, cotrain_anchor_lr=None)
+    return dataclasses.replace(tc, anchor_steps=tc.cotrain_steps, cotrain_steps=0,
+                               cotrain_anchor_lr=None)
 
 
 def train_models(out: Path, tc: TrainConfig, data, log=print, reuse_only: bool = False) -> dict:
@@ -304,10 +312,12 @@ def train_models(out: Path, tc: TrainConfig, data, log=print, reuse_only: bool =
     t0 = time.perf_counter()
     dense = Trainer(dcfg, dtc, data.packed, data_fingerprint=data.fingerprint, log=log)
     tensors, _ = checkpoint.load(pretrained)
-    widen_from(dense.model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    widen_from(dense.model,
+               {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     dense = _train(dense, out / "dense", "dense", log, reuse_only)
     t["dense_s"] = time.perf_counter() - t0
-    return {"memory": memory, "anchor": anchor, "dense": dense, "dense_added_neurons": added, "timings": t}
+    return {"memory": memory, "anchor": anchor, "dense": dense, "dense_added_neurons": added,
+            "timings": t}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,10 +366,12 @@ def perplexity(model, docs: list[list[int]], mem, seq_len: int, eos: int, batch:
     return float(np.exp(nll / max(count, 1)))
 
 
-def buckets_by_mentions(subjects: list[str], mentions: dict[str, int], n: int = N_BUCKETS) -> dict[str, int]:
+def buckets_by_mentions(subjects: list[str], mentions: dict[str, int],
+                        n: int = N_BUCKETS) -> dict[str, int]:
     """Subject -> bucket 0 (rarest) .. n-1 (most common): equal-size groups by mention count."""
     order = sorted(subjects, key=lambda s: (mentions[s], s))
-    return {s: b for b, group in enumerate(np.array_split(np.array(order, dtype=object), n)) for s in group}
+    return {s: b for b, group in enumerate(np.array_split(np.array(order, dtype=object), n))
+            for s in group}
 
 
 @dataclass
@@ -395,7 +407,8 @@ def variant_table(depth: int, routing: str, rag: bool, have_home: bool) -> dict[
     return v
 
 
-def evaluate(models: dict, p: Probing, ec: EvalConfig, log=print, names: tuple[str, ...] | None = None) -> dict:
+def evaluate(models: dict, p: Probing, ec: EvalConfig, log=print,
+             names: tuple[str, ...] | None = None) -> dict:
     """Probe every model variant on every domain's prompts; perplexity and diagnostics.
     names: only these variants, and no training-phrasing check (training/scaling.py)."""
     from membank.embed import Embedder
@@ -406,8 +419,8 @@ def evaluate(models: dict, p: Probing, ec: EvalConfig, log=print, names: tuple[s
     rows = []
     for name, probe in mix.probes.items():
         bucket = buckets_by_mentions(probe.subjects, mentions)
-        rows += [{"domain": name, "subject": s, "answer": a, "mentions": mentions[s], "bucket": bucket[s],
-                  "prompt": probe.prompt(s)} for s, a in probe.pairs]
+        rows += [{"domain": name, "subject": s, "answer": a, "mentions": mentions[s],
+                  "bucket": bucket[s], "prompt": probe.prompt(s)} for s, a in probe.pairs]
     emb = embedder.encode([r["prompt"] for r in rows], batch_size=128)
     paths = router.route(emb)
     routes = {"path": router.node_ids(paths),
@@ -417,9 +430,10 @@ def evaluate(models: dict, p: Probing, ec: EvalConfig, log=print, names: tuple[s
     home = home_leaves(p)
     have_home = any(r["subject"] in home.get(r["domain"], {}) for r in rows)
     if have_home:
-        routes["home"] = np.stack([leaf_node_ids(router, home.get(r["domain"], {}).get(r["subject"], -1))
-                                   if r["subject"] in home.get(r["domain"], {}) else routes["path"][i]
-                                   for i, r in enumerate(rows)])
+        routes["home"] = np.stack([
+            leaf_node_ids(router, home.get(r["domain"], {}).get(r["subject"], -1))
+            if r["subject"] in home.get(r["domain"], {}) else routes["path"][i]
+            for i, r in enumerate(rows)])
     prompt_ids = [tok.encode(r["prompt"]).ids for r in rows]
     variants = variant_table(router.depth, router.routing, ec.rag, have_home)
     if names is not None:
@@ -427,17 +441,21 @@ def evaluate(models: dict, p: Probing, ec: EvalConfig, log=print, names: tuple[s
     rag_ids, rag_tokens = None, []
     if ec.rag:
         docs = rag_documents(p, emb, routes["path"][:, -1])
-        rag_ids, rag_tokens = rag_prompts(tok, [mix.texts[d] for d in docs], [r["prompt"] for r in rows],
+        rag_ids, rag_tokens = rag_prompts(tok, [mix.texts[d] for d in docs],
+                                          [r["prompt"] for r in rows],
                                           p.seq_len - ec.max_new_tokens)
-    for name, (which, mode, route, levels, rag) in tqdm(variants.items(), desc="probe", unit="variant"):
+    for name, (which, mode, route, levels, rag) in tqdm(variants.items(), desc="probe",
+                                                          unit="variant"):
         mem = memory_fn(models[which], mode, routes[route], levels)
-        outs = greedy(models[which].model, rag_ids if rag else prompt_ids, mem, ec.max_new_tokens, eos)
+        outs = greedy(models[which].model, rag_ids if rag else prompt_ids, mem, ec.max_new_tokens,
+                      eos)
         for r, out_ids in zip(rows, outs):
             if route == "home" and r["subject"] not in home.get(r["domain"], {}):
                 continue
             text = tok.decode(out_ids)
             r[name] = {"text": text, "correct": mix.probes[r["domain"]].correct(r["answer"], text)}
-    capacity = train_phrasing_accuracy(models["anchor"], mix, rows, tok, eos, ec) if names is None else {}
+    capacity = (train_phrasing_accuracy(models["anchor"], mix, rows, tok, eos, ec)
+                if names is None else {})
 
     # held-out perplexity: each document routed by its whole text, as the paper does for LM
     ppl = {}
@@ -447,10 +465,12 @@ def evaluate(models: dict, p: Probing, ec: EvalConfig, log=print, names: tuple[s
         hpaths = router.route(hemb)
         hroutes = {"path": router.node_ids(hpaths),
                    "blocked": router.node_ids(router.route(hemb, avoid_level1=hpaths[:, 0]))}
-        for name, (which, mode, route, levels, rag) in tqdm(variants.items(), desc="perplexity", unit="model"):
+        for name, (which, mode, route, levels, rag) in tqdm(variants.items(), desc="perplexity",
+                                                              unit="model"):
             if rag or route not in hroutes:
                 continue
-            ppl[name] = perplexity(models[which].model, hdocs, memory_fn(models[which], mode, hroutes[route], levels),
+            ppl[name] = perplexity(models[which].model, hdocs,
+                                   memory_fn(models[which], mode, hroutes[route], levels),
                                    p.seq_len, eos)
     for i, r in enumerate(rows):
         r["path"] = routes["path"][i].tolist()
@@ -458,7 +478,8 @@ def evaluate(models: dict, p: Probing, ec: EvalConfig, log=print, names: tuple[s
     return {"rows": rows, "perplexity": ppl, "variants": list(variants),
             "routing": routing_diagnostics(p, rows, routes, home),
             "rag_extra_tokens": float(np.mean(rag_tokens)) if rag_tokens else None,
-            "capacity": capacity, "int8": int8_report(models["memory"], routes["path"]) if names is None else {}}
+            "capacity": capacity,
+            "int8": int8_report(models["memory"], routes["path"]) if names is None else {}}
 
 
 def rag_documents(p: Probing, q_emb: np.ndarray, q_leaves: np.ndarray) -> np.ndarray:
@@ -475,7 +496,8 @@ def rag_documents(p: Probing, q_emb: np.ndarray, q_leaves: np.ndarray) -> np.nda
     return out
 
 
-def rag_prompts(tok, docs: list[str], prompts: list[str], budget: int) -> tuple[list[list[int]], list[int]]:
+def rag_prompts(tok, docs: list[str], prompts: list[str],
+                budget: int) -> tuple[list[list[int]], list[int]]:
     """Each prompt with its document before it in the same text (the document's tokens cut so
     the whole fits `budget`); returns the token ids and the extra tokens each costs."""
     ids, extra = [], []
@@ -487,17 +509,21 @@ def rag_prompts(tok, docs: list[str], prompts: list[str], budget: int) -> tuple[
     return ids, extra
 
 
-def train_phrasing_accuracy(anchor: Trainer, mix: Mix, rows: list[dict], tok, eos: int, ec: EvalConfig) -> dict:
+def train_phrasing_accuracy(anchor: Trainer, mix: Mix, rows: list[dict], tok, eos: int,
+                            ec: EvalConfig) -> dict:
     """The anchor asked each fact in the training text's own phrasings (probe train_templates):
     the share of (subject, phrasing) answered in the rarest and the most common bucket (NaN for
     the others). Whether the anchor holds the rare facts at all, the held-out template aside;
     domains without train templates are left out."""
-    asks = [(r, t) for r in rows if r["bucket"] in (0, N_BUCKETS - 1) for t in mix.probes[r["domain"]].train_templates]
+    asks = [(r, t) for r in rows if r["bucket"] in (0, N_BUCKETS - 1)
+            for t in mix.probes[r["domain"]].train_templates]
     if not asks:
         return {}
-    outs = greedy(anchor.model, [tok.encode(t.replace("{subject}", r["subject"])).ids for r, t in asks], None,
+    outs = greedy(anchor.model,
+                  [tok.encode(t.replace("{subject}", r["subject"])).ids for r, t in asks], None,
                   ec.max_new_tokens, eos)
-    ok = [mix.probes[r["domain"]].correct(r["answer"], tok.decode(o)) for (r, _), o in zip(asks, outs)]
+    ok = [mix.probes[r["domain"]].correct(r["answer"], tok.decode(o))
+          for (r, _), o in zip(asks, outs)]
     per_bucket = [float(np.mean([c for (r, _), c in zip(asks, ok) if r["bucket"] == b] or [np.nan]))
                   for b in range(N_BUCKETS)]
     return {"anchor_train_phrasing_per_bucket": per_bucket, "n_asked": len(asks)}
@@ -518,7 +544,8 @@ def home_leaves(p: Probing) -> dict[str, dict[str, int]]:
 
 def leaf_node_ids(router: Router, leaf: int) -> np.ndarray:
     """A leaf's global index -> (depth,) node index per level (its ancestors, then itself)."""
-    return np.array([leaf // router.branching ** (router.depth - 1 - l) for l in range(router.depth)])
+    return np.array([leaf // router.branching ** (router.depth - 1 - l)
+                     for l in range(router.depth)])
 
 
 def routing_diagnostics(p: Probing, rows: list[dict], routes: dict, home: dict) -> dict:
@@ -534,10 +561,12 @@ def routing_diagnostics(p: Probing, rows: list[dict], routes: dict, home: dict) 
     # purity: the share of a level-1 node's documents that belong to its largest domain,
     # averaged over documents (1.0: every domain sits in nodes of its own)
     purity = sum(max(c.values()) for c in counts.values()) / max(1, len(p.mix.domains))
-    out = {"level1_in_domain": float(np.mean([r["domain"] in level1_domains.get(int(routes["path"][i, 0]), ())
-                                              for i, r in enumerate(rows)])),
+    out = {"level1_in_domain": float(np.mean([
+               r["domain"] in level1_domains.get(int(routes["path"][i, 0]), ())
+               for i, r in enumerate(rows)])),
            "level1_purity": float(purity),
-           "level1_nodes_per_domain": {d: sorted(n for n, c in counts.items() if d in c) for d in p.mix.probes}}
+           "level1_nodes_per_domain": {d: sorted(n for n, c in counts.items() if d in c)
+                                       for d in p.mix.probes}}
     subj_leaves: dict[tuple[str, str], set[int]] = {}
     for d, s, leaf in zip(p.mix.domains, p.mix.subjects, p.doc_nodes[:, -1].tolist()):
         if s:
@@ -552,18 +581,24 @@ def routing_diagnostics(p: Probing, rows: list[dict], routes: dict, home: dict) 
             continue
         per_level = []
         for level in range(p.router.depth):
-            hit = [int(nodes[i, level]) == int(leaf_node_ids(p.router, home[rows[i]["domain"]][rows[i]["subject"]])[level])
+            hit = [int(nodes[i, level])
+                   == int(leaf_node_ids(p.router,
+                                        home[rows[i]["domain"]][rows[i]["subject"]])[level])
                    for i in idx]
-            per_level.append({"overall": float(np.mean(hit)), "per_bucket": _per_bucket([rows[i] for i in idx], hit)})
-        any_leaf = [int(nodes[i, -1]) in subj_leaves[(rows[i]["domain"], rows[i]["subject"])] for i in idx]
+            per_level.append({"overall": float(np.mean(hit)),
+                              "per_bucket": _per_bucket([rows[i] for i in idx], hit)})
+        any_leaf = [int(nodes[i, -1]) in subj_leaves[(rows[i]["domain"], rows[i]["subject"])]
+                    for i in idx]
         out[label] = {"home_per_level": per_level,
                       "leaf_holds_subject": float(np.mean(any_leaf)),
-                      "leaf_holds_subject_per_bucket": _per_bucket([rows[i] for i in idx], any_leaf)}
+                      "leaf_holds_subject_per_bucket": _per_bucket([rows[i] for i in idx],
+                                                                   any_leaf)}
     return out
 
 
 def _per_bucket(rows: list[dict], values: list) -> list[float]:
-    return [float(np.mean([v for r, v in zip(rows, values) if r["bucket"] == b] or [np.nan])) for b in range(N_BUCKETS)]
+    return [float(np.mean([v for r, v in zip(rows, values) if r["bucket"] == b] or [np.nan]))
+            for b in range(N_BUCKETS)]
 
 
 def int8_report(trainer: Trainer, node_ids: np.ndarray) -> dict:
@@ -586,8 +621,9 @@ def int8_report(trainer: Trainer, node_ids: np.ndarray) -> dict:
         levels.append({"level": l, "shape": list(shape), "native_bytes": native, "int8_bytes": int8,
                        "ratio": int8 / native, "relative_l2_error": rel})
     total_n, total_q = sum(x["native_bytes"] for x in levels), sum(x["int8_bytes"] for x in levels)
-    return {"dtype": dtype, "levels": levels, "path_native_bytes": total_n, "path_int8_bytes": total_q,
-            "path_ratio": total_q / total_n, "path_saved_fraction": 1 - total_q / total_n}
+    return {"dtype": dtype, "levels": levels, "path_native_bytes": total_n,
+            "path_int8_bytes": total_q, "path_ratio": total_q / total_n,
+            "path_saved_fraction": 1 - total_q / total_n}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -610,8 +646,8 @@ def run_eval(out_dir: str | Path, ec: EvalConfig, *, domains: list[DomainFiles] 
     empty tuple there: the user's alone). results: path of the JSON (the Markdown and the PNG go
     beside it; per-prompt answers to OUT/prompts.jsonl.gz). reuse_only: probe the finished
     checkpoints under out_dir, never train (ValueError if any run of any seed is missing)."""
-    from training.embeddings import EmbeddingStore
     from membank.embed import Embedder
+    from training.embeddings import EmbeddingStore
 
     t_start = time.perf_counter()
     if not ec.seeds:
@@ -621,7 +657,8 @@ def run_eval(out_dir: str | Path, ec: EvalConfig, *, domains: list[DomainFiles] 
         raise ValueError("no domains: give --domain CORPUS:PROBE, or keep some built-in domains")
     dirs = run_dirs(out_dir, ec)
     if reuse_only:    # fail before building any corpus, not after
-        missing = [str(d / r) for d in dirs for r in ("memory", "anchor", "dense") if checkpoint.latest(d / r) is None]
+        missing = [str(d / r) for d in dirs for r in ("memory", "anchor", "dense")
+                   if checkpoint.latest(d / r) is None]
         if missing:
             raise ValueError(f"no checkpoints under {', '.join(missing)}; run the evaluation "
                              f"without reuse_only to train them")
@@ -653,7 +690,8 @@ class Seed:
     seconds: float
 
 
-def prepare_seed(out: Path, ec: EvalConfig, seed: int, user_domains: list[DomainFiles], store, log) -> Seed:
+def prepare_seed(out: Path, ec: EvalConfig, seed: int, user_domains: list[DomainFiles], store,
+                 log) -> Seed:
     """The corpus of one seed (built-in domains drawn with this seed, plus the user's), its
     tokenizer, embeddings, router and packed sequences under `out`."""
     from training import longtail
@@ -666,12 +704,14 @@ def prepare_seed(out: Path, ec: EvalConfig, seed: int, user_domains: list[Domain
                for p in longtail.write(out / "domains", lt).values()] if lt.domains else []
     mix = mix_domains(builtin + user_domains, seed)
     corpus_path = out / "corpus.jsonl"
-    artifacts.atomic_write_bytes(corpus_path, "".join(json.dumps({"text": t}) + "\n" for t in mix.texts).encode())
+    artifacts.atomic_write_bytes(
+        corpus_path, "".join(json.dumps({"text": t}) + "\n" for t in mix.texts).encode())
     tc = ec.train_config(corpus_path, seed=seed)
     config = tc.model_config()
     data = prepare_data(out, tc, config, log=log, store=store)
     seconds = time.perf_counter() - t0
-    log(f"seed {seed}: data in {seconds:.0f} s ({len(mix.texts):,} documents, {len(mix.probes)} domains, "
+    log(f"seed {seed}: data in {seconds:.0f} s ({len(mix.texts):,} documents, "
+        f"{len(mix.probes)} domains, "
         f"{sum(len(p.pairs) for p in mix.probes.values()):,} probes)")
     return Seed(mix, tc, config, data, seconds)
 
@@ -683,7 +723,8 @@ def probing_for(out: Path, s: Seed) -> Probing:
     doc_emb = np.asarray(np.load(out / "embeddings.npy", mmap_mode="r"))
     # the training documents' own paths: the tree's, whatever rule queries use
     doc_nodes = s.data.router.node_ids(s.data.router.route(doc_emb, routing="centroid"))
-    return Probing(s.mix, s.data.router, doc_emb, doc_nodes, tok, tok.token_to_id(EOS), s.tc.seq_len)
+    return Probing(s.mix, s.data.router, doc_emb, doc_nodes, tok, tok.token_to_id(EOS),
+                   s.tc.seq_len)
 
 
 def _run_one(out: Path, ec: EvalConfig, seed: int, user_domains: list[DomainFiles], store, log,
@@ -705,13 +746,15 @@ def _run_one(out: Path, ec: EvalConfig, seed: int, user_domains: list[DomainFile
     config = s.config
     anchor_params = trained["anchor"].model.num_params()
     sizes = config.memory.sizes(config.model)
-    params = {"anchor": anchor_params, "cotrained-anchor": anchor_params, "dense": trained["dense"].model.num_params(),
+    params = {"anchor": anchor_params, "cotrained-anchor": anchor_params,
+              "dense": trained["dense"].model.num_params(),
               "anchor+rag": anchor_params, "fetched+rag": anchor_params + sizes["fetch_params"]}
     for j in range(1, config.memory.depth):
         params[f"fetched-levels-{j}"] = anchor_params + sum(sizes["block_params_per_level"][:j])
     for name in ev["variants"]:
         params.setdefault(name, anchor_params + sizes["fetch_params"])
-    return {"seed": seed, "ev": ev, "params": params, "config": config, "train_config": s.tc.to_dict(),
-            "sizes": sizes, "data": s.data.meta, "dense_added_neurons": trained["dense_added_neurons"],
+    return {"seed": seed, "ev": ev, "params": params, "config": config,
+            "train_config": s.tc.to_dict(), "sizes": sizes, "data": s.data.meta,
+            "dense_added_neurons": trained["dense_added_neurons"],
             "timings": {"data": s.seconds, **trained["timings"], "eval": t_eval,
                         "total": time.perf_counter() - t_start}}

@@ -36,12 +36,14 @@ def export(export_dir: str | Path, config: Config, model: Transformer,
     out = Path(export_dir)
     (out / artifacts.MANIFEST).unlink(missing_ok=True)  # mark incomplete while rewriting
     out.mkdir(parents=True, exist_ok=True)
-    artifacts.atomic_write_bytes(out / artifacts.CONFIG, json.dumps(config.to_dict(), indent=1).encode())
+    artifacts.atomic_write_bytes(out / artifacts.CONFIG,
+                                 json.dumps(config.to_dict(), indent=1).encode())
     artifacts.save_tensors_atomic(anchor_state(model), out / artifacts.ANCHOR)
     shutil.copyfile(tokenizer_path, out / artifacts.TOKENIZER)
     router.save(out / artifacts.ROUTER)
     if generic is not None:
-        artifacts.save_tensors_atomic({"generic": generic.detach().float()}, out / artifacts.GENERIC)
+        artifacts.save_tensors_atomic({"generic": generic.detach().float()},
+                                      out / artifacts.GENERIC)
     else:
         (out / artifacts.GENERIC).unlink(missing_ok=True)
     mc = config.memory

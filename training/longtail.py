@@ -90,7 +90,8 @@ def build_domain(domain: Domain, lt: LongTailConfig) -> dict:
     counts = doc_counts(n, lt)                     # chosen[i] has popularity rank i + 1
     docs, info = [], []
     for rank, (subject, count) in enumerate(zip(chosen, counts.tolist()), start=1):
-        docs += [(document(domain, subject, j, lt.facts_per_doc), subject.name) for j in range(count)]
+        docs += [(document(domain, subject, j, lt.facts_per_doc), subject.name)
+                 for j in range(count)]
         info.append({"subject": subject.name, "rank": rank, "documents": count})
     weights = counts / counts.sum()
     held = _rng("heldout", domain.name, lt.seed)
@@ -101,11 +102,13 @@ def build_domain(domain: Domain, lt: LongTailConfig) -> dict:
         heldout.append((document(domain, chosen[i], j, lt.facts_per_doc), chosen[i].name))
     names = {s.name for s in chosen}
     pairs = tuple((s, a) for s, a in domain.probe_pairs() if s in names)
-    probe = Probe(domain.name, domain.probe_template, pairs, domain.matcher, tuple(domain.train_templates()))
+    probe = Probe(domain.name, domain.probe_template, pairs, domain.matcher,
+                  tuple(domain.train_templates()))
     held_out = probe.held_out_pattern()
     for text, _ in docs:
         if held_out.search(text):   # the guarantee the evaluation relies on
-            raise AssertionError(f"{domain.name}: probe template leaked into a document: {text[:80]!r}")
+            raise AssertionError(f"{domain.name}: probe template leaked into a document: "
+                                 f"{text[:80]!r}")
     return {"train": docs, "heldout": heldout, "probe": probe, "subjects": info}
 
 
@@ -126,9 +129,11 @@ def write_domain(out_dir: str | Path, built: dict, lt: LongTailConfig) -> dict[s
         lines = "".join(json.dumps({"text": t, "subject": s}) + "\n" for t, s in built[split])
         atomic_write_bytes(paths[key], lines.encode())
     p = built["probe"]
-    atomic_write_bytes(paths["probe"], json.dumps({"name": p.name, "template": p.template, "matcher": p.matcher,
+    atomic_write_bytes(paths["probe"], json.dumps({"name": p.name, "template": p.template,
+                                                   "matcher": p.matcher,
                                                    "train_templates": list(p.train_templates),
-                                                   "pairs": [list(x) for x in p.pairs]}, indent=0).encode())
+                                                   "pairs": [list(x) for x in p.pairs]},
+                                                  indent=0).encode())
     atomic_write_bytes(paths["subjects"], json.dumps({"config": dataclasses.asdict(lt),
                                                       "subjects": built["subjects"]}).encode())
     return paths
@@ -136,7 +141,8 @@ def write_domain(out_dir: str | Path, built: dict, lt: LongTailConfig) -> dict[s
 
 def write(out_dir: str | Path, lt: LongTailConfig) -> dict[str, dict[str, Path]]:
     """Build every domain and write it under out_dir/NAME; returns name -> its paths."""
-    return {name: write_domain(Path(out_dir) / name, built, lt) for name, built in build(lt).items()}
+    return {name: write_domain(Path(out_dir) / name, built, lt)
+            for name, built in build(lt).items()}
 
 
 def name_counts(names: list[str], texts: list[str]) -> dict[str, int]:

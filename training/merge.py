@@ -32,7 +32,8 @@ from training import checkpoint
 from training.prepare import DATA_FILES
 
 
-def merge(jobs: list[str | Path], out: str | Path, base: str | Path | None = None, log=print) -> Path:
+def merge(jobs: list[str | Path], out: str | Path, base: str | Path | None = None,
+          log=print) -> Path:
     """Merge subtree jobs (run directories or checkpoints); returns the export directory.
 
     Memory: the merged output, plus one job's rows of one level (or one anchor tensor) at a
@@ -58,14 +59,17 @@ def merge(jobs: list[str | Path], out: str | Path, base: str | Path | None = Non
                 raise ValueError(f"subtree {subtree} comes twice: {seen[subtree]} and {path}")
             seen[subtree] = path
             if state["phase_index"] < len(state["phases"]):
-                raise ValueError(f"subtree job {path} has not finished (step {state['global_step']})")
+                raise ValueError(f"subtree job {path} has not finished "
+                                 f"(step {state['global_step']})")
             checkpoint.check_same_config(path, state["config"], base_state["config"])
             if state["data"] != base_state["data"]:
-                raise ValueError(f"subtree job {path} was trained on other data than the base {base_path}")
+                raise ValueError(f"subtree job {path} was trained on other data than the base "
+                                 f"{base_path}")
             with checkpoint.reader(path) as f:
                 for key, t in merged.items():
                     if key.startswith("model.") and not torch.equal(f.get(key), t):
-                        raise ValueError(f"subtree job {path} has another anchor than the base {base_path} ({key})")
+                        raise ValueError(f"subtree job {path} has another anchor than the base "
+                                         f"{base_path} ({key})")
 
         for l in range(n_levels):
             key = f"bank.level{l + 1}"
@@ -80,10 +84,14 @@ def merge(jobs: list[str | Path], out: str | Path, base: str | Path | None = Non
 
     out = Path(out)
     state = {k: base_state[k] for k in ("config", "train", "data")}
-    state.update({"phases": [], "phase_index": 0, "phase_step": 0, "global_step": base_state["global_step"],
-                  "sampler": {"epoch": 0, "pos": 0}, "bank_offsets": [0] * n_levels, "subtree": None,
-                  "losses": {f"subtree{st['subtree']}": sum(st["losses"].values(), []) for st in states},
-                  "optimizer": {"dense": None, "bank": None}, "merged": {str(s): str(p) for s, p in seen.items()}})
+    state.update({"phases": [], "phase_index": 0, "phase_step": 0,
+                  "global_step": base_state["global_step"],
+                  "sampler": {"epoch": 0, "pos": 0}, "bank_offsets": [0] * n_levels,
+                  "subtree": None,
+                  "losses": {f"subtree{st['subtree']}": sum(st["losses"].values(), [])
+                             for st in states},
+                  "optimizer": {"dense": None, "bank": None},
+                  "merged": {str(s): str(p) for s, p in seen.items()}})
     checkpoint.save(out / "ckpt" / "merged", merged, state)
 
     base_run = base_path.parent.parent
@@ -99,7 +107,8 @@ def _export(tensors: dict[str, torch.Tensor], state: dict, export_dir: Path, run
 
     config = Config.from_dict(state["config"])
     model = Transformer(config)
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items()
+                           if k.startswith("model.")},
                           strict=False)
     levels = [tensors[f"bank.level{l + 1}"] for l in range(config.memory.depth)]
     train = state["train"]

@@ -54,7 +54,8 @@ class FetchedRows:
         """Per-sample memory (B, L, n, R, W): the path's blocks concatenated along R in level
         order, exactly as `MemoryBank.gather` builds it."""
         # index_select: its backward is index_add_, faster on CPU than indexing's index_put_
-        return torch.cat([r.index_select(0, i) for r, i in zip(self.rows, self.inverse) if r is not None], dim=3)
+        return torch.cat([r.index_select(0, i) for r, i in zip(self.rows, self.inverse)
+                          if r is not None], dim=3)
 
     def grads(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """(ids, row gradients) per level, after backward; zeros for rows that got no gradient."""
@@ -116,7 +117,8 @@ class LazyAdamW:
         self.steps = [torch.zeros(p.shape[0], dtype=torch.float32) for p in self.params]
 
     @torch.no_grad()
-    def step(self, rows: list[tuple[torch.Tensor, torch.Tensor] | None], lr: float | None = None) -> None:
+    def step(self, rows: list[tuple[torch.Tensor, torch.Tensor] | None],
+             lr: float | None = None) -> None:
         """rows[i] = (ids (U,), grad (U, ...)) for params[i], ids unique; None: nothing fetched."""
         lr = self.lr if lr is None else lr
         for i, item in enumerate(rows):
@@ -124,14 +126,16 @@ class LazyAdamW:
                 continue
             ids, grad = item
             self.steps[i].index_add_(0, ids, torch.ones(ids.numel()))
-            (self._step_fused if self.fused else self._step_reference)(i, ids, grad.contiguous(), lr)
+            (self._step_fused if self.fused else self._step_reference)(i, ids, grad.contiguous(),
+                                                                       lr)
 
     def _step_fused(self, i: int, ids: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
         rows = ids.tolist()
         p, m, v, t = self.params[i], self.exp_avg[i], self.exp_avg_sq[i], self.steps[i]
         torch._fused_adamw_([p[r] for r in rows], list(grad.unbind(0)), [m[r] for r in rows],
-                            [v[r] for r in rows], [], [t[r] for r in rows], lr=lr, beta1=self.betas[0],
-                            beta2=self.betas[1], weight_decay=self.weight_decay, eps=self.eps,
+                            [v[r] for r in rows], [], [t[r] for r in rows], lr=lr,
+                            beta1=self.betas[0], beta2=self.betas[1],
+                            weight_decay=self.weight_decay, eps=self.eps,
                             amsgrad=False, maximize=False)
 
     def _step_reference(self, i: int, ids: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
@@ -142,7 +146,8 @@ class LazyAdamW:
         param.mul_(1 - lr * self.weight_decay)
         m.lerp_(grad, 1 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step_size, bc2_sqrt = self._bias_corrections(self.steps[i].index_select(0, ids), lr, param.dim())
+        step_size, bc2_sqrt = self._bias_corrections(self.steps[i].index_select(0, ids), lr,
+                                                     param.dim())
         denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
         param.add_(m * -step_size / denom)   # = addcdiv_(m, denom, value=-step_size)
         p.index_copy_(0, ids, param)

@@ -35,7 +35,8 @@ class Packed:
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"tokens": self.tokens, "doc_ids": self.doc_ids, "node_ids": self.node_ids}, str(tmp))
+        save_file({"tokens": self.tokens, "doc_ids": self.doc_ids, "node_ids": self.node_ids},
+                  str(tmp))
         tmp.replace(path)
 
     @classmethod
@@ -85,7 +86,8 @@ class Sampler:
     def permutation(self, epoch: int) -> torch.Tensor:
         if self._perm is None or self._perm[0] != epoch:
             seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
-            self._perm = (epoch, torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)))
+            self._perm = (epoch,
+                          torch.randperm(self.n, generator=torch.Generator().manual_seed(seed)))
         return self._perm[1]
 
     def next(self) -> torch.Tensor:

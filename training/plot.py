@@ -25,7 +25,8 @@ def save_loss_curve(losses: dict[str, list[float]], path: str | Path, title: str
         line, = ax.plot(x, values, alpha=0.3, linewidth=0.8)
         window = max(1, len(values) // 30)
         smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-        ax.plot(x[window - 1:], smooth, color=line.get_color(), label=f"{name} ({len(values)} steps)")
+        ax.plot(x[window - 1:], smooth, color=line.get_color(),
+                label=f"{name} ({len(values)} steps)")
         if start:
             ax.axvline(start, color="grey", linewidth=0.5, linestyle="--")
         start += len(values)

@@ -72,8 +72,8 @@ def prepare_data(out: Path, tc: TrainConfig, config: Config, *, dist: Dist = Dis
             build_data(out, tc, config, key, log, store)
     dist.barrier()
     meta = json.loads((out / "data" / "meta.json").read_text())
-    return Data(Packed.load(out / "data" / "packed.safetensors"), Router.load(out / artifacts.ROUTER),
-                out / artifacts.TOKENIZER, meta)
+    return Data(Packed.load(out / "data" / "packed.safetensors"),
+                Router.load(out / artifacts.ROUTER), out / artifacts.TOKENIZER, meta)
 
 
 def _key(run: Path) -> dict | None:
@@ -83,7 +83,8 @@ def _key(run: Path) -> dict | None:
         return None
 
 
-def build_data(out: Path, tc: TrainConfig, config: Config, key: dict, log=print, store=None) -> None:
+def build_data(out: Path, tc: TrainConfig, config: Config, key: dict, log=print,
+               store=None) -> None:
     """Corpus -> tokenizer, embeddings, router, packed sequences, streaming the texts.
 
     A JSONL corpus is never held in memory: each stage reads the file again (a pass over 100k
@@ -92,9 +93,9 @@ def build_data(out: Path, tc: TrainConfig, config: Config, key: dict, log=print,
     tokenizer trains from a stream, documents are tokenised in batches into one int32 array,
     embedded in batches into the on-disk memmap cache, clustered and packed.
     """
+    from membank.embed import Embedder
     from training.cluster import build_router
     from training.data import build_documents, iter_jsonl_corpus
-    from membank.embed import Embedder
     from training.embeddings import embed_corpus, is_cached, texts_fingerprint
     from training.tokenizer import EOS, train_tokenizer
 
@@ -106,14 +107,16 @@ def build_data(out: Path, tc: TrainConfig, config: Config, key: dict, log=print,
 
         def texts() -> Iterator[str]:
             return iter(element_texts)
-    texts_sha, n_docs = texts_fingerprint(tqdm(texts(), desc="read corpus", unit="doc", disable=None))
+    texts_sha, n_docs = texts_fingerprint(tqdm(texts(), desc="read corpus", unit="doc",
+                                               disable=None))
     out.mkdir(parents=True, exist_ok=True)
     (out / "data" / "meta.json").unlink(missing_ok=True)  # incomplete until rewritten
     t0 = time.perf_counter()
     tokenizer = train_tokenizer(texts(), config.model.vocab_size, out / artifacts.TOKENIZER)
     eos = tokenizer.token_to_id(EOS)
     doc_tokens = DocTokens.encode(tokenizer, texts(), n_docs)
-    log(f"corpus: {n_docs} documents, {doc_tokens.n_tokens:,} tokens, vocab {tokenizer.get_vocab_size()} "
+    log(f"corpus: {n_docs} documents, {doc_tokens.n_tokens:,} tokens, "
+        f"vocab {tokenizer.get_vocab_size()} "
         f"(tokenizer + tokenising {time.perf_counter() - t0:.1f}s)")
 
     t0 = time.perf_counter()
@@ -127,22 +130,26 @@ def build_data(out: Path, tc: TrainConfig, config: Config, key: dict, log=print,
     t0 = time.perf_counter()
     mc = config.memory
     router = build_router(emb, mc.branching, mc.depth, seed=tc.seed)
-    paths = np.concatenate([router.route(np.array(emb[i:i + _ROUTE_ROWS])) for i in range(0, n_docs, _ROUTE_ROWS)])
+    paths = np.concatenate([router.route(np.array(emb[i:i + _ROUTE_ROWS]))
+                            for i in range(0, n_docs, _ROUTE_ROWS)])
     if tc.routing == "nearest-document":   # queries will take their nearest document's path
         router = router.with_index(emb, paths)
     router.save(out / artifacts.ROUTER)
     node_ids = router.node_ids(paths)
     leaf_sizes = np.bincount(node_ids[:, -1], minlength=mc.n_nodes(mc.depth))
-    log(f"router: k={router.branching} depth={router.depth}, {router.routing} routing, in {time.perf_counter() - t0:.1f}s, "
+    log(f"router: k={router.branching} depth={router.depth}, {router.routing} routing, "
+        f"in {time.perf_counter() - t0:.1f}s, "
         f"documents per leaf {_summary(leaf_sizes)}")
 
     t0 = time.perf_counter()
     packed = pack(doc_tokens, node_ids, tc.seq_len, eos)
     (out / "data").mkdir(exist_ok=True)
     packed.save(out / "data" / "packed.safetensors")
-    log(f"packed: {len(packed)} sequences of {tc.seq_len} tokens in {time.perf_counter() - t0:.1f}s")
+    log(f"packed: {len(packed)} sequences of {tc.seq_len} tokens "
+        f"in {time.perf_counter() - t0:.1f}s")
     meta = {"key": key, "fingerprint": fingerprint(packed, router), "documents": n_docs,
-            "tokens": doc_tokens.n_tokens, "sequences": len(packed), "leaf_documents": leaf_sizes.tolist()}
+            "tokens": doc_tokens.n_tokens, "sequences": len(packed),
+            "leaf_documents": leaf_sizes.tolist()}
     artifacts.atomic_write_bytes(out / "data" / "meta.json", json.dumps(meta, indent=1).encode())
 
 
@@ -159,7 +166,8 @@ class DocTokens:
         self.ids, self.offsets = ids, offsets          # (T,) int32; (N + 1,) int64
 
     @classmethod
-    def encode(cls, tokenizer, texts: Iterable[str], count: int, batch_size: int = 1024) -> "DocTokens":
+    def encode(cls, tokenizer, texts: Iterable[str], count: int,
+               batch_size: int = 1024) -> "DocTokens":
         chunks, lengths = [], []
         it = iter(texts)
         with tqdm(total=count, desc="tokenise", unit="doc", disable=None) as bar:
@@ -187,12 +195,14 @@ def _summary(sizes: np.ndarray) -> str:
     """Leaf sizes: all of them for a small tree, else min / median / max."""
     if len(sizes) <= 64:
         return str(sizes.tolist())
-    return f"min {sizes.min()}, median {int(np.median(sizes))}, max {sizes.max()} over {len(sizes)} leaves"
+    return (f"min {sizes.min()}, median {int(np.median(sizes))}, max {sizes.max()} "
+            f"over {len(sizes)} leaves")
 
 
 def fingerprint(packed: Packed, router: Router) -> str:
     h = hashlib.sha256()
-    arrays = [t.contiguous().numpy() for t in (packed.tokens, packed.doc_ids, packed.node_ids)] + router.centroids
+    arrays = ([t.contiguous().numpy() for t in (packed.tokens, packed.doc_ids, packed.node_ids)]
+              + router.centroids)
     if router.index is not None:
         arrays += [router.index.vectors, router.index.paths]
     for a in arrays:

@@ -46,11 +46,13 @@ class Probe:
 
     def __post_init__(self) -> None:
         if self.template.count("{subject}") != 1:
-            raise ValueError(f"probe {self.name!r}: template must contain {{subject}} exactly once, "
+            raise ValueError(f"probe {self.name!r}: "
+                             f"template must contain {{subject}} exactly once, "
                              f"got {self.template!r}")
         for t in self.train_templates:
             if t.count("{subject}") != 1:
-                raise ValueError(f"probe {self.name!r}: train template {t!r} must contain {{subject}} once")
+                raise ValueError(f"probe {self.name!r}: train template {t!r} "
+                                 f"must contain {{subject}} once")
         if self.matcher not in MATCHERS:
             raise ValueError(f"probe {self.name!r}: matcher must be one of {', '.join(MATCHERS)}, "
                              f"got {self.matcher!r}")
@@ -62,9 +64,11 @@ class Probe:
             raise ValueError(f"probe {self.name!r}: subject {dup!r} appears more than once")
         for subject, answer in self.pairs:
             if not subject.strip() or not answer.strip():
-                raise ValueError(f"probe {self.name!r}: empty subject or answer in {(subject, answer)!r}")
+                raise ValueError(f"probe {self.name!r}: empty subject or answer "
+                                 f"in {(subject, answer)!r}")
             if self.matcher == "int" and not re.fullmatch(r"-?\d+", answer.strip()):
-                raise ValueError(f"probe {self.name!r}: answer {answer!r} of {subject!r} is not an integer")
+                raise ValueError(f"probe {self.name!r}: answer {answer!r} of {subject!r} "
+                                 f"is not an integer")
 
     @property
     def subjects(self) -> list[str]:
@@ -119,7 +123,8 @@ def load_probe(source: str, *, template: str | None = None, matcher: str | None 
     `matcher` and `name` override the file's (a CSV file needs `template`)."""
     if source in BUILTIN:
         probe = BUILTIN[source]()
-        return Probe(name or probe.name, template or probe.template, probe.pairs, matcher or probe.matcher)
+        return Probe(name or probe.name, template or probe.template, probe.pairs,
+                     matcher or probe.matcher)
     path = Path(source)
     try:
         text = path.read_bytes().decode("utf-8")
@@ -142,7 +147,8 @@ def load_probe(source: str, *, template: str | None = None, matcher: str | None 
         raise ValueError(f'probe file {path} must be an object with "template" and a "pairs" list')
     pairs = []
     for i, pair in enumerate(data["pairs"]):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, (str, int)) for v in pair)):
+        if not (isinstance(pair, list) and len(pair) == 2
+                and all(isinstance(v, (str, int)) for v in pair)):
             raise ValueError(f"probe file {path}: pair {i} must be [subject, answer], got {pair!r}")
         pairs.append((str(pair[0]), str(pair[1])))
     tmpl = template or data.get("template")
@@ -164,6 +170,7 @@ def _csv_pairs(path: Path, text: str) -> tuple[tuple[str, str], ...]:
         if not row or not any(c.strip() for c in row):
             continue
         if len(row) < 2:
-            raise ValueError(f"probe file {path} line {lineno}: expected subject,answer, got {row!r}")
+            raise ValueError(f"probe file {path} line {lineno}: expected subject,answer, "
+                             f"got {row!r}")
         pairs.append((row[0].strip(), row[1].strip()))
     return tuple(pairs)

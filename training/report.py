@@ -29,7 +29,8 @@ RAG = ("anchor", "anchor+rag", "fetched", "fetched+rag")
 def accuracy(rows: list[dict], name: str) -> tuple[list[float], float]:
     """(per bucket, overall) share of rows `name` answered; NaN where a bucket has none."""
     have = [r for r in rows if name in r]
-    per = [float(np.mean([r[name]["correct"] for r in have if r["bucket"] == b] or [np.nan])) for b in range(N_BUCKETS)]
+    per = [float(np.mean([r[name]["correct"] for r in have if r["bucket"] == b] or [np.nan]))
+           for b in range(N_BUCKETS)]
     return per, float(np.mean([r[name]["correct"] for r in have] or [np.nan]))
 
 
@@ -38,7 +39,8 @@ def targets(acc: dict, overall: dict, routing: dict) -> tuple[dict, dict]:
     rare, common = 0, N_BUCKETS - 1
     f, a = acc["fetched"], acc["anchor"]
     gain_two = (f[0] + f[1]) - (a[0] + a[1])
-    removed = ((f[0] + f[1]) - (acc["blocked"][0] + acc["blocked"][1])) / gain_two if gain_two > 0 else None
+    removed = (((f[0] + f[1]) - (acc["blocked"][0] + acc["blocked"][1])) / gain_two
+               if gain_two > 0 else None)
     figures = {"rarest_fetched_over_anchor": f[rare] / a[rare] if a[rare] > 0 else None,
                "rarest_fetched_minus_anchor": f[rare] - a[rare],
                "overall_fetched_minus_anchor": overall["fetched"] - overall["anchor"],
@@ -53,7 +55,8 @@ def targets(acc: dict, overall: dict, routing: dict) -> tuple[dict, dict]:
            "fetched_ge_dense_rarest_two": all(f[b] >= acc["dense"][b] for b in (0, 1)),
            "blocking_removes_70pct_of_rare_gain": removed is not None and removed >= 0.7,
            "blocked_common_within_5_of_anchor": abs(acc["blocked"][common] - a[common]) <= 0.05,
-           "separation_cotrained_anchor_common_within_5": abs(acc["cotrained-anchor"][common] - a[common]) <= 0.05,
+           "separation_cotrained_anchor_common_within_5":
+               abs(acc["cotrained-anchor"][common] - a[common]) <= 0.05,
            "level1_domain_routing_ge_95pct": (routing.get("level1_in_domain") or 0) >= 0.95}
     return met, figures
 
@@ -85,9 +88,12 @@ def build(runs: list[dict], ec, preset: str, machine: dict, total_s: float) -> d
         s_acc = {v: accuracy(srows, v)[0] for v in variants}
         s_all = {v: accuracy(srows, v)[1] for v in variants}
         met, _ = targets(s_acc, s_all, run["ev"]["routing"])
-        per_seed.append({"seed": run["seed"], "accuracy_per_bucket": s_acc, "accuracy_overall": s_all, "targets": met,
-                         "level1_nodes_per_domain": run["ev"]["routing"].get("level1_nodes_per_domain")})
-    routing = _mean_nested([{k: v for k, v in run["ev"]["routing"].items() if k != "level1_nodes_per_domain"}
+        per_seed.append({"seed": run["seed"], "accuracy_per_bucket": s_acc,
+                         "accuracy_overall": s_all, "targets": met,
+                         "level1_nodes_per_domain":
+                             run["ev"]["routing"].get("level1_nodes_per_domain")})
+    routing = _mean_nested([{k: v for k, v in run["ev"]["routing"].items()
+                             if k != "level1_nodes_per_domain"}
                             for run in runs])
     met, figures = targets(acc, overall, routing)
     first = runs[0]
@@ -104,7 +110,8 @@ def build(runs: list[dict], ec, preset: str, machine: dict, total_s: float) -> d
         "n_prompts": len(rows), "n_subjects_per_seed": [len(run["ev"]["rows"]) for run in runs],
         "eval_config": dataclasses.asdict(ec), "model_config": first["config"].to_dict(),
         "train_config": first["train_config"],
-        "bank_params": first["sizes"]["bank_params"], "fetch_params": first["sizes"]["fetch_params"],
+        "bank_params": first["sizes"]["bank_params"],
+        "fetch_params": first["sizes"]["fetch_params"],
         "runtime_params": first["params"], "dense_added_neurons": first["dense_added_neurons"],
         "data": [run["data"] for run in runs],
         "timings_s": {"per_seed": [run["timings"] for run in runs], "total": total_s},
@@ -112,7 +119,8 @@ def build(runs: list[dict], ec, preset: str, machine: dict, total_s: float) -> d
         "accuracy_per_bucket": acc, "accuracy_overall": overall, "bucket_mentions": _spans(rows),
         "targets": met, "target_figures": figures, "perplexity": ppl, "routing": routing,
         "rag_extra_prompt_tokens": float(np.mean([run["ev"]["rag_extra_tokens"] for run in runs
-                                                  if run["ev"]["rag_extra_tokens"] is not None] or [np.nan])),
+                                                  if run["ev"]["rag_extra_tokens"] is not None]
+                                                 or [np.nan])),
         "capacity": capacity, "anchor_cannot_hold_rarest": capacity_check(capacity),
         "int8": int8, "per_domain": per_domain, "per_seed": per_seed,
     }
@@ -125,7 +133,8 @@ def write(result: dict, path: Path, prompts_path: Path, rows: list[dict]) -> Non
     artifacts.atomic_write_bytes(path.with_suffix(".md"), markdown(result).encode())
     plot(result, path.with_suffix(".png"))
     prompts_path.parent.mkdir(parents=True, exist_ok=True)
-    artifacts.atomic_write_bytes(prompts_path, gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    artifacts.atomic_write_bytes(
+        prompts_path, gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,9 +154,11 @@ def _table(head: list[str], body: list[list]) -> list[str]:
 
 
 def markdown(result: dict) -> str:
-    acc, overall, ppl = result["accuracy_per_bucket"], result["accuracy_overall"], result["perplexity"]
+    acc, overall, ppl = (result["accuracy_per_bucket"], result["accuracy_overall"],
+                         result["perplexity"])
     params = result["runtime_params"]
-    buckets = [f"bucket {b + 1}" + (" (rarest)" if b == 0 else " (most common)" if b == N_BUCKETS - 1 else "")
+    buckets = [f"bucket {b + 1}"
+               + (" (rarest)" if b == 0 else " (most common)" if b == N_BUCKETS - 1 else "")
                for b in range(N_BUCKETS)]
     names = [v for v in MODELS + EXTRA if v in acc]
     lines = _table(["model", "runtime params"] + buckets + ["overall", "held-out ppl"],
@@ -155,37 +166,45 @@ def markdown(result: dict) -> str:
                     f"{ppl[v]:.3f}" if v in ppl else "-"] for v in names])
     seeds = result["seeds"]
     lines += ["", f"{result['n_prompts']:,} prompts: {len(result['domains'])} domains "
-              f"({', '.join(result['domains'])}), {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), pooled. "
-              f"Buckets: each domain's subjects in 5 equal groups by how often their name appears in the "
-              f"training text, rarest first; pooled bucket b is every domain's bucket b."]
+              f"({', '.join(result['domains'])}), {len(seeds)} seed(s) "
+              f"({', '.join(map(str, seeds))}), pooled. "
+              f"Buckets: each domain's subjects in 5 equal groups by how often their name "
+              f"appears in the training text, rarest first; pooled bucket b is every domain's "
+              f"bucket b."]
 
     lines += ["", "Per domain (overall / rarest bucket; mentions per bucket):", ""]
     dom = result["per_domain"]
     lines += _table(["domain", "prompts", "mentions (bucket 1 .. 5)"] + list(MODELS),
-                    [[d, f"{x['n_prompts']:,}", " / ".join(f"{lo}-{hi}" for lo, hi in x["bucket_mentions"])]
-                     + [f"{_pct(x['accuracy_overall'][v])} / {_pct(x['accuracy_per_bucket'][v][0])}" for v in MODELS]
+                    [[d, f"{x['n_prompts']:,}",
+                      " / ".join(f"{lo}-{hi}" for lo, hi in x["bucket_mentions"])]
+                     + [f"{_pct(x['accuracy_overall'][v])} / "
+                        f"{_pct(x['accuracy_per_bucket'][v][0])}" for v in MODELS]
                      for d, x in dom.items()])
 
     if len(result["per_seed"]) > 1:
         lines += ["", "Per seed (rarest bucket / overall):", ""]
         lines += _table(["seed"] + list(MODELS) + ["targets met"],
-                        [[s["seed"]] + [f"{_pct(s['accuracy_per_bucket'][v][0])} / {_pct(s['accuracy_overall'][v])}"
-                                        for v in MODELS] + [f"{sum(s['targets'].values())} of {len(s['targets'])}"]
+                        [[s["seed"]]
+                         + [f"{_pct(s['accuracy_per_bucket'][v][0])} / "
+                            f"{_pct(s['accuracy_overall'][v])}" for v in MODELS]
+                         + [f"{sum(s['targets'].values())} of {len(s['targets'])}"]
                          for s in result["per_seed"]])
 
     if "anchor+rag" in acc:
         extra = result.get("rag_extra_prompt_tokens")
-        lines += ["", f"RAG next to memory (the nearest training document of the routed leaf prepended; "
-                      f"{extra:.1f} extra prompt tokens on average):", ""]
+        lines += ["", f"RAG next to memory (the nearest training document of the routed leaf "
+                      f"prepended; {extra:.1f} extra prompt tokens on average):", ""]
         lines += _table(["model"] + buckets + ["overall"],
-                        [[v] + [_pct(a) for a in acc[v]] + [_pct(overall[v])] for v in RAG if v in acc])
+                        [[v] + [_pct(a) for a in acc[v]] + [_pct(overall[v])]
+                         for v in RAG if v in acc])
 
     partial = sorted(v for v in acc if v.startswith("fetched-levels-"))
     if partial:
         lines += ["", "Partial paths (levels 1..j attached; the full path is `fetched`):", ""]
         lines += _table(["attached", "runtime params"] + buckets + ["overall", "held-out ppl"],
                         [[v.replace("fetched-levels-", "levels 1.."), f"{params.get(v, 0):,}"]
-                         + [_pct(a) for a in acc[v]] + [_pct(overall[v]), f"{ppl[v]:.3f}" if v in ppl else "-"]
+                         + [_pct(a) for a in acc[v]]
+                         + [_pct(overall[v]), f"{ppl[v]:.3f}" if v in ppl else "-"]
                          for v in ["anchor"] + partial + ["fetched"]])
 
     lines += ["", "| target | met | figure |", "|---|---|---|"]
@@ -193,40 +212,51 @@ def markdown(result: dict) -> str:
     shown = {"rarest_fetched_ge_3x_anchor": ("rarest_fetched_over_anchor", "x"),
              "rarest_fetched_ge_anchor_plus_15": ("rarest_fetched_minus_anchor", "pts"),
              "overall_fetched_ge_anchor_plus_10": ("overall_fetched_minus_anchor", "pts"),
-             "blocking_removes_70pct_of_rare_gain": ("blocking_removes_share_of_rare_gain", "share"),
+             "blocking_removes_70pct_of_rare_gain":
+                 ("blocking_removes_share_of_rare_gain", "share"),
              "blocked_common_within_5_of_anchor": ("common_blocked_minus_anchor", "pts"),
-             "separation_cotrained_anchor_common_within_5": ("common_cotrained_anchor_minus_anchor", "pts"),
+             "separation_cotrained_anchor_common_within_5":
+                 ("common_cotrained_anchor_minus_anchor", "pts"),
              "level1_domain_routing_ge_95pct": ("level1_in_domain", "share")}
     for name, ok in result["targets"].items():
         key, unit = shown.get(name, (None, ""))
         value = figures.get(key) if key else None
-        text = "" if value is None else (f"{value:.2f}x" if unit == "x" else f"{100 * value:+.1f} points"
-                                         if unit == "pts" else f"{100 * value:.0f}%")
+        text = "" if value is None else (f"{value:.2f}x" if unit == "x"
+                                         else f"{100 * value:+.1f} points" if unit == "pts"
+                                         else f"{100 * value:.0f}%")
         lines.append(f"| {name} | {'yes' if ok else 'no'} | {text} |")
 
     lines += ["", "Diagnostics:"]
     cap = result.get("capacity") or {}
     if cap:
         per = cap["anchor_train_phrasing_per_bucket"]
-        lines.append(f"- the anchor asked each fact in the training text's own phrasings (does it hold the fact "
-                     f"at all?): rarest bucket {_pct(per[0])}, most common {_pct(per[-1])}")
+        lines.append(f"- the anchor asked each fact in the training text's own phrasings "
+                     f"(does it hold the fact at all?): rarest bucket {_pct(per[0])}, "
+                     f"most common {_pct(per[-1])}")
     r = result["routing"]
-    lines.append(f"- probes whose level-1 node holds documents of their own domain: {_pct(r.get('level1_in_domain'))}; "
-                 f"level-1 purity (share of a node's documents from its largest domain): {_pct(r.get('level1_purity'))}")
+    lines.append(f"- probes whose level-1 node holds documents of their own domain: "
+                 f"{_pct(r.get('level1_in_domain'))}; "
+                 f"level-1 purity (share of a node's documents from its largest domain): "
+                 f"{_pct(r.get('level1_purity'))}")
     for label in ("routed", "centroid"):
         if label in r:
             lv = r[label]["home_per_level"]
-            lines.append(f"- {'as routed' if label == 'routed' else 'centroid descent'}: on the subject's home path "
-                         f"per level {' / '.join(_pct(x['overall']) for x in lv)}; the leaf holds a document of "
-                         f"the subject: {_pct(r[label]['leaf_holds_subject'])} (per bucket "
-                         f"{' / '.join(_pct(x) for x in r[label]['leaf_holds_subject_per_bucket'])})")
+            lines.append(
+                f"- {'as routed' if label == 'routed' else 'centroid descent'}: on the subject's "
+                f"home path per level {' / '.join(_pct(x['overall']) for x in lv)}; the leaf "
+                f"holds a document of the subject: {_pct(r[label]['leaf_holds_subject'])} "
+                f"(per bucket "
+                f"{' / '.join(_pct(x) for x in r[label]['leaf_holds_subject_per_bucket'])})")
     if "fetched-home" in acc:
         lines.append(f"- fetched with every probe sent to its subject's home leaf: "
-                     f"{' / '.join(_pct(a) for a in acc['fetched-home'])} ({_pct(overall['fetched-home'])} overall)")
+                     f"{' / '.join(_pct(a) for a in acc['fetched-home'])} "
+                     f"({_pct(overall['fetched-home'])} overall)")
     q = result["int8"]
-    lines.append(f"- fetched-int8: one path {q['path_native_bytes']:,} B {q['dtype']} -> {q['path_int8_bytes']:,} B "
+    lines.append(f"- fetched-int8: one path {q['path_native_bytes']:,} B {q['dtype']} -> "
+                 f"{q['path_int8_bytes']:,} B "
                  f"int8 ({100 * q['path_saved_fraction']:.1f}% saved); accuracy "
-                 f"{100 * q['accuracy_change']:+.1f} points, {q['answers_changed']} of {q['n_prompts']} answers changed")
+                 f"{100 * q['accuracy_change']:+.1f} points, "
+                 f"{q['answers_changed']} of {q['n_prompts']} answers changed")
     return "\n".join(lines) + "\n"
 
 
@@ -244,10 +274,12 @@ def plot(result: dict, path: Path) -> None:
     fig = Figure(figsize=(14, 4.8), dpi=100)
     FigureCanvasAgg(fig)
     x = np.arange(N_BUCKETS)
-    labels = ["rarest" if b == 0 else "most common" if b == N_BUCKETS - 1 else f"bucket {b + 1}" for b in range(N_BUCKETS)]
+    labels = ["rarest" if b == 0 else "most common" if b == N_BUCKETS - 1 else f"bucket {b + 1}"
+              for b in range(N_BUCKETS)]
     partial = sorted(v for v in acc if v.startswith("fetched-levels-"))
     panels = [(list(MODELS), "the comparison (whiskers: seeds)"),
-              ([v for v in ["anchor"] + partial + ["fetched", "anchor+rag", "fetched+rag"] if v in acc],
+              ([v for v in ["anchor"] + partial + ["fetched", "anchor+rag", "fetched+rag"]
+                if v in acc],
                "partial paths and RAG")]
     for i, (names, title) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
@@ -256,8 +288,10 @@ def plot(result: dict, path: Path) -> None:
             mid = [100 * a for a in acc[name]]
             err = None
             if len(per_seed) > 1:
-                lo = [100 * min(s["accuracy_per_bucket"][name][b] for s in per_seed) for b in range(N_BUCKETS)]
-                hi = [100 * max(s["accuracy_per_bucket"][name][b] for s in per_seed) for b in range(N_BUCKETS)]
+                lo = [100 * min(s["accuracy_per_bucket"][name][b] for s in per_seed)
+                      for b in range(N_BUCKETS)]
+                hi = [100 * max(s["accuracy_per_bucket"][name][b] for s in per_seed)
+                      for b in range(N_BUCKETS)]
                 err = [[m - l for m, l in zip(mid, lo)], [h - m for m, h in zip(mid, hi)]]
             ax.bar(x + (j - (len(names) - 1) / 2) * width, mid, width, label=name, yerr=err,
                    capsize=2 if err else 0, error_kw={"elinewidth": 0.8})
@@ -267,7 +301,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(title)
         ax.legend(fontsize=8, loc="upper left", ncols=2)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"long-tail probes, {len(result['domains'])} domains, {len(result['seeds'])} seed(s), "
+    fig.suptitle(f"long-tail probes, {len(result['domains'])} domains, "
+                 f"{len(result['seeds'])} seed(s), "
                  f"{result['preset']} preset")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
@@ -280,7 +315,8 @@ def plot(result: dict, path: Path) -> None:
 
 def _spans(rows: list[dict]) -> list[list[int]]:
     return [[min((r["mentions"] for r in rows if r["bucket"] == b), default=0),
-             max((r["mentions"] for r in rows if r["bucket"] == b), default=0)] for b in range(N_BUCKETS)]
+             max((r["mentions"] for r in rows if r["bucket"] == b), default=0)]
+            for b in range(N_BUCKETS)]
 
 
 def _mean_nested(items: list):

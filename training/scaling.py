@@ -27,8 +27,15 @@ import torch
 from membank import artifacts
 from training import checkpoint
 from training.config import TrainConfig
-from training.evaluate import (DomainFiles, _train, continuation, eval_preset, evaluate,
-                               prepare_seed, probing_for)
+from training.evaluate import (
+    DomainFiles,
+    _train,
+    continuation,
+    eval_preset,
+    evaluate,
+    prepare_seed,
+    probing_for,
+)
 from training.report import N_BUCKETS, accuracy
 from training.train import Trainer
 
@@ -40,7 +47,8 @@ def default_grid(ranks: list[int]) -> tuple[tuple[int, ...], ...]:
     ways, 2/9, 1/2 and 7/9 of it at the leaves (the small preset's (32, 112) is F = 144 at 7/9):
     three bank sizes per fetch size."""
     if len(ranks) != 2:
-        raise ValueError(f"the default scaling grid is for two-level trees; give --grid for ranks {ranks}")
+        raise ValueError(f"the default scaling grid is for two-level trees; "
+                         f"give --grid for ranks {ranks}")
     out = []
     for fetch in (sum(ranks), sum(ranks) // 2):
         for share in (2 / 9, 1 / 2, 7 / 9):
@@ -49,7 +57,8 @@ def default_grid(ranks: list[int]) -> tuple[tuple[int, ...], ...]:
     return tuple(out)
 
 
-def run_scaling(out_dir: str | Path, preset: str = "small", *, grid: tuple[tuple[int, ...], ...] | None = None,
+def run_scaling(out_dir: str | Path, preset: str = "small", *,
+                grid: tuple[tuple[int, ...], ...] | None = None,
                 seeds: tuple[int, ...] = (0,), domains: list[DomainFiles] | None = None,
                 results: str | Path | None = None, log=print) -> dict:
     """Train and probe every grid point for every seed; write results JSON, .md and .png."""
@@ -63,7 +72,8 @@ def run_scaling(out_dir: str | Path, preset: str = "small", *, grid: tuple[tuple
     depth = memory.depth
     for ranks in grid:
         if len(ranks) != depth:
-            raise ValueError(f"grid point {ranks} has {len(ranks)} levels, the preset's tree {depth}")
+            raise ValueError(f"grid point {ranks} has {len(ranks)} levels, "
+                             f"the preset's tree {depth}")
     ec = dataclasses.replace(ec, rag=False)
     torch.set_num_threads(ec.threads)
     out = Path(out_dir)
@@ -75,10 +85,13 @@ def run_scaling(out_dir: str | Path, preset: str = "small", *, grid: tuple[tuple
         s = prepare_seed(run, ec, seed, list(domains or []), store, log)
         t0 = time.perf_counter()
         pre_tc = dataclasses.replace(s.tc, cotrain_steps=0)
-        pre = _train(Trainer(s.config, pre_tc, s.data.packed, data_fingerprint=s.data.fingerprint, log=log),
+        pre = _train(Trainer(s.config, pre_tc, s.data.packed, data_fingerprint=s.data.fingerprint,
+                             log=log),
                      run / "pretrain", "pretrain", log)
-        anchor = _train(Trainer(s.config, continuation(s.tc), s.data.packed, data_fingerprint=s.data.fingerprint,
-                                init=run / "pretrain" / "anchor-end", log=log), run / "anchor", "anchor", log)
+        anchor = _train(Trainer(s.config, continuation(s.tc), s.data.packed,
+                                data_fingerprint=s.data.fingerprint,
+                                init=run / "pretrain" / "anchor-end", log=log),
+                        run / "anchor", "anchor", log)
         del pre
         anchor.model.eval()
         probing = probing_for(run, s)
@@ -88,22 +101,28 @@ def run_scaling(out_dir: str | Path, preset: str = "small", *, grid: tuple[tuple
         seed_t = {"data": s.seconds, "anchor": time.perf_counter() - t0}
         for ranks in grid:
             t1 = time.perf_counter()
-            tc = dataclasses.replace(s.tc, anchor_steps=0, memory={**s.tc.memory, "ranks": list(ranks)})
+            tc = dataclasses.replace(s.tc, anchor_steps=0,
+                                     memory={**s.tc.memory, "ranks": list(ranks)})
             config = tc.validate().model_config()
             name = "ranks-" + "-".join(map(str, ranks))
-            trainer = Trainer(config, tc, s.data.packed, data_fingerprint=s.data.fingerprint, log=log)
+            trainer = Trainer(config, tc, s.data.packed, data_fingerprint=s.data.fingerprint,
+                              log=log)
             if checkpoint.latest(run / name) is None:
                 trainer.load_anchor(run / "pretrain" / "anchor-end")
             trainer = _train(trainer, run / name, name, log)
             trainer.model.eval()
-            ev = evaluate({"memory": trainer, "anchor": anchor}, probing, ec, log=log, names=("fetched",))
+            ev = evaluate({"memory": trainer, "anchor": anchor}, probing, ec, log=log,
+                          names=("fetched",))
             sizes = config.memory.sizes(config.model)
-            p = points.setdefault(tuple(ranks), {"ranks": list(ranks), "bank_params": sizes["bank_params"],
-                                                 "fetch_params": sizes["fetch_params"], "rows": [], "ppl": []})
+            p = points.setdefault(tuple(ranks), {"ranks": list(ranks),
+                                                 "bank_params": sizes["bank_params"],
+                                                 "fetch_params": sizes["fetch_params"],
+                                                 "rows": [], "ppl": []})
             p["rows"] += ev["rows"]
             p["ppl"].append(ev["perplexity"].get("fetched"))
             seed_t[name] = time.perf_counter() - t1
-            log(f"seed {seed} {name}: bank {sizes['bank_params']:,}, fetch {sizes['fetch_params']:,}: "
+            log(f"seed {seed} {name}: bank {sizes['bank_params']:,}, "
+                f"fetch {sizes['fetch_params']:,}: "
                 f"fetched {100 * accuracy(ev['rows'], 'fetched')[1]:.1f}% ({seed_t[name]:.0f} s)")
         timings.append(seed_t)
         anchor_params = anchor.model.num_params()
@@ -111,11 +130,13 @@ def run_scaling(out_dir: str | Path, preset: str = "small", *, grid: tuple[tuple
     result = {
         "preset": preset, "seeds": list(seeds), "anchor_params": anchor_params,
         "anchor": {"accuracy_per_bucket": accuracy(anchor_rows, "anchor")[0],
-                   "accuracy_overall": accuracy(anchor_rows, "anchor")[1], "perplexity": anchor_ppl},
+                   "accuracy_overall": accuracy(anchor_rows, "anchor")[1],
+                   "perplexity": anchor_ppl},
         "points": [{k: v for k, v in p.items() if k not in ("rows", "ppl")}
                    | {"accuracy_per_bucket": accuracy(p["rows"], "fetched")[0],
                       "accuracy_overall": accuracy(p["rows"], "fetched")[1],
-                      "perplexity": float(np.mean([x for x in p["ppl"] if x is not None] or [np.nan])),
+                      "perplexity": float(np.mean([x for x in p["ppl"] if x is not None]
+                                                  or [np.nan])),
                       "bank_over_anchor": p["bank_params"] / anchor_params,
                       "fetch_over_anchor": p["fetch_params"] / anchor_params}
                    for p in points.values()],
@@ -139,15 +160,19 @@ def markdown(result: dict) -> str:
         [f"bucket {b + 1}" for b in range(N_BUCKETS)] + ["overall", "held-out ppl"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     a = result["anchor"]
-    lines.append("| anchor only | 0 | 0 | 0 | 0 | " + " | ".join(pct(x) for x in a["accuracy_per_bucket"])
+    lines.append("| anchor only | 0 | 0 | 0 | 0 | "
+                 + " | ".join(pct(x) for x in a["accuracy_per_bucket"])
                  + f" | {pct(a['accuracy_overall'])} | {a['perplexity']:.3f} |")
     for p in sorted(result["points"], key=lambda p: (p["fetch_params"], p["bank_params"])):
-        lines.append(f"| ({', '.join(map(str, p['ranks']))}) | {p['bank_params']:,} | {p['bank_over_anchor']:.1f}x "
+        lines.append(f"| ({', '.join(map(str, p['ranks']))}) | {p['bank_params']:,} "
+                     f"| {p['bank_over_anchor']:.1f}x "
                      f"| {p['fetch_params']:,} | {p['fetch_over_anchor']:.3f} | "
                      + " | ".join(pct(x) for x in p["accuracy_per_bucket"])
                      + f" | {pct(p['accuracy_overall'])} | {p['perplexity']:.3f} |")
-    lines += ["", f"Anchor {result['anchor_params']:,} parameters; seeds {', '.join(map(str, result['seeds']))}; "
-              f"fetched memory routed as in the evaluation, probes pooled over domains (bucket 1 rarest)."]
+    lines += ["", f"Anchor {result['anchor_params']:,} parameters; "
+                  f"seeds {', '.join(map(str, result['seeds']))}; "
+                  f"fetched memory routed as in the evaluation, probes pooled over domains "
+                  f"(bucket 1 rarest)."]
     return "\n".join(lines) + "\n"
 
 
@@ -172,14 +197,16 @@ def plot(result: dict, path: Path) -> None:
             pts = sorted(pts, key=lambda p: p["bank_params"])
             ys = [scale * (p["accuracy_per_bucket"][0] if key == "rarest" else p[key]) for p in pts]
             ax.plot([p["bank_params"] / 1e6 for p in pts], ys, marker="o",
-                    label=f"fetch {fetch / 1e3:.0f}k ({100 * pts[0]['fetch_over_anchor']:.0f}% of anchor)")
+                    label=f"fetch {fetch / 1e3:.0f}k "
+                          f"({100 * pts[0]['fetch_over_anchor']:.0f}% of anchor)")
         if anchor_value is not None:
             ax.axhline(scale * anchor_value, color="grey", linestyle="--", label="anchor only")
         ax.set_xlabel("bank parameters (M)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"memory-size scaling ({result['preset']} preset, anchor {result['anchor_params'] / 1e6:.2f}M params)")
+    fig.suptitle(f"memory-size scaling ({result['preset']} preset, "
+                 f"anchor {result['anchor_params'] / 1e6:.2f}M params)")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     artifacts.atomic_write_bytes(path, buf.getvalue())

@@ -22,7 +22,8 @@ def train_tokenizer(texts: list[str], vocab_size: int, path: str | Path) -> Toke
     )
     tok.train_from_iterator(texts, trainer=trainer)
     if tok.get_vocab_size() > vocab_size:
-        raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens, model vocab is {vocab_size}")
+        raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens, "
+                         f"model vocab is {vocab_size}")
     tmp = Path(str(path) + ".tmp")
     tok.save(str(tmp))
     tmp.replace(path)

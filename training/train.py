@@ -51,23 +51,27 @@ from training.packing import Packed, Sampler, pack  # noqa: F401  (pack: re-expo
 IGNORE = -100  # target id of padding positions
 
 
-def lm_loss(model: Transformer, tokens, doc_ids, mem=None, normalizer: int | None = None) -> torch.Tensor:
+def lm_loss(model: Transformer, tokens, doc_ids, mem=None,
+            normalizer: int | None = None) -> torch.Tensor:
     """Next-token cross-entropy over non-padding targets: their mean, or their sum / normalizer."""
     x, y = tokens[:, :-1], tokens[:, 1:].clone()
     y[doc_ids[:, 1:] < 0] = IGNORE  # no loss on padding
     logits = model(x, mem=mem, doc_ids=doc_ids[:, :-1])
     if normalizer is None:
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum") / normalizer
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE,
+                           reduction="sum") / normalizer
 
 
-def generic_coins(seed: int, step: int, batch: int, prob: float, none_prob: float = 0.0) -> torch.Tensor:
+def generic_coins(seed: int, step: int, batch: int, prob: float,
+                  none_prob: float = 0.0) -> torch.Tensor:
     """(batch,) int8 per sample of the global batch at `step`: 0 its fetched path, 1 the generic
     memory (probability prob), 2 no memory at all (none_prob); one uniform draw per sample, so a
     none_prob of 0 leaves the generic coins as they were."""
     if prob <= 0 and none_prob <= 0:
         return torch.zeros(batch, dtype=torch.int8)
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, 17]).generate_state(1)[0]))
+    g = torch.Generator().manual_seed(
+        int(np.random.SeedSequence([seed, step, 17]).generate_state(1)[0]))
     u = torch.rand(batch, generator=g)
     return (u < prob).to(torch.int8) + 2 * ((u >= prob) & (u < prob + none_prob)).to(torch.int8)
 
@@ -109,7 +113,8 @@ class Trainer:
             self.offsets = [0] * len(self.bank)
         else:
             self._restrict_to_subtree(tc.subtree)   # allocates only the subtree's rows
-        self.generic = torch.nn.Parameter(init_memory_(torch.zeros(config.memory.mem_shape(config.model)), config))
+        self.generic = torch.nn.Parameter(
+            init_memory_(torch.zeros(config.memory.mem_shape(config.model)), config))
         # subtree jobs train no generic memory: the merged bank keeps the base run's
         self.use_generic = tc.generic_prob > 0 and tc.subtree is None
         if init is not None:
@@ -119,7 +124,8 @@ class Trainer:
         self.packed = packed
         self.sampler = Sampler(len(packed), tc.batch_size, tc.seed)
         if self.sampler.batch_size < dist.world:
-            raise ValueError(f"a batch of {self.sampler.batch_size} sequences cannot be split over {dist.world} ranks")
+            raise ValueError(f"a batch of {self.sampler.batch_size} sequences cannot be split "
+                             f"over {dist.world} ranks")
         self.phases = tc.phase_steps()
         self.phase_index = self.phase_step = self.global_step = 0
         self.losses: dict[str, list[float]] = {name: [] for name, _ in self.phases}
@@ -154,7 +160,8 @@ class Trainer:
         self.model.zero_grad(set_to_none=True)
         groups = []
         if trains_anchor:
-            peak = tc.cotrain_anchor_lr if name == "cotrain" and tc.cotrain_anchor_lr else tc.anchor_lr
+            peak = (tc.cotrain_anchor_lr if name == "cotrain" and tc.cotrain_anchor_lr
+                    else tc.anchor_lr)
             groups.append({"params": list(self.model.parameters()), "weight_decay": tc.anchor_wd,
                            "peak": peak, "floor": tc.anchor_min_lr / tc.anchor_lr})
         if uses_memory and self.use_generic:
@@ -162,7 +169,8 @@ class Trainer:
                            "peak": tc.memory_lr, "floor": tc.memory_min_lr / tc.memory_lr})
         betas = (tc.beta1, tc.beta2)
         self.dense_opt = torch.optim.AdamW(groups, lr=tc.memory_lr, betas=betas) if groups else None
-        self.bank_opt = LazyAdamW(self.bank, tc.memory_lr, betas, weight_decay=tc.memory_wd) if uses_memory else None
+        self.bank_opt = (LazyAdamW(self.bank, tc.memory_lr, betas, weight_decay=tc.memory_wd)
+                         if uses_memory else None)
 
     def _end_phase(self) -> None:
         self.phase_index += 1
@@ -182,8 +190,10 @@ class Trainer:
         loss.backward()
 
         # gradients: dense (anchor, generic memory) all-reduced, fetched bank rows reduced sparsely
-        dense = [p for g in self.dense_opt.param_groups for p in g["params"]] if self.dense_opt else []
-        if batch.generic_used and self.generic.grad is None and any(p is self.generic for p in dense):
+        dense = ([p for g in self.dense_opt.param_groups for p in g["params"]]
+                 if self.dense_opt else [])
+        if (batch.generic_used and self.generic.grad is None
+                and any(p is self.generic for p in dense)):
             self.generic.grad = torch.zeros_like(self.generic)  # used on another rank only
         dense_grads = [p.grad for p in dense if p.grad is not None]
         rows = self._row_grads(fetched) if self.bank_opt is not None else []
@@ -207,7 +217,8 @@ class Trainer:
         """This rank's slice of the next global batch; with memory, samples on their fetched path
         first and the generic-memory samples last (the loss is a sum, so order is free)."""
         idx = self.sampler.next()
-        tokens, doc_ids, node_ids = (t[idx] for t in (self.packed.tokens, self.packed.doc_ids, self.packed.node_ids))
+        tokens, doc_ids, node_ids = (t[idx] for t in (self.packed.tokens, self.packed.doc_ids,
+                                                      self.packed.node_ids))
         n_targets = int((doc_ids[:, 1:] >= 0).sum())                    # of the global batch
         prob = self.tc.generic_prob if uses_memory and self.use_generic else 0.0
         coins = generic_coins(self.tc.seed, self.global_step, len(idx), prob,
@@ -233,7 +244,8 @@ class Trainer:
             parts.append(self.generic.new_zeros(batch.n_none, *self.generic.shape[1:]))
         return (torch.cat(parts) if len(parts) > 1 else parts[0]), fetched
 
-    def _row_grads(self, fetched: FetchedRows | None) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    def _row_grads(self, fetched: FetchedRows | None
+                   ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         if fetched is not None:
             return fetched.grads()
         # nothing fetched on this rank (every sample used the generic memory): empty rows
@@ -271,7 +283,8 @@ class Trainer:
                 bar.update()
                 bar.set_postfix(loss=f"{loss:.3f}")
                 every = self.tc.ckpt_every
-                if ckpt_root is not None and every and self.phase_step % every == 0 and self.phase_step < total:
+                if (ckpt_root is not None and every and self.phase_step % every == 0
+                        and self.phase_step < total):
                     self.save(ckpt_root / f"step-{self.global_step:07d}")
                     checkpoint.prune(ckpt_root, self.tc.keep_ckpts)
             bar.close()
@@ -285,11 +298,13 @@ class Trainer:
         tensors = {f"model.{k}": v for k, v in anchor_state(self.model).items()}
         tensors.update({f"bank.level{l + 1}": t for l, t in enumerate(self.bank)})
         tensors["generic"] = self.generic.detach()
-        optim = checkpoint.flatten({"dense": self.dense_opt.state_dict() if self.dense_opt else None,
-                                    "bank": self.bank_opt.state_dict() if self.bank_opt else None},
-                                   "opt", tensors)
-        state = {"config": self.config.to_dict(), "train": self.tc.to_dict(), "data": self.data_fingerprint,
-                 "phases": self.phases, "phase_index": self.phase_index, "phase_step": self.phase_step,
+        optim = checkpoint.flatten(
+            {"dense": self.dense_opt.state_dict() if self.dense_opt else None,
+             "bank": self.bank_opt.state_dict() if self.bank_opt else None},
+            "opt", tensors)
+        state = {"config": self.config.to_dict(), "train": self.tc.to_dict(),
+                 "data": self.data_fingerprint, "phases": self.phases,
+                 "phase_index": self.phase_index, "phase_step": self.phase_step,
                  "global_step": self.global_step, "sampler": self.sampler.state_dict(),
                  "bank_offsets": self.offsets, "subtree": self.tc.subtree, "losses": self.losses,
                  "optimizer": optim}
@@ -303,23 +318,26 @@ class Trainer:
         state = checkpoint.read_state(path)
         check_resumable(path, state, self.config, None)
         if state["data"] != self.data_fingerprint:
-            raise ValueError(f"checkpoint {path} was trained on other data (fingerprint {state['data']}, "
-                             f"this run {self.data_fingerprint})")
+            raise ValueError(f"checkpoint {path} was trained on other data "
+                             f"(fingerprint {state['data']}, this run {self.data_fingerprint})")
         with checkpoint.reader(path) as f:
             model = {k[len("model."):]: v for k, v in f.prefixed("model.").items()}
             missing, unexpected = self.model.load_state_dict(model, strict=False)
             if unexpected or set(missing) - {"lm_head.weight"}:
-                raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
+                raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, "
+                                 f"unexpected {unexpected}")
             self.generic.data.copy_(f.get("generic"))
             for l, level in enumerate(self.bank):
                 key, offset = f"bank.level{l + 1}", state["bank_offsets"][l]
                 saved = f.shape(key)
                 if saved[1:] != tuple(level.shape[1:]):
-                    raise ValueError(f"checkpoint {path}: bank level {l + 1} has blocks {saved[1:]}, "
+                    raise ValueError(f"checkpoint {path}: bank level {l + 1} has blocks "
+                                     f"{saved[1:]}, "
                                      f"this run {tuple(level.shape[1:])}")
                 start = self.offsets[l] - offset
                 if not (0 <= start and start + level.shape[0] <= saved[0]):
-                    raise ValueError(f"checkpoint {path} holds bank rows {offset}..{offset + saved[0]} of level "
+                    raise ValueError(f"checkpoint {path} holds bank rows "
+                                     f"{offset}..{offset + saved[0]} of level "
                                      f"{l + 1}, not the rows this run needs")
                 level.copy_(f.rows(key, start, start + level.shape[0]))
             if weights_only:
@@ -347,15 +365,17 @@ class Trainer:
         mine, theirs = self.config.to_dict()["model"], state["config"]["model"]
         if mine != theirs:
             diff = sorted(k for k in mine if mine[k] != theirs.get(k))
-            raise ValueError(f"checkpoint {path} holds another anchor (differs in {', '.join(diff)})")
+            raise ValueError(f"checkpoint {path} holds another anchor "
+                             f"(differs in {', '.join(diff)})")
         if state["data"] != self.data_fingerprint:
-            raise ValueError(f"checkpoint {path} was trained on other data (fingerprint {state['data']}, "
-                             f"this run {self.data_fingerprint})")
+            raise ValueError(f"checkpoint {path} was trained on other data "
+                             f"(fingerprint {state['data']}, this run {self.data_fingerprint})")
         with checkpoint.reader(path) as f:
             model = {k[len("model."):]: v for k, v in f.prefixed("model.").items()}
         missing, unexpected = self.model.load_state_dict(model, strict=False)
         if unexpected or set(missing) - {"lm_head.weight"}:
-            raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
+            raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, "
+                             f"unexpected {unexpected}")
 
 
 def check_resumable(path: Path, state: dict, config: Config, tc: TrainConfig | None) -> None:
@@ -374,7 +394,8 @@ def check_resumable(path: Path, state: dict, config: Config, tc: TrainConfig | N
 # the whole run
 
 
-def run(out_dir: str | Path, tc: TrainConfig, *, reuse: bool = True, resume: bool = False, log=print) -> Path | None:
+def run(out_dir: str | Path, tc: TrainConfig, *, reuse: bool = True, resume: bool = False,
+        log=print) -> Path | None:
     """Prepare data, train every phase with checkpoints, plot the loss, export.
 
     Returns the export directory (None for a subtree job: merge those with training/merge.py).
@@ -400,9 +421,11 @@ def run(out_dir: str | Path, tc: TrainConfig, *, reuse: bool = True, resume: boo
         raise FileNotFoundError(f"nothing to resume: no checkpoint under {ckpt_root}")
     init = checkpoint.resolve(tc.init_from) if tc.init_from else None
     if start is not None or init is not None:  # before the data: a wrong config must not rebuild it
-        check_resumable(start or init, checkpoint.read_state(start or init), config, tc if start else None)
+        check_resumable(start or init, checkpoint.read_state(start or init), config,
+                        tc if start else None)
     t_start = time.perf_counter()
-    data = prepare_data(out, tc, config, dist=dist, source=_run_dir(init) if init else None, log=log)
+    data = prepare_data(out, tc, config, dist=dist, source=_run_dir(init) if init else None,
+                        log=log)
     t_data = time.perf_counter() - t_start
 
     if start is None and dist.is_main and ckpt_root.exists():
@@ -426,14 +449,16 @@ def run(out_dir: str | Path, tc: TrainConfig, *, reuse: bool = True, resume: boo
     if dist.is_main:
         save_loss_curve(trainer.losses, out / "loss.png", title=f"{tc.preset} ({out.name})")
         if tc.subtree is None:
-            export(export_dir, config, trainer.model, trainer.bank, data.tokenizer_path, data.router,
-                   bank_id=tc.bank, version=tc.version, generic=trainer.generic)
+            export(export_dir, config, trainer.model, trainer.bank, data.tokenizer_path,
+                   data.router, bank_id=tc.bank, version=tc.version, generic=trainer.generic)
             result = export_dir
         stamp.write_text(json.dumps({"fingerprint": tc.fingerprint(), "train": tc.to_dict(),
-                                     "data": data.meta, "timings": {"data_s": t_data, "train_s": t_train},
+                                     "data": data.meta,
+                                     "timings": {"data_s": t_data, "train_s": t_train},
                                      "losses": trainer.losses}, indent=1))
-        log(f"{'exported to ' + str(export_dir) if result else 'subtree job done (merge with membank merge)'}"
-            f" (data {t_data:.1f}s, train {t_train:.1f}s); loss curve {out / 'loss.png'}")
+        log(("exported to " + str(export_dir) if result
+             else "subtree job done (merge with membank merge)")
+            + f" (data {t_data:.1f}s, train {t_train:.1f}s); loss curve {out / 'loss.png'}")
     dist.barrier()
     return result
 

@@ -1,7 +1,8 @@
 """Local cluster launcher: the compose / Kubernetes topology as processes on one machine.
 
     python -m services.bank_server.cluster --export runs/demo/export --shards 2 [--replication 2]
-        [--redis] [--dataplane] [--workdir runs/cluster] [-- --lru-mb 64]  # extra flags: every server
+        [--redis] [--dataplane] [--workdir runs/cluster]
+        [-- --lru-mb 64]                                  # extra flags: every server
 
     with run_local_cluster(export, shards=2, replication=2, redis=True) as cluster:
         cluster.targets            # {"shard-0": "127.0.0.1:PORT", "shard-1": ...}
@@ -11,7 +12,8 @@
 
     with run_local_cluster(export, shards=2, dataplane=True) as cluster:
         cluster.targets            # {"shard-0": "127.0.0.1:GRPC+DP", ...}: block bodies over
-                                   # each shard's raw-TCP data plane (services/model_client/targets.py)
+                                   # each shard's raw-TCP data plane
+                                   # (services/model_client/targets.py)
         cluster.grpc_targets       # {"shard-0": "127.0.0.1:GRPC", ...}: the same shards, gRPC only
 
 A development tool for tests, load tests and benchmarks; production runs docker-compose.yml or
@@ -27,10 +29,10 @@ and the device's `--bank` turn into data plane clients; off by default (`targets
 "HOST:PORT", as before).
 
 A restarted shard keeps its gRPC, admin and data plane ports, so clients holding its address
-reconnect to it; Redis restarts on its port too. `publish` ingests the new version on EVERY shard without
-publishing it, then switches `current` shard by shard: by the time any shard advertises the new
-version, every shard can serve it, so a device holding either manifest never gets NOT_FOUND
-(deploy/README.md, "Publish a new bank version").
+reconnect to it; Redis restarts on its port too. `publish` ingests the new version on EVERY
+shard without publishing it, then switches `current` shard by shard: by the time any shard
+advertises the new version, every shard can serve it, so a device holding either manifest never
+gets NOT_FOUND (deploy/README.md, "Publish a new bank version").
 
 The CLI prints one line per shard (`shard-0 127.0.0.1:PORT admin 127.0.0.1:PORT`, plus
 `dataplane 127.0.0.1:PORT` with --dataplane), then one JSON line {"targets": ..., "redis": ...},
@@ -75,7 +77,8 @@ def _free_port() -> int:
 
 # -- Redis ------------------------------------------------------------------------------------
 class LocalRedis:
-    """A private `redis-server` on loopback (cache only: no RDB, no AOF), restartable on its port."""
+    """A private `redis-server` on loopback (cache only: no RDB, no AOF), restartable on its
+    port."""
 
     def __init__(self, workdir: Path, port: int | None = None, maxmemory_mb: int = 256):
         self.workdir, self.port, self.maxmemory_mb = workdir, port or _free_port(), maxmemory_mb
@@ -151,7 +154,8 @@ class ShardProcess:
 
     @property
     def target(self) -> str | None:
-        """What a device is given: "HOST:PORT", or "HOST:PORT+DATAPLANE_PORT" with the data plane."""
+        """What a device is given: "HOST:PORT", or "HOST:PORT+DATAPLANE_PORT" with the data
+        plane."""
         if self.address is None or not self.dataplane:
             return self.address
         return f"{self.address}+{self.dataplane_port}"
@@ -331,7 +335,8 @@ def run_local_cluster(export_dir: str | Path, *, shards: int = 1, replication: i
     base = load_export_manifest(export_dir)     # fails early, in one line, on a bad export
     with ExitStack() as stack:
         if workdir is None:
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="membank-cluster-")))
+            workdir = Path(stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="membank-cluster-")))
         workdir = Path(workdir)
         # one directory per topology: another shard count or replication is another placement,
         # hence another manifest, which ingest would refuse under the same version

@@ -56,8 +56,14 @@ from tqdm import tqdm
 
 from membank import quant
 from membank.blocks import checksum
-from membank.keys import (SHARD_KEY, block_key, current_key, manifest_key,
-                          parse_block_key, version_info_key)
+from membank.keys import (
+    SHARD_KEY,
+    block_key,
+    current_key,
+    manifest_key,
+    parse_block_key,
+    version_info_key,
+)
 from membank.manifest import Manifest
 from membank.placement import shard_blocks
 from services.bank_server.router_store import store_router
@@ -81,7 +87,8 @@ def load_export_manifest(export_dir: str | Path) -> Manifest:
 
 
 def iter_export_blocks(export_dir: str | Path, manifest: Manifest,
-                       only: set[tuple[int, int]] | None = None) -> Iterator[tuple[int, int, memoryview]]:
+                       only: set[tuple[int, int]] | None = None
+                       ) -> Iterator[tuple[int, int, memoryview]]:
     """(level, node, view) of an export's blocks, read from bank/level{l}.safetensors through
     a memory map: a block is a contiguous slice of the level tensor (k^l, *block_shape), which
     is the block format already, so nothing is converted or copied (no torch)."""
@@ -335,7 +342,8 @@ def _write(manifest: Manifest, blocks, targets, *, verify: bool, publish: bool, 
         t_start, done = time.monotonic(), 0
         for level, node, data in blocks:
             if not manifest.has_block(level, node) or (level, node) in seen:
-                raise IngestError(f"unexpected or repeated block ({level}, {node}) for {bank}/{ver}")
+                raise IngestError(f"unexpected or repeated block ({level}, {node}) "
+                                  f"for {bank}/{ver}")
             seen.add((level, node))
             n = memoryview(data).nbytes
             if n != manifest.block_nbytes(level):

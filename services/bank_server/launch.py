@@ -60,7 +60,8 @@ def run_bank_server(lmdb: Path, *extra: str, log_path: Path | None = None, timeo
                 proc.dataplane_address = line.decode().strip()[len(DATAPLANE):]
             remaining = deadline - time.monotonic()
             if remaining <= 0 or proc.poll() is not None:
-                raise RuntimeError(f"bank server did not start (exit code {proc.poll()}); log: {log_path}")
+                raise RuntimeError(f"bank server did not start (exit code {proc.poll()}); "
+                                   f"log: {log_path}")
             ready, _, _ = select.select([proc.stdout], [], [], remaining)
             if ready:
                 line = proc.stdout.readline()

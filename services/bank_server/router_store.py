@@ -24,8 +24,8 @@ from membank.router import Router, RouterFormatError
 
 ROUTER_FILE = "router.safetensors"      # membank.artifacts.ROUTER (that module needs torch)
 
-__all__ = ["ROUTER_FILE", "Router", "RouterCache", "RouterFormatError", "router_key", "store_router",
-           "write_router"]
+__all__ = ["ROUTER_FILE", "Router", "RouterCache", "RouterFormatError", "router_key",
+           "store_router", "write_router"]
 
 
 def router_key(bank: str, version: str) -> bytes:

@@ -116,9 +116,11 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         else:
             return None
         if token is None:
-            return grpc.StatusCode.UNAUTHENTICATED, "missing `authorization: Bearer <token>` metadata"
+            return (grpc.StatusCode.UNAUTHENTICATED,
+                    "missing `authorization: Bearer <token>` metadata")
         if token == "":
-            return grpc.StatusCode.UNAUTHENTICATED, "authorization metadata must be `Bearer <token>`"
+            return (grpc.StatusCode.UNAUTHENTICATED,
+                    "authorization metadata must be `Bearer <token>`")
         if not any(token_matches(token, e) for e in expected):
             return grpc.StatusCode.PERMISSION_DENIED, "token not valid for this method"
         return None

@@ -38,8 +38,14 @@ import grpc
 from membank import wire
 from membank.manifest import Manifest
 from membank.v1 import bank_pb2
-from services.bank_server.fetchplan import (MAX_BLOCKS_PER_REQUEST, FetchError, PlannedBlock,
-                                            plan_fetch, read_block, resolve_manifest)
+from services.bank_server.fetchplan import (
+    MAX_BLOCKS_PER_REQUEST,
+    FetchError,
+    PlannedBlock,
+    plan_fetch,
+    read_block,
+    resolve_manifest,
+)
 from services.bank_server.store import BlockStore, LMDBStore
 
 log = logging.getLogger(__name__)

@@ -116,7 +116,8 @@ class BankServerSettings(BaseSettings):
         # MEMBANK_SERVER_AUTH_TOKEN / MEMBANK_SERVER_ADMIN_TOKEN work too
         p.add_argument("--auth-token-file", type=read_secret, dest="auth_token")
         p.add_argument("--admin-token-file", type=read_secret, dest="admin_token")
-        p.add_argument("--tls-cert", help="PEM certificate chain (TLS on when given with --tls-key)")
+        p.add_argument("--tls-cert",
+                       help="PEM certificate chain (TLS on when given with --tls-key)")
         p.add_argument("--tls-key", help="PEM private key")
         p.add_argument("--max-request-bytes", type=int)
         p.add_argument("--max-blocks-per-request", type=int,

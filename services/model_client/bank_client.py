@@ -24,10 +24,10 @@ True for the system roots) connects over TLS and checks the server certificate a
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from pathlib import Path
 
 from membank import quant, wire
 from membank.blocks import checksum_stream
@@ -177,7 +177,8 @@ class BankClient:
             result[(level, node)] = buf.obj if isinstance(buf, memoryview) else buf
         return result
 
-    def route(self, bank: str, embedding, version: str = "") -> tuple[list[int], list[tuple[int, int]], str]:
+    def route(self, bank: str, embedding,
+              version: str = "") -> tuple[list[int], list[tuple[int, int]], str]:
         """Server-side routing (for clients without the router): (path, blocks, version)."""
         request = bank_pb2.RouteRequest(bank=bank, version=version,
                                         embedding=[float(x) for x in embedding])

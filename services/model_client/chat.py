@@ -30,7 +30,8 @@ def timings_line(r: GenerateResult) -> str:
     t = r.timings_ms
     steps = " ".join(f"{k} {t.get(k, 0.0):.1f}" for k in STEPS)
     rate = f", {r.new_tokens / t['decode'] * 1e3:.0f} tok/s" if t.get("decode") else ""
-    memory = (f"memory: path {r.path}, fetched {len(r.fetched_blocks)} blocks / {r.fetched_bytes:,} B"
+    memory = (f"memory: path {r.path}, fetched {len(r.fetched_blocks)} blocks "
+              f"/ {r.fetched_bytes:,} B"
               if r.memory else f"anchor only ({r.anchor_only_reason})")
     return (f"[ttft {t.get('ttft', 0.0):.1f} ms | {steps} ms | {r.new_tokens} tokens{rate}, "
             f"{r.finish_reason} | {memory}]")

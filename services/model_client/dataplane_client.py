@@ -408,7 +408,8 @@ class DataPlaneClient:
             sock = socket.create_connection((self.host, self.port), timeout=left)
         except socket.timeout:
             raise BankError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                            f"connecting to the data plane {self.host}:{self.port} timed out") from None
+                            f"connecting to the data plane {self.host}:{self.port} "
+                            f"timed out") from None
         except OSError as e:
             raise BankError(grpc.StatusCode.UNAVAILABLE,
                             f"data plane {self.host}:{self.port} unreachable: {e}") from None

@@ -1,6 +1,7 @@
 """The device's block cache: a byte budget that knows the hierarchy, optionally backed by disk.
 
-    cache = DeviceCache(budget_bytes=64 << 20, directory="~/.cache/membank", disk_budget_bytes=1 << 30)
+    cache = DeviceCache(budget_bytes=64 << 20, directory="~/.cache/membank",
+                        disk_budget_bytes=1 << 30)
     buf = cache.get(manifest, level, node)          # verified bytes, or None (a miss)
     cache.put(manifest, level, node, buf)           # after the fetcher verified it
     cache.get(manifest, level, node, encoding="int8")   # the int8 payload (membank/quant.py)
@@ -146,7 +147,8 @@ class DeviceCache:
         self.directory = Path(directory).expanduser() if directory is not None else None
         self._disk: _Tier | None = None
         if self.directory is not None:
-            disk_budget = 4 * int(budget_bytes) if disk_budget_bytes is None else int(disk_budget_bytes)
+            disk_budget = (4 * int(budget_bytes) if disk_budget_bytes is None
+                           else int(disk_budget_bytes))
             self._disk = _Tier(disk_budget)
             self.directory.mkdir(parents=True, exist_ok=True)
             self._index_disk()
@@ -235,7 +237,8 @@ class DeviceCache:
             "budget_bytes": self._mem.budget, "used_bytes": self._mem.used,
             "disk_budget_bytes": self._disk.budget if self._disk else 0,
             "disk_used_bytes": self._disk.used if self._disk else 0,
-            "levels": {lv: {**vars(s), "hit_ratio": round(s.hit_ratio, 4)} for lv, s in per.items()},
+            "levels": {lv: {**vars(s), "hit_ratio": round(s.hit_ratio, 4)}
+                       for lv, s in per.items()},
         }
 
     # -- memory tier (lock held) --------------------------------------------------------------

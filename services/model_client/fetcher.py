@@ -39,7 +39,8 @@ How a fetch runs:
      when every replica of a round failed with a retryable error, the next round starts after an
      exponential backoff with full jitter, up to `max_rounds` rounds, all within `deadline_s`.
 A fetch either returns every block, each verified against the manifest, or raises BankError.
-Run its tests: .venv/bin/pytest -q tests/unit/test_fetcher.py tests/integration/test_client_failover.py
+Run its tests:
+    .venv/bin/pytest -q tests/unit/test_fetcher.py tests/integration/test_client_failover.py
 """
 from __future__ import annotations
 
@@ -130,7 +131,8 @@ class LatencyTracker:
 
     def add(self, nbytes: int, seconds: float) -> None:
         with self._lock:
-            self._by_bucket.setdefault(self.bucket(nbytes), deque(maxlen=self.window)).append(seconds)
+            self._by_bucket.setdefault(self.bucket(nbytes),
+                                       deque(maxlen=self.window)).append(seconds)
 
     def quantile(self, nbytes: int, q: float, min_samples: int) -> float | None:
         with self._lock:
@@ -188,13 +190,15 @@ class ShardedFetcher:
         self._clients: dict[str, BankClient] = {}
         self._lock = threading.Lock()
         self._stats = FetchStats()
-        self._per_shard: dict[str, dict[str, int]] = {s: {"rpcs": 0, "errors": 0} for s in self.targets}
+        self._per_shard: dict[str, dict[str, int]] = {s: {"rpcs": 0, "errors": 0}
+                                                      for s in self.targets}
         self._down_until: dict[str, float] = {}
         self.latency = LatencyTracker(self.policy.latency_window)
         self._rng = rng or random.Random()
         self._pool = ThreadPoolExecutor(self.policy.max_workers, thread_name_prefix="membank-rpc")
         # group drivers wait on attempts: a pool of their own, so they never starve the RPCs
-        self._groups = ThreadPoolExecutor(self.policy.max_workers, thread_name_prefix="membank-group")
+        self._groups = ThreadPoolExecutor(self.policy.max_workers,
+                                          thread_name_prefix="membank-group")
         # set when a shard answered FAILED_PRECONDITION: its manifest may be older than the
         # shard's (e.g. after a rebalance); MemoryModel re-reads the manifest when it sees it
         self.placement_mismatch = False
@@ -228,7 +232,8 @@ class ShardedFetcher:
         checksums; NOT_FOUND at once, no RPC, when the version has no int8 blocks)."""
         version = version or manifest.version
         if bank != manifest.bank or version != manifest.version:
-            raise ValueError(f"manifest is {manifest.bank}/{manifest.version}, not {bank}/{version}")
+            raise ValueError(f"manifest is {manifest.bank}/{manifest.version}, "
+                             f"not {bank}/{version}")
         encoding = quant.normalize(encoding)
         if not manifest.has_encoding(encoding):
             raise BankError(grpc.StatusCode.NOT_FOUND, manifest.missing_encoding(encoding))
@@ -393,7 +398,8 @@ class ShardedFetcher:
                                                  f"passed"), fatal=True)
                 can_hedge = self.policy.hedge and not hedged and pending
                 timeout = min(deadline, hedge_at) - now if can_hedge else deadline - now
-                done, _ = wait(list(running), timeout=max(0.0, timeout), return_when=FIRST_COMPLETED)
+                done, _ = wait(list(running), timeout=max(0.0, timeout),
+                               return_when=FIRST_COMPLETED)
                 if not done:
                     if can_hedge and time.monotonic() >= hedge_at:
                         hedged = True

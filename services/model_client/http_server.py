@@ -12,9 +12,11 @@ sampling values, a prompt longer than the model's context) -> 422 `{"detail": "<
 The model holds shared state (attached memory, one KV cache per generation), so generations
 run one at a time under a lock: concurrent requests queue, in arrival order.
 
-    python -m services.model_client.http_server --model runs/demo/export --bank 127.0.0.1:50051 --port 8000
+    python -m services.model_client.http_server --model runs/demo/export \\
+        --bank 127.0.0.1:50051 --port 8000
     # --bank 127.0.0.1:50051+50052: block bodies over the bank server's data plane (targets.py)
-    curl -N localhost:8000/v1/generate -d '{"prompt": "The atomic number of Ruthenium is", "stream": true}'
+    curl -N localhost:8000/v1/generate \\
+        -d '{"prompt": "The atomic number of Ruthenium is", "stream": true}'
 
 Every flag is also a `MEMBANK_CLIENT_*` environment variable (services/model_client/settings.py).
 """
@@ -87,7 +89,8 @@ class Health(BaseModel):
     bank: BankHealth
 
 
-def create_app(model: MemoryModel, settings: DeviceSettings, bank: BankClient | None = None) -> FastAPI:
+def create_app(model: MemoryModel, settings: DeviceSettings,
+               bank: BankClient | None = None) -> FastAPI:
     app = FastAPI(title="membank device", version="1",
                   description="A small anchor model with hierarchical memories fetched from a "
                               "bank, served on the device.")
@@ -109,8 +112,8 @@ def create_app(model: MemoryModel, settings: DeviceSettings, bank: BankClient | 
                                      f"({settings.max_tokens})")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
         try:
-            return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k,
-                                  top_p=req.top_p, stop=stop, seed=req.seed)
+            return SamplingParams(max_tokens=max_tokens, temperature=req.temperature,
+                                  top_k=req.top_k, top_p=req.top_p, stop=stop, seed=req.seed)
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
 
@@ -233,7 +236,8 @@ def bank_from_settings(settings: DeviceSettings) -> Client | ShardedFetcher | No
     if isinstance(targets, str):
         return make_client(targets, settings.bank_timeout_s, token=token, tls_ca=settings.tls_ca)
     policy = FetchPolicy(deadline_s=settings.bank_timeout_s,
-                         attempt_timeout_s=min(settings.bank_timeout_s, FetchPolicy.attempt_timeout_s))
+                         attempt_timeout_s=min(settings.bank_timeout_s,
+                                               FetchPolicy.attempt_timeout_s))
     return ShardedFetcher(targets, policy, token=token, tls_ca=settings.tls_ca)
 
 

@@ -54,8 +54,8 @@ from membank.manifest import Manifest
 from membank.model import KVCache, Transformer
 from membank.router import Router
 from services.model_client.bank_client import BankClient, BankError
-from services.model_client.device_cache import DeviceCache
 from services.model_client.detokenize import IncrementalDecoder
+from services.model_client.device_cache import DeviceCache
 from services.model_client.sampling import SamplingParams, StopMatcher, select_token
 
 log = logging.getLogger("membank.client")
@@ -118,15 +118,19 @@ class MemoryModel:
         config = artifacts.load_config(d)
         model = Transformer(config)
         from safetensors.torch import load_file
-        missing, unexpected = model.load_state_dict(load_file(str(d / artifacts.ANCHOR)), strict=False)
-        missing = [k for k in missing if not (k == "lm_head.weight" and config.model.tie_embeddings)]
+        missing, unexpected = model.load_state_dict(load_file(str(d / artifacts.ANCHOR)),
+                                                    strict=False)
+        missing = [k for k in missing
+                   if not (k == "lm_head.weight" and config.model.tie_embeddings)]
         if missing or unexpected:
-            raise ValueError(f"anchor weights do not match the config: missing {missing}, unexpected {unexpected}")
+            raise ValueError(f"anchor weights do not match the config: missing {missing}, "
+                             f"unexpected {unexpected}")
         model.eval()
         router = Router.load(d / artifacts.ROUTER)
         manifest = artifacts.load_manifest(d) if (d / artifacts.MANIFEST).exists() else None
-        return cls(config, model, Tokenizer.from_file(str(d / artifacts.TOKENIZER)), router, manifest,
-                   embedder, cache=cache, manifest_ttl_s=manifest_ttl_s, encoding=encoding)
+        return cls(config, model, Tokenizer.from_file(str(d / artifacts.TOKENIZER)), router,
+                   manifest, embedder, cache=cache, manifest_ttl_s=manifest_ttl_s,
+                   encoding=encoding)
 
     # -- routing -----------------------------------------------------------------------------
     def warmup(self) -> None:
@@ -147,9 +151,11 @@ class MemoryModel:
     def check_compatible(self, manifest: Manifest) -> None:
         mc, c = self.config.memory, self.config.model
         want = (mc.kind, c.d_model, mc.mem_layers(c.n_layer), mc.branching, list(mc.ranks))
-        got = (manifest.kind, manifest.d_model, manifest.mem_layers, manifest.branching, manifest.ranks)
+        got = (manifest.kind, manifest.d_model, manifest.mem_layers, manifest.branching,
+               manifest.ranks)
         if want != got or manifest.block_shape(1)[-1] != mc.layout(c)[1]:
-            raise ValueError(f"bank {manifest.bank}/{manifest.version} (kind, d, layers, k, ranks)={got} "
+            raise ValueError(f"bank {manifest.bank}/{manifest.version} "
+                             f"(kind, d, layers, k, ranks)={got} "
                              f"does not fit this model {want}")
 
     def attach(self, manifest: Manifest, blocks: dict[tuple[int, int], bytearray],
@@ -261,7 +267,8 @@ class MemoryModel:
             return self.encoding
         if (manifest.bank, manifest.version) not in self._fallback_warned:
             self._fallback_warned.add((manifest.bank, manifest.version))
-            log.warning("fetching native blocks instead: %s", manifest.missing_encoding(self.encoding))
+            log.warning("fetching native blocks instead: %s",
+                        manifest.missing_encoding(self.encoding))
         return quant.NATIVE
 
     @property
@@ -309,12 +316,15 @@ class MemoryModel:
     def decode(self, prompt: str, mem: torch.Tensor | None, max_new_tokens: int,
                temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> list[int]:
         """The new token ids for `prompt` (EOS not included), without text or stop strings."""
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
-        return [t for t in self.decode_tokens(self.encode_prompt(prompt), mem, params, {}) if t != self.eos]
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                seed=seed)
+        return [t for t in self.decode_tokens(self.encode_prompt(prompt), mem, params, {})
+                if t != self.eos]
 
     def memory_for(self, prompt: str, bank: BankClient | None, use_memory: bool,
                    result: GenerateResult) -> torch.Tensor | None:
-        """Route and fetch the prompt's memory; None (and the reason in `result`) for anchor only."""
+        """Route and fetch the prompt's memory; None (and the reason in `result`) for anchor
+        only."""
         t = result.timings_ms
         for step in ("embed", "route", "fetch", "attach"):
             t[step] = 0.0
@@ -334,7 +344,8 @@ class MemoryModel:
         result.memory = True
         return self.mem
 
-    def generate_stream(self, prompt: str, bank: BankClient | None = None, *, use_memory: bool = True,
+    def generate_stream(self, prompt: str, bank: BankClient | None = None, *,
+                        use_memory: bool = True,
                         params: SamplingParams | None = None) -> "GenerationStream":
         """Stream one generation: iterate for the text pieces; `.result` is complete afterwards.
 

@@ -41,7 +41,8 @@ class SamplingParams:
         if self.seed is not None:
             _check_int("seed", self.seed, 0)
         if not _is_real(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), "
+                             f"got {self.temperature!r}")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if len(self.stop) > MAX_STOP_STRINGS:

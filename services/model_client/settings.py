@@ -58,7 +58,8 @@ class DeviceSettings(BaseSettings):
     def _targets_are_one_address_or_named_shards(cls, v: list[str]) -> list[str]:
         named = ["=" in t for t in v]
         if len(v) > 1 and not all(named):
-            raise ValueError("several bank targets need shard ids: shard-0=host:port,shard-1=host:port")
+            raise ValueError("several bank targets need shard ids: "
+                             "shard-0=host:port,shard-1=host:port")
         for t in v:
             address = t.rpartition("=")[2]
             grpc_address, _, dataplane = address.partition("+")

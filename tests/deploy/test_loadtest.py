@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"loadtests_{name}", REPO / "loadtests" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"loadtests_{name}",
+                                                  REPO / "loadtests" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

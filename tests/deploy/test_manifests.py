@@ -137,7 +137,8 @@ def test_compose_validation_is_not_a_no_op(tmp_path):
 
 # -- docker-compose structure ---------------------------------------------------------------------
 def volume_names(service: dict) -> list[str]:
-    return [v.split(":")[0] if isinstance(v, str) else v["source"] for v in service.get("volumes", [])]
+    return [v.split(":")[0] if isinstance(v, str) else v["source"]
+            for v in service.get("volumes", [])]
 
 
 def test_compose_shards_have_own_volume_healthcheck_and_ingest_job():
@@ -219,7 +220,8 @@ def test_every_server_setting_named_is_a_real_one():
         named |= {k for k in cm.get("data", {}) if k.startswith("MEMBANK_SERVER_")}
     for s in compose()["services"].values():
         env = s.get("environment", {})
-        named |= {k for k in (env if isinstance(env, dict) else []) if k.startswith("MEMBANK_SERVER_")}
+        named |= {k for k in (env if isinstance(env, dict) else [])
+                  if k.startswith("MEMBANK_SERVER_")}
     named |= set(re.findall(r"MEMBANK_SERVER_[A-Z_]+", (REPO / "Dockerfile").read_text()))
     assert named and named <= known, named - known
 

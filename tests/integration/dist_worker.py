@@ -49,11 +49,13 @@ def main(out: Path) -> None:
     tc = load_train_config("tiny", ["anchor_steps=2", "cotrain_steps=3", "frozen_steps=2", *common])
     trainer = Trainer(tc.model_config(), tc, packed, **quiet)
     trainer.train()
-    tensors.update({f"model.{k}": v for k, v in trainer.model.state_dict().items() if k != "lm_head.weight"})
+    tensors.update({f"model.{k}": v for k, v in trainer.model.state_dict().items()
+                    if k != "lm_head.weight"})
     tensors.update({f"bank.{l}": t for l, t in enumerate(trainer.bank)})
     tensors["generic"] = trainer.generic.detach()
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"rank{dist.rank}.safetensors"))
+    save_file({k: v.contiguous() for k, v in tensors.items()},
+              str(out / f"rank{dist.rank}.safetensors"))
     (out / f"rank{dist.rank}.json").write_text(json.dumps(
         {"world": dist.world, "first_loss": first_loss, "losses": trainer.losses}))
 

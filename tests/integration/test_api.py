@@ -8,8 +8,8 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import signal
 import shutil
+import signal
 import ssl
 import subprocess
 import threading
@@ -94,7 +94,8 @@ def router(tiny_export) -> Router:
     m = load_manifest(tiny_export)
     g = torch.Generator().manual_seed(7)
     k, dim = m.branching, 8
-    tree = Router(k, m.depth, dim, [torch.randn(k ** l, k, dim, generator=g) for l in range(m.depth)])
+    tree = Router(k, m.depth, dim,
+                  [torch.randn(k ** l, k, dim, generator=g) for l in range(m.depth)])
     docs = torch.randn(200, dim, generator=g).numpy()   # a nearest-document index: Route uses it
     return tree.with_index(docs, tree.route(docs))
 

@@ -114,7 +114,8 @@ def test_unknown_bank_and_version_are_not_found(client, bank_server):
     m = client.get_manifest("test")
     assert fetch_error(client, "nope", "v1", [(1, 0)], m.model_copy(update={"bank": "nope"})).code \
         == grpc.StatusCode.NOT_FOUND
-    assert fetch_error(client, "test", "v9", [(1, 0)], m.model_copy(update={"version": "v9"})).code \
+    assert fetch_error(client, "test", "v9", [(1, 0)],
+                       m.model_copy(update={"version": "v9"})).code \
         == grpc.StatusCode.NOT_FOUND
 
 

@@ -16,6 +16,7 @@ import shutil
 import lmdb
 import pytest
 
+from benchmarks.hedging import StallRelay
 from membank.artifacts import iter_blocks, load_manifest
 from membank.keys import block_key
 from services.bank_server.ingest import ingest
@@ -23,7 +24,6 @@ from services.model_client.bank_client import BankClient
 from services.model_client.device_cache import DeviceCache
 from services.model_client.fetcher import FetchPolicy, ShardedFetcher
 from services.model_client.memory_model import MemoryModel
-from benchmarks.hedging import StallRelay
 from tests.conftest import FakeEmbedder, free_port, run_bank_server
 
 pytestmark = pytest.mark.integration
@@ -44,7 +44,8 @@ def shard_lmdbs(tiny_model_export, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(tiny_model_export):
-    return {(l, n): d for l, n, d in iter_blocks(tiny_model_export, load_manifest(tiny_model_export))}
+    return {(l, n): d
+            for l, n, d in iter_blocks(tiny_model_export, load_manifest(tiny_model_export))}
 
 
 def start_shards(paths, log_dir):

@@ -29,17 +29,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks.hedging import StallRelay
 from membank.artifacts import iter_blocks, load_manifest
 from membank.keys import block_key
 from services.bank_server.ingest import gc, ingest
-from services.model_client.bank_client import BankClient, BankError, BlockIntegrityError
 from services.model_client import dataplane_client
-from services.model_client.dataplane_client import (DataPlaneClient, dataplane_factory,
-                                                    dataplane_target)
+from services.model_client.bank_client import BankClient, BankError, BlockIntegrityError
+from services.model_client.dataplane_client import (
+    DataPlaneClient,
+    dataplane_factory,
+    dataplane_target,
+)
 from services.model_client.fetcher import FetchPolicy, ShardedFetcher
 from tests.conftest import make_export, run_bank_server
 from tests.integration.test_api import self_signed
-from benchmarks.hedging import StallRelay
 
 pytestmark = pytest.mark.integration
 
@@ -205,7 +208,8 @@ def test_piece_sizes_alone_and_busy_give_the_same_verified_bytes(client, exporte
     assert not errors and len(results) == 4
     assert all(bytes(r[k]) == exported[("big", *k)] for r in results for k in ids)
     with pytest.raises(BankError):
-        client.fetch("big", "no-such-version", [(1, 0)], m.model_copy(update={"version": "no-such-version"}))
+        client.fetch("big", "no-such-version", [(1, 0)],
+                     m.model_copy(update={"version": "no-such-version"}))
     assert dataplane_client._in_flight.value == 0
 
 
@@ -425,7 +429,7 @@ def test_a_block_not_matching_the_manifest_is_never_returned(server, client, lmd
     assert len(client.fetch("test", "v1", [(2, 2)], m)) == 1     # a fresh connection works
 
 
-# -- corrupt block on disk, wrong shard -------------------------------------------------------------
+# -- corrupt block on disk, wrong shard ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def shard0(tiny_export, tmp_path_factory):
     """Shard s0 of 3 (replication 1, placement level 2) with one of its blocks corrupted."""
@@ -621,7 +625,7 @@ def test_server_healthy_after_the_storm(server, exported):
         assert all(bytes(v) == exported[("big", *k)] for k, v in got.items())
 
 
-# -- the sharded fetcher over the data plane --------------------------------------------------------
+# -- the sharded fetcher over the data plane -------------------------------------------------------
 @pytest.fixture(scope="module")
 def replicas(tiny_export, tmp_path_factory):
     """Shards s0, s1 with replication 2 (every block on both), each with a data plane."""
@@ -682,14 +686,16 @@ def test_sharded_fetcher_fails_over_when_a_shard_dies(tiny_export, tmp_path, exp
 # -- SIGTERM ---------------------------------------------------------------------------------------
 def test_sigterm_drains_an_in_flight_fetch(lmdb_dir, tmp_path, exported):
     n_blocks = 24                          # 42 MiB of level-1 "big" blocks: far over any buffer
-    with start(lmdb_dir, tmp_path / "log", "--shutdown-grace-s", "20", "--no-admin") as (address, proc):
+    with start(lmdb_dir, tmp_path / "log", "--shutdown-grace-s", "20",
+               "--no-admin") as (address, proc):
         srv = Server(address, proc)
         idle = socket.create_connection(srv.dp_addr, timeout=10)      # kept alive, idle
         idle.sendall(request_frame({"bank": "test", "blocks": [[1, 0]]}))
         assert read_answer(idle)[1][0] == "E"
         busy = socket.create_connection(srv.dp_addr, timeout=30)
         busy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
-        busy.sendall(request_frame({"bank": "big", "blocks": [[1, i % 2] for i in range(n_blocks)]}))
+        busy.sendall(request_frame({"bank": "big",
+                                    "blocks": [[1, i % 2] for i in range(n_blocks)]}))
         first = recv_exact(busy, PREFIX.size)                      # the answer has begun
         assert first[:4] == MAGIC
         proc.send_signal(signal.SIGTERM)

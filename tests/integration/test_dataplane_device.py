@@ -191,7 +191,8 @@ def test_cli_generate_takes_named_shards_and_fetches_through_the_sharded_fetcher
 def test_cli_generate_names_the_flag_of_a_bad_setting(capsys, tmp_path):
     from membank.cli import main
     with pytest.raises(SystemExit) as e:
-        main(["generate", "hi", "--model", str(tmp_path / "none"), "--bank", "h:1", "--timeout", "0"])
+        main(["generate", "hi", "--model", str(tmp_path / "none"), "--bank", "h:1",
+              "--timeout", "0"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("membank generate: error: --timeout:") and "\n" not in err

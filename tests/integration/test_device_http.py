@@ -29,7 +29,8 @@ pytestmark = pytest.mark.integration
 
 @contextmanager
 def run_device_server(export: Path, *extra: str, log_path: Path, timeout: float = 60.0):
-    """`python -m services.model_client.http_server` on port 0; yield "host:port" once it listens."""
+    """`python -m services.model_client.http_server` on port 0; yield "host:port" once it
+    listens."""
     cmd = [sys.executable, "-m", "services.model_client.http_server", "--model", str(export),
            "--port", "0", "--max-tokens", "40", *extra]
     log = open(log_path, "wb")
@@ -92,7 +93,8 @@ def test_generate_returns_text_timings_and_memory_info(device):
     r = generate(device, prompt="The atomic number of", max_tokens=12)
     assert r["new_tokens"] == 12 and r["finish_reason"] == "length" and r["text"]
     assert r["memory"] is False and r["anchor_only_reason"] == "no bank configured"
-    assert {"embed", "route", "fetch", "attach", "prefill", "decode", "ttft"} <= set(r["timings_ms"])
+    assert ({"embed", "route", "fetch", "attach", "prefill", "decode", "ttft"}
+            <= set(r["timings_ms"]))
     again = generate(device, prompt="The atomic number of", max_tokens=12)
     assert again["text"] == r["text"]  # greedy: the same answer every time
 
@@ -186,7 +188,8 @@ def test_openapi_docs_are_served(device):
 @pytest.mark.slow
 def test_memory_from_a_real_bank_and_anchor_only_when_unreachable(tiny_model_export, bank_server,
                                                                  tmp_path):
-    with run_device_server(tiny_model_export, "--bank", bank_server, log_path=tmp_path / "a.log") as a:
+    with run_device_server(tiny_model_export, "--bank", bank_server,
+                           log_path=tmp_path / "a.log") as a:
         health = json.loads(http(a, "/v1/health")[1])
         assert health["bank"] == {"configured": True, "targets": [bank_server], "reachable": True,
                                   "error": None}
@@ -196,7 +199,8 @@ def test_memory_from_a_real_bank_and_anchor_only_when_unreachable(tiny_model_exp
         again = generate(a, prompt="The atomic number of Ruthenium is", max_tokens=8)
         assert again["memory"] is True and again["fetched_blocks"] == []  # already attached
         assert again["text"] == r["text"]
-        off = generate(a, prompt="The atomic number of Ruthenium is", max_tokens=8, use_memory=False)
+        off = generate(a, prompt="The atomic number of Ruthenium is", max_tokens=8,
+                       use_memory=False)
         assert off["memory"] is False and off["anchor_only_reason"] == "memory disabled"
     dead = f"127.0.0.1:{free_port()}"
     with run_device_server(tiny_model_export, "--bank", dead, "--timeout", "1",

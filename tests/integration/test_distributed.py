@@ -29,7 +29,8 @@ def launch(cmd: list[str]) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2"]
     launch([*torchrun, str(WORKER), str(out / "two")])
     launch([sys.executable, str(WORKER), str(out / "one")])
     files = {name: (out / d / f"rank{r}") for name, d, r in
@@ -45,7 +46,8 @@ def test_two_ranks_with_half_the_batch_each_give_the_full_batch_update(runs):
     grads = sorted(k for k in tensors["one"] if k.startswith("grad."))
     assert len(grads) == len([k for k in tensors["one"] if k.startswith("model.")]) + 1 + 2
     for key in grads:  # anchor params, generic memory, fetched rows of both levels: summed right
-        torch.testing.assert_close(tensors["rank0"][key], tensors["one"][key], rtol=1e-4, atol=1e-7, msg=key)
+        torch.testing.assert_close(tensors["rank0"][key], tensors["one"][key], rtol=1e-4,
+                                   atol=1e-7, msg=key)
     assert meta["rank0"]["first_loss"] == pytest.approx(meta["one"]["first_loss"], rel=1e-6)
 
 
@@ -55,7 +57,8 @@ def test_replicas_stay_identical_and_close_to_one_process_after_all_phases(runs)
         assert torch.equal(tensors["rank0"][key], tensors["rank1"][key]), key
     # Adam divides by |g|: rounding differences in near-zero gradients grow to ~1e-4 in 7 steps
     for key in (k for k in tensors["one"] if not k.startswith("grad.")):
-        torch.testing.assert_close(tensors["rank0"][key], tensors["one"][key], rtol=0, atol=2e-3, msg=key)
+        torch.testing.assert_close(tensors["rank0"][key], tensors["one"][key], rtol=0, atol=2e-3,
+                                   msg=key)
     for phase, losses in meta["one"]["losses"].items():
         assert len(losses) > 0
         assert meta["rank0"]["losses"][phase] == pytest.approx(losses, rel=1e-4)

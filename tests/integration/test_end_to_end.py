@@ -14,8 +14,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def membank(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "membank.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "membank.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,8 @@ def test_generate_fetches_the_routed_path_from_a_real_server(trained, tmp_path):
     path_blocks = manifest.path_blocks(result["path"])
     assert [tuple(b) for b in result["fetched_blocks"]] == path_blocks
     assert result["fetched_bytes"] == sum(manifest.block_nbytes(lv) for lv, _ in path_blocks)
-    assert set(result["timings_ms"]) == {"embed", "route", "fetch", "attach", "prefill", "decode", "ttft"}
+    assert set(result["timings_ms"]) == {"embed", "route", "fetch", "attach", "prefill", "decode",
+                                         "ttft"}
 
 
 def test_no_reachable_bank_decodes_anchor_only_and_says_so(trained):

@@ -11,40 +11,48 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 def answers(run_dir) -> list[dict]:
-    return [json.loads(line) for line in gzip.decompress((run_dir / "prompts.jsonl.gz").read_bytes()).splitlines()]
+    return [json.loads(line)
+            for line in gzip.decompress((run_dir / "prompts.jsonl.gz").read_bytes()).splitlines()]
 
 
 def test_eval_smoke_writes_json_table_and_plot_and_reproduces(tmp_path):
     results = tmp_path / "out" / "longtail.json"
-    main(["eval", "--preset", "smoke", "--out", str(tmp_path / "run"), "--results", str(results), "--seeds", "0,1"])
+    main(["eval", "--preset", "smoke", "--out", str(tmp_path / "run"), "--results", str(results),
+          "--seeds", "0,1"])
     r = json.loads(results.read_text())
     # two seeds: two whole runs over five built-in domains, pooled, and each seed's own table
     assert r["seeds"] == [0, 1] and len(r["domains"]) == 5
     assert r["n_prompts"] == sum(r["n_subjects_per_seed"]) and len(r["n_subjects_per_seed"]) == 2
-    assert (tmp_path / "run" / "seed-0" / "memory").is_dir() and (tmp_path / "run" / "seed-1" / "dense").is_dir()
+    assert ((tmp_path / "run" / "seed-0" / "memory").is_dir()
+            and (tmp_path / "run" / "seed-1" / "dense").is_dir())
     for name in ("anchor", "fetched"):
         pooled = r["accuracy_overall"][name]
         assert abs(pooled - sum(x["accuracy_overall"][name] for x in r["per_seed"]) / 2) < 1e-9
-    for name in ("anchor", "generic", "fetched", "dense", "blocked", "cotrained-anchor", "fetched-int8",
-                 "fetched-centroid", "fetched-levels-1", "anchor+rag", "fetched+rag"):
+    for name in ("anchor", "generic", "fetched", "dense", "blocked", "cotrained-anchor",
+                 "fetched-int8", "fetched-centroid", "fetched-levels-1", "anchor+rag",
+                 "fetched+rag"):
         assert len(r["accuracy_per_bucket"][name]) == 5, name
     for name in ("anchor", "fetched", "blocked", "fetched-levels-1"):
         assert r["perplexity"][name] > 1
     assert r["rag_extra_prompt_tokens"] > 0
     assert set(r["per_domain"]) == set(r["domains"])
     assert len(r["capacity"]["anchor_train_phrasing_per_bucket"]) == 5
-    assert 0 <= r["routing"]["level1_in_domain"] <= 1 and len(r["routing"]["routed"]["home_per_level"]) == 2
-    assert set(r["targets"]) >= {"rarest_fetched_ge_3x_anchor", "separation_cotrained_anchor_common_within_5",
+    assert (0 <= r["routing"]["level1_in_domain"] <= 1
+            and len(r["routing"]["routed"]["home_per_level"]) == 2)
+    assert set(r["targets"]) >= {"rarest_fetched_ge_3x_anchor",
+                                 "separation_cotrained_anchor_common_within_5",
                                  "level1_domain_routing_ge_95pct"}
     # equal runtime parameters: dense = anchor + fetch, up to rounding to whole neurons
     p = r["runtime_params"]
-    assert p["fetched"] == p["anchor"] + r["fetch_params"] and abs(p["dense"] - p["fetched"]) <= 3 * 32 * 2
+    assert (p["fetched"] == p["anchor"] + r["fetch_params"]
+            and abs(p["dense"] - p["fetched"]) <= 3 * 32 * 2)
     assert p["anchor"] < p["fetched-levels-1"] < p["fetched"]
     md = results.with_suffix(".md").read_text()
     assert md.startswith("| model |") and "RAG next to memory" in md and "Partial paths" in md
     assert results.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = answers(tmp_path / "run")
-    assert len(rows) == r["n_prompts"] and [x["seed"] for x in rows].count(0) == r["n_subjects_per_seed"][0]
+    assert (len(rows) == r["n_prompts"]
+            and [x["seed"] for x in rows].count(0) == r["n_subjects_per_seed"][0])
     # the blocked route never enters the prompt's own level-1 node; buckets rise with mentions
     assert all(x["blocked_path"][0] != x["path"][0] for x in rows)
     for d in r["domains"]:
@@ -52,18 +60,20 @@ def test_eval_smoke_writes_json_table_and_plot_and_reproduces(tmp_path):
         assert all(spans[b][1] <= spans[b + 1][0] for b in range(4))
 
     # a rerun reuses every trained model (checkpoints) and gives the same answers
-    main(["eval", "--preset", "smoke", "--out", str(tmp_path / "run"), "--results", str(tmp_path / "again.json"),
-          "--seeds", "0,1"])
+    main(["eval", "--preset", "smoke", "--out", str(tmp_path / "run"),
+          "--results", str(tmp_path / "again.json"), "--seeds", "0,1"])
     assert [x["fetched"] for x in answers(tmp_path / "run")] == [x["fetched"] for x in rows]
     # a fresh run of seed 0 elsewhere (nothing shared, not even embeddings) gives the same bits:
     # every answer of every variant, the losses, the perplexities
-    main(["eval", "--preset", "smoke", "--out", str(tmp_path / "fresh"), "--results", str(tmp_path / "fresh.json"),
-          "--seeds", "0"])
+    main(["eval", "--preset", "smoke", "--out", str(tmp_path / "fresh"),
+          "--results", str(tmp_path / "fresh.json"), "--seeds", "0"])
     seed0 = [{k: v for k, v in x.items() if k != "seed"} for x in rows if x["seed"] == 0]
-    assert [{k: v for k, v in x.items() if k != "seed"} for x in answers(tmp_path / "fresh")] == seed0
+    assert [{k: v for k, v in x.items() if k != "seed"}
+            for x in answers(tmp_path / "fresh")] == seed0
     fresh = json.loads((tmp_path / "fresh.json").read_text())
     assert fresh["per_seed"][0]["accuracy_overall"] == r["per_seed"][0]["accuracy_overall"]
-    loss = lambda run: json.loads((run / "memory" / "cotrain-end" / "state.json").read_text())["losses"]  # noqa: E731
+    loss = lambda run: json.loads(  # noqa: E731
+        (run / "memory" / "cotrain-end" / "state.json").read_text())["losses"]
     assert loss(tmp_path / "fresh") == loss(tmp_path / "run" / "seed-0")
 
     # re-probing finished checkpoints only: the same answers; nothing to reuse: refused at once
@@ -71,7 +81,8 @@ def test_eval_smoke_writes_json_table_and_plot_and_reproduces(tmp_path):
     ec = eval_preset("smoke")
     ec.seeds = (0, 1)
     run_eval(tmp_path / "run", ec, results=tmp_path / "r3.json", preset="smoke", reuse_only=True)
-    assert [x["fetched-int8"] for x in answers(tmp_path / "run")] == [x["fetched-int8"] for x in rows]
+    assert ([x["fetched-int8"] for x in answers(tmp_path / "run")]
+            == [x["fetched-int8"] for x in rows])
     with pytest.raises(ValueError, match="no checkpoints"):
         run_eval(tmp_path / "empty", eval_preset("smoke"), reuse_only=True)
 
@@ -80,8 +91,10 @@ def write_domain(tmp_path, template="The mascot of {subject} is"):
     """A user's own domain: made-up clubs and their mascots, a probe with a held-out template."""
     clubs = [(f"Club{i}", ["Heron", "Badger", "Otter", "Falcon"][i % 4]) for i in range(24)]
     corpus = tmp_path / "clubs.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"{c} has the mascot {m}. The {m} is the emblem of {c}.",
-                                          "subject": c}) + "\n" for c, m in clubs for _ in range(1 + clubs.index((c, m)) % 3)))
+    corpus.write_text("".join(json.dumps({"text": f"{c} has the mascot {m}. "
+                                                  f"The {m} is the emblem of {c}.",
+                                          "subject": c}) + "\n"
+                              for c, m in clubs for _ in range(1 + clubs.index((c, m)) % 3)))
     probe = tmp_path / "clubs.json"
     probe.write_text(json.dumps({"name": "clubs", "template": template, "matcher": "string",
                                  "train_templates": ["{subject} has the mascot"], "pairs": clubs}))
@@ -103,8 +116,8 @@ def test_eval_takes_a_users_own_domain(tmp_path):
 def test_eval_refuses_a_corpus_that_contains_a_template(tmp_path, capsys):
     corpus, probe = write_domain(tmp_path, template="{subject} has the mascot")
     with pytest.raises(SystemExit):
-        main(["eval", "--preset", "smoke", "--out", str(tmp_path / "run"), "--builtin-domains", "none",
-              "--domain", f"{corpus}:{probe}"])
+        main(["eval", "--preset", "smoke", "--out", str(tmp_path / "run"),
+              "--builtin-domains", "none", "--domain", f"{corpus}:{probe}"])
     assert "contains the clubs probe's template" in capsys.readouterr().err
 
 
@@ -126,7 +139,8 @@ def test_eval_rejects_bad_arguments(tmp_path, capsys):
 
 def test_eval_scaling_smoke(tmp_path):
     results = tmp_path / "scaling.json"
-    main(["eval-scaling", "--preset", "smoke", "--out", str(tmp_path / "run"), "--results", str(results)])
+    main(["eval-scaling", "--preset", "smoke", "--out", str(tmp_path / "run"),
+          "--results", str(results)])
     r = json.loads(results.read_text())
     assert [p["ranks"] for p in r["points"]] == [[2, 2], [1, 3]]
     assert r["points"][0]["fetch_params"] == r["points"][1]["fetch_params"]

@@ -103,7 +103,8 @@ def test_ingest_stores_int8_payloads_and_their_checksums(int8_lmdb, native_block
         assert set(m.encodings) == {"int8"}
         assert store.manifest("test", "vnative").encodings == {}
         info = dict(store.versions("test"))["v1"]
-        assert info["encoded_bytes"]["int8"] == sum(m.block_nbytes(l, "int8") for l, _ in m.blocks())
+        assert info["encoded_bytes"]["int8"] == sum(m.block_nbytes(l, "int8")
+                                                    for l, _ in m.blocks())
         for (level, node), native in native_blocks.items():
             payload = store.get(block_key("test", "v1", level, node, "int8"))
             assert payload == quant.encode_block(native, m.block_shape(level), m.dtype, "int8")
@@ -172,7 +173,8 @@ def test_missing_and_unknown_encodings(served):
     # a client holding a manifest that (wrongly) lists int8 gets the server's NOT_FOUND
     with BankClient(served) as c:
         plain = c.get_manifest("test", "vnative")
-        forged = plain.model_validate({**plain.model_dump(), "encodings": {"int8": plain.checksums}})
+        forged = plain.model_validate({**plain.model_dump(),
+                                       "encodings": {"int8": plain.checksums}})
         with pytest.raises(BankError) as err:
             c.fetch("test", "vnative", [(1, 0)], forged, encoding="int8")
         assert err.value.code == grpc.StatusCode.NOT_FOUND

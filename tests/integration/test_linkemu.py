@@ -12,12 +12,20 @@ import sys
 
 import pytest
 
-from benchmarks.linkemu import NS_PREFIX, Link, ProbeServer, cleanup_stale, probe, unavailable_reason
+from benchmarks.linkemu import (
+    NS_PREFIX,
+    Link,
+    ProbeServer,
+    cleanup_stale,
+    probe,
+    unavailable_reason,
+)
 from tests.conftest import REPO
 
 REASON = unavailable_reason()
 pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(REASON is not None, reason=f"emulated links unavailable: {REASON}")]
+              pytest.mark.skipif(REASON is not None,
+                                 reason=f"emulated links unavailable: {REASON}")]
 
 
 def namespaces() -> set[str]:

@@ -51,6 +51,7 @@ def test_recommend_grows_with_load_and_block_size():
     assert _m(small["server"]["requests"]["cpu"]) == 300
     assert _m(busy["server"]["requests"]["cpu"]) == 3000
     assert _mi(big["server"]["requests"]["memory"]) > _mi(small["server"]["requests"]["memory"])
-    assert _mi(lru["server"]["requests"]["memory"]) >= _mi(small["server"]["requests"]["memory"]) + 512
+    assert (_mi(lru["server"]["requests"]["memory"])
+            >= _mi(small["server"]["requests"]["memory"]) + 512)
     # Redis: 200 MB x 1.05 x 1.2 = 252 MB -> 256Mi, request = limit
     assert small["redis"]["limits"]["memory"] == small["redis"]["requests"]["memory"] == "256Mi"

@@ -53,22 +53,26 @@ def test_train_resume_and_subtree_merge(tmp_path, corpus):
     # a checkpoint from another config is refused in one line, before the data is touched
     packed = (run / "data" / "packed.safetensors").read_bytes()
     r = membank("train", "--config", "tiny", "--corpus", corpus, "--out", run, *SMALL, "--resume",
-                "--set", "anchor_steps=3", "--set", "cotrain_steps=4", "--set", "model.d_model=64", rc=2)
+                "--set", "anchor_steps=3", "--set", "cotrain_steps=4", "--set", "model.d_model=64",
+                rc=2)
     assert "is from another config: model.d_model: checkpoint 32, this run 64" in r.stderr
-    assert "Traceback" not in r.stderr and (run / "data" / "packed.safetensors").read_bytes() == packed
+    assert ("Traceback" not in r.stderr
+            and (run / "data" / "packed.safetensors").read_bytes() == packed)
 
     # interrupt: forget the end of co-training, then resume from step 5
     shutil.rmtree(run / "ckpt" / "cotrain-end")
     (run / "run.json").unlink()
     r = membank("train", "--config", "tiny", "--corpus", corpus, "--out", run, *SMALL,
-                "--set", "anchor_steps=3", "--set", "cotrain_steps=4", "--set", "ckpt_every=2", "--resume")
+                "--set", "anchor_steps=3", "--set", "cotrain_steps=4", "--set", "ckpt_every=2",
+                "--resume")
     assert "resumed from" in r.stdout and "step-0000005" in r.stdout
     assert json.loads((run / "run.json").read_text())["losses"] == done["losses"]
 
     for s in (0, 1):  # frozen-anchor jobs, one per level-1 subtree, from the co-trained run
-        membank("train", "--config", "tiny", "--corpus", corpus, "--out", tmp_path / f"sub{s}", *SMALL,
-                "--set", f"init_from={run}", "--set", "anchor_steps=0", "--set", "cotrain_steps=0",
-                "--set", "frozen_steps=3", "--set", f"subtree={s}", "--set", "batch_size=2")
+        membank("train", "--config", "tiny", "--corpus", corpus, "--out", tmp_path / f"sub{s}",
+                *SMALL, "--set", f"init_from={run}", "--set", "anchor_steps=0",
+                "--set", "cotrain_steps=0", "--set", "frozen_steps=3", "--set", f"subtree={s}",
+                "--set", "batch_size=2")
         assert not (tmp_path / f"sub{s}" / "export").exists()
     membank("merge", "--out", tmp_path / "merged", tmp_path / "sub0", tmp_path / "sub1")
     merged = artifacts.load_manifest(tmp_path / "merged" / "export")

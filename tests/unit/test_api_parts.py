@@ -17,8 +17,8 @@ from pydantic import ValidationError
 from membank.router import Router
 from services.bank_server.metrics import ServerMetrics, collect_tier_stats
 from services.bank_server.publish import PublishError, check_names, publish_in_env
-from services.bank_server.router_store import (Router as StoredRouter, RouterFormatError, router_key,
-                                               store_router)
+from services.bank_server.router_store import Router as StoredRouter
+from services.bank_server.router_store import RouterFormatError, router_key, store_router
 from services.bank_server.security import RateLimiter, bearer, peer_host
 from services.bank_server.settings import BankServerSettings
 

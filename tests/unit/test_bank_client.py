@@ -26,7 +26,8 @@ def header(node, **over):
 
 def chunks_of(index, node, data=None, **over):
     data = BLOCKS[node] if data is None else data
-    return [bank_pb2.BlockChunk.FromString(c) for c in wire.iter_block_chunks(index, header(node, **over), data)]
+    return [bank_pb2.BlockChunk.FromString(c)
+            for c in wire.iter_block_chunks(index, header(node, **over), data)]
 
 
 def fetch_with(chunks, ids=((1, 0), (1, 1))):
@@ -40,7 +41,8 @@ def fetch_with(chunks, ids=((1, 0), (1, 1))):
 
 def split(chunk, at):
     """Two chunks carrying the first `at` bytes and the rest of one chunk's data."""
-    a = bank_pb2.BlockChunk(index=chunk.index, header=chunk.header, offset=chunk.offset, data=chunk.data[:at])
+    a = bank_pb2.BlockChunk(index=chunk.index, header=chunk.header, offset=chunk.offset,
+                            data=chunk.data[:at])
     b = bank_pb2.BlockChunk(index=chunk.index, offset=chunk.offset + at, data=chunk.data[at:])
     return a, b
 

@@ -1,4 +1,5 @@
-"""Checkpoint files (training/checkpoint.py): nested state without pickle, atomic writes, pruning."""
+"""Checkpoint files (training/checkpoint.py): nested state without pickle, atomic writes,
+pruning."""
 import pytest
 import torch
 
@@ -38,7 +39,8 @@ def test_save_is_atomic_and_overwrites(tmp_path):
 
 def test_latest_resolve_and_prune(tmp_path):
     root = tmp_path / "run" / "ckpt"
-    for name, step in [("step-0000002", 2), ("anchor-end", 3), ("step-0000005", 5), ("step-0000007", 7)]:
+    for name, step in [("step-0000002", 2), ("anchor-end", 3), ("step-0000005", 5),
+                       ("step-0000007", 7)]:
         checkpoint.save(root / name, {"x": torch.zeros(1)}, {"global_step": step})
     assert checkpoint.resolve(tmp_path / "run").name == "step-0000007"
     assert checkpoint.resolve(root / "anchor-end").name == "anchor-end"

@@ -4,7 +4,6 @@ Run: .venv/bin/python -m pytest -q tests/unit/test_cluster.py
 """
 import numpy as np
 import pytest
-import torch
 
 from membank.router import Router
 from training.cluster import assign, balance, build_router
@@ -25,7 +24,8 @@ def unit(v):
 
 E = np.eye(DIM)
 # two well-separated pairs of close blobs: the root should split pairs, level 2 the blobs in a pair
-PAIRED = [unit(E[0] + 0.3 * E[2]), unit(E[0] - 0.3 * E[2]), unit(E[1] + 0.3 * E[3]), unit(E[1] - 0.3 * E[3])]
+PAIRED = [unit(E[0] + 0.3 * E[2]), unit(E[0] - 0.3 * E[2]),
+          unit(E[1] + 0.3 * E[3]), unit(E[1] - 0.3 * E[3])]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

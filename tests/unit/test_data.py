@@ -1,6 +1,6 @@
 """Unit tests for training/data.py (the element corpus) and, marked slow, membank/embed.py.
 
-Run: .venv/bin/python -m pytest -q tests/unit/test_data.py          (add -m "not slow" to skip MiniLM)
+Run: .venv/bin/python -m pytest -q tests/unit/test_data.py   (add -m "not slow" to skip MiniLM)
 """
 import numpy as np
 import pytest
@@ -27,7 +27,8 @@ def test_atomic_number_sentence(docs):
     answers = dict((prompt, z) for prompt, z in probe_prompts())
     for d in docs:
         if d.kind == "facts":
-            assert f"The atomic number of {d.subject} is {answers[f'The atomic number of {d.subject} is']}." in d.text
+            assert (f"The atomic number of {d.subject} is "
+                    f"{answers[f'The atomic number of {d.subject} is']}." in d.text)
 
 
 def test_documents_are_clean(docs):

@@ -35,7 +35,8 @@ def one_by_one(model, ids, mem, n_new, eos):
 def test_batched_greedy_equals_each_prompt_alone_with_per_prompt_memory():
     model, cfg = tiny_model()
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(1, cfg.model.vocab_size, (n,), generator=g).tolist() for n in (3, 5, 3, 7, 5, 1)]
+    prompts = [torch.randint(1, cfg.model.vocab_size, (n,), generator=g).tolist()
+               for n in (3, 5, 3, 7, 5, 1)]
     mem = memories(cfg, len(prompts))
     got = greedy(model, prompts, mem, max_new_tokens=6, eos=0, batch_size=2)
     want = [one_by_one(model, p, mem[i:i + 1], 6, 0) for i, p in enumerate(prompts)]

@@ -14,7 +14,8 @@ def test_environment_then_flags(monkeypatch):
     s = DeviceSettings.from_args(["--port", "0"])
     assert (s.bank, s.max_tokens, s.port) == (["127.0.0.1:50051"], 64, 0)
     assert s.bank_targets() == "127.0.0.1:50051"
-    assert DeviceSettings.from_args(["--max-tokens", "8", "--default-max-tokens", "8"]).max_tokens == 8
+    assert DeviceSettings.from_args(["--max-tokens", "8",
+                                     "--default-max-tokens", "8"]).max_tokens == 8
 
 
 def test_named_shards_become_a_mapping():

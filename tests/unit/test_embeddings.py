@@ -21,7 +21,8 @@ class CountingEmbedder:
 def test_cache_is_reused_for_the_same_texts_and_rebuilt_for_others(tmp_path):
     texts = [f"text {i} " + "a" * i for i in range(10)]
     e = CountingEmbedder()
-    first = np.array(embed_corpus(texts, tmp_path / "emb.npy", embedder=e, batch_size=3, progress=False))
+    first = np.array(embed_corpus(texts, tmp_path / "emb.npy", embedder=e, batch_size=3,
+                                  progress=False))
     assert first.shape == (10, 4) and e.calls == 4
     again = embed_corpus(texts, tmp_path / "emb.npy", embedder=e, progress=False)
     assert e.calls == 4 and isinstance(again, np.memmap) and np.array_equal(again, first)

@@ -129,7 +129,8 @@ def test_unavailable_primary_fails_over_and_is_tried_last_afterwards():
     with f:
         assert len(f.fetch("b", "v1", PATH, M)) == 2
         st = f.stats()
-        assert st["failovers"] == 1 and st["errors"] == {"UNAVAILABLE": 1} and st["down"] == [PRIMARY]
+        assert (st["failovers"] == 1 and st["errors"] == {"UNAVAILABLE": 1}
+                and st["down"] == [PRIMARY])
         assert shards[SECONDARY].calls == [PATH]
         f.fetch("b", "v1", PATH, M)                   # the down shard is not asked first now
         assert len(shards[PRIMARY].calls) == 1 and len(shards[SECONDARY].calls) == 2

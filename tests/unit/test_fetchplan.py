@@ -126,7 +126,8 @@ def test_corrupt_missing_and_collected_blocks(lmdb_dir, tmp_path):
         with pytest.raises(FetchError) as e:
             with read_block(s, s, plan.manifest, fine):
                 pass
-        assert e.value.code == "NOT_FOUND" and "garbage-collected during this fetch" in e.value.message
+        assert (e.value.code == "NOT_FOUND"
+                and "garbage-collected during this fetch" in e.value.message)
 
 
 # -- the data plane's request parsing -----------------------------------------------------------
@@ -144,7 +145,8 @@ def test_parse_request_fields_and_defaults():
     # JSON integers are unbounded; a 401-digit deadline is clamped, not an overflow
     r = parse_request(b'{"bank": "b", "deadline_ms": 1' + b"0" * 400 + b"}")
     assert r.deadline_ms == 1e12
-    assert parse_request(b'{"bank": "b", "deadline_ms": -1' + b"0" * 400 + b"}").deadline_ms == -1e12
+    assert parse_request(b'{"bank": "b", "deadline_ms": -1' + b"0" * 400
+                         + b"}").deadline_ms == -1e12
 
 
 @pytest.mark.parametrize("payload, words", [

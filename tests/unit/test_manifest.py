@@ -67,7 +67,8 @@ def test_owners_uses_the_manifest_shard_map():
 
 
 def test_memory_kind_and_block_width():
-    old = Manifest(**make()).model_dump(exclude={"kind", "block_width"})  # a manifest from before kinds
+    # a manifest from before kinds
+    old = Manifest(**make()).model_dump(exclude={"kind", "block_width"})
     m = Manifest.model_validate(old)
     assert m.kind == "ffn" and m.block_shape(1) == (2, 3, 8, 32)
     lora = Manifest(**make(kind="lora-ffn", block_width=96))

@@ -39,7 +39,8 @@ def test_block_shape_agrees_between_bank_config_and_manifest(kind):
     cfg = kind_config(kind)
     mc, m = cfg.memory, cfg.model
     bank = MemoryBank(cfg)
-    manifest = Manifest(bank="b", version="v", checksums=[["x"] * 2, ["y"] * 4], **mc.manifest_fields(m))
+    manifest = Manifest(bank="b", version="v", checksums=[["x"] * 2, ["y"] * 4],
+                        **mc.manifest_fields(m))
     n_mats, width = {"ffn": (3, 32), "lora-qk": (2, 32 + 24), "lora-ov": (2, 24 + 32),
                      "lora-ffn": (3, 32 + 64), "kv": (2, 24)}[kind]
     for level in (1, 2):
@@ -59,7 +60,8 @@ def test_fresh_memory_has_no_effect_and_its_output_side_is_zero(kind):
     if kind in LORA_TARGETS:  # each target's [A | B^T]: A random, B = 0
         for i, name in enumerate(LORA_TARGETS[kind]):
             d_in = linear_dims(name, 32, 24, 64)[0]
-            assert lvl[:, :, i, :, :d_in].abs().sum() > 0 and lvl[:, :, i, :, d_in:].abs().sum() == 0
+            assert (lvl[:, :, i, :, :d_in].abs().sum() > 0
+                    and lvl[:, :, i, :, d_in:].abs().sum() == 0)
     else:  # ffn: W3m (index 2) zero; kv: values (index 1) zero
         out = 2 if kind == "ffn" else 1
         assert lvl[:, :, out].abs().sum() == 0 and lvl[:, :, 0].abs().sum() > 0
@@ -125,7 +127,8 @@ def test_kv_memory_equals_attention_computed_by_hand():
     # memory slots: the unrotated query against keys Km, every slot visible, own softmax
     km, vm = heads(mem[:, 0]), heads(mem[:, 1])  # (B, H, R, D)
     y = y + (q @ km.transpose(-1, -2) / math.sqrt(D)).softmax(-1) @ vm
-    torch.testing.assert_close(out, attn.wo(y.transpose(1, 2).reshape(B, T, H * D)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, attn.wo(y.transpose(1, 2).reshape(B, T, H * D)), rtol=1e-5,
+                               atol=1e-5)
     # the memory is position-free: a query's memory read does not depend on where it stands
     q1 = torch.randn(1, H, 1, D)
     torch.testing.assert_close(kv_memory(q1.expand(1, H, 4, D).contiguous(), mem[:1])[:, :, 3:],

@@ -23,7 +23,8 @@ def fake_run(run: Path) -> tuple:
     docs = [list(np.random.default_rng(i).integers(1, 60, size=40)) for i in range(12)]
     nodes = np.array([[i % 2, (i % 2) * 2 + (i // 2) % 2] for i in range(12)])  # both subtrees
     packed = pack(docs, nodes, seq_len=16, eos=0)
-    router = Router(branching=2, depth=2, dim=4, centroids=[torch.randn(1, 2, 4), torch.randn(2, 2, 4)])
+    router = Router(branching=2, depth=2, dim=4,
+                    centroids=[torch.randn(1, 2, 4), torch.randn(2, 2, 4)])
     (run / "data").mkdir(parents=True)
     train_tokenizer([f"element {i} text" for i in range(30)], 512, run / artifacts.TOKENIZER)
     router.save(run / artifacts.ROUTER)
@@ -77,7 +78,8 @@ def test_merge_two_subtree_jobs(tmp_path, base):
     assert torch.equal(tensors["bank.level1"], torch.cat([t0.bank[0], t1.bank[0]]))
     assert torch.equal(tensors["bank.level2"], torch.cat([t0.bank[1], t1.bank[1]]))
     assert torch.equal(tensors["generic"], trainer.generic.detach())   # the base's generic memory
-    assert set(state["losses"]) == {"subtree0", "subtree1"} and len(state["losses"]["subtree1"]) == 4
+    assert (set(state["losses"]) == {"subtree0", "subtree1"}
+            and len(state["losses"]["subtree1"]) == 4)
     manifest = artifacts.load_manifest(export_dir)
     blocks = {(lv, n): b for lv, n, b in artifacts.iter_blocks(export_dir, manifest)}
     assert len(blocks) == 2 + 4
@@ -113,16 +115,19 @@ def test_a_subtree_job_never_builds_or_reads_the_whole_bank(tmp_path, base, monk
     monkeypatch.setattr(checkpoint, "load", refuse)
     gets, rows = [], []
     real_get, real_rows = checkpoint.TensorReader.get, checkpoint.TensorReader.rows
-    monkeypatch.setattr(checkpoint.TensorReader, "get", lambda self, k: gets.append(k) or real_get(self, k))
+    monkeypatch.setattr(checkpoint.TensorReader, "get",
+                        lambda self, k: gets.append(k) or real_get(self, k))
     monkeypatch.setattr(checkpoint.TensorReader, "rows",
                         lambda self, k, a, b: rows.append((k, a, b)) or real_rows(self, k, a, b))
 
     run_dir, packed, fp, trainer = base
-    tc = load_train_config("tiny", ["anchor_steps=0", "cotrain_steps=0", "frozen_steps=1", "subtree=1",
-                                    f"init_from={run_dir}", "batch_size=2"])
-    t = Trainer(tc.model_config(), tc, packed, data_fingerprint=fp, init=checkpoint.resolve(run_dir), **QUIET)
+    tc = load_train_config("tiny", ["anchor_steps=0", "cotrain_steps=0", "frozen_steps=1",
+                                    "subtree=1", f"init_from={run_dir}", "batch_size=2"])
+    t = Trainer(tc.model_config(), tc, packed, data_fingerprint=fp,
+                init=checkpoint.resolve(run_dir), **QUIET)
     assert [lvl.shape[0] for lvl in t.bank] == [1, 2] and t.offsets == [1, 2]
-    assert torch.equal(t.bank[0], trainer.bank[0][1:2]) and torch.equal(t.bank[1], trainer.bank[1][2:4])
+    assert (torch.equal(t.bank[0], trainer.bank[0][1:2])
+            and torch.equal(t.bank[1], trainer.bank[1][2:4]))
     assert not any(k.startswith("bank.") for k in gets)
     assert rows == [("bank.level1", 1, 2), ("bank.level2", 2, 4)]
 
@@ -138,5 +143,7 @@ def test_merge_reads_checkpoints_lazily_with_the_same_result(tmp_path, base, mon
     tensors, _ = checkpoint.load(tmp_path / "merged" / "ckpt" / "merged")
     assert torch.equal(tensors["bank.level2"], torch.cat([t0.bank[1], t1.bank[1]]))
     export_dir = tmp_path / "merged" / "export"
-    blocks = {(lv, n): b for lv, n, b in artifacts.iter_blocks(export_dir, artifacts.load_manifest(export_dir))}
+    blocks = {(lv, n): b
+              for lv, n, b in artifacts.iter_blocks(export_dir,
+                                                    artifacts.load_manifest(export_dir))}
     assert len(blocks) == 6

@@ -101,7 +101,8 @@ def test_block_buffer_tensor_round_trip_is_exact(dtype):
     buf = tensor_to_bytes(t, dtype)
     back = tensor_from_buffer(bytearray(buf), (2, 3, 8, 32), dtype)
     assert torch.equal(back, t.to(back.dtype))
-    assert tensor_to_bytes(back, dtype) == buf and checksum(buf) == checksum(tensor_to_bytes(back, dtype))
+    assert (tensor_to_bytes(back, dtype) == buf
+            and checksum(buf) == checksum(tensor_to_bytes(back, dtype)))
     with pytest.raises(ValueError, match="expected"):
         tensor_from_buffer(bytearray(buf[:-1]), (2, 3, 8, 32), dtype)
 

@@ -35,14 +35,16 @@ def test_rows_fetched_every_step_match_torch_adamw_bit_for_bit(fused):
         lazy.step([(torch.arange(5), g.clone())], lr=lr)
     assert torch.equal(ref.data, mine)
     state = opt.state[ref]
-    assert torch.equal(state["exp_avg"], lazy.exp_avg[0]) and torch.equal(state["exp_avg_sq"], lazy.exp_avg_sq[0])
+    assert (torch.equal(state["exp_avg"], lazy.exp_avg[0])
+            and torch.equal(state["exp_avg_sq"], lazy.exp_avg_sq[0]))
 
 
 def test_fused_and_reference_paths_agree_on_any_shape():
     torch.manual_seed(4)
     p0 = torch.randn(4, 3, 7)
     a, b = p0.clone(), p0.clone()
-    fused, ref = LazyAdamW([a], lr=1e-2, weight_decay=0.1, fused=True), LazyAdamW([b], lr=1e-2, weight_decay=0.1, fused=False)
+    fused, ref = (LazyAdamW([a], lr=1e-2, weight_decay=0.1, fused=True),
+                  LazyAdamW([b], lr=1e-2, weight_decay=0.1, fused=False))
     for step in range(10):
         ids = torch.tensor([0, 2, 3]) if step % 2 else torch.tensor([1, 2])
         g = torch.randn(len(ids), 3, 7)
@@ -62,7 +64,7 @@ def test_unfetched_rows_are_bit_for_bit_unchanged_and_do_not_drift(fused):
     moments = (lazy.exp_avg[0].clone(), lazy.exp_avg_sq[0].clone())
     assert not torch.equal(after_first[[0, 2]], p0[[0, 2]])
     assert torch.equal(after_first[[1, 3, 4, 5]], p0[[1, 3, 4, 5]])   # never fetched: untouched
-    for _ in range(30):                                                 # only rows 1 and 3 from now on
+    for _ in range(30):                                 # only rows 1 and 3 from now on
         lazy.step([(torch.tensor([1, 3]), torch.randn(2, 2, 3, 4, 5))])
     idle = [0, 2, 4, 5]
     assert torch.equal(p[idle], after_first[idle])    # no decay, no momentum drift while idle
@@ -117,7 +119,7 @@ def test_fetched_rows_give_the_bank_gather_and_its_gradient_without_a_dense_grad
     (fetched.memory() * weights).sum().backward()
     (dense * weights).sum().backward()
     for (ids, grad), lvl in zip(fetched.grads(), bank.levels):
-        assert grad.shape[0] == len(ids)                          # only fetched rows, never (k^l, ...)
+        assert grad.shape[0] == len(ids)                # only fetched rows, never (k^l, ...)
         torch.testing.assert_close(grad, lvl.grad[ids])
         others = torch.ones(lvl.shape[0], dtype=torch.bool)
         others[ids] = False

@@ -28,8 +28,8 @@ def test_stable_across_processes():
     code = ("import json; from membank.placement import owners; "
             f"print(json.dumps([owners('demo', l, n, **{KW!r}) for l, n in {SAMPLE!r}]))")
     for seed in ("1", "987654"):
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
         assert json.loads(out) == [EXPECTED[b] for b in SAMPLE]
 
 

@@ -55,13 +55,15 @@ def test_training_changes_only_memory(base):
     for k, v in base.state_dict().items():  # the base, bit for bit
         assert torch.equal(v, frozen[k]), k
     assert all(p.grad is None for p in base.parameters())
-    assert not torch.equal(pm.bank.levels[0], bank0[0]) and not torch.equal(pm.bank.levels[1], bank0[1])
+    assert (not torch.equal(pm.bank.levels[0], bank0[0])
+            and not torch.equal(pm.bank.levels[1], bank0[1]))
     # trained memory now acts, and HF's own KV cache decodes with it attached
     with torch.no_grad(), pm.attached(pm.bank.gather(nodes[:1])):
         full = base(input_ids=ids[:1]).logits
         past = base(input_ids=ids[:1, :8], use_cache=True)
         # transformers >= 5.2x names it `cache`, earlier versions `past_key_values`
-        name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        name = ("cache" if "cache" in inspect.signature(base.forward).parameters
+                else "past_key_values")
         step = base(input_ids=ids[:1, 8:], **{name: past[name]}).logits
     torch.testing.assert_close(torch.cat([past.logits, step], 1), full, rtol=1e-4, atol=1e-5)
     with torch.no_grad():

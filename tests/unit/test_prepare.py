@@ -31,7 +31,8 @@ def write_corpus(path, n=60, bad_line=None):
         for i in range(n):
             if i == bad_line:
                 f.write("{not json\n")
-            f.write(json.dumps({"text": f"document {i}: " + "tin iron neon " * (i % 7) + "a" * (i % 5)}) + "\n")
+            f.write(json.dumps({"text": f"document {i}: " + "tin iron neon " * (i % 7)
+                                        + "a" * (i % 5)}) + "\n")
             if i % 13 == 0:
                 f.write("\n")          # blank lines are skipped
     return path
@@ -42,7 +43,8 @@ def stub_embedder(monkeypatch):
     monkeypatch.setattr("membank.embed.Embedder", StubEmbedder)
 
 
-def test_a_jsonl_corpus_is_streamed_and_packed_like_the_whole_list(tmp_path, monkeypatch, stub_embedder):
+def test_a_jsonl_corpus_is_streamed_and_packed_like_the_whole_list(tmp_path, monkeypatch,
+                                                                   stub_embedder):
     corpus = write_corpus(tmp_path / "c.jsonl")
 
     def refuse(path):

@@ -2,7 +2,6 @@
 import dataclasses
 import json
 
-
 import numpy as np
 import pytest
 
@@ -35,9 +34,11 @@ def test_matchers(matcher, answer, text, ok):
 
 def test_probe_from_json_and_csv(tmp_path):
     j = tmp_path / "capitals.json"
-    j.write_text(json.dumps({"template": "The capital of {subject} is", "pairs": [["France", "Paris"], ["Peru", "Lima"]]}))
+    j.write_text(json.dumps({"template": "The capital of {subject} is",
+                             "pairs": [["France", "Paris"], ["Peru", "Lima"]]}))
     p = load_probe(str(j))
-    assert p.name == "capitals" and p.prompts()[1] == ("The capital of Peru is", "Lima") and p.matcher == "string"
+    assert (p.name == "capitals" and p.prompts()[1] == ("The capital of Peru is", "Lima")
+            and p.matcher == "string")
     c = tmp_path / "years.csv"
     c.write_text("subject,answer\nRome,753\n\nCarthage,814\n")
     p = load_probe(str(c), template="{subject} was founded in", matcher="int")
@@ -95,7 +96,8 @@ def test_longtail_domains_hold_out_templates_and_follow_zipf():
 
 
 def test_longtail_documents_are_stable_across_seeds():
-    lt0 = longtail.LongTailConfig(subjects=200, max_docs=10, heldout_docs=4, domains=("elements", "cities"))
+    lt0 = longtail.LongTailConfig(subjects=200, max_docs=10, heldout_docs=4,
+                                  domains=("elements", "cities"))
     a, b = longtail.build(lt0), longtail.build(lt0)
     assert all(a[n]["train"] == b[n]["train"] for n in a)
     c = longtail.build(dataclasses.replace(lt0, seed=1))
@@ -109,7 +111,8 @@ def test_longtail_documents_are_stable_across_seeds():
 
 
 def test_name_counts_finds_names_ending_in_punctuation():
-    texts = ["Eton (Cameroon) is a language.", "St. Kitts lies here; St. Kitts again.", "Eton (Cameroon)."]
+    texts = ["Eton (Cameroon) is a language.", "St. Kitts lies here; St. Kitts again.",
+             "Eton (Cameroon)."]
     counts = longtail.name_counts(["Eton (Cameroon)", "St. Kitts", "Eton"], texts)
     assert counts == {"Eton (Cameroon)": 2, "St. Kitts": 2, "Eton": 0}
 

@@ -214,13 +214,14 @@ def test_device_cache_keeps_native_and_int8_apart(tmp_path):
     assert third.level_stats()[1].corrupt == 1
 
 
-# -- MemoryModel attaching int8 blocks (fake bank, no sockets) --------------------------------------
+# -- MemoryModel attaching int8 blocks (fake bank, no sockets) -------------------------------------
 class Int8Bank:
     """Serves a manifest with (or without) int8 payloads made from the export's blocks."""
 
     def __init__(self, manifest, blocks, with_int8=True):
         self.blocks = blocks
-        self.payloads = {b: quant.encode_block(d, manifest.block_shape(b[0]), manifest.dtype, "int8")
+        self.payloads = {b: quant.encode_block(d, manifest.block_shape(b[0]), manifest.dtype,
+                                               "int8")
                          for b, d in blocks.items()}
         enc = {}
         if with_int8:
@@ -285,7 +286,8 @@ def test_a_version_without_int8_is_fetched_native_and_logged_once(int8_setup, ca
         r = fetch_path(model, bank, [0, 1])
         fetch_path(model, bank, [1, 1])
     assert r.encoding == "native" and all(enc == "" for _, enc in bank.calls)
-    warned = [rec.getMessage() for rec in caplog.records if "native blocks instead" in rec.getMessage()]
+    warned = [rec.getMessage() for rec in caplog.records
+              if "native blocks instead" in rec.getMessage()]
     assert len(warned) == 1 and "has no int8 blocks (available: native)" in warned[0]
     level2 = m.path_blocks([1, 1])[1]
     native = tensor_from_buffer(bytearray(blocks[level2]), m.block_shape(2), m.dtype)

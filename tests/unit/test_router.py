@@ -15,7 +15,8 @@ K, DEPTH, DIM = 3, 3, 8
 
 def random_router(k=K, depth=DEPTH, dim=DIM, seed=0) -> Router:
     rng = np.random.default_rng(seed)
-    centroids = [rng.standard_normal((k ** (l - 1), k, dim)).astype(np.float32) for l in range(1, depth + 1)]
+    centroids = [rng.standard_normal((k ** (l - 1), k, dim)).astype(np.float32)
+                 for l in range(1, depth + 1)]
     return Router(branching=k, depth=depth, dim=dim, centroids=centroids)
 
 
@@ -66,7 +67,8 @@ def test_greedy_descent_picks_nearest_child_at_every_level():
     for x, path in zip(emb.astype(np.float64), paths):
         node = 0
         for level in range(DEPTH):
-            dist = ((router.centroids[level][node].astype(np.float64) - x) ** 2).sum(axis=1)   # (k,)
+            # (k,)
+            dist = ((router.centroids[level][node].astype(np.float64) - x) ** 2).sum(axis=1)
             assert path[level] == int(np.argmin(dist))
             node = node * K + path[level]
 
@@ -97,7 +99,8 @@ def test_save_load_round_trip_is_exact(tmp_path):
     router.embedder = "test-embedder"
     router.save(tmp_path / "r.safetensors")
     loaded = Router.load(tmp_path / "r.safetensors")
-    assert (loaded.branching, loaded.depth, loaded.dim, loaded.embedder) == (K, DEPTH, DIM, "test-embedder")
+    assert ((loaded.branching, loaded.depth, loaded.dim, loaded.embedder)
+            == (K, DEPTH, DIM, "test-embedder"))
     assert loaded.routing == "centroid" and loaded.index is None
     for a, b in zip(router.centroids, loaded.centroids):
         assert np.array_equal(a, b)
@@ -154,7 +157,8 @@ def test_blocked_routing_avoids_the_level1_node_under_both_rules():
     # descent: the next-best level-1 child, then the usual descent below it
     best = router.route(q, routing="centroid")
     blocked = router.route(q, routing="centroid", avoid_level1=best[:, 0])
-    d1 = ((router.centroids[0][0][None].astype(np.float64) - q[:, None].astype(np.float64)) ** 2).sum(-1)
+    d1 = ((router.centroids[0][0][None].astype(np.float64)
+           - q[:, None].astype(np.float64)) ** 2).sum(-1)
     d1[np.arange(len(q)), best[:, 0]] = np.inf
     assert blocked[:, 0].tolist() == d1.argmin(1).tolist()
     # nearest document: the nearest one outside the subtree
@@ -174,9 +178,10 @@ def _bytes(tensors, metadata):
     return save(tensors, metadata=metadata)
 
 
-@pytest.mark.parametrize("case", ["garbage", "truncated", "no_metadata", "wrong_shape", "missing_level",
-                                  "extra_tensor", "bad_int", "wrong_dtype", "nan", "bad_routing",
-                                  "index_missing", "index_bad_path", "index_wrong_dtype", "index_nan"])
+@pytest.mark.parametrize("case", ["garbage", "truncated", "no_metadata", "wrong_shape",
+                                  "missing_level", "extra_tensor", "bad_int", "wrong_dtype", "nan",
+                                  "bad_routing", "index_missing", "index_bad_path",
+                                  "index_wrong_dtype", "index_nan"])
 def test_load_malformed_raises_value_error(tmp_path, case):
     good = random_router(k=2, depth=2, dim=4)
     meta = {"format": "membank.router/1", "k": "2", "depth": "2", "dim": "4", "embedder": "x"}
@@ -187,20 +192,27 @@ def test_load_malformed_raises_value_error(tmp_path, case):
         "garbage": lambda: b"this is not a safetensors file",
         "truncated": lambda: good.to_bytes()[:-7],
         "no_metadata": lambda: _bytes({"centroids.1": t1, "centroids.2": t2}, None),
-        "wrong_shape": lambda: _bytes({"centroids.1": t1, "centroids.2": np.zeros((2, 2, 5), np.float32)}, meta),
+        "wrong_shape": lambda: _bytes({"centroids.1": t1,
+                                       "centroids.2": np.zeros((2, 2, 5), np.float32)}, meta),
         "missing_level": lambda: _bytes({"centroids.1": t1}, meta),
-        "extra_tensor": lambda: _bytes({"centroids.1": t1, "centroids.2": t2, "centroids.3": t2.copy()}, meta),
+        "extra_tensor": lambda: _bytes({"centroids.1": t1, "centroids.2": t2,
+                                        "centroids.3": t2.copy()}, meta),
         "bad_int": lambda: _bytes({"centroids.1": t1, "centroids.2": t2}, {**meta, "k": "two"}),
-        "wrong_dtype": lambda: _bytes({"centroids.1": t1.astype(np.float64), "centroids.2": t2}, meta),
+        "wrong_dtype": lambda: _bytes({"centroids.1": t1.astype(np.float64), "centroids.2": t2},
+                                      meta),
         "nan": lambda: _bytes({"centroids.1": t1, "centroids.2": np.full_like(t2, np.nan)}, meta),
-        "bad_routing": lambda: _bytes({"centroids.1": t1, "centroids.2": t2}, {**meta, "routing": "knn"}),
+        "bad_routing": lambda: _bytes({"centroids.1": t1, "centroids.2": t2},
+                                      {**meta, "routing": "knn"}),
         "index_missing": lambda: _bytes({"centroids.1": t1, "centroids.2": t2}, idx_meta),
-        "index_bad_path": lambda: _bytes({"centroids.1": t1, "centroids.2": t2, "index.vectors": vec,
-                                          "index.paths": paths + 2}, idx_meta),
+        "index_bad_path": lambda: _bytes({"centroids.1": t1, "centroids.2": t2,
+                                          "index.vectors": vec, "index.paths": paths + 2},
+                                         idx_meta),
         "index_wrong_dtype": lambda: _bytes({"centroids.1": t1, "centroids.2": t2,
-                                             "index.vectors": vec.astype(np.float32), "index.paths": paths}, idx_meta),
-        "index_nan": lambda: _bytes({"centroids.1": t1, "centroids.2": t2, "index.vectors": vec + np.nan,
-                                     "index.paths": paths}, idx_meta),
+                                             "index.vectors": vec.astype(np.float32),
+                                             "index.paths": paths}, idx_meta),
+        "index_nan": lambda: _bytes({"centroids.1": t1, "centroids.2": t2,
+                                     "index.vectors": vec + np.nan, "index.paths": paths},
+                                    idx_meta),
     }[case]()
     path = tmp_path / "bad.safetensors"
     path.write_bytes(raw)
@@ -257,7 +269,8 @@ def test_most_random_rows_never_take_the_exact_path(monkeypatch):
     router, emb = unit_router(16, 2, 384), unit_emb(2000, 384)
     seen = []
     real = router_module.exact_sq_dist
-    monkeypatch.setattr(router_module, "exact_sq_dist", lambda a, b: seen.append(len(a)) or real(a, b))
+    monkeypatch.setattr(router_module, "exact_sq_dist",
+                        lambda a, b: seen.append(len(a)) or real(a, b))
     paths = router.route(emb)
     assert sum(seen) < 0.05 * len(emb) * router.depth        # candidates, not rows: an upper bound
     assert np.array_equal(paths, reference_paths(router, emb))
@@ -272,7 +285,8 @@ def near_tie_case(seed=0):
     c = np.repeat(base[None], k, axis=0)
     for j in range(1, k):                     # child j nudged by one ulp in a few coordinates
         idx = rng.choice(dim, 3, replace=False)
-        c[j, idx] = np.nextafter(c[j, idx], np.where(rng.random(3) < 0.5, np.inf, -np.inf).astype(np.float32))
+        c[j, idx] = np.nextafter(c[j, idx],
+                                 np.where(rng.random(3) < 0.5, np.inf, -np.inf).astype(np.float32))
     x = base[None] + rng.standard_normal((300, dim)).astype(np.float32) * 1e-3
     return Router(branching=k, depth=1, dim=dim, centroids=[c[None]]), x
 

@@ -25,7 +25,8 @@ def test_greedy_is_argmax(seed):
 @pytest.mark.parametrize("seed", range(5))
 def test_top_k_1_and_tiny_top_p_are_greedy_at_any_temperature(seed):
     x = logits(seed)
-    for p in (SamplingParams(temperature=1.5, top_k=1), SamplingParams(temperature=1.5, top_p=1e-6)):
+    for p in (SamplingParams(temperature=1.5, top_k=1),
+              SamplingParams(temperature=1.5, top_p=1e-6)):
         g = p.generator()
         assert {select_token(x, p, g) for _ in range(20)} == {int(x.argmax())}
 
@@ -163,7 +164,8 @@ def test_stream_pieces_join_to_generate_text_and_to_the_decoded_ids(model):
     ids = model.decode("Gold has", None, 24, temperature=1.0, seed=5)
     assert result.text == model.tokenizer.decode(ids) and result.new_tokens == len(ids)
     assert all(REPLACEMENT != p[-1] for p in pieces[:-1])
-    assert {"embed", "route", "fetch", "attach", "prefill", "decode", "ttft"} <= set(result.timings_ms)
+    assert ({"embed", "route", "fetch", "attach", "prefill", "decode", "ttft"}
+            <= set(result.timings_ms))
     assert result.memory is False and result.anchor_only_reason == "memory disabled"
 
 
@@ -171,7 +173,8 @@ def test_generate_stops_before_a_stop_string(model):
     full = model.generate("The atomic number of", use_memory=False, max_new_tokens=20)
     assert full.finish_reason == "length" and full.new_tokens == 20 and len(full.text) > 4
     cut = full.text[2:5]  # a stop string from inside the greedy text, likely spanning tokens
-    stopped = model.generate("The atomic number of", use_memory=False, max_new_tokens=20, stop=(cut,))
+    stopped = model.generate("The atomic number of", use_memory=False, max_new_tokens=20,
+                             stop=(cut,))
     assert stopped.finish_reason == "stop"
     assert stopped.text == full.text[:full.text.index(cut)]
 

@@ -14,8 +14,8 @@ import pytest
 
 from membank.v1 import bank_pb2
 from services.bank_server.ingest import gc, ingest
-from services.bank_server.settings import BankServerSettings
 from services.bank_server.servicer import BankServicer
+from services.bank_server.settings import BankServerSettings
 from services.bank_server.store import LMDBStore
 
 MAP = 1 << 30

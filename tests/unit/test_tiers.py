@@ -15,8 +15,14 @@ from membank.blocks import checksum
 from services.bank_server import cache as cache_mod
 from services.bank_server import store as store_mod
 from services.bank_server.cache import CircuitBreaker
-from services.bank_server.store import (CorruptBlock, Expect, LMDBStore, acquire_env,
-                                        page_cache_residency, release_env)
+from services.bank_server.store import (
+    CorruptBlock,
+    Expect,
+    LMDBStore,
+    acquire_env,
+    page_cache_residency,
+    release_env,
+)
 from services.bank_server.tiers import LRUCache, build_block_store, tier_stats, tiers
 
 
@@ -231,7 +237,7 @@ def test_breaker_ignores_calls_that_began_before_it_opened(clock):
     assert b.allow()
 
 
-# -- verify once ------------------------------------------------------------------------------------
+# -- verify once -----------------------------------------------------------------------------------
 def _aged(db):
     """Date data.mdb an hour back, as a bank ingested long before it is served: the next write
     to the file then moves its mtime however coarse the file system's clock is."""

@@ -59,7 +59,8 @@ def test_loss_normalised_by_a_global_token_count_sums_to_the_mean():
     p = toy_packed()
     tokens, ids = p.tokens[:4], p.doc_ids[:4]
     n = int((ids[:, 1:] >= 0).sum())
-    halves = lm_loss(model, tokens[:2], ids[:2], normalizer=n) + lm_loss(model, tokens[2:], ids[2:], normalizer=n)
+    halves = (lm_loss(model, tokens[:2], ids[:2], normalizer=n)
+              + lm_loss(model, tokens[2:], ids[2:], normalizer=n))
     torch.testing.assert_close(halves, lm_loss(model, tokens, ids))
 
 
@@ -84,7 +85,8 @@ def test_cotraining_lowers_loss_and_trains_the_bank():
 
 
 def test_phases_train_the_right_parts():
-    trainer = tiny_trainer("anchor_steps=3", "cotrain_steps=0", "frozen_steps=4", "generic_prob=0.5")
+    trainer = tiny_trainer("anchor_steps=3", "cotrain_steps=0", "frozen_steps=4",
+                           "generic_prob=0.5")
     bank0, generic0 = [t.clone() for t in trainer.bank], trainer.generic.detach().clone()
     trainer.train(max_steps=3)                            # anchor phase: bank and generic idle
     assert all(torch.equal(a, b) for a, b in zip(bank0, trainer.bank))
@@ -106,18 +108,20 @@ def test_generic_coins_are_seeded_per_step_and_about_one_in_seventeen():
 
 def test_no_memory_coins_leave_the_generic_coins_unchanged():
     for step in range(5):
-        plain, mixed = generic_coins(0, step, 500, 1 / 17), generic_coins(0, step, 500, 1 / 17, 0.25)
+        plain, mixed = (generic_coins(0, step, 500, 1 / 17),
+                        generic_coins(0, step, 500, 1 / 17, 0.25))
         assert torch.equal(plain == 1, mixed == 1)                    # the same generic samples
         assert not (plain == 2).any()
-    share = torch.cat([generic_coins(0, s, 1000, 1 / 17, 0.25) for s in range(20)]).eq(2).float().mean()
+    share = torch.cat([generic_coins(0, s, 1000, 1 / 17, 0.25)
+                       for s in range(20)]).eq(2).float().mean()
     assert abs(share - 0.25) < 0.02
 
 
 def test_no_memory_samples_see_exactly_the_anchor(monkeypatch):
     """A sample drawn for no memory gets a zero memory: its loss is the anchor's alone, and no
     bank row it would have fetched is touched by its gradient."""
-    trainer = tiny_trainer("anchor_steps=0", "cotrain_steps=2", "no_memory_prob=0.99", "generic_prob=0",
-                           "batch_size=4")
+    trainer = tiny_trainer("anchor_steps=0", "cotrain_steps=2", "no_memory_prob=0.99",
+                           "generic_prob=0", "batch_size=4")
     batch = trainer._next_batch(uses_memory=True)
     assert batch.n_none == 4 and batch.n_generic == 0
     mem, fetched = trainer._memory(batch)
@@ -169,7 +173,8 @@ def test_resume_from_a_checkpoint_is_exact(tmp_path, split):
 def test_checkpoint_from_another_config_or_other_data_is_refused(tmp_path):
     path = tiny_trainer("anchor_steps=1", "cotrain_steps=0").save(tmp_path / "c")
     other = tiny_trainer("anchor_steps=1", "cotrain_steps=0", "model.d_model=64")
-    with pytest.raises(ValueError, match="another config: model.d_model: checkpoint 32, this run 64"):
+    with pytest.raises(ValueError,
+                       match="another config: model.d_model: checkpoint 32, this run 64"):
         other.load(path)
     with pytest.raises(ValueError, match="other data"):
         tiny_trainer("anchor_steps=1", "cotrain_steps=0", data_fingerprint="elsewhere").load(path)

@@ -11,8 +11,8 @@ from training.data import read_jsonl_corpus
 
 def test_defaults_are_the_papers_recipe_and_demo_keeps_cpu_rates():
     tc = TrainConfig()
-    assert (tc.anchor_lr, tc.anchor_wd, tc.memory_lr, tc.memory_min_lr, tc.memory_wd, tc.grad_clip) == \
-        (5e-3, 0.05, 1e-4, 1e-5, 1e-3, 1.0)
+    assert (tc.anchor_lr, tc.anchor_wd, tc.memory_lr, tc.memory_min_lr, tc.memory_wd,
+            tc.grad_clip) == (5e-3, 0.05, 1e-4, 1e-5, 1e-3, 1.0)
     assert (tc.beta1, tc.beta2) == (0.9, 0.95) and tc.generic_prob == 1 / 17
     demo = load_train_config("demo")
     assert demo.memory_lr == 3e-3 and demo.anchor_steps == demo.cotrain_steps == 300
@@ -22,7 +22,8 @@ def test_defaults_are_the_papers_recipe_and_demo_keeps_cpu_rates():
 def test_file_with_extends_and_overrides(tmp_path):
     f = tmp_path / "run.json"
     f.write_text(json.dumps({"extends": "tiny", "cotrain_steps": 7, "memory": {"ranks": [4, 2]}}))
-    tc = load_train_config(str(f), ["model.n_layer=3", "memory_lr=1e-3", "version=2", "subtree=null"])
+    tc = load_train_config(str(f), ["model.n_layer=3", "memory_lr=1e-3", "version=2",
+                                    "subtree=null"])
     assert (tc.cotrain_steps, tc.memory_lr, tc.version, tc.anchor_steps) == (7, 1e-3, "2", 20)
     config = tc.model_config()
     assert config.model.n_layer == 3 and config.memory.ranks == (4, 2)

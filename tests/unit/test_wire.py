@@ -7,8 +7,8 @@ import pytest
 from membank import wire
 from membank.v1 import bank_pb2
 
-HEADER = dict(level=2, node=3, version="v1", checksum="0123456789abcdef", nbytes=3 * wire.CHUNK_BYTES,
-              dtype="bfloat16", shape=[2, 3, 8, 32])
+HEADER = dict(level=2, node=3, version="v1", checksum="0123456789abcdef",
+              nbytes=3 * wire.CHUNK_BYTES, dtype="bfloat16", shape=[2, 3, 8, 32])
 
 
 @pytest.mark.parametrize("index, header, offset, data", [
@@ -21,7 +21,8 @@ HEADER = dict(level=2, node=3, version="v1", checksum="0123456789abcdef", nbytes
     (7, HEADER, 0, b"\xff" * wire.CHUNK_BYTES),   # a full 1 MiB chunk
 ])
 def test_encode_chunk_equals_protobuf(index, header, offset, data):
-    want = bank_pb2.BlockChunk(index=index, header=header, offset=offset, data=data).SerializeToString()
+    want = bank_pb2.BlockChunk(index=index, header=header, offset=offset,
+                               data=data).SerializeToString()
     assert wire.encode_chunk(index, header, offset, memoryview(data)) == want
     assert wire.encode_chunk(index, header, offset, data) == want
     back = bank_pb2.BlockChunk.FromString(want)
@@ -36,7 +37,8 @@ def test_encode_chunk_accepts_a_header_message():
 @pytest.mark.parametrize("n", [0, 1, wire.CHUNK_BYTES - 1, wire.CHUNK_BYTES, wire.CHUNK_BYTES + 1,
                                2 * wire.CHUNK_BYTES + 12345])
 def test_iter_block_chunks_splits_and_reassembles(n):
-    data = bytes((i * 7) % 251 for i in range(n)) if n < 4096 else (b"0123456789" * (n // 10 + 1))[:n]
+    data = (bytes((i * 7) % 251 for i in range(n)) if n < 4096
+            else (b"0123456789" * (n // 10 + 1))[:n])
     chunks = [bank_pb2.BlockChunk.FromString(c) for c in wire.iter_block_chunks(4, HEADER, data)]
     assert len(chunks) == max(1, -(-n // wire.CHUNK_BYTES))
     assert chunks[0].HasField("header") and chunks[0].header.checksum == HEADER["checksum"]
