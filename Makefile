@@ -9,12 +9,13 @@ STUBS  := membank/v1/bank_pb2.py membank/v1/bank_pb2_grpc.py
 
 install: $(STAMP)
 
-# torch is pinned and installed first so pip takes the local CPU wheel, never a CUDA build
+# torch is pinned and installed first so pip takes the local CPU wheel, never a CUDA build;
+# the `train` extra (which includes `device`) brings the torch side, the tests need all of it
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,deploy]'
+	$(PY) -m pip install -q -e '.[train,dev,deploy]'
 	touch $@
 
 # gRPC stubs are generated from proto/ by the build, never committed

@@ -98,7 +98,7 @@ def main() -> None:
     ours.route(x)
     figures["route_per_s"] = args.n / (time.perf_counter() - t0)
 
-    from membank.embed import Embedder
+    from membank.nn.embed import Embedder
     from training.data import build_documents
 
     texts = [d.text for d in build_documents()][:512]

@@ -39,8 +39,9 @@ sys.path.insert(0, str(REPO))
 from tqdm import tqdm  # noqa: E402
 
 from loadtests.load_loop import LoadLoop  # noqa: E402
-from membank.artifacts import MANIFEST, atomic_write_bytes, write_bank  # noqa: E402
+from membank.artifacts import MANIFEST, atomic_write_bytes  # noqa: E402
 from membank.manifest import Manifest  # noqa: E402
+from membank.nn.tensors import write_bank  # noqa: E402
 from services.bank_server.cluster import run_local_cluster  # noqa: E402
 
 _TICK = os.sysconf("SC_CLK_TCK")

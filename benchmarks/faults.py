@@ -65,9 +65,10 @@ sys.path.insert(0, str(REPO))
 from tqdm import tqdm  # noqa: E402
 
 from loadtests.load_loop import LoadLoop  # noqa: E402
-from membank.artifacts import MANIFEST, atomic_write_bytes, write_bank  # noqa: E402
+from membank.artifacts import MANIFEST, atomic_write_bytes  # noqa: E402
 from membank.blocks import checksum  # noqa: E402
 from membank.manifest import Manifest  # noqa: E402
+from membank.nn.tensors import write_bank  # noqa: E402
 from services.bank_server.cluster import LocalCluster, run_local_cluster  # noqa: E402
 from services.model_client.bank_client import BankClient, BankError  # noqa: E402
 from services.model_client.fetcher import FetchPolicy, ShardedFetcher  # noqa: E402

@@ -71,8 +71,9 @@ def build_bank(work: Path) -> tuple[Path, object]:
     """Export + ingest the synthetic bank (cached in `work`); return (lmdb path, manifest)."""
     import torch
 
-    from membank.artifacts import MANIFEST, atomic_write_bytes, write_bank
+    from membank.artifacts import MANIFEST, atomic_write_bytes
     from membank.manifest import Manifest
+    from membank.nn.tensors import write_bank
     from services.bank_server.ingest import ingest
 
     export, lmdb_path = work / "export", work / "lmdb"

@@ -36,8 +36,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from membank.artifacts import MANIFEST, atomic_write_bytes, write_bank  # noqa: E402
+from membank.artifacts import MANIFEST, atomic_write_bytes  # noqa: E402
 from membank.manifest import Manifest  # noqa: E402
+from membank.nn.tensors import write_bank  # noqa: E402
 from services.bank_server.ingest import ingest  # noqa: E402
 from services.bank_server.launch import run_bank_server  # noqa: E402
 from services.model_client.bank_client import BankClient  # noqa: E402

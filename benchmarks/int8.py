@@ -14,7 +14,7 @@ to long-tail accuracy and perplexity.
    `encodings=("int8",)`, and every stored int8 payload's size is checked against the formula.
 3. Serving: one bank server subprocess over that LMDB; a whole path is fetched `--reps` times
    natively and as int8 (BankClient over loopback gRPC, alternating, checksums verified), and
-   attached into a float32 room (a copy vs `quant.dequantize_into`, 3x reps alternating rounds).
+   attached into a float32 room (a copy vs `dequantize_into`, 3x reps alternating rounds).
    Medians and int8/native ratios. Loopback says nothing about slow links: bytes are what a link
    pays for.
 4. Accuracy: with `--eval-run DIR`, the long-tail evaluation (training/evaluate.py) re-probes the
@@ -40,9 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from membank import quant  # noqa: E402
-from membank.blocks import tensor_from_buffer, tensor_to_bytes  # noqa: E402
 from membank.config import get_preset  # noqa: E402
 from membank.keys import block_key  # noqa: E402
+from membank.nn.tensors import dequantize_into, tensor_from_buffer, tensor_to_bytes  # noqa: E402
 from services.bank_server import launch  # noqa: E402
 from services.bank_server.ingest import ingest_stream  # noqa: E402
 from services.bank_server.store import LMDBStore  # noqa: E402
@@ -130,7 +130,7 @@ def serve_and_fetch(preset: str, work: Path, reps: int, seed: int) -> dict:
         t = time.perf_counter()
         for (lv, _), buf in got.items():
             if enc == "int8":
-                quant.dequantize_into(buf, m.block_shape(lv), room[lv])
+                dequantize_into(buf, m.block_shape(lv), room[lv])
             else:
                 room[lv].copy_(tensor_from_buffer(buf, m.block_shape(lv), m.dtype))
         return time.perf_counter() - t

@@ -76,7 +76,7 @@ def build_demo_export(out: Path, preset: str, seed: int = 0) -> Path:
     import torch
 
     from membank.config import get_preset
-    from membank.model import Transformer
+    from membank.nn.model import Transformer
     from membank.router import Router
     from training.export import export
     from training.tokenizer import train_tokenizer
@@ -189,7 +189,7 @@ class PaperModels:
 def paper_worker(job: dict, tokenizer, stack: ExitStack) -> dict:
     import torch
 
-    from membank.model import Transformer
+    from membank.nn.model import Transformer
     from services.model_client.bank_client import BankClient
     from services.model_client.memory_model import GenerateResult, MemoryModel
     from services.model_client.sampling import SamplingParams

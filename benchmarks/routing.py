@@ -92,7 +92,7 @@ def route_only(n: int, shapes: list[tuple[int, int]], repeats: int) -> list[dict
 
 
 def embed_and_route(n_texts: int) -> dict:
-    from membank.embed import Embedder
+    from membank.nn.embed import Embedder
     from training.data import build_documents
 
     texts = [d.text for d in build_documents()][:n_texts]

@@ -37,8 +37,9 @@ from tqdm import tqdm  # noqa: E402
 
 from benchmarks.cluster_load import cpu_seconds  # noqa: E402
 from loadtests.load_loop import LoadLoop  # noqa: E402
-from membank.artifacts import MANIFEST, atomic_write_bytes, write_bank  # noqa: E402
+from membank.artifacts import MANIFEST, atomic_write_bytes  # noqa: E402
 from membank.manifest import Manifest  # noqa: E402
+from membank.nn.tensors import write_bank  # noqa: E402
 from services.bank_server.cluster import LocalRedis, run_local_cluster  # noqa: E402
 
 

@@ -35,8 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from membank.config import Config  # noqa: E402
-from membank.memory import MemoryBank  # noqa: E402
-from membank.model import Transformer  # noqa: E402
+from membank.nn.memory import MemoryBank  # noqa: E402
+from membank.nn.model import Transformer  # noqa: E402
 from training.config import load_train_config  # noqa: E402
 from training.packing import Packed  # noqa: E402
 from training.train import Trainer, lm_loss  # noqa: E402

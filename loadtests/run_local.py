@@ -25,8 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from membank.artifacts import MANIFEST, atomic_write_bytes, write_bank  # noqa: E402
+from membank.artifacts import MANIFEST, atomic_write_bytes  # noqa: E402
 from membank.manifest import Manifest  # noqa: E402
+from membank.nn.tensors import write_bank  # noqa: E402
 from services.bank_server.cluster import run_local_cluster  # noqa: E402
 
 

@@ -1,7 +1,8 @@
 """membank: language models with hierarchical parametric memories.
 
 This package is the code that training, the bank server and the model client share: model
-configs, the anchor model and its FFN memories, the router, the block format, the manifest,
-storage keys and placement. It never imports from `services/` or `training/`; only the CLI
-(`membank.cli`) sits above everything.
+configs, the router, the block format, the manifest, storage keys and placement, all torch-free
+(the bank server imports them without torch); the anchor model, its memories and everything
+else that needs torch live in `membank.nn`. It never imports from `services/` or `training/`;
+only the CLI (`membank.cli`) sits above everything.
 """

@@ -16,19 +16,20 @@
 Everything is safetensors or JSON: nothing here is unpickled. Files are written to a temporary
 name and renamed, so a crash never leaves a half-written export that looks complete
 (`manifest.json` is written last and marks the export complete).
+
+This module is torch-free: the bank server's ingest reads the bank through `iter_blocks`, and
+the device and training read the rest. The writers of the tensor files (`write_bank`,
+`save_tensors_atomic`) and `load_generic` need torch and live in membank/nn/tensors.py.
 """
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import struct
 from pathlib import Path
 from typing import Iterator
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-from membank.blocks import checksum, tensor_to_bytes, torch_dtype
 from membank.config import Config
 from membank.manifest import Manifest
 
@@ -39,6 +40,9 @@ ROUTER = "router.safetensors"
 MANIFEST = "manifest.json"
 GENERIC = "generic.safetensors"
 
+# the safetensors header's names of the bank dtypes
+_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
+
 
 def level_file(export_dir: str | Path, level: int) -> Path:
     return Path(export_dir) / "bank" / f"level{level}.safetensors"
@@ -47,13 +51,6 @@ def level_file(export_dir: str | Path, level: int) -> Path:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path,
-                        metadata: dict | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
@@ -68,44 +65,37 @@ def load_manifest(export_dir: str | Path) -> Manifest:
     return Manifest.from_json(path.read_text())
 
 
-def load_generic(export_dir: str | Path) -> torch.Tensor | None:
-    """The generic memory (1, L, n_mats, R, W), or None when the export has none."""
-    path = Path(export_dir) / GENERIC
-    if not path.exists():
-        return None
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor("generic")
+def iter_blocks(export_dir: str | Path, manifest: Manifest,
+                only: set[tuple[int, int]] | None = None
+                ) -> Iterator[tuple[int, int, memoryview]]:
+    """(level, node, view) of an export's blocks (only those in `only`, if given), read from
+    bank/level{l}.safetensors through a memory map: a block is a contiguous slice of the level
+    tensor (k^l, *block_shape), which is the block format already, so nothing is converted or
+    copied (no torch). `bytes(view)` where a copy is wanted.
 
-
-def write_bank(export_dir: str | Path, levels: list[torch.Tensor | None],
-               dtype: str) -> list[list[str]]:
-    """Write per-level bank tensors (k^l, L, 3, r_l, d); return per-block checksums."""
-    (Path(export_dir) / "bank").mkdir(parents=True, exist_ok=True)
-    sums: list[list[str]] = []
-    for level, t in enumerate(levels, start=1):
-        if t is None or t.shape[3] == 0:  # (k^l, L, n_mats, r_l, W): rank 0 = no blocks
-            sums.append([])
-            continue
-        t = t.detach().to(torch_dtype(dtype)).contiguous()
-        sums.append([checksum(tensor_to_bytes(t[n], dtype)) for n in range(t.shape[0])])
-        save_tensors_atomic({"blocks": t}, level_file(export_dir, level))
-    return sums
-
-
-def iter_blocks(export_dir: str | Path, manifest: Manifest) -> Iterator[tuple[int, int, bytes]]:
-    """(level, node, block bytes) for every block of an export, read lazily level by level.
-
-    safe_open memory-maps the file, so a multi-GB level is never held in memory at once.
+    ValueError when a level file's tensor does not match the manifest (dtype, shape, size).
     """
     for level in range(1, manifest.depth + 1):
         if manifest.ranks[level - 1] == 0:
             continue
-        with safe_open(str(level_file(export_dir, level)), framework="pt") as f:
-            blocks = f.get_slice("blocks")
-            shape = tuple(blocks.get_shape())
-            want = (manifest.n_nodes(level), *manifest.block_shape(level))
-            if shape != want:
-                raise ValueError(f"level {level}: bank tensor has shape {shape}, "
-                                 f"manifest says {want}")
-            for node in range(manifest.n_nodes(level)):
-                yield level, node, tensor_to_bytes(blocks[node:node + 1][0], manifest.dtype)
+        path = level_file(export_dir, level)
+        with open(path, "rb") as f:
+            # the map lives as long as a view of it does (the writer may batch views across
+            # levels); it is unmapped when the last one is dropped
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        (n,) = struct.unpack("<Q", mm[:8])
+        entry = json.loads(mm[8:8 + n])["blocks"]
+        want = [manifest.n_nodes(level), *manifest.block_shape(level)]
+        if entry["shape"] != want or entry["dtype"] != _ST_DTYPES[manifest.dtype]:
+            raise ValueError(f"{path}: tensor {entry['dtype']} {entry['shape']}, manifest "
+                             f"says {_ST_DTYPES[manifest.dtype]} {want}")
+        size = manifest.block_nbytes(level)
+        start, end = entry["data_offsets"]
+        if end - start != size * manifest.n_nodes(level):
+            raise ValueError(f"{path}: {end - start} data bytes, expected "
+                             f"{size * manifest.n_nodes(level)}")
+        base = 8 + n + start
+        view = memoryview(mm)
+        for node in range(manifest.n_nodes(level)):
+            if only is None or (level, node) in only:
+                yield level, node, view[base + node * size: base + (node + 1) * size]

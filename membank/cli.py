@@ -178,7 +178,7 @@ def cmd_config(args) -> None:
     import torch
 
     from membank.config import DTYPES, get_preset
-    from membank.model import Transformer
+    from membank.nn.model import Transformer
 
     cfg = get_preset(args.name)
     if args.kind:

@@ -57,7 +57,7 @@ class ModelConfig:
 # memory kinds: FFN memories (the method, the default), LoRA memories, KV memories
 MemoryKind = Literal["ffn", "lora-qk", "lora-ov", "lora-ffn", "kv"]
 MEMORY_KINDS: tuple[str, ...] = typing.get_args(MemoryKind)
-# the anchor linears a LoRA memory patches, in block order (names of membank/model.py modules)
+# the anchor linears a LoRA memory patches, in block order (names of membank/nn/model.py modules)
 LORA_TARGETS = {"lora-qk": ("wq", "wk"), "lora-ov": ("wv", "wo"), "lora-ffn": ("w1", "w2", "w3")}
 LORA_ALPHA = 2.0  # PAPER.md section 4; the update is (alpha / R) B A with R the fetched rank
 Placement = Literal["all", "first", "middle", "last"]

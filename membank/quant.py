@@ -16,23 +16,21 @@ Encoded payload (little-endian, no header: the manifest gives the shape):
 input weights or its W3m output weights, so one outlier weight costs precision only within its
 own neuron. Payloads are made once, at ingest (services/bank_server/ingest.py), never per
 request; the device verifies them against the manifest's per-encoding checksum like a native
-block, then `dequantize_into` writes them straight into the model's preallocated memory.
+block, then `membank.nn.tensors.dequantize_into` writes them straight into the model's
+preallocated memory.
 
-Pure numpy (encode: the ingest CLI never imports torch, bfloat16 is widened by bit shifting)
-and torch (decode into a tensor, and `roundtrip` for the evaluation's "fetched-int8" model).
+Pure numpy, no torch (ingest on the bank server encodes; bfloat16 is widened by bit shifting).
+The torch side, decoding into a tensor and `roundtrip` for the evaluation's "fetched-int8"
+model, is in membank/nn/tensors.py.
 Run its tests: .venv/bin/python -m pytest -q tests/unit/test_quant.py
 """
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from membank.blocks import block_nbytes
-
-if TYPE_CHECKING:
-    import torch
 
 assert sys.byteorder == "little", \
     "the int8 payload is little-endian; big-endian hosts must byteswap"
@@ -121,7 +119,7 @@ def encode_block(buf, shape: tuple[int, ...], dtype: str, encoding: str) -> byte
     raise ValueError(f"nothing to encode for encoding {encoding!r}")
 
 
-# -- decode -------------------------------------------------------------------------------------
+# -- decode (numpy) ---------------------------------------------------------------------------
 def split_int8(buf, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """(q int8 (shape), scales float32 (shape[:-1])) views of an int8 payload, no copy.
 
@@ -144,46 +142,3 @@ def dequantize(buf, shape: tuple[int, ...]) -> np.ndarray:
     """A float32 array of `shape` from an int8 payload."""
     q, scales = split_int8(buf, shape)
     return q.astype(np.float32) * scales[..., None]
-
-
-def dequantize_into(buf, shape: tuple[int, ...], out: "torch.Tensor") -> "torch.Tensor":
-    """Decode an int8 payload straight into `out` (a tensor of `shape`, any float dtype, may be
-    a strided view such as one level's slice of the model's memory room): no block-sized
-    allocation for a float32 `out`. The payload is fully checked before `out` is touched."""
-    import torch  # lazily: the bank server imports this module for sizes only
-
-    q, scales = split_int8(buf, shape)
-    if tuple(out.shape) != tuple(shape):
-        raise ValueError(f"out has shape {tuple(out.shape)}, the block {tuple(shape)}")
-    qt = _readonly_tensor(q, torch.int8)
-    st = _readonly_tensor(scales, torch.float32)
-    if out.dtype == torch.float32:
-        out.copy_(qt)                               # int8 -> float32, exact
-        out.mul_(st.unsqueeze(-1))                  # (L, n, r, 1) broadcast over W
-    else:   # multiply in float32 and round once to out's dtype (as `roundtrip(...).to(dtype)`)
-        out.copy_(qt.to(torch.float32).mul_(st.unsqueeze(-1)))
-    return out
-
-
-def _readonly_tensor(a: np.ndarray, dtype: "torch.dtype") -> "torch.Tensor":
-    """A tensor viewing a (possibly read-only) numpy array without copying it; only read."""
-    import warnings
-
-    import torch
-
-    if a.size == 0:
-        return torch.empty(a.shape, dtype=dtype)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)   # "non-writable buffer": we only read
-        return torch.frombuffer(a.data if a.flags.c_contiguous else a.tobytes(),
-                                dtype=dtype).view(a.shape)
-
-
-def roundtrip(t: "torch.Tensor") -> "torch.Tensor":
-    """t -> quantize -> dequantize, per row over the last axis, with the same code as the
-    bank and the device (the evaluation's "fetched-int8" memory). Any leading shape."""
-    import torch
-
-    x = t.detach().to(torch.float32).cpu().contiguous().numpy()
-    q, scales = quantize(x)
-    return torch.from_numpy(q.astype(np.float32) * scales[..., None]).to(t.dtype)

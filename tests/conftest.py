@@ -24,9 +24,10 @@ import numpy as np
 import pytest
 import torch
 
-from membank.artifacts import MANIFEST, atomic_write_bytes, write_bank
+from membank.artifacts import MANIFEST, atomic_write_bytes
 from membank.config import get_preset
 from membank.manifest import Manifest
+from membank.nn.tensors import write_bank
 from services.bank_server import launch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,7 +162,7 @@ def make_model_export(out: Path, seed: int = 0, preset: str = "tiny") -> Path:
     """A random-weight model exported like training does (bank "test", version "v1"; with
     `tiny`, the same shapes as `tiny_export`): enough to load, route, fetch and decode in
     seconds."""
-    from membank.model import Transformer
+    from membank.nn.model import Transformer
     from membank.router import Router
     from training.export import export
     from training.tokenizer import train_tokenizer

@@ -208,7 +208,7 @@ def _first_occurrences(x: np.ndarray) -> np.ndarray:
 if __name__ == "__main__":
     import time
 
-    from membank.embed import Embedder
+    from membank.nn.embed import Embedder
     from training.data import build_documents, probe_prompts
 
     t0 = time.perf_counter()

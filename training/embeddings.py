@@ -26,7 +26,7 @@ from typing import Iterable
 import numpy as np
 from tqdm import tqdm
 
-from membank.embed import Embedder
+from membank.nn.embed import Embedder
 
 
 def texts_fingerprint(texts: Iterable[str]) -> tuple[str, int]:

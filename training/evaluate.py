@@ -61,7 +61,8 @@ from tqdm import tqdm
 from membank import artifacts, quant
 from membank.blocks import block_nbytes
 from membank.config import Config
-from membank.decode import greedy
+from membank.nn.decode import greedy
+from membank.nn.tensors import roundtrip
 from membank.router import Router
 from training import checkpoint, report
 from training.config import TrainConfig
@@ -341,7 +342,7 @@ def memory_fn(trainer: Trainer, mode: str, nodes: np.ndarray | None, levels: int
         if mode == "int8":
             # per row (sample, layer, matrix, neuron) over W: exactly the rows of the blocks, so
             # this is each block through the bank's int8 encoding and the device's decoding
-            return quant.roundtrip(mem)
+            return roundtrip(mem)
         return torch.zeros_like(mem) if mode == "zeros" else mem
     return fn
 
@@ -411,7 +412,7 @@ def evaluate(models: dict, p: Probing, ec: EvalConfig, log=print,
              names: tuple[str, ...] | None = None) -> dict:
     """Probe every model variant on every domain's prompts; perplexity and diagnostics.
     names: only these variants, and no training-phrasing check (training/scaling.py)."""
-    from membank.embed import Embedder
+    from membank.nn.embed import Embedder
 
     mix, router, tok, eos = p.mix, p.router, p.tokenizer, p.eos
     embedder = Embedder()
@@ -646,7 +647,7 @@ def run_eval(out_dir: str | Path, ec: EvalConfig, *, domains: list[DomainFiles] 
     empty tuple there: the user's alone). results: path of the JSON (the Markdown and the PNG go
     beside it; per-prompt answers to OUT/prompts.jsonl.gz). reuse_only: probe the finished
     checkpoints under out_dir, never train (ValueError if any run of any seed is missing)."""
-    from membank.embed import Embedder
+    from membank.nn.embed import Embedder
     from training.embeddings import EmbeddingStore
 
     t_start = time.perf_counter()

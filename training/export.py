@@ -14,8 +14,9 @@ import torch
 from membank import artifacts
 from membank.config import Config
 from membank.manifest import Manifest
-from membank.memory import MemoryBank
-from membank.model import Transformer
+from membank.nn.memory import MemoryBank
+from membank.nn.model import Transformer
+from membank.nn.tensors import save_tensors_atomic, write_bank
 from membank.router import Router
 
 
@@ -38,17 +39,16 @@ def export(export_dir: str | Path, config: Config, model: Transformer,
     out.mkdir(parents=True, exist_ok=True)
     artifacts.atomic_write_bytes(out / artifacts.CONFIG,
                                  json.dumps(config.to_dict(), indent=1).encode())
-    artifacts.save_tensors_atomic(anchor_state(model), out / artifacts.ANCHOR)
+    save_tensors_atomic(anchor_state(model), out / artifacts.ANCHOR)
     shutil.copyfile(tokenizer_path, out / artifacts.TOKENIZER)
     router.save(out / artifacts.ROUTER)
     if generic is not None:
-        artifacts.save_tensors_atomic({"generic": generic.detach().float()},
-                                      out / artifacts.GENERIC)
+        save_tensors_atomic({"generic": generic.detach().float()}, out / artifacts.GENERIC)
     else:
         (out / artifacts.GENERIC).unlink(missing_ok=True)
     mc = config.memory
     levels = [p.data for p in bank.levels] if isinstance(bank, MemoryBank) else list(bank)
-    checksums = artifacts.write_bank(out, levels, mc.dtype)
+    checksums = write_bank(out, levels, mc.dtype)
     manifest = Manifest(
         bank=bank_id, version=version, **mc.manifest_fields(config.model), checksums=checksums,
         shards=shards or ["shard-0"], replication=replication,

@@ -26,7 +26,7 @@ import torch
 
 from membank import artifacts
 from membank.config import Config
-from membank.model import Transformer
+from membank.nn.model import Transformer
 from membank.router import Router
 from training import checkpoint
 from training.prepare import DATA_FILES

@@ -93,7 +93,7 @@ def build_data(out: Path, tc: TrainConfig, config: Config, key: dict, log=print,
     tokenizer trains from a stream, documents are tokenised in batches into one int32 array,
     embedded in batches into the on-disk memmap cache, clustered and packed.
     """
-    from membank.embed import Embedder
+    from membank.nn.embed import Embedder
     from training.cluster import build_router
     from training.data import build_documents, iter_jsonl_corpus
     from training.embeddings import embed_corpus, is_cached, texts_fingerprint

@@ -62,7 +62,7 @@ def run_scaling(out_dir: str | Path, preset: str = "small", *,
                 seeds: tuple[int, ...] = (0,), domains: list[DomainFiles] | None = None,
                 results: str | Path | None = None, log=print) -> dict:
     """Train and probe every grid point for every seed; write results JSON, .md and .png."""
-    from membank.embed import Embedder
+    from membank.nn.embed import Embedder
     from training.embeddings import EmbeddingStore
 
     t_start = time.perf_counter()

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from membank.config import Config
-from membank.memory import MemoryBank, init_memory_
-from membank.model import Transformer
+from membank.nn.memory import MemoryBank, init_memory_
+from membank.nn.model import Transformer
 from training import checkpoint
 from training.config import TrainConfig
 from training.distributed import Dist

@@ -54,9 +54,10 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from membank.artifacts import load_manifest
 from membank.manifest import Manifest
 from services.bank_server import launch
-from services.bank_server.ingest import ingest, load_export_manifest, publish_version
+from services.bank_server.ingest import ingest, publish_version
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +333,7 @@ def run_local_cluster(export_dir: str | Path, *, shards: int = 1, replication: i
         raise ValueError(f"replication must be 1..{shards} (the number of shards), "
                          f"got {replication}")
     export_dir = Path(export_dir)
-    base = load_export_manifest(export_dir)     # fails early, in one line, on a bad export
+    base = load_manifest(export_dir)     # fails early, in one line, on a bad export
     with ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(

@@ -8,8 +8,9 @@
     python -m services.bank_server.ingest publish --lmdb data/bank.lmdb --bank B --version V
 
 Sources: an export directory (`ingest`, blocks read straight from the safetensors files with a
-memory map, no torch), or any iterable of (level, node, bytes) (`ingest_stream`: generators,
-other stores, the paper-scale benchmark), written into one LMDB per shard in one pass.
+memory map by `membank.artifacts.iter_blocks`, no torch), or any iterable of (level, node,
+bytes) (`ingest_stream`: generators, other stores, the paper-scale benchmark), written into one
+LMDB per shard in one pass.
 
 Order of writes, so that a reader never sees a half-written version:
   1. every block under its versioned key `b/{bank}/{version}/{level}/{node}`, in batched write
@@ -44,17 +45,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import mmap
 import socket
-import struct
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Mapping
 
 from tqdm import tqdm
 
 from membank import quant
+from membank.artifacts import iter_blocks, load_manifest
 from membank.blocks import checksum
 from membank.keys import (
     SHARD_KEY,
@@ -71,51 +71,9 @@ from services.bank_server.store import acquire_env, list_versions, release_env
 
 log = logging.getLogger(__name__)
 
-_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
-
 
 class IngestError(RuntimeError):
     """The source cannot be ingested (corrupt block, conflicting version, wrong shard)."""
-
-
-# -- sources ----------------------------------------------------------------------------------
-def load_export_manifest(export_dir: str | Path) -> Manifest:
-    path = Path(export_dir) / "manifest.json"       # membank/artifacts.py MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"{export_dir} is not a complete export (no manifest.json)")
-    return Manifest.from_json(path.read_text())
-
-
-def iter_export_blocks(export_dir: str | Path, manifest: Manifest,
-                       only: set[tuple[int, int]] | None = None
-                       ) -> Iterator[tuple[int, int, memoryview]]:
-    """(level, node, view) of an export's blocks, read from bank/level{l}.safetensors through
-    a memory map: a block is a contiguous slice of the level tensor (k^l, *block_shape), which
-    is the block format already, so nothing is converted or copied (no torch)."""
-    for level in range(1, manifest.depth + 1):
-        if manifest.ranks[level - 1] == 0:
-            continue
-        path = Path(export_dir) / "bank" / f"level{level}.safetensors"
-        with open(path, "rb") as f:
-            # the map lives as long as a view of it does (the writer may batch views across
-            # levels); it is unmapped when the last one is dropped
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        (n,) = struct.unpack("<Q", mm[:8])
-        entry = json.loads(mm[8:8 + n])["blocks"]
-        want = [manifest.n_nodes(level), *manifest.block_shape(level)]
-        if entry["shape"] != want or entry["dtype"] != _ST_DTYPES[manifest.dtype]:
-            raise IngestError(f"{path}: tensor {entry['dtype']} {entry['shape']}, manifest "
-                              f"says {_ST_DTYPES[manifest.dtype]} {want}")
-        size = manifest.block_nbytes(level)
-        start, end = entry["data_offsets"]
-        if end - start != size * manifest.n_nodes(level):
-            raise IngestError(f"{path}: {end - start} data bytes, expected "
-                              f"{size * manifest.n_nodes(level)}")
-        base = 8 + n + start
-        view = memoryview(mm)
-        for node in range(manifest.n_nodes(level)):
-            if only is None or (level, node) in only:
-                yield level, node, view[base + node * size: base + (node + 1) * size]
 
 
 # -- the writer -------------------------------------------------------------------------------
@@ -267,7 +225,7 @@ def ingest(export_dir: str | Path, lmdb_path: str | Path, *, version: str | None
     writes (ingest into a shard that is serving competes with it for the disk).
     """
     # an export holds native blocks only: encodings are made here (and listed by _write)
-    manifest = _with_placement(_native_part(load_export_manifest(export_dir)), version=version,
+    manifest = _with_placement(_native_part(load_manifest(export_dir)), version=version,
                                shards=shards, replication=replication,
                                placement_level=placement_level)
     targets = {shard_id: lmdb_path}
@@ -281,7 +239,7 @@ def ingest(export_dir: str | Path, lmdb_path: str | Path, *, version: str | None
     # stores, as always, only those placement gives it)
     read = None if encodings else only
     total = sum(manifest.block_nbytes(l) for l, _ in (read or manifest.blocks()))
-    blocks = iter_export_blocks(export_dir, manifest, read)
+    blocks = iter_blocks(export_dir, manifest, read)
     return _write(manifest, blocks, targets, verify=True, publish=publish, progress=progress,
                   total_bytes=total, batch_bytes=batch_bytes, map_size=map_size, resume=resume,
                   source=str(export_dir), max_bytes_per_s=max_bytes_per_s, writemap=writemap,

@@ -20,9 +20,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from membank.artifacts import ROUTER as ROUTER_FILE
 from membank.router import Router, RouterFormatError
-
-ROUTER_FILE = "router.safetensors"      # membank.artifacts.ROUTER (that module needs torch)
 
 __all__ = ["ROUTER_FILE", "Router", "RouterCache", "RouterFormatError", "router_key",
            "store_router", "write_router"]

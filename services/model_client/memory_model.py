@@ -47,11 +47,11 @@ import torch
 from tokenizers import Tokenizer
 
 from membank import artifacts, quant
-from membank.blocks import tensor_from_buffer
 from membank.config import Config
-from membank.embed import Embedder
 from membank.manifest import Manifest
-from membank.model import KVCache, Transformer
+from membank.nn.embed import Embedder
+from membank.nn.model import KVCache, Transformer
+from membank.nn.tensors import dequantize_into, tensor_from_buffer
 from membank.router import Router
 from services.model_client.bank_client import BankClient, BankError
 from services.model_client.detokenize import IncrementalDecoder
@@ -169,7 +169,7 @@ class MemoryModel:
             room = self.mem[0, :, :, off:off + r]
             self.attached.pop(level, None)
             if encoding == quant.INT8:
-                quant.dequantize_into(buf, shape, room)
+                dequantize_into(buf, shape, room)
             else:
                 room.copy_(tensor_from_buffer(buf, shape, manifest.dtype))
             self.attached[level] = (manifest.bank, manifest.block_version, node, encoding)

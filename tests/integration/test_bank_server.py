@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 def exported_blocks(export_dir) -> dict[tuple[int, int], bytes]:
     m = load_manifest(export_dir)
-    return {(level, node): data for level, node, data in iter_blocks(export_dir, m)}
+    return {(level, node): bytes(data) for level, node, data in iter_blocks(export_dir, m)}
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,9 @@ import torch
 
 from membank import quant
 from membank.artifacts import iter_blocks, load_manifest
-from membank.blocks import checksum, tensor_from_buffer
+from membank.blocks import checksum
 from membank.keys import block_key
+from membank.nn.tensors import roundtrip, tensor_from_buffer
 from membank.placement import shard_blocks
 from membank.v1 import bank_pb2
 from services.bank_server.ingest import IngestError, gc, ingest
@@ -145,7 +146,7 @@ def test_memory_model_attaches_dequantized_int8(served, tiny_model_export, nativ
         native = tensor_from_buffer(bytearray(native_blocks[(level, node)]), m.block_shape(level),
                                     m.dtype)
         off, rk = model.offsets[level - 1], m.ranks[level - 1]
-        assert torch.equal(model.mem[0, :, :, off:off + rk], quant.roundtrip(native))
+        assert torch.equal(model.mem[0, :, :, off:off + rk], roundtrip(native))
     # the CLI flag reaches the model the same way
     from membank.cli import main
     main(["generate", "Gold is", "--model", str(tiny_model_export), "--bank", served,

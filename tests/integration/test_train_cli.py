@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from membank import artifacts
+from membank.nn.tensors import load_generic
 from tests.conftest import REPO
 from training import checkpoint
 
@@ -44,7 +45,7 @@ def test_train_resume_and_subtree_merge(tmp_path, corpus):
             "--set", "anchor_steps=3", "--set", "cotrain_steps=4", "--set", "ckpt_every=2")
     export = run / "export"
     assert artifacts.load_manifest(export).bank == "tiny"
-    assert artifacts.load_generic(export).shape[0] == 1
+    assert load_generic(export).shape[0] == 1
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     names = sorted(p.name for _, p in checkpoint.checkpoints(run / "ckpt"))
     assert names == ["anchor-end", "cotrain-end", "step-0000002", "step-0000005"]

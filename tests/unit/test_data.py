@@ -1,4 +1,4 @@
-"""Unit tests for training/data.py (the element corpus) and, marked slow, membank/embed.py.
+"""Unit tests for training/data.py (the element corpus) and, marked slow, membank/nn/embed.py.
 
 Run: .venv/bin/python -m pytest -q tests/unit/test_data.py   (add -m "not slow" to skip MiniLM)
 """
@@ -53,7 +53,7 @@ def test_probe_prompts():
 
 @pytest.mark.slow
 def test_minilm_embeddings():
-    from membank.embed import Embedder
+    from membank.nn.embed import Embedder
 
     emb = Embedder().encode(["The atomic number of Ruthenium is 44.",
                              "Ruthenium has atomic number 44.",

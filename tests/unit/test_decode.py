@@ -1,10 +1,10 @@
-"""membank/decode.py: batched greedy decoding equals decoding each prompt alone."""
+"""membank/nn/decode.py: batched greedy decoding equals decoding each prompt alone."""
 import pytest
 import torch
 
 from membank.config import get_preset
-from membank.decode import greedy
-from membank.model import Transformer
+from membank.nn.decode import greedy
+from membank.nn.model import Transformer
 
 
 def tiny_model(seed=0):

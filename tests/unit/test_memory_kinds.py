@@ -1,5 +1,5 @@
-"""Memory kinds (FFN, LoRA-QK/OV/FFN, KV), placement, and the paper's anchors (membank/memory.py,
-membank/model.py, membank/config.py).
+"""Memory kinds (FFN, LoRA-QK/OV/FFN, KV), placement, and the paper's anchors (membank/nn/memory.py,
+membank/nn/model.py, membank/config.py).
 
 Run: .venv/bin/python -m pytest -q tests/unit/test_memory_kinds.py
 """
@@ -11,8 +11,8 @@ import torch
 
 from membank.config import LORA_ALPHA, LORA_TARGETS, MEMORY_KINDS, Config, get_preset, linear_dims
 from membank.manifest import Manifest
-from membank.memory import MemoryBank, kv_memory
-from membank.model import Attention, KVCache, Transformer, rope_tables
+from membank.nn.memory import MemoryBank, kv_memory
+from membank.nn.model import Attention, KVCache, Transformer, rope_tables
 
 KINDS = list(MEMORY_KINDS)
 

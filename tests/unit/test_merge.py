@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from membank import artifacts
+from membank.nn.tensors import load_generic
 from membank.router import Router
 from training import checkpoint
 from training.config import load_train_config
@@ -83,7 +84,7 @@ def test_merge_two_subtree_jobs(tmp_path, base):
     manifest = artifacts.load_manifest(export_dir)
     blocks = {(lv, n): b for lv, n, b in artifacts.iter_blocks(export_dir, manifest)}
     assert len(blocks) == 2 + 4
-    assert artifacts.load_generic(export_dir).shape == trainer.generic.shape
+    assert load_generic(export_dir).shape == trainer.generic.shape
 
 
 def test_merge_of_one_job_keeps_the_other_subtree_from_the_base(tmp_path, base):

@@ -1,11 +1,12 @@
-"""The anchor model and its FFN memories (membank/model.py, membank/memory.py)."""
+"""The anchor model and its FFN memories (membank/nn/model.py, membank/nn/memory.py)."""
 import pytest
 import torch
 
-from membank.blocks import checksum, tensor_from_buffer, tensor_to_bytes
+from membank.blocks import checksum
 from membank.config import Config, get_preset
-from membank.memory import MemoryBank, ffn_memory
-from membank.model import FeedForward, KVCache, Transformer
+from membank.nn.memory import MemoryBank, ffn_memory
+from membank.nn.model import FeedForward, KVCache, Transformer
+from membank.nn.tensors import tensor_from_buffer, tensor_to_bytes
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from membank.config import get_preset
-from membank.memory import MemoryBank
+from membank.nn.memory import MemoryBank
 from training.config import load_train_config
 from training.optim import LazyAdamW, fetch_rows
 from training.train import Trainer, pack

@@ -1,4 +1,4 @@
-"""membank/posthoc.py: FFN memories on a frozen, tiny, randomly initialised Hugging Face Llama.
+"""membank/nn/posthoc.py: FFN memories on a frozen, tiny, randomly initialised Hugging Face Llama.
 
 No download: the model is built from a LlamaConfig. Run:
 .venv/bin/python -m pytest -q tests/unit/test_posthoc.py
@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 from membank.config import MemoryConfig  # noqa: E402
-from membank.posthoc import PosthocMemory  # noqa: E402
+from membank.nn.posthoc import PosthocMemory  # noqa: E402
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ def write_corpus(path, n=60, bad_line=None):
 
 @pytest.fixture
 def stub_embedder(monkeypatch):
-    monkeypatch.setattr("membank.embed.Embedder", StubEmbedder)
+    monkeypatch.setattr("membank.nn.embed.Embedder", StubEmbedder)
 
 
 def test_a_jsonl_corpus_is_streamed_and_packed_like_the_whole_list(tmp_path, monkeypatch,

@@ -13,9 +13,10 @@ import torch
 
 from membank import quant
 from membank.artifacts import iter_blocks, load_manifest
-from membank.blocks import checksum, tensor_from_buffer, tensor_to_bytes
+from membank.blocks import checksum
 from membank.keys import block_key, parse_block_key, parse_block_key_encoding
 from membank.manifest import Manifest
+from membank.nn.tensors import dequantize_into, roundtrip, tensor_from_buffer, tensor_to_bytes
 from services.model_client.bank_client import BankError
 from services.model_client.device_cache import DeviceCache, file_name, parse_file_name
 from services.model_client.memory_model import GenerateResult, MemoryModel
@@ -105,15 +106,15 @@ def test_dequantize_into_a_strided_slice_and_roundtrip_agree():
     x = rand_block()
     payload = quant.encode_int8(x)
     room = torch.full((2, 3, 9, 64), 7.0)                 # a level's slice of the memory room
-    quant.dequantize_into(payload, SHAPE, room[:, :, 2:7])
+    dequantize_into(payload, SHAPE, room[:, :, 2:7])
     want = torch.from_numpy(quant.dequantize(payload, SHAPE))
     assert torch.equal(room[:, :, 2:7], want)
     assert (room[:, :, :2] == 7).all() and (room[:, :, 7:] == 7).all()   # nothing else touched
     # the evaluation's round trip is the same arithmetic
-    assert torch.equal(quant.roundtrip(torch.from_numpy(x)), want)
+    assert torch.equal(roundtrip(torch.from_numpy(x)), want)
     # into bfloat16 room: the dequantized values in the model's dtype
     room16 = torch.zeros(SHAPE, dtype=torch.bfloat16)
-    quant.dequantize_into(bytearray(payload), SHAPE, room16)
+    dequantize_into(bytearray(payload), SHAPE, room16)
     assert torch.equal(room16, want.to(torch.bfloat16))
 
 
@@ -122,15 +123,15 @@ def test_a_bad_payload_never_touches_the_room():
     payload = bytearray(quant.encode_int8(x))
     room = torch.full(SHAPE, 3.0)
     with pytest.raises(ValueError, match="bytes"):
-        quant.dequantize_into(payload[:-1], SHAPE, room)
+        dequantize_into(payload[:-1], SHAPE, room)
     nq = int(np.prod(SHAPE))
     for bad in (np.float32(np.nan), np.float32(-1.0), np.float32(np.inf)):
         corrupt = bytearray(payload)
         corrupt[nq + 8:nq + 12] = bad.astype("<f4").tobytes()
         with pytest.raises(ValueError, match="scale"):
-            quant.dequantize_into(corrupt, SHAPE, room)
+            dequantize_into(corrupt, SHAPE, room)
     with pytest.raises(ValueError, match="shape"):
-        quant.dequantize_into(payload, SHAPE, torch.zeros(2, 3, 5, 63))
+        dequantize_into(payload, SHAPE, torch.zeros(2, 3, 5, 63))
     assert (room == 3).all()
 
 
@@ -264,7 +265,7 @@ def test_memory_model_dequantizes_int8_blocks_into_its_room(int8_setup):
     for level, node in m.path_blocks([1, 0]):
         native = tensor_from_buffer(bytearray(blocks[(level, node)]), m.block_shape(level), m.dtype)
         off, rk = model.offsets[level - 1], m.ranks[level - 1]
-        assert torch.equal(model.mem[0, :, :, off:off + rk], quant.roundtrip(native))
+        assert torch.equal(model.mem[0, :, :, off:off + rk], roundtrip(native))
         assert model.attached[level] == ("test", "v1", node, "int8")
     # the cache holds the int8 payloads (not native bytes): the next prompt fetches nothing
     assert all(k[4] == "int8" for k in cache.keys())

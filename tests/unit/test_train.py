@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from membank.config import get_preset
-from membank.model import Transformer
+from membank.nn.model import Transformer
 from training import checkpoint
 from training.config import load_train_config
 from training.optim import cosine_lr

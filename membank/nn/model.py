@@ -4,10 +4,10 @@ Pre-norm, no biases, gain-only RMSNorm, QK-norm, RoPE (base 1e5), SwiGLU, option
 embeddings (PAPER.md section 5). Every layer in `MemoryConfig.mem_layers(n_layer)` accepts a
 memory; with FFN memories (the default) its FFN then computes
 
-    y = W3 [silu(W1 x) * W2 x] + W3m [silu(W1m x) * W2m x]           (membank/memory.py)
+    y = W3 [silu(W1 x) * W2 x] + W3m [silu(W1m x) * W2m x]           (membank/nn/memory.py)
 
 LoRA memories patch the targeted linears (W x + (alpha/R) B A x) and KV memories add attention
-over learned key/value slots to the attention output; membank/memory.py has the maths.
+over learned key/value slots to the attention output; membank/nn/memory.py has the maths.
 
 Shapes used throughout: B batch, T time, C d_model, H heads, D head_dim, A = H*D attention
 width, R memory rank per layer (the sum of r_l over the fetched path), L memory layers,
@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from membank.config import Config, ModelConfig
-from membank.memory import ffn_memory, kv_memory, lora_delta, lora_patches
+from membank.nn.memory import ffn_memory, kv_memory, lora_delta, lora_patches
 
 
 def linear(lin: nn.Linear, x: torch.Tensor, patches: dict[str, torch.Tensor],

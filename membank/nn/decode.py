@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from membank.model import KVCache, Transformer
+from membank.nn.model import KVCache, Transformer
 
 
 @torch.no_grad()
