@@ -6,13 +6,23 @@
 4. answer a handful of prompts, each with and without memory, with the time of every step;
 5. stop the server it started.
 
-Top-layer module (imports training/ and services/), like membank/cli.py.
+Run it as `membank demo` or `make demo`. Top floor, beside membank_cli/cli.py, which imports it
+only when the command runs (training and the device stack are heavy).
 """
 from __future__ import annotations
 
 import shutil
 import time
 from pathlib import Path
+
+from membank_cli.results import print_result
+from services.bank_server.ingest import ingest
+from services.bank_server.launch import run_bank_server
+from services.model_client.dataplane_client import dataplane_target
+from services.model_client.memory_model import MemoryModel
+from services.model_client.targets import make_client
+from training.config import load_train_config
+from training.train import run
 
 PROMPTS = [
     ("The atomic number of Ruthenium is", "44"),
@@ -24,15 +34,6 @@ PROMPTS = [
 
 
 def run_demo(out_dir: str = "runs/demo", force: bool = False) -> None:
-    from membank.cli import print_result
-    from services.bank_server.ingest import ingest
-    from services.bank_server.launch import run_bank_server
-    from services.model_client.dataplane_client import dataplane_target
-    from services.model_client.memory_model import MemoryModel
-    from services.model_client.targets import make_client
-    from training.config import load_train_config
-    from training.train import run
-
     t_start = time.perf_counter()
     out = Path(out_dir)
     print("== 1. train (or reuse) and export")
