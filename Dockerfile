@@ -32,6 +32,7 @@ RUN mkdir -p membank services training \
  && pip uninstall -y membank
 COPY proto ./proto
 COPY membank ./membank
+COPY membank_cli ./membank_cli
 COPY services ./services
 COPY training ./training
 # torch is not in this venv, so the import check also proves that the server stands without it
@@ -39,7 +40,7 @@ RUN python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python
         proto/membank/v1/bank.proto \
  && pip install --no-deps . \
  && pip uninstall -y grpcio-tools \
- && cd / && python -c "import membank.v1.bank_pb2_grpc, services.bank_server.server, services.bank_server.healthcheck, services.bank_server.ingest"
+ && cd / && python -c "import membank.v1.bank_pb2_grpc, membank_cli.cli, services.bank_server.server, services.bank_server.healthcheck, services.bank_server.ingest"
 
 # -- build-device: the same with torch (CPU) and the `train` extra (includes `device`) ----------
 FROM venv AS build-device
@@ -52,6 +53,7 @@ RUN mkdir -p membank services training \
  && pip uninstall -y membank
 COPY proto ./proto
 COPY membank ./membank
+COPY membank_cli ./membank_cli
 COPY services ./services
 COPY training ./training
 RUN python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \

@@ -35,7 +35,7 @@ test-fast: $(STAMP) $(STUBS)
 	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP) $(STUBS)
-	$(PY) -m membank.cli demo
+	$(PY) -m membank_cli demo
 
 # headless locust against a bank server it starts on loopback (loadtests/README.md);
 # locust stays out of `make test`: the `load` extra is installed here only
@@ -52,8 +52,8 @@ clean:
 
 # the long-tail evaluation: trains, probes and writes results/longtail.{json,md,png} (about an hour)
 eval-longtail: $(STAMP) $(STUBS)
-	$(PY) -m membank.cli eval --preset small --out runs/eval-small --results results/longtail.json
+	$(PY) -m membank_cli eval --preset small --out runs/eval-small --results results/longtail.json
 
 # memory-size scaling: one co-training run per bank / fetch size, results/scaling.{json,md,png}
 eval-scaling: $(STAMP) $(STUBS)
-	$(PY) -m membank.cli eval-scaling --preset small --out runs/scaling-small --results results/scaling.json
+	$(PY) -m membank_cli eval-scaling --preset small --out runs/scaling-small --results results/scaling.json

@@ -95,7 +95,7 @@ def parse_log(lines: list[str]) -> dict:
 
 def run_train(corpus: Path, out: Path, config: str, steps: int,
               extra: list[str]) -> tuple[dict, float, int]:
-    cmd = [sys.executable, "-m", "membank.cli", "train", "--config", config, "--out", str(out),
+    cmd = [sys.executable, "-m", "membank_cli", "train", "--config", config, "--out", str(out),
            "--corpus", str(corpus), "--force", "--set", f"anchor_steps={steps}",
            "--set", f"cotrain_steps={steps}"]
     for s in extra:

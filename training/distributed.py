@@ -1,6 +1,6 @@
 """Data parallelism with torch.distributed (gloo works on CPU), launched by torchrun:
 
-    torchrun --standalone --nproc_per_node 2 -m membank.cli train --config demo --out runs/dp
+    torchrun --standalone --nproc_per_node 2 -m membank_cli train --config demo --out runs/dp
 
 Every rank holds the whole model, bank and generic memory (replicas), draws the same global batch
 (the sampler and the generic-memory coin flips are seeded, so no communication is needed for

@@ -1,7 +1,7 @@
 """The training run: data -> phases of training with checkpoints -> loss curve -> export.
 
     membank train --config demo --out runs/demo                       (or a JSON config file)
-    torchrun --standalone --nproc_per_node 2 -m membank.cli train --config demo --out runs/dp
+    torchrun --standalone --nproc_per_node 2 -m membank_cli train --config demo --out runs/dp
 
 Recipe (PAPER.md section 6). Phases run in order, each with its own optimizers and cosine
 schedules: `anchor` (the anchor alone), `cotrain` (anchor + bank, the main recipe) and `frozen`

@@ -127,7 +127,7 @@ def test_memory_model_over_the_dataplane_attaches_the_same_memory(served, tiny_m
 
 
 def test_cli_generate_takes_a_dataplane_target(served, tiny_model_export, capsys):
-    from membank.cli import main
+    from membank_cli.cli import main
     before = served.rpcs()
     main(["generate", "Gold is", "--model", str(tiny_model_export), "--bank", served.dataplane,
           "--max-new-tokens", "1", "--json"])
@@ -178,7 +178,7 @@ def test_cli_generate_takes_named_shards_and_fetches_through_the_sharded_fetcher
         served, tiny_model_export, capsys):
     """`--bank shard=TARGET,...` builds the ShardedFetcher (as chat and device-serve do), not
     one gRPC client for the whole string (which answered without memory)."""
-    from membank.cli import main
+    from membank_cli.cli import main
     m = load_manifest(tiny_model_export)
     owner = m.owners(*next(iter(m.blocks())))[0]
     # a second shard no block lives on: never asked
@@ -189,7 +189,7 @@ def test_cli_generate_takes_named_shards_and_fetches_through_the_sharded_fetcher
 
 
 def test_cli_generate_names_the_flag_of_a_bad_setting(capsys, tmp_path):
-    from membank.cli import main
+    from membank_cli.cli import main
     with pytest.raises(SystemExit) as e:
         main(["generate", "hi", "--model", str(tmp_path / "none"), "--bank", "h:1",
               "--timeout", "0"])

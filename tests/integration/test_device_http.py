@@ -213,7 +213,7 @@ def test_memory_from_a_real_bank_and_anchor_only_when_unreachable(tiny_model_exp
 
 # -- membank chat -----------------------------------------------------------------------------
 def chat(*args: str, stdin: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "membank.cli", "chat", *args], input=stdin,
+    return subprocess.run([sys.executable, "-m", "membank_cli", "chat", *args], input=stdin,
                           cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
@@ -235,7 +235,7 @@ def test_chat_answers_each_line_with_a_streamed_reply_and_a_timings_line(tiny_mo
     (["--bank", "a:1,b:2"], "shard ids"), (["--model", "/nonexistent"], "No such file"),
 ])
 def test_chat_refuses_bad_flags_in_one_line(tiny_model_export, capsys, flags, message):
-    from membank.cli import main
+    from membank_cli.cli import main
     with pytest.raises(SystemExit) as e:
         main(["chat", "--model", str(tiny_model_export), *flags])
     err = capsys.readouterr().err

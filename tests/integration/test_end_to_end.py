@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def membank(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "membank.cli", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "membank_cli", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
 
 

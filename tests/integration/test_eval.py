@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from membank.cli import main
+from membank_cli.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -148,7 +148,7 @@ def test_memory_model_attaches_dequantized_int8(served, tiny_model_export, nativ
         off, rk = model.offsets[level - 1], m.ranks[level - 1]
         assert torch.equal(model.mem[0, :, :, off:off + rk], roundtrip(native))
     # the CLI flag reaches the model the same way
-    from membank.cli import main
+    from membank_cli.cli import main
     main(["generate", "Gold is", "--model", str(tiny_model_export), "--bank", served,
           "--encoding", "int8", "--max-new-tokens", "1", "--json"])
 

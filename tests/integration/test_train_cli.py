@@ -19,7 +19,7 @@ ELEMENTS = ["Hydrogen", "Helium", "Lithium", "Carbon", "Nitrogen", "Oxygen", "Ne
 
 
 def membank(*args, rc: int = 0) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "membank.cli", *map(str, args)], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "membank_cli", *map(str, args)], cwd=REPO,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == rc, r.stderr[-3000:]
     return r

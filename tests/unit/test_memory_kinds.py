@@ -215,7 +215,7 @@ def test_paper_hierarchy_sizes(name, bank_b, fetch_m):
 
 
 def test_config_cli_prints_params_and_sizes(capsys):
-    from membank.cli import main
+    from membank_cli.cli import main
 
     main(["config", "paper-160m"])
     out = capsys.readouterr().out

@@ -149,7 +149,7 @@ def test_cli_help_and_settings_document_the_target_syntax(capsys):
     import argparse
     import inspect
 
-    from membank.cli import main
+    from membank_cli.cli import main
     from services.model_client.settings import add_arguments
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
@@ -161,7 +161,7 @@ def test_cli_help_and_settings_document_the_target_syntax(capsys):
 
 
 def test_cli_generate_refuses_a_bad_target_in_one_line(capsys, tmp_path):
-    from membank.cli import main
+    from membank_cli.cli import main
     # the model directory does not exist: the target is checked first
     with pytest.raises(SystemExit) as e:
         main(["generate", "hi", "--model", str(tmp_path / "none"), "--bank", "h:1+x"])

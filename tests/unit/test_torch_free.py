@@ -37,13 +37,15 @@ modules += ["membank." + m for m in ("config", "keys", "placement", "blocks", "m
 modules += ["services.model_client." + m for m in ("bank_client", "dataplane_client", "targets",
                                                    "fetcher")]
 modules += ["loadtests.load_loop", "loadtests.grpc_instrument"]
+# the `membank` command (the bank-server image's entry point) and its `python -m membank.cli` shim
+modules += ["membank_cli.cli", "membank_cli.results"]
 for name in modules:
     importlib.import_module(name)
 
-import membank.cli
+import membank_cli.cli
 from services.bank_server import server
 
-for main, argv in ((server.main, ["--help"]), (membank.cli.main, ["serve", "--help"])):
+for main, argv in ((server.main, ["--help"]), (membank_cli.cli.main, ["serve", "--help"])):
     with contextlib.redirect_stdout(io.StringIO()) as out:
         try:
             main(argv)

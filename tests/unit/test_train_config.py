@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from membank.cli import main
+from membank_cli.cli import main
 from training.config import TrainConfig, load_train_config
 from training.data import read_jsonl_corpus
 
