@@ -195,15 +195,13 @@ class Router:
     # -- files -----------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
-        from safetensors.numpy import save
-
         tensors = {f"centroids.{l + 1}": c for l, c in enumerate(self.centroids)}
         if self.index is not None:
             tensors["index.vectors"] = self.index.vectors.astype(np.float16)
             tensors["index.paths"] = self.index.paths.astype(np.int32)
         metadata = {"format": FORMAT, "k": str(self.branching), "depth": str(self.depth),
                     "dim": str(self.dim), "embedder": self.embedder, "routing": self.routing}
-        return save(tensors, metadata=metadata)
+        return _write_safetensors(tensors, metadata)
 
     def save(self, path: str | Path) -> None:
         """Write safetensors atomically (temporary name, then rename)."""
@@ -357,6 +355,27 @@ def _margin(x_norms: np.ndarray, max_c_norm: float, dim: int) -> np.ndarray:
     float32 norms and the roundings in this formula.
     """
     return 4.0 * (dim + 2) * 2.0 ** -24 * (x_norms.astype(np.float32) + np.float32(max_c_norm)) ** 2
+
+
+def _write_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes, written here so that membank/ needs no safetensors package (the bank
+    server installs without it): an 8-byte little-endian header length, a JSON header padded
+    with spaces to a multiple of 8, then each tensor's little-endian bytes, widest dtype first
+    (as the safetensors library orders them, so every tensor starts aligned)."""
+    names = {np.dtype(d): n for n, d in _DTYPES.items()}
+    order = sorted(tensors, key=lambda name: (-tensors[name].dtype.itemsize, name))
+    header: dict = {"__metadata__": metadata}
+    chunks, offset = [], 0
+    for name in order:
+        a = tensors[name]
+        data = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
+        header[name] = {"dtype": names[a.dtype.newbyteorder("<")], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
 
 
 def _parse_safetensors(raw: bytes) -> tuple[dict, dict[str, np.ndarray]]:

@@ -5,6 +5,7 @@ Run: .venv/bin/python -m pytest -q tests/unit/test_router.py
 """
 import numpy as np
 import pytest
+from safetensors import safe_open
 from safetensors.numpy import save
 
 import membank.router as router_module
@@ -105,6 +106,19 @@ def test_save_load_round_trip_is_exact(tmp_path):
     for a, b in zip(router.centroids, loaded.centroids):
         assert np.array_equal(a, b)
     assert Router.from_bytes(router.to_bytes()).routing == "centroid"
+
+
+def test_written_file_is_safetensors_the_library_reads(tmp_path):
+    # membank/ writes the format by hand (the server installs without safetensors): the library
+    # must read it back, tensors and metadata, and the bytes must not depend on the run
+    router, _ = indexed_router()
+    router.save(tmp_path / "r.safetensors")
+    assert (tmp_path / "r.safetensors").read_bytes() == router.to_bytes()
+    with safe_open(tmp_path / "r.safetensors", "numpy") as f:
+        assert f.metadata()["routing"] == "nearest-document"
+        assert np.array_equal(f.get_tensor("index.paths"), router.index.paths)
+        for l, c in enumerate(router.centroids, start=1):
+            assert np.array_equal(f.get_tensor(f"centroids.{l}"), c)
 
 
 def test_constructor_rejects_bad_shapes():
