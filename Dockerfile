@@ -40,7 +40,7 @@ RUN python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python
         proto/membank/v1/bank.proto \
  && pip install --no-deps . \
  && pip uninstall -y grpcio-tools \
- && cd / && python -c "import membank.v1.bank_pb2_grpc, membank_cli.cli, services.bank_server.server, services.bank_server.healthcheck, services.bank_server.ingest"
+ && cd / && python -c "import membank.v1.bank_pb2_grpc, membank_cli.cli, services.bank_server.server, services.bank_server.healthcheck, services.bank_server.ingest, services.bank_server.gc"
 
 # -- build-device: the same with torch (CPU) and the `train` extra (includes `device`) ----------
 FROM venv AS build-device

@@ -57,7 +57,8 @@ from typing import Iterator, Sequence
 from membank.artifacts import load_manifest
 from membank.manifest import Manifest
 from services.bank_server import launch
-from services.bank_server.ingest import ingest, publish_version
+from services.bank_server.ingest import ingest
+from services.bank_server.publish import publish_in_env
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +289,7 @@ class LocalCluster:
                                   placement_level=self.placement_level, progress=False,
                                   map_size=self.map_size)
             for s in self.shards.values():
-                publish_version(s.lmdb, manifest.bank, manifest.version, map_size=self.map_size)
+                publish_in_env(s.lmdb, manifest.bank, manifest.version, self.map_size)
             self.manifest = manifest
             return manifest
 

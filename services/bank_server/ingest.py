@@ -1,11 +1,11 @@
-"""Ingest: write a bank version into a (shard's) LMDB, publish it, and collect old versions.
+"""Ingest: write a bank version into a (shard's) LMDB and publish it.
 
     python -m services.bank_server.ingest EXPORT_DIR --lmdb data/bank.lmdb \
         [--version V] [--no-publish] [--shard-id S] [--shards a,b,c] [--replication R]
         [--placement-level P] [--encodings int8]
-    python -m services.bank_server.ingest gc --lmdb data/bank.lmdb --bank B [--keep 2]
-        [--dry-run] [--orphans]
-    python -m services.bank_server.ingest publish --lmdb data/bank.lmdb --bank B --version V
+
+Publishing another version later (or rolling back) is services/bank_server/publish.py; deleting
+old versions is services/bank_server/gc.py.
 
 Sources: an export directory (`ingest`, blocks read straight from the safetensors files with a
 memory map by `membank.artifacts.iter_blocks`, no torch), or any iterable of (level, node,
@@ -24,21 +24,13 @@ Order of writes, so that a reader never sees a half-written version:
      verifies each block against them on every read) and `i/{bank}/{version}` (ingest info);
      a version without a manifest does not exist for the server, so a version with int8 blocks
      is visible only once all of them are written too;
-  3. with publish, one transaction that points `c/{bank}` at the version.
+  3. with publish, one transaction that points `c/{bank}` at the version (publish.py).
 Killing ingest at any moment (kill -9) leaves the published version untouched: LMDB commits are
 atomic and durable, the new version's keys are new keys, and `current` moves last. A rerun
 skips the blocks already written (same key, same checksum) and completes the version.
 Versions are immutable: re-ingesting the same version with the same content is a no-op; a
 different manifest under an existing version is refused, and so is a different set of
 encodings (add int8 to a bank by ingesting it as a new version).
-
-GC keeps `current` and the `keep` newest complete versions, deletes the other versions'
-manifests in one transaction (servers answer NOT_FOUND for them from then on), then their blocks
-in batches; blocks shared with a kept version (rebalance) and, on a shard, blocks the shard no
-longer owns under any kept version are handled too. `orphans=True` also deletes blocks of
-versions that never completed (a killed ingest nobody reran; do not run it while an ingest is
-writing: that ingest would then fail its completeness check, never publish half a version).
-LMDB reuses the freed pages for later versions; the file does not shrink (`mdb_copy -c`).
 """
 from __future__ import annotations
 
@@ -56,18 +48,12 @@ from tqdm import tqdm
 from membank import quant
 from membank.artifacts import iter_blocks, load_manifest
 from membank.blocks import checksum
-from membank.keys import (
-    SHARD_KEY,
-    block_key,
-    current_key,
-    manifest_key,
-    parse_block_key,
-    version_info_key,
-)
+from membank.keys import SHARD_KEY, block_key, manifest_key, version_info_key
 from membank.manifest import Manifest
 from membank.placement import shard_blocks
+from services.bank_server.publish import PublishError, set_current
 from services.bank_server.router_store import store_router
-from services.bank_server.store import acquire_env, list_versions, release_env
+from services.bank_server.store import acquire_env, release_env
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +137,7 @@ class _Target:
                 txn.put(version_info_key(bank, ver), json.dumps(info).encode())
         if publish:
             # the one mutable key, switched in its own transaction: readers see old or new
-            with self.env.begin(write=True) as txn:
-                txn.put(current_key(bank), ver.encode())
+            set_current(self.env, bank, ver)
 
     def close(self) -> None:
         if self.env is not None:
@@ -358,155 +343,13 @@ def _write(manifest: Manifest, blocks, targets, *, verify: bool, publish: bool, 
     return manifest
 
 
-def publish_version(lmdb_path: str | Path, bank: str, version: str, *,
-                    map_size: int = 64 << 30) -> None:
-    """Point `current` of a bank at an already ingested version (e.g. to roll back)."""
-    env = acquire_env(lmdb_path, map_size, readonly=False)
-    try:
-        with env.begin(write=True) as txn:
-            if txn.get(manifest_key(bank, version)) is None:
-                raise IngestError(f"{bank} version {version} was never fully ingested")
-            txn.put(current_key(bank), version.encode())
-    finally:
-        release_env(env)
-
-
-# -- garbage collection -----------------------------------------------------------------------
-def gc(lmdb_path: str | Path, bank: str, *, keep: int = 2, dry_run: bool = False,
-       orphans: bool = False, grace_s: float = 0.0, batch_keys: int = 256,
-       map_size: int = 64 << 30) -> dict:
-    """Delete old versions of `bank`: keep `current` and the `keep` newest complete versions.
-
-    Returns {"kept", "deleted", "blocks_deleted", "bytes_freed", "orphan_versions", "dry_run"}.
-    `grace_s`: wait between deleting the manifests (new requests get NOT_FOUND) and deleting
-    the blocks, so fetches already past the manifest lookup can finish.
-    """
-    if keep < 0:
-        raise ValueError("keep must be >= 0")
-    env = acquire_env(lmdb_path, map_size, readonly=False)
-    try:
-        with env.begin() as txn:
-            current = txn.get(current_key(bank))
-            current = current.decode() if current is not None else None
-            shard = txn.get(SHARD_KEY)
-            shard = shard.decode() if shard is not None else None
-        versions = [v for v, _ in list_versions(env, bank)]            # oldest first
-        kept = set(versions[len(versions) - keep:] if keep else [])
-        if current is not None:
-            kept.add(current)
-        doomed = [v for v in versions if v not in kept]
-        manifests: dict[str, Manifest] = {}
-        with env.begin() as txn:
-            for v in versions:
-                manifests[v] = Manifest.from_json(txn.get(manifest_key(bank, v)))
-        complete_bvs = {m.block_version for m in manifests.values()}
-        kept_bvs = {manifests[v].block_version for v in kept}
-        # blocks a kept version needs on this LMDB: (block version, level, node)
-        needed = set()
-        for v in kept:
-            m = manifests[v]
-            needed.update((m.block_version, l, n) for l, n in shard_blocks(m, shard))
-
-        def doomed_block(key: bytes) -> bool:
-            _, bv, level, node = parse_block_key(key)
-            if bv in kept_bvs:
-                return (bv, level, node) not in needed       # moved off this shard
-            return bv in complete_bvs or orphans
-
-        report = {"kept": sorted(kept), "deleted": doomed, "blocks_deleted": 0,
-                  "bytes_freed": 0, "orphan_versions": [], "dry_run": dry_run}
-        if not dry_run and doomed:
-            with env.begin(write=True) as txn:
-                now = txn.get(current_key(bank))
-                if now is not None and now.decode() in doomed:
-                    raise IngestError(f"{bank}: current moved to {now.decode()} during gc; rerun")
-                for v in doomed:
-                    txn.delete(manifest_key(bank, v))
-                    txn.delete(version_info_key(bank, v))
-            if grace_s > 0:
-                time.sleep(grace_s)
-        # then the blocks, in batches, scanning the bank's block keys in order
-        prefix = f"b/{bank}/".encode()
-        orphan_bvs: set[str] = set()
-        start = prefix
-        while True:
-            batch: list[tuple[bytes, int]] = []
-            with env.begin(buffers=True) as txn:
-                cur = txn.cursor()
-                if not cur.set_range(start):
-                    break
-                last = None
-                for k, v in cur:
-                    k = bytes(k)
-                    if not k.startswith(prefix):
-                        break
-                    last = k
-                    bv = parse_block_key(k)[1]
-                    if bv not in complete_bvs:
-                        orphan_bvs.add(bv)
-                    if doomed_block(k):
-                        batch.append((k, len(v)))
-                        if len(batch) >= batch_keys:
-                            break
-            report["blocks_deleted"] += len(batch)
-            report["bytes_freed"] += sum(n for _, n in batch)
-            if batch and not dry_run:
-                with env.begin(write=True) as txn:
-                    for k, _ in batch:
-                        txn.delete(k)
-            if last is None or len(batch) < batch_keys:
-                break
-            start = last + b"\x00"      # resume after the last key seen
-        report["orphan_versions"] = sorted(orphan_bvs)
-    finally:
-        release_env(env)
-    log.info("gc %s in %s: kept %s, deleted %s, %d blocks, %.1f MB%s", bank, lmdb_path,
-             report["kept"], report["deleted"], report["blocks_deleted"],
-             report["bytes_freed"] / 1e6, " (dry run)" if dry_run else "")
-    return report
-
-
 # -- CLI --------------------------------------------------------------------------------------
-def _gc_main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="python -m services.bank_server.ingest gc",
-                                description="Delete old versions of a bank from an LMDB.")
-    p.add_argument("--lmdb", required=True)
-    p.add_argument("--bank", required=True)
-    p.add_argument("--keep", type=int, default=2, help="newest complete versions kept "
-                   "besides current (default 2)")
-    p.add_argument("--dry-run", action="store_true", help="report only")
-    p.add_argument("--orphans", action="store_true",
-                   help="also delete blocks of versions that never completed")
-    p.add_argument("--grace-s", type=float, default=0.0)
-    p.add_argument("--map-size-gb", type=float, default=64)
-    args = p.parse_args(argv)
-    report = gc(args.lmdb, args.bank, keep=args.keep, dry_run=args.dry_run,
-                orphans=args.orphans, grace_s=args.grace_s,
-                map_size=int(args.map_size_gb * (1 << 30)))
-    print(json.dumps(report))
-
-
-def _publish_main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="python -m services.bank_server.ingest publish")
-    p.add_argument("--lmdb", required=True)
-    p.add_argument("--bank", required=True)
-    p.add_argument("--version", required=True)
-    p.add_argument("--map-size-gb", type=float, default=64)
-    args = p.parse_args(argv)
-    publish_version(args.lmdb, args.bank, args.version, map_size=int(args.map_size_gb * (1 << 30)))
-    print(f"published {args.bank} version {args.version} in {args.lmdb}")
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    sub = {"gc": _gc_main, "publish": _publish_main}
     try:
-        if argv and argv[0] in sub:
-            sub[argv[0]](argv[1:])
-            return
         _ingest_main(argv)
-    except (IngestError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (IngestError, PublishError, FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"ingest failed: {e}", file=sys.stderr)
         raise SystemExit(1)
 
@@ -521,7 +364,8 @@ def _encodings_arg(value: str) -> tuple[str, ...]:
 def _ingest_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(
         prog="python -m services.bank_server.ingest",
-        description="Ingest an export's bank into a bank LMDB (subcommands: gc, publish).")
+        description="Ingest an export's bank into a bank LMDB (publish another version: "
+                    "services.bank_server.publish; delete old ones: services.bank_server.gc).")
     p.add_argument("export_dir")
     p.add_argument("--lmdb", required=True, help="LMDB directory (created if missing)")
     p.add_argument("--version", help="store under this version instead of the manifest's")

@@ -1,13 +1,16 @@
-"""Publish (or roll back to) an ingested version: the admin operation behind
-`BankAdmin.Publish` (gRPC) and `POST /v1/publish` (admin HTTP).
+"""Publish (or roll back to) an ingested version: point `c/{bank}` at it, in one transaction.
 
     python -m services.bank_server.publish --lmdb data/bank.lmdb BANK VERSION
 
-A server holds its LMDB read-only, and LMDB forbids opening one environment twice in a
-process, so the server runs this module as a short child process: the one write transaction
-(`c/{bank}` = version) happens outside the serving process, exactly as ingest's publish does.
-The next request reads the new `current` (the store reads it afresh on every request).
-Refused (exit 2, one line on stderr) when the version was never completely ingested.
+The one way a bank's current version moves: ingest's last step (`set_current`), the local
+cluster's rollout, this command, and the admin operation behind `BankAdmin.Publish` (gRPC) and
+`POST /v1/publish` (admin HTTP). A server holds its LMDB read-only, and LMDB forbids opening
+one environment twice in a process, so the server runs this module as a short child process
+(`publish`): the write transaction happens outside the serving process. The next request reads
+the new `current` (the store reads it afresh on every request).
+The command prints the version it replaced on stdout ("" when none; the server reads it) and a
+line for people on stderr. Refused (exit 2, one line on stderr) when the version was never
+completely ingested.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from membank.keys import current_key, manifest_key
+from services.bank_server.store import acquire_env, release_env
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 PUBLISH_TIMEOUT_S = 30.0
@@ -45,20 +49,26 @@ def check_names(bank: str, version: str) -> None:
             raise PublishError("invalid", f"invalid {what} name {value[:64]!r}")
 
 
+def set_current(env, bank: str, version: str) -> str:
+    """Switch `c/{bank}` to `version` in one write transaction of the open LMDB `env`; return
+    the previous version ("" when none). PublishError "not_found" when `version` has no
+    manifest (never completely ingested, or garbage-collected)."""
+    with env.begin(write=True) as txn:
+        if txn.get(manifest_key(bank, version)) is None:
+            raise PublishError("not_found", f"{bank} version {version} was never completely "
+                               f"ingested")
+        previous = txn.get(current_key(bank))
+        txn.put(current_key(bank), version.encode())
+    return previous.decode() if previous is not None else ""
+
+
 def publish_in_env(lmdb_path: str | Path, bank: str, version: str, map_size: int) -> str:
-    """Switch `c/{bank}` to `version` in one write transaction; return the previous version."""
-    from services.bank_server.store import acquire_env, release_env
+    """`set_current` in the LMDB at `lmdb_path`; return the previous version."""
     env = acquire_env(lmdb_path, map_size, readonly=False)
     try:
-        with env.begin(write=True) as txn:
-            if txn.get(manifest_key(bank, version)) is None:
-                raise PublishError("not_found", f"{bank} version {version} was never completely "
-                                   f"ingested")
-            previous = txn.get(current_key(bank))
-            txn.put(current_key(bank), version.encode())
+        return set_current(env, bank, version)
     finally:
         release_env(env)
-    return previous.decode() if previous is not None else ""
 
 
 async def publish(lmdb_path: str | Path, bank: str, version: str, map_size: int) -> Published:
@@ -98,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"publish: {e}", file=sys.stderr)
         return 2
     print(previous)   # stdout: the previous version, for the caller
+    print(f"published {args.bank} version {args.version} in {args.lmdb}"
+          + (f" (was {previous})" if previous else ""), file=sys.stderr)
     return 0
 
 

@@ -17,7 +17,7 @@ moved block from an old owner (checksum verified) into each shard that gains it 
 resumable: a rerun skips blocks already copied); (3) on every shard of the new set, the
 completeness check + manifest write of ingest; (4) with publish, switch `current` on each
 shard. Old versions stay servable until GC: clients holding the old manifest keep asking the
-old owners, which still hold the blocks; `ingest gc` on an old shard later deletes the blocks it
+old owners, which still hold the blocks; gc (gc.py) on an old shard later deletes the blocks it
 no longer owns under any kept version.
 """
 from __future__ import annotations

@@ -32,7 +32,8 @@ from hypothesis import strategies as st
 from benchmarks.hedging import StallRelay
 from membank.artifacts import iter_blocks, load_manifest
 from membank.keys import block_key
-from services.bank_server.ingest import gc, ingest
+from services.bank_server.gc import gc
+from services.bank_server.ingest import ingest
 from services.model_client import dataplane_client
 from services.model_client.bank_client import BankClient, BankError, BlockIntegrityError
 from services.model_client.dataplane_client import (

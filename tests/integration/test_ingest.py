@@ -12,7 +12,9 @@ import pytest
 
 from membank.artifacts import MANIFEST, iter_blocks, load_manifest
 from membank.keys import block_key, current_key, manifest_key, version_info_key
-from services.bank_server.ingest import IngestError, ingest, main, publish_version
+from services.bank_server.ingest import IngestError, ingest, main
+from services.bank_server.publish import PublishError, publish_in_env
+from services.bank_server.publish import main as publish_main
 from services.bank_server.store import LMDBStore
 
 pytestmark = pytest.mark.integration
@@ -61,11 +63,11 @@ def test_unpublished_version_leaves_current_alone(tiny_export, tmp_path):
     with LMDBStore(db, MAP) as store:
         assert store.current_version("test") == "v1"
         assert store.manifest("test", "v2").version == "v2"
-    publish_version(db, "test", "v2", map_size=MAP)
+    publish_in_env(db, "test", "v2", MAP)
     with LMDBStore(db, MAP) as store:
         assert store.current_version("test") == "v2"
-    with pytest.raises(IngestError):
-        publish_version(db, "test", "v3", map_size=MAP)
+    with pytest.raises(PublishError):
+        publish_in_env(db, "test", "v3", MAP)
 
 
 def test_corrupt_export_is_refused_before_publishing(tiny_export, tmp_path):
@@ -106,7 +108,9 @@ def test_cli(tiny_export, tmp_path, capsys):
 from membank.blocks import checksum  # noqa: E402
 from membank.keys import SHARD_KEY, version_info_key  # noqa: E402,F811
 from membank.placement import shard_blocks  # noqa: E402
-from services.bank_server.ingest import gc, ingest_stream  # noqa: E402
+from services.bank_server.gc import gc  # noqa: E402
+from services.bank_server.gc import main as gc_main  # noqa: E402
+from services.bank_server.ingest import ingest_stream  # noqa: E402
 
 
 def block_keys(path) -> set[bytes]:
@@ -231,17 +235,20 @@ def test_gc_orphans_and_cached_manifests(tiny_export, tmp_path):
         assert store.manifest("test", "v2") is None and store.manifest("test", "v1") is not None
 
 
-def test_gc_cli(tiny_export, tmp_path, capsys):
+def test_gc_and_publish_cli(tiny_export, tmp_path, capsys):
     db = tmp_path / "db"
-    for v in ("v1", "v2"):
+    for v in ("v1", "v2", "v3"):
         ingest(tiny_export, db, version=v, progress=False, map_size=MAP)
-    main(["gc", "--lmdb", str(db), "--bank", "test", "--keep", "0", "--map-size-gb", "1"])
+    gc_main(["--lmdb", str(db), "--bank", "test", "--keep", "2", "--map-size-gb", "1"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["deleted"] == ["v1"] and report["kept"] == ["v2"]
-    main(["publish", "--lmdb", str(db), "--bank", "test", "--version", "v2", "--map-size-gb", "1"])
-    with pytest.raises(SystemExit):
-        main(["publish", "--lmdb", str(db), "--bank", "test", "--version", "v1",
-              "--map-size-gb", "1"])
+    assert report["deleted"] == ["v1"] and report["kept"] == ["v2", "v3"]
+    # roll back to v2: stdout says what it replaced
+    assert publish_main(["--lmdb", str(db), "--map-size", str(MAP), "test", "v2"]) == 0
+    assert capsys.readouterr().out.strip() == "v3"
+    with LMDBStore(db, MAP) as store:
+        assert store.current_version("test") == "v2"
+    assert publish_main(["--lmdb", str(db), "--map-size", str(MAP), "test", "v1"]) == 2
+    assert "never completely ingested" in capsys.readouterr().err
 
 
 def test_writemap_ingest_is_read_back_the_same(big_export, tmp_path):

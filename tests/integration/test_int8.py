@@ -38,7 +38,8 @@ from membank.keys import block_key
 from membank.nn.tensors import roundtrip, tensor_from_buffer
 from membank.placement import shard_blocks
 from membank.v1 import bank_pb2
-from services.bank_server.ingest import IngestError, gc, ingest
+from services.bank_server.gc import gc
+from services.bank_server.ingest import IngestError, ingest
 from services.bank_server.rebalance import rebalance
 from services.bank_server.store import Expect, LMDBStore
 from services.model_client.bank_client import BankClient, BankError

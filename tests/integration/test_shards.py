@@ -17,7 +17,8 @@ from membank.artifacts import iter_blocks, load_manifest
 from membank.blocks import checksum
 from membank.keys import block_key, current_key
 from membank.placement import moves, shard_blocks
-from services.bank_server.ingest import gc, ingest
+from services.bank_server.gc import gc
+from services.bank_server.ingest import ingest
 from services.bank_server.rebalance import main as rebalance_main
 from services.bank_server.rebalance import rebalance, replaced
 from services.bank_server.store import LMDBStore

@@ -13,7 +13,8 @@ import grpc
 import pytest
 
 from membank.v1 import bank_pb2
-from services.bank_server.ingest import gc, ingest
+from services.bank_server.gc import gc
+from services.bank_server.ingest import ingest
 from services.bank_server.servicer import BankServicer
 from services.bank_server.settings import BankServerSettings
 from services.bank_server.store import LMDBStore
