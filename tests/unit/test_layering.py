@@ -24,7 +24,8 @@ import pytest
 from tests.conftest import REPO
 
 # the packages of the house (tests/ stands outside: it may import anything)
-PACKAGES = ("membank", "membank_cli", "services", "training", "loadtests", "benchmarks")
+PACKAGES = ("membank", "membank_cli", "services", "training", "loadtests", "benchmarks",
+            "testkit")
 # generated gRPC stubs (`make stubs`), not the house's own code
 GENERATED = ("membank/v1/",)
 
@@ -32,7 +33,9 @@ GENERATED = ("membank/v1/",)
 # install has none of it, so membank/ outside membank/nn/ and the bank server never name it
 DEVICE_ONLY = ("torch", "safetensors", "transformers", "sentence_transformers", "tokenizers",
                "membank.nn")
-TOOLS = ("loadtests", "benchmarks", "tests")
+# the tools beside the CLI (testkit: what tests, benchmarks and load tests share); the product's
+# packages never import them
+TOOLS = ("loadtests", "benchmarks", "testkit", "tests")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ RULES = (
          "training stands on membank/ (and membank/nn/); it never needs the server or the device"),
     Rule("loadtests/", ("membank_cli",), "membank_cli/ is the top floor: nothing imports it"),
     Rule("benchmarks/", ("membank_cli",), "membank_cli/ is the top floor: nothing imports it"),
+    Rule("testkit/", ("membank_cli",), "membank_cli/ is the top floor: nothing imports it"),
 )
 
 
