@@ -1,4 +1,4 @@
-"""`python -m membank.cli`: the old address of the command line, kept for scripts and torchrun.
+"""`python -m membank.cli ...`: the `membank` command at the address scripts and torchrun use.
 
 The CLI lives in membank_cli/ (it drives training and services, so it sits above them); this
 shim is the one place membank/ names it.

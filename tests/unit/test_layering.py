@@ -51,7 +51,7 @@ class Rule:
 RULES = (
     Rule("membank/", ("training", "services", "membank_cli") + TOOLS,
          "membank/ is the ground floor (the contract): it imports nothing above it",
-         # the `python -m membank.cli` address (Makefile history, torchrun habits) forwards to
+         # `python -m membank.cli` (an address scripts and torchrun use) forwards to
          # membank_cli; it is a shim with no code of its own
          exempt=(("membank/cli.py", "membank_cli"),)),
     Rule("membank/", DEVICE_ONLY,
