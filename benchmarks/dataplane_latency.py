@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import benchmarks.fetch as F  # noqa: E402
-from services.model_client.dataplane_client import MAGIC, PREFIX, DataPlaneClient, dataplane_target  # noqa: E402
+from membank.dataplane import MAGIC, PREFIX  # noqa: E402
+from services.model_client.dataplane_client import DataPlaneClient, dataplane_target  # noqa: E402
 
 
 def _connect(port: int) -> socket.socket:

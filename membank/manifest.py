@@ -11,7 +11,7 @@ write exactly as before.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -19,6 +19,19 @@ from membank.blocks import CHECKSUM_ALGO, block_nbytes
 from membank.config import N_MATS
 from membank.placement import owners
 from membank.quant import NATIVE, encoded_nbytes, label
+
+
+class BlockHeader(NamedTuple):
+    """A block's header, the fields of `BlockHeader` in bank.proto and of the data plane's H
+    frame, in their order. The server sends what `Manifest.block_header` gives; a device takes
+    a block only when the header it receives equals the one its own manifest gives."""
+    level: int
+    node: int
+    version: str
+    checksum: str         # xxh3_64 hex of the block's bytes in `dtype`
+    nbytes: int
+    dtype: str            # the bank dtype, or the encoding's name ("int8")
+    shape: tuple[int, ...]
 
 
 class Manifest(BaseModel):
@@ -122,6 +135,13 @@ class Manifest(BaseModel):
         if encoding == NATIVE:
             return self.checksums[level - 1][node]
         return self.encodings[encoding][level - 1][node]
+
+    def block_header(self, level: int, node: int, encoding: str = NATIVE) -> BlockHeader:
+        """The header of a block this version holds in `encoding` (membank/fetch.py
+        check_fetch says whether it does)."""
+        return BlockHeader(level, node, self.version, self.checksum(level, node, encoding),
+                           self.block_nbytes(level, encoding), self.block_dtype(encoding),
+                           self.block_shape(level))
 
     def blocks(self):
         """Every (level, node) the bank holds, shallow levels first."""

@@ -2,47 +2,17 @@
 
 gRPC stays the control plane (GetManifest, Route, Publish, health, reflection) and keeps its
 FetchBlocks RPC; this serves the same fetches over plain TCP, because Python gRPC itself is
-the ceiling for multi-MB bodies on a small machine (BENCHMARKS.md, "Fetch": a bare grpc.aio
-server reaches 0.36-0.72x raw TCP). Storage systems do the same (HDFS data transfer, Redis'
-own protocol). It is on when `dataplane_port` is set (settings.py; 0 = a free port, printed as
-`membank bank_server dataplane on HOST:PORT`); server.py starts and drains it.
+the ceiling for multi-MB bodies on a small machine (BENCHMARKS.md, "Fetch"). Storage systems
+do the same (HDFS data transfer, Redis' own protocol). It is on when `dataplane_port` is set
+(settings.py; 0 = a free port, printed as `membank bank_server dataplane on HOST:PORT`);
+server.py starts and drains it.
 
-Protocol (version 1). Every frame starts with a 9-byte prefix:
-
-    magic b"MBD1" | kind (1 byte) | length (u32, big-endian) | `length` bytes of UTF-8 JSON
-
-  client -> server   Q  request  {"bank": str, "version": str ("" = current),
-                                  "blocks": [[level, node], ...], "encoding": str ("" = native),
-                                  "token": str (when auth is on), "deadline_ms": number (opt.)}
-  server -> client   H  block    {"index", "level", "node", "version", "checksum", "nbytes",
-                                  "dtype", "shape"}  then exactly `nbytes` raw block bytes
-                     E  end      {"blocks": n}: every block of the request was sent
-                     X  error    {"code": gRPC status name, "message": one line}
-
-One request at a time per connection; a connection carries any number of requests in turn
-(keep-alive). The answer to a request is H+body for each block in request order and then E,
-or an X, after which nothing more belongs to that request: every id is checked before the first
-block is sent (services/bank_server/fetchplan.py, the same checks and messages as FetchBlocks),
-so an X after blocks only means a block failed on read (DATA_LOSS, never sent) or the deadline
-passed. Block bodies go from the LMDB memory map to the socket (sendmsg of the zero-copy
-buffer inside the read transaction: no copy in user space); the store verifies each against
-the manifest checksum before sending, and the client verifies again against its manifest.
-
-Limits and bad input (the error's code, then what happens to the connection):
-  request frame over max_request_bytes (64 KiB)    RESOURCE_EXHAUSTED, closed
-  bad magic, not a request frame                   INVALID_ARGUMENT, closed
-  not JSON, not an object, wrong field types       INVALID_ARGUMENT, kept
-  every FetchBlocks answer (fetchplan.py)          the same code and message, kept
-  more than dataplane_max_connections open         RESOURCE_EXHAUSTED, closed (TLS: closed)
-  a request not whole within request_timeout_s     DEADLINE_EXCEEDED, closed (slowloris)
-  no request within idle_timeout_s                 closed
-  deadline_ms passed before or between blocks      DEADLINE_EXCEEDED
-  a client that takes nothing for send_timeout_s   closed
-  auth on: no token / a wrong token                UNAUTHENTICATED / PERMISSION_DENIED, kept
-  over the per-client rate (the gRPC limiter)      RESOURCE_EXHAUSTED, kept
-Auth is the gRPC read token (the admin token works too), compared in constant time; TLS uses
-the same certificate as gRPC when one is configured. Metrics: requests by final code as method
-"DataPlaneFetch", and every block sent, in metrics.py's families.
+Protocol, limits and bad input: proto/membank/v1/dataplane.md; the frames and the request's
+parsing are membank/dataplane.py, shared with the device's client. Every fetch is checked and
+planned by fetchplan.py, as FetchBlocks is: the same codes and messages. Block bodies go from
+the LMDB memory map to the socket (sendmsg of the zero-copy buffer inside the read transaction:
+no copy in user space). Metrics: requests by final code as method "DataPlaneFetch", and every
+block sent, in metrics.py's families.
 
 Threads, not asyncio: one thread per connection with blocking sockets (a blocking send of a
 27.5 MB buffer is one system call), at most `dataplane_max_connections` of them, plus one
@@ -63,93 +33,38 @@ Run its tests: .venv/bin/python -m pytest -q tests/integration/test_dataplane.py
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 import socket
 import ssl
-import struct
 import threading
 import time
-from dataclasses import dataclass
 from typing import NamedTuple
 
-from services.bank_server.fetchplan import FetchError, FetchPlan, plan_fetch, read_block
+from membank.dataplane import (
+    END,
+    ERROR,
+    HEADER,
+    PREFIX,
+    REQUEST,
+    DataPlaneRequest,
+    close_quietly,
+    frame,
+    parse_prefix,
+    parse_request,
+    timeval,
+)
+from membank.fetch import FetchError
+from services.bank_server.fetchplan import FetchPlan, plan_fetch, read_block
 from services.bank_server.security import RateLimiter, token_matches
 from services.bank_server.store import BlockStore, LMDBStore
 
 log = logging.getLogger("membank.bank_server.dataplane")
 
-MAGIC = b"MBD1"
-PREFIX = struct.Struct(">4scI")      # magic, kind, payload length
-REQUEST, HEADER, END, ERROR = b"Q", b"H", b"E", b"X"
 METHOD = "DataPlaneFetch"           # the metrics' method label
 _POLL_S = 0.25                       # idle connections look at the drain flag this often
 _RECV_BYTES = 4096                   # a connection's receive buffer (a request is ~150 bytes)
 _TIMEOUTS = (socket.timeout, BlockingIOError, TimeoutError)   # a receive timeout's faces
 _PLANS_MAX = 4096                    # prepared requests remembered (_prepare); then forget all
-
-
-def frame(kind: bytes, payload: dict) -> bytes:
-    """One frame: prefix + compact JSON."""
-    body = json.dumps(payload, separators=(",", ":")).encode()
-    return PREFIX.pack(MAGIC, kind, len(body)) + body
-
-
-@dataclass(frozen=True)
-class DataPlaneRequest:
-    bank: str
-    version: str
-    blocks: tuple[tuple[int, int], ...]
-    encoding: str
-    token: str | None
-    deadline_ms: float | None
-
-
-def parse_request(payload: bytes) -> DataPlaneRequest:
-    """A request frame's JSON, type-checked; FetchError INVALID_ARGUMENT when malformed."""
-    try:
-        obj = json.loads(payload)
-    except (ValueError, RecursionError) as e:   # UnicodeDecodeError and JSONDecodeError too
-        raise FetchError("INVALID_ARGUMENT", f"malformed request: not JSON "
-                                             f"({type(e).__name__})") from None
-    if type(obj) is not dict:
-        raise FetchError("INVALID_ARGUMENT", "malformed request: a JSON object expected")
-    # one pass of exact type tests (JSON makes only these types; bool is not an int here):
-    # this runs for every request, so it stays flat; _field_error names the first bad field
-    get = obj.get
-    bank, version, encoding = get("bank", ""), get("version", ""), get("encoding", "")
-    token, deadline_ms, raw = get("token"), get("deadline_ms"), get("blocks", [])
-    if not (type(bank) is str and type(version) is str and type(encoding) is str
-            and (token is None or type(token) is str)
-            and (deadline_ms is None or type(deadline_ms) in _NUMBER)
-            and type(raw) is list):
-        raise _field_error(obj)
-    if type(deadline_ms) is int:    # JSON ints are unbounded: clamp before any float math
-        deadline_ms = float(max(-_MAX_DEADLINE_MS, min(deadline_ms, _MAX_DEADLINE_MS)))
-    if deadline_ms is not None and math.isnan(deadline_ms):
-        raise FetchError("INVALID_ARGUMENT", "malformed request: 'deadline_ms' is NaN")
-    for b in raw:
-        if type(b) is not list or len(b) != 2 or type(b[0]) is not int or type(b[1]) is not int:
-            raise FetchError("INVALID_ARGUMENT", "malformed request: 'blocks' must be a list of "
-                                                 "[level, node] integer pairs")
-    return DataPlaneRequest(bank, version, tuple((b[0], b[1]) for b in raw), encoding, token,
-                            deadline_ms)
-
-
-_NUMBER = (int, float)
-_MAX_DEADLINE_MS = 10 ** 12            # ~31 years: any longer deadline means none
-_FIELDS = (("bank", (str,), "a string"), ("version", (str,), "a string"),
-           ("encoding", (str,), "a string"), ("token", (str, type(None)), "a string"),
-           ("deadline_ms", (int, float, type(None)), "a number"), ("blocks", (list,), "a list"))
-
-
-def _field_error(obj: dict) -> FetchError:
-    """The error for the first field (in _FIELDS order) of the wrong type."""
-    for name, kinds, what in _FIELDS:
-        if name in obj and type(obj[name]) not in kinds:
-            return FetchError("INVALID_ARGUMENT", f"malformed request: {name!r} must be {what}")
-    raise AssertionError("no field of the wrong type")
 
 
 class _Conn:
@@ -284,7 +199,7 @@ class DataPlaneServer:
         except OSError:
             pass
         finally:
-            _close(sock)
+            close_quietly(sock)
 
     # -- one connection ---------------------------------------------------------------------
     def _serve(self, conn: _Conn) -> None:
@@ -297,11 +212,11 @@ class DataPlaneServer:
             # the kernel bounds every blocking send: a client that takes nothing for this
             # long is dropped (a partial send restarts the clock: slow but reading is fine)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                            _timeval(self.s.dataplane_send_timeout_s))
+                            timeval(self.s.dataplane_send_timeout_s))
             # ... and every blocking receive ends within _POLL_S, for good: a thread waiting
             # for a request looks at the drain flag and its idle and request clocks that often,
             # with no select and no setsockopt per request (_read_request)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(_POLL_S))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(_POLL_S))
             if self.ssl_context is not None:
                 sock.settimeout(self.s.dataplane_request_timeout_s)   # the handshake, too
                 sock = conn.sock = self.ssl_context.wrap_socket(sock, server_side=True)
@@ -324,7 +239,7 @@ class DataPlaneServer:
         except Exception:          # a bug must end one connection, never the server
             log.exception("data plane connection %s failed", conn.peer)
         finally:
-            _close(conn.sock)
+            close_quietly(conn.sock)
             with self._lock:
                 self._conns.discard(conn)
                 self._idle.notify_all()
@@ -358,15 +273,7 @@ class DataPlaneServer:
             conn.busy = True
         deadline = time.monotonic() + self.s.dataplane_request_timeout_s
         got = _fill(conn, got, PREFIX.size, deadline)
-        magic, kind, n = PREFIX.unpack_from(conn.buf)
-        if magic != MAGIC:
-            raise FetchError("INVALID_ARGUMENT", f"not a membank data plane request (magic "
-                                                 f"{bytes(magic)!r}, expected {MAGIC!r})")
-        if kind != REQUEST:
-            raise FetchError("INVALID_ARGUMENT", f"frame kind {bytes(kind)!r} is not a request")
-        if n > self.s.max_request_bytes:
-            raise FetchError("RESOURCE_EXHAUSTED", f"request of {n} bytes, at most "
-                                                   f"{self.s.max_request_bytes}")
+        _, n = parse_prefix(conn.buf, self.s.max_request_bytes, kind=REQUEST)
         end = PREFIX.size + n
         got = _fill(conn, got, end, deadline)
         if got > end:
@@ -442,7 +349,8 @@ class DataPlaneServer:
                           max_blocks_per_request=self.s.max_blocks_per_request,
                           shard_id=self.s.shard_id, encoding=req.encoding)
         prepared = _Prepared(generation, plan,
-                             [frame(HEADER, {"index": b.index, **b.header}) for b in plan.blocks],
+                             [frame(HEADER, {"index": b.index, **b.header._asdict()})
+                              for b in plan.blocks],
                              frame(END, {"blocks": len(plan.blocks)}))
         with self._lock:
             if len(self._plans) >= _PLANS_MAX:     # bounded: forget all, plan again as asked
@@ -497,10 +405,6 @@ class DataPlaneServer:
 
 
 # -- socket helpers ----------------------------------------------------------------------------
-def _timeval(seconds: float) -> bytes:
-    return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
-
-
 def _fill(conn: _Conn, got: int, need: int, deadline: float) -> int:
     """Receive into conn.buf until it holds at least `need` bytes (growing it to fit); the
     count it holds. FetchError DEADLINE_EXCEEDED past `deadline`; ConnectionError when the
@@ -546,11 +450,4 @@ def _linger_close(sock) -> None:
                 break
             drained += len(data)
     except (OSError, ssl.SSLError, ValueError):
-        pass
-
-
-def _close(sock) -> None:
-    try:
-        sock.close()
-    except OSError:
         pass

@@ -2,8 +2,10 @@
 
 Both block transports use it: the gRPC FetchBlocks RPC (servicer.py) and the raw-TCP data plane
 (dataplane.py). It speaks in gRPC status *names* ("NOT_FOUND", ...) so that neither grpc nor
-protobuf is imported here; each transport turns a `FetchError` into its own error (a gRPC
-abort, a data-plane error frame).
+protobuf is imported here; each transport turns a `FetchError` (membank/fetch.py) into its own
+error (a gRPC abort, a data-plane error frame). The checks that need only the manifest are
+membank/fetch.py's `check_fetch`, which the device's clients run too; the headers are
+`Manifest.block_header`.
 
     plan = plan_fetch(store, bank, version, [(level, node), ...],
                       max_blocks_per_request=64, shard_id="", encoding="")
@@ -13,10 +15,9 @@ abort, a data-plane error frame).
 
 `plan_fetch` checks, in this order, and raises FetchError(code, message) on the first failure:
   INVALID_ARGUMENT     an unknown encoding name; no blocks; more than max_blocks_per_request;
-                       empty bank name or a name outside [A-Za-z0-9._-]{1,128}; a level outside
-                       1..depth or a level without blocks (r = 0)
-  NOT_FOUND            unknown bank; unknown version; an encoding the version was not ingested
-                       with (the message lists what it has); node outside 0..k^level-1
+                       empty bank name or a name outside [A-Za-z0-9._-]{1,128}
+  NOT_FOUND            unknown bank; unknown version
+  check_fetch          an encoding the version lacks, a bad level, a bad node (membank/fetch.py)
   FAILED_PRECONDITION  a block this shard does not own (`shard_id` set), naming the owner(s)
 Every id is checked before anything is sent, so a bad id never follows a half-sent reply.
 `read_block` then raises, for one block:
@@ -24,7 +25,6 @@ Every id is checked before anything is sent, so a bad id never follows a half-se
   NOT_FOUND            the version was garbage-collected while this fetch was reading it (gc
                        deletes the manifest before the blocks, so a missing block whose manifest
                        is gone too is a collected version, not a lost block)
-The messages are the ones servicer.py has always sent (tests match on them).
 Run its tests: .venv/bin/python -m pytest -q tests/unit/test_fetchplan.py
 """
 from __future__ import annotations
@@ -36,11 +36,12 @@ from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Sequence
 
 from membank import quant
+from membank.fetch import FetchError, check_fetch
 from membank.keys import block_key
-from membank.manifest import Manifest
+from membank.manifest import BlockHeader, Manifest
 from services.bank_server.store import BlockStore, CorruptBlock, Expect, LMDBStore, read_from
 
-log = logging.getLogger("services.bank_server.servicer")   # the servicer's log lines, as before
+log = logging.getLogger("services.bank_server.servicer")   # one logger for both transports
 
 # the default of settings.max_blocks_per_request: bounds the work (and memory) one request can
 # ask for; a whole root-to-leaf path is depth blocks
@@ -51,15 +52,6 @@ BANK_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")   # the manifest's pattern fo
 ENCODINGS = ("", *quant.ENCODINGS)
 
 
-class FetchError(Exception):
-    """A fetch refused or failed: `code` is a gRPC status name, `message` the one-line detail."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
 class PlannedBlock(NamedTuple):
     """One block of a planned fetch: where it is, what it must be, and its header."""
     index: int            # position in the request (the client's order)
@@ -67,7 +59,7 @@ class PlannedBlock(NamedTuple):
     node: int
     key: bytes            # storage key (membank/keys.py), the same in LMDB, the LRU and Redis
     expect: Expect        # size and manifest checksum the stored bytes must match
-    header: dict          # level, node, version, checksum, nbytes, dtype, shape (BlockHeader)
+    header: BlockHeader   # level, node, version, checksum, nbytes, dtype, shape
 
 
 @dataclass(frozen=True)
@@ -114,20 +106,7 @@ def plan_fetch(store: LMDBStore, bank: str, version: str, blocks: Sequence[tuple
         raise FetchError("INVALID_ARGUMENT", f"{len(blocks)} blocks requested, at most "
                                              f"{max_blocks_per_request} per request")
     manifest = resolve_manifest(store, bank, version)
-    if not manifest.has_encoding(encoding):
-        # NOT_FOUND, not FAILED_PRECONDITION: every replica holds the same manifest, and
-        # clients read FAILED_PRECONDITION as "wrong shard, try another one"
-        raise FetchError("NOT_FOUND", manifest.missing_encoding(encoding))
-    for level, node in blocks:
-        if not 1 <= level <= manifest.depth or manifest.ranks[level - 1] == 0:
-            raise FetchError("INVALID_ARGUMENT",
-                             f"level {level} has no blocks in {manifest.bank}/{manifest.version} "
-                             f"(levels with blocks: "
-                             f"{[l for l, r in enumerate(manifest.ranks, 1) if r > 0]})")
-        # node < 0 cannot come over gRPC (uint64) but can over the data plane's JSON
-        if not 0 <= node < manifest.n_nodes(level):
-            raise FetchError("NOT_FOUND", f"no node {node} at level {level} (it has "
-                                          f"{manifest.n_nodes(level)} nodes)")
+    check_fetch(manifest, blocks, encoding)
     if shard_id:
         for level, node in blocks:
             owners = manifest.owners(level, node)
@@ -137,12 +116,8 @@ def plan_fetch(store: LMDBStore, bank: str, version: str, blocks: Sequence[tuple
                                  f"is on shard {', '.join(owners)}, not on this shard ({shard_id})")
     planned = []
     for index, (level, node) in enumerate(blocks):
-        expect = Expect(manifest.block_nbytes(level, encoding),
-                        manifest.checksum(level, node, encoding))
-        header = {"level": level, "node": node, "version": manifest.version,
-                  "checksum": expect.checksum, "nbytes": expect.nbytes,
-                  "dtype": manifest.block_dtype(encoding),
-                  "shape": list(manifest.block_shape(level))}
+        header = manifest.block_header(level, node, encoding)
+        expect = Expect(header.nbytes, header.checksum)
         # the encoding is part of the key: every tier caches native and int8 blocks apart
         key = block_key(manifest.bank, manifest.block_version, level, node, encoding)
         planned.append(PlannedBlock(index, level, node, key, expect, header))
@@ -159,7 +134,7 @@ def read_block(blocks: BlockStore, store: LMDBStore, manifest: Manifest,
     manifest checksum before yielding (a corrupt cache entry is evicted and LMDB read instead);
     only a corrupt or missing block in LMDB is DATA_LOSS. Blocking: call it off an event loop.
     """
-    enc = "" if block.header["dtype"] == manifest.dtype else f" {block.header['dtype']}"
+    enc = "" if block.header.dtype == manifest.dtype else f" {block.header.dtype}"
     where = f"block ({block.level}, {block.node}){enc} of {manifest.bank}/{manifest.version}"
     try:
         with read_from(blocks, block.key, block.expect) as buf:

@@ -36,11 +36,11 @@ import time
 import grpc
 
 from membank import wire
+from membank.fetch import FetchError
 from membank.manifest import Manifest
 from membank.v1 import bank_pb2
 from services.bank_server.fetchplan import (
     MAX_BLOCKS_PER_REQUEST,
-    FetchError,
     PlannedBlock,
     plan_fetch,
     read_block,
@@ -116,7 +116,7 @@ class BankServicer:
         a block from LMDB goes from the memory map straight into the chunk bytes (one copy, no
         intermediate `bytes`)."""
         with read_block(self.blocks, self.store, manifest, block) as buf:
-            return list(wire.iter_block_chunks(block.index, block.header, buf))
+            return list(wire.iter_block_chunks(block.index, block.header._asdict(), buf))
 
 
 async def _check_deadline(context: grpc.aio.ServicerContext) -> None:

@@ -13,8 +13,9 @@ BlockIntegrityError; server statuses raise BankError with the gRPC code.
 
 `fetch(..., encoding="int8")` asks for the int8 payloads ingest stored (membank/quant.py),
 verified against the manifest's `encodings["int8"]` checksums; the caller dequantizes them
-(MemoryModel.attach). A version without that encoding raises BankError NOT_FOUND naming what
-it has, before any RPC.
+(MemoryModel.attach). Arguments the manifest refuses (a version without that encoding, a bad
+level or node: membank/fetch.py `check_fetch`, the server's own check) raise BankError with the
+code and message the server would answer, before any RPC.
 
 Security (both optional): `token=` sends `authorization: Bearer TOKEN` with every call (a
 server with auth on answers UNAUTHENTICATED without it); `tls_ca=` (a PEM path or bytes, or
@@ -31,6 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from membank import quant, wire
 from membank.blocks import checksum_stream
+from membank.fetch import FetchError, check_fetch
 from membank.manifest import Manifest
 from membank.v1 import bank_pb2
 
@@ -143,9 +145,11 @@ class BankClient:
             raise ValueError(f"manifest is {manifest.bank}/{manifest.version}, "
                              f"not {bank}/{version}")
         encoding = quant.normalize(encoding)
-        if not manifest.has_encoding(encoding):
-            raise BankError(grpc.StatusCode.NOT_FOUND, manifest.missing_encoding(encoding))
         ids = [(int(level), int(node)) for level, node in blocks]
+        try:
+            check_fetch(manifest, ids, encoding)
+        except FetchError as e:
+            raise BankError(getattr(grpc.StatusCode, e.code), e.message) from None
         request = bank_pb2.FetchBlocksRequest(
             bank=bank, version=version, encoding=encoding,
             blocks=[bank_pb2.BlockId(level=l, node=n) for l, n in ids])
@@ -221,16 +225,13 @@ class BankClient:
         if h is not None:
             if bufs[i] is not None:
                 raise BlockIntegrityError(f"block ({level}, {node}): second header")
-            if not manifest.has_block(level, node):
-                raise BlockIntegrityError(f"server sent block ({level}, {node}), which the "
-                                          f"manifest does not have")
-            nbytes = manifest.block_nbytes(level, encoding)
-            want = ((level, node, manifest.version, manifest.checksum(level, node, encoding),
-                     nbytes, manifest.block_dtype(encoding), tuple(manifest.block_shape(level))))
+            # every id passed check_fetch (fetch), so the manifest has a header for it
+            want = manifest.block_header(level, node, encoding)
+            nbytes = want.nbytes
             got = (h.level, h.node, h.version, h.checksum, h.nbytes, h.dtype, tuple(h.shape))
             if got != want:
                 raise BlockIntegrityError(f"block ({level}, {node}) header {got} does not match "
-                                          f"the manifest {want}")
+                                          f"the manifest {tuple(want)}")
             dest = None if out is None else out.get((level, node))
             if dest is None:
                 # the one allocation per block; chunks are copied straight into it

@@ -15,7 +15,8 @@ such a target and BankClient for a plain "HOST:PORT".
 The server prints both ports at start (`membank bank_server listening on ...` and `... dataplane
 on ...`, services/bank_server/server.py); `dataplane_target(grpc_address, dataplane_port)`
 builds one. `get_manifest`, `route` and `health` go to gRPC (a BankClient on HOST:GRPC_PORT);
-only `fetch` uses the data plane (protocol: services/bank_server/dataplane.py).
+only `fetch` uses the data plane (protocol: proto/membank/v1/dataplane.md, spoken through
+membank/dataplane.py as the server does).
 
 `fetch` has BankClient.fetch's signature and guarantees: one request for every block; each
 block received straight into its buffer (`out[(level, node)]`, else one new bytearray) with
@@ -39,7 +40,6 @@ import json
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from pathlib import Path
@@ -49,15 +49,11 @@ import grpc
 
 from membank import quant
 from membank.blocks import checksum_stream
+from membank.dataplane import END, ERROR, HEADER, REQUEST, close_quietly, frame, read_frame, timeval
+from membank.fetch import FetchError, check_fetch
 from membank.manifest import Manifest
 from services.model_client.bank_client import BankClient, BankError, BlockIntegrityError
 
-# the protocol's constants (services/bank_server/dataplane.py; repeated here so that the device
-# never imports the server package)
-MAGIC = b"MBD1"
-PREFIX = struct.Struct(">4scI")          # magic, kind, payload length
-REQUEST, HEADER, END, ERROR = b"Q", b"H", b"E", b"X"
-MAX_FRAME = 64 << 10                     # a header / end / error frame is ~200 bytes
 # receive (MSG_WAITALL) and hash a block in pieces. A small piece frees socket buffer sooner,
 # so the server's copy into the socket overlaps this side's copy out of it (one large receive
 # serialises the two), but each piece is a trip through Python, which concurrent fetches of one
@@ -208,16 +204,18 @@ class DataPlaneClient:
         directly and returned (its content is undefined after an error); `timeout_s` overrides
         the deadline; `on_call(call)` gets an object whose `cancel()` stops this fetch
         (BankError CANCELLED). `encoding`: "" / "native" or "int8" (membank/quant.py), as
-        BankClient's: a version without it is BankError NOT_FOUND before any request.
+        BankClient's. As BankClient, arguments the manifest refuses (membank/fetch.py
+        check_fetch) raise BankError with the server's code and message before any request.
         """
         version = version or manifest.version
         if bank != manifest.bank or version != manifest.version:
             raise ValueError(f"manifest is {manifest.bank}/{manifest.version}, "
                              f"not {bank}/{version}")
         encoding = quant.normalize(encoding)            # ValueError for an unknown name
-        if not manifest.has_encoding(encoding):         # as BankClient: no request at all
-            raise BankError(grpc.StatusCode.NOT_FOUND, manifest.missing_encoding(encoding))
-        plan = self._plan(manifest, blocks, encoding)
+        try:
+            plan = self._plan(manifest, blocks, encoding)   # check_fetch, once per plan
+        except FetchError as e:
+            raise BankError(getattr(grpc.StatusCode, e.code), e.message) from None
         views = _out_views(plan, out)                       # ValueError before any I/O
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         call = DataPlaneCall()
@@ -250,7 +248,7 @@ class DataPlaneClient:
             try:
                 result = self._exchange(sock, plan, views, _Deadline(deadline), reused)
             except _Stale:
-                _close(sock)
+                close_quietly(sock)
                 if call.cancelled:
                     raise BankError(grpc.StatusCode.CANCELLED, "fetch cancelled") from None
                 if attempt == 0:
@@ -258,14 +256,14 @@ class DataPlaneClient:
                 raise BankError(grpc.StatusCode.UNAVAILABLE,
                                 f"data plane {self.host}:{self.port} closed the connection")
             except _ServerError as e:
-                _close(sock)
+                close_quietly(sock)
                 code = getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN)
                 raise BankError(code, e.message) from None
             except (BankError, ValueError):
-                _close(sock)
+                close_quietly(sock)
                 raise
             except (OSError, ssl.SSLError, EOFError) as e:
-                _close(sock)
+                close_quietly(sock)
                 raise self._transport_error(e, call, deadline) from None
             self._release(sock)
             return result
@@ -275,7 +273,7 @@ class DataPlaneClient:
     def _exchange(self, sock, plan: "_Plan", views, deadline: _Deadline, reused: bool) -> dict:
         body = plan.request_json(max(0.0, (deadline.at - time.monotonic()) * 1e3))
         try:
-            self._send(sock, PREFIX.pack(MAGIC, REQUEST, len(body)) + body, deadline)
+            self._send(sock, frame(REQUEST, body), deadline)
             kind, payload = self._read_frame(sock, deadline)
         except (EOFError, ConnectionResetError, BrokenPipeError):
             if reused:      # closed by the server while pooled (idle timeout, restart)
@@ -327,13 +325,11 @@ class DataPlaneClient:
         return h.hexdigest()
 
     def _read_frame(self, sock, deadline: _Deadline) -> tuple[bytes, bytes]:
-        magic, kind, n = PREFIX.unpack(self._recv_exact(sock, PREFIX.size, deadline))
-        if magic != MAGIC:
-            raise BlockIntegrityError(f"not a membank data plane frame (magic {magic!r}); is "
-                                      f"{self.host}:{self.port} the data plane port?")
-        if n > MAX_FRAME:
-            raise BlockIntegrityError(f"frame of {n} bytes (at most {MAX_FRAME})")
-        return kind, self._recv_exact(sock, n, deadline)
+        try:
+            return read_frame(lambda n: self._recv_exact(sock, n, deadline))
+        except FetchError as e:          # a bad magic or an oversized frame
+            raise BlockIntegrityError(f"{e.message}; is {self.host}:{self.port} the data plane "
+                                      f"port?") from None
 
     def _recv_exact(self, sock, n: int, deadline: _Deadline) -> bytes:
         # MSG_WAITALL: one system call for the whole frame (plain sockets); a shorter answer
@@ -382,7 +378,7 @@ class DataPlaneClient:
         armed = deadline.armed[send]
         if armed is None or now - armed >= REARM_S:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO if send else socket.SO_RCVTIMEO,
-                            _timeval(left))
+                            timeval(left))
             deadline.armed[send] = now
 
     # -- connections ---------------------------------------------------------------------------
@@ -400,7 +396,7 @@ class DataPlaneClient:
                     return sock, True
             except (OSError, ValueError):
                 pass
-            _close(sock)
+            close_quietly(sock)
         left = deadline - time.monotonic()
         if left <= 0:
             raise BankError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before connecting")
@@ -422,10 +418,10 @@ class DataPlaneClient:
             else:
                 sock.settimeout(None)      # blocking; deadlines via SO_RCVTIMEO (_timeout)
         except socket.timeout:
-            _close(sock)
+            close_quietly(sock)
             raise BankError(grpc.StatusCode.DEADLINE_EXCEEDED, "TLS handshake timed out") from None
         except (OSError, ssl.SSLError) as e:
-            _close(sock)
+            close_quietly(sock)
             raise BankError(grpc.StatusCode.UNAVAILABLE,
                             f"data plane {self.host}:{self.port}: TLS failed: {e}") from None
         call.attach(sock)
@@ -436,7 +432,7 @@ class DataPlaneClient:
             if not self._closed and len(self._idle) < self.max_idle:
                 self._idle.append(sock)
                 return
-        _close(sock)
+        close_quietly(sock)
 
     def _transport_error(self, e: BaseException, call: DataPlaneCall, deadline: float) -> BankError:
         if call.cancelled:
@@ -454,7 +450,7 @@ class DataPlaneClient:
             self._closed = True
             idle, self._idle = self._idle, []
         for s in idle:
-            _close(s)
+            close_quietly(s)
         self.grpc.close()
 
     def __enter__(self) -> "DataPlaneClient":
@@ -465,38 +461,20 @@ class DataPlaneClient:
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def _expected(manifest: Manifest, level: int, node: int, encoding: str) -> tuple[int, str, str]:
-    """(nbytes, checksum, dtype) the manifest says a block in `encoding` has."""
-    if not encoding:
-        return manifest.block_nbytes(level), manifest.checksum(level, node), manifest.dtype
-    try:
-        return (manifest.block_nbytes(level, encoding), manifest.checksum(level, node, encoding),
-                manifest.block_dtype(encoding))
-    except (KeyError, TypeError, AttributeError):
-        raise BlockIntegrityError(f"the manifest has no {encoding!r} checksums for block "
-                                  f"({level}, {node})") from None
-
-
 class _Plan:
     """One fetch's fixed part, made once per (manifest, blocks, encoding) by
     DataPlaneClient._plan: the request's JSON but for its deadline, and what every block's
-    header, size and checksum must be (the manifest's word, never the server's)."""
+    header, size and checksum must be (the manifest's word, never the server's). FetchError
+    when the manifest refuses the fetch (membank/fetch.py check_fetch)."""
 
     __slots__ = ("manifest", "ids", "nbytes", "checksums", "wants", "request", "end", "seen")
 
     def __init__(self, manifest: Manifest, ids: tuple, encoding: str, token: str | None):
+        check_fetch(manifest, ids, encoding)
         self.manifest, self.ids = manifest, ids
-        self.nbytes, self.checksums, self.wants = [], [], []
-        for level, node in ids:
-            if manifest.has_block(level, node):
-                nbytes, checksum, dtype = _expected(manifest, level, node, encoding)
-                want = (level, node, manifest.version, checksum, nbytes, dtype,
-                        tuple(manifest.block_shape(level)))
-            else:       # the server must refuse it; a header for it is an integrity error
-                nbytes, checksum, want = None, None, None
-            self.nbytes.append(nbytes)
-            self.checksums.append(checksum)
-            self.wants.append(want)
+        self.wants = [manifest.block_header(level, node, encoding) for level, node in ids]
+        self.nbytes = [w.nbytes for w in self.wants]
+        self.checksums = [w.checksum for w in self.wants]
         request = {"bank": manifest.bank, "version": manifest.version,
                    "blocks": [list(b) for b in ids], "encoding": encoding}
         if token:
@@ -521,15 +499,12 @@ class _Plan:
             raise BlockIntegrityError(f"block index {h.get('index')!r} where {i} "
                                       f"({level}, {node}) was expected")
         want = self.wants[i]
-        if want is None:
-            raise BlockIntegrityError(f"server sent block ({level}, {node}), which the "
-                                      f"manifest does not have")
         shape = h.get("shape")
         got = (h.get("level"), h.get("node"), h.get("version"), h.get("checksum"),
                h.get("nbytes"), h.get("dtype"), tuple(shape) if isinstance(shape, list) else shape)
         if got != want:
             raise BlockIntegrityError(f"block ({level}, {node}) header {got} does not match "
-                                      f"the manifest {want}")
+                                      f"the manifest {tuple(want)}")
         self.seen[i] = payload
 
 
@@ -540,7 +515,7 @@ def _out_views(plan: _Plan, out: dict | None) -> list:
         return views
     for i, key in enumerate(plan.ids):
         dest = out.get(key)
-        if dest is None or plan.nbytes[i] is None:
+        if dest is None:
             continue
         view = memoryview(dest).cast("B")
         if view.readonly or view.nbytes != plan.nbytes[i]:
@@ -575,20 +550,9 @@ def _client_context(tls_ca) -> ssl.SSLContext | None:
     return ssl.create_default_context(cafile=str(tls_ca))
 
 
-def _timeval(seconds: float) -> bytes:
-    seconds = max(seconds, 0.001)      # 0 would mean "no timeout"
-    return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
-
-
 def _shut(sock) -> None:
     try:
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass
 
-
-def _close(sock) -> None:
-    try:
-        sock.close()
-    except OSError:
-        pass

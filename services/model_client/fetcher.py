@@ -57,6 +57,7 @@ from typing import Callable, Mapping
 import grpc
 
 from membank import quant
+from membank.fetch import FetchError, check_fetch
 from membank.manifest import Manifest
 from services.model_client.bank_client import BankClient, BankError, BlockIntegrityError
 from services.model_client.targets import check_target
@@ -235,8 +236,10 @@ class ShardedFetcher:
             raise ValueError(f"manifest is {manifest.bank}/{manifest.version}, "
                              f"not {bank}/{version}")
         encoding = quant.normalize(encoding)
-        if not manifest.has_encoding(encoding):
-            raise BankError(grpc.StatusCode.NOT_FOUND, manifest.missing_encoding(encoding))
+        try:        # as each client: what the manifest refuses, with the server's answer
+            check_fetch(manifest, [(int(l), int(n)) for l, n in blocks], encoding)
+        except FetchError as e:
+            raise BankError(getattr(grpc.StatusCode, e.code), e.message) from None
         if not blocks:
             return {}
         deadline = time.monotonic() + self.policy.deadline_s

@@ -17,7 +17,6 @@ import json
 import shutil
 import signal
 import socket
-import struct
 import threading
 import time
 import urllib.request
@@ -31,6 +30,7 @@ from hypothesis import strategies as st
 
 from benchmarks.hedging import StallRelay
 from membank.artifacts import iter_blocks, load_manifest
+from membank.dataplane import MAGIC, PREFIX
 from membank.keys import block_key
 from services.bank_server.gc import gc
 from services.bank_server.ingest import ingest
@@ -47,8 +47,6 @@ from tests.integration.test_api import self_signed
 
 pytestmark = pytest.mark.integration
 
-MAGIC = b"MBD1"
-PREFIX = struct.Struct(">4scI")
 C = grpc.StatusCode
 # every code a data plane client may get for bad input (README "Bad input")
 DOCUMENTED = {"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "DATA_LOSS",

@@ -1,5 +1,6 @@
 """fetchplan.py (the checks every block transport shares) over a real ingested LMDB, and the data
-plane's request parsing and target syntax (pure functions, no server).
+plane client's target syntax and fetch plan (pure functions, no server). The protocol itself:
+test_dataplane_protocol.py.
 
 Run: .venv/bin/python -m pytest -q tests/unit/test_fetchplan.py
 """
@@ -13,7 +14,6 @@ import pytest
 
 from membank.artifacts import iter_blocks, load_manifest
 from membank.keys import block_key, manifest_key
-from services.bank_server.dataplane import parse_request
 from services.bank_server.fetchplan import FetchError, plan_fetch, read_block, resolve_manifest
 from services.bank_server.ingest import ingest
 from services.bank_server.store import LMDBStore
@@ -70,9 +70,10 @@ def test_a_plan_has_every_header_field_in_request_order(store, tiny_export):
     b = plan.blocks[0]
     assert b.key == block_key("test", "v1", 2, 3)
     assert b.expect.nbytes == m.block_nbytes(2) and b.expect.checksum == m.checksum(2, 3)
-    assert b.header == {"level": 2, "node": 3, "version": "v1", "checksum": m.checksum(2, 3),
-                        "nbytes": m.block_nbytes(2), "dtype": "float32",
-                        "shape": list(m.block_shape(2))}
+    assert b.header == m.block_header(2, 3)
+    assert b.header._asdict() == {"level": 2, "node": 3, "version": "v1",
+                                  "checksum": m.checksum(2, 3), "nbytes": m.block_nbytes(2),
+                                  "dtype": "float32", "shape": m.block_shape(2)}
     assert resolve_manifest(store, "test", "v1") == m
 
 
@@ -130,47 +131,7 @@ def test_corrupt_missing_and_collected_blocks(lmdb_dir, tmp_path):
                 and "garbage-collected during this fetch" in e.value.message)
 
 
-# -- the data plane's request parsing -----------------------------------------------------------
-def req(**fields) -> bytes:
-    return json.dumps(fields).encode()
-
-
-def test_parse_request_fields_and_defaults():
-    r = parse_request(req(bank="test", blocks=[[1, 0], [2, 3]]))
-    assert (r.bank, r.version, r.blocks, r.encoding, r.token, r.deadline_ms) == \
-        ("test", "", ((1, 0), (2, 3)), "", None, None)
-    r = parse_request(req(bank="b", version="v1", blocks=[], encoding="", token="t",
-                          deadline_ms=2.5, unknown_field={"ignored": True}))
-    assert (r.version, r.token, r.deadline_ms) == ("v1", "t", 2.5)
-    # JSON integers are unbounded; a 401-digit deadline is clamped, not an overflow
-    r = parse_request(b'{"bank": "b", "deadline_ms": 1' + b"0" * 400 + b"}")
-    assert r.deadline_ms == 1e12
-    assert parse_request(b'{"bank": "b", "deadline_ms": -1' + b"0" * 400
-                         + b"}").deadline_ms == -1e12
-
-
-@pytest.mark.parametrize("payload, words", [
-    (b"", "not JSON"), (b"\xff\xfe", "not JSON"), (b"{", "not JSON"), (b"[" * 100_000, "not JSON"),
-    (b"[1, 2]", "a JSON object expected"), (b"null", "a JSON object expected"),
-    (req(bank=5), "'bank' must be a string"), (req(bank="t", version=None), "'version' must be"),
-    (req(bank="t", blocks="1,0"), "'blocks' must be a list"),
-    (req(bank="t", blocks=[[1]]), "[level, node] integer pairs"),
-    (req(bank="t", blocks=[[1, 0, 0]]), "integer pairs"),
-    (req(bank="t", blocks=[[1.0, 0]]), "integer pairs"),
-    (req(bank="t", blocks=[[True, 0]]), "integer pairs"),
-    (req(bank="t", blocks=[["1", "0"]]), "integer pairs"),
-    (req(bank="t", blocks=[{"level": 1}]), "integer pairs"),
-    (req(bank="t", token=1), "'token' must be a string"),
-    (req(bank="t", deadline_ms="5"), "'deadline_ms' must be a number"),
-    (req(bank="t", deadline_ms=True), "'deadline_ms' must be a number"),
-    (b'{"bank": "t", "deadline_ms": NaN}', "NaN"),
-    (b'{"bank": "t", "blocks": [[1, ' + b"9" * 5000 + b"]]}", "not JSON"),   # int digit limit
-])
-def test_parse_request_refuses_malformed(payload, words):
-    e = refused(parse_request, payload)
-    assert e.code == "INVALID_ARGUMENT" and words in e.message, e.message
-
-
+# -- the data plane's target syntax and the device's fetch plan -------------------------------
 def test_target_syntax():
     assert parse_target("127.0.0.1:50051+50052") == ("127.0.0.1:50051", "127.0.0.1", 50052)
     assert parse_target("[::1]:50051+7") == ("[::1]:50051", "::1", 7)
@@ -189,11 +150,11 @@ def test_client_plan_checks_headers_and_skips_only_bytes_it_already_checked(tiny
     from services.model_client.dataplane_client import _Plan
 
     m = load_manifest(tiny_export)
-    plan = _Plan(m, ((2, 3), (9, 0)), "", "tok")
+    plan = _Plan(m, ((2, 3), (1, 0)), "", "tok")
     assert json.loads(plan.request_json(1234.5)) == {
-        "deadline_ms": 1234.5, "bank": "test", "version": "v1", "blocks": [[2, 3], [9, 0]],
+        "deadline_ms": 1234.5, "bank": "test", "version": "v1", "blocks": [[2, 3], [1, 0]],
         "encoding": "", "token": "tok"}
-    assert plan.nbytes == [m.block_nbytes(2), None] and plan.end == b'{"blocks":2}'
+    assert plan.nbytes == [m.block_nbytes(2), m.block_nbytes(1)] and plan.end == b'{"blocks":2}'
     good = {"index": 0, "level": 2, "node": 3, "version": "v1", "checksum": m.checksum(2, 3),
             "nbytes": m.block_nbytes(2), "dtype": m.dtype, "shape": list(m.block_shape(2))}
 
@@ -207,5 +168,9 @@ def test_client_plan_checks_headers_and_skips_only_bytes_it_already_checked(tiny
         with pytest.raises(BlockIntegrityError):
             plan.check_header(0, bad)
     plan.check_header(0, header())                    # the checked bytes still pass
-    with pytest.raises(BlockIntegrityError, match="manifest does not have"):
-        plan.check_header(1, header(index=1, level=9, node=0))
+    with pytest.raises(BlockIntegrityError):          # block 1's header is another block's
+        plan.check_header(1, header(index=1))
+    # a block the manifest lacks is the server's answer, before any request
+    e = refused(_Plan, m, ((2, 3), (9, 0)), "", None)
+    assert (e.code, e.message) == ("INVALID_ARGUMENT", "level 9 has no blocks in test/v1 "
+                                                       "(levels with blocks: [1, 2])")

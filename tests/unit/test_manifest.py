@@ -77,3 +77,34 @@ def test_memory_kind_and_block_width():
     for over in (dict(kind="kv"), dict(block_width=31), dict(kind="lora-xx", block_width=8)):
         with pytest.raises(ValidationError):
             Manifest(**make(**over))
+
+
+def test_block_header_is_what_the_wire_carries():
+    m = Manifest(**make(encodings={"int8": [["i"] * 2, ["j"] * 4]}))
+    assert m.block_header(2, 3) == (2, 3, "v1", "b", m.block_nbytes(2), "float32", (2, 3, 4, 32))
+    h = m.block_header(1, 1, "int8")
+    assert (h.checksum, h.nbytes, h.dtype) == ("i", m.block_nbytes(1, "int8"), "int8")
+    assert list(h._asdict()) == ["level", "node", "version", "checksum", "nbytes", "dtype",
+                                 "shape"]                     # the wire's field order
+
+
+@pytest.mark.parametrize("blocks, encoding, code, message", [
+    ([(1, 0), (2, 3)], "", None, None),
+    ([(0, 0)], "", "INVALID_ARGUMENT", "level 0 has no blocks in test/v1 (levels with blocks: "
+                                       "[2])"),
+    ([(1, 0)], "", "INVALID_ARGUMENT", "level 1 has no blocks"),          # r = 0
+    ([(3, 0)], "", "INVALID_ARGUMENT", "level 3 has no blocks"),
+    ([(2, 0), (2, 4)], "", "NOT_FOUND", "no node 4 at level 2 (it has 4 nodes)"),
+    ([(2, -1)], "", "NOT_FOUND", "no node -1 at level 2"),
+    ([(0, 0)], "int8", "NOT_FOUND", "test/v1 has no int8 blocks (available: native)"),
+])
+def test_check_fetch_answers_as_the_server_does(blocks, encoding, code, message):
+    from membank.fetch import FetchError, check_fetch
+
+    m = Manifest(**make(ranks=[0, 4], checksums=[[], ["b"] * 4]))
+    if code is None:
+        check_fetch(Manifest(**make()), blocks, encoding)
+        return
+    with pytest.raises(FetchError) as e:
+        check_fetch(m, blocks, encoding)
+    assert e.value.code == code and e.value.message.startswith(message), e.value
