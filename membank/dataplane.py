@@ -9,7 +9,7 @@ server answers them in an X frame, the client turns them into its own errors.
     sock.sendall(frame(REQUEST, {"bank": "demo", "blocks": [[1, 3]]}))
     kind, payload = read_frame(recv_exact)      # recv_exact(n): exactly n bytes, or raise
     req = parse_request(payload)                # the server's side: a typed DataPlaneRequest
-Run its tests: .venv/bin/python -m pytest -q tests/unit/test_fetchplan.py
+Run its tests: .venv/bin/python -m pytest -q tests/unit/test_dataplane_protocol.py
 """
 from __future__ import annotations
 
