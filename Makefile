@@ -41,7 +41,7 @@ demo: $(STAMP) $(STUBS)
 # locust stays out of `make test`: the `load` extra is installed here only
 loadtest: $(STAMP) $(STUBS)
 	$(PY) -m pip install -q -e '.[load]'
-	$(PY) loadtests/run_local.py $(LOADTEST_ARGS)
+	$(PY) -m loadtests.run_local $(LOADTEST_ARGS)
 
 # schema checks of deploy/ and docker-compose.yml (offline; no cluster, no Docker engine)
 validate-deploy: $(STAMP)

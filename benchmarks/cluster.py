@@ -1,6 +1,6 @@
 """Benchmark: hierarchical k-means engines and routing throughput.
 
-    .venv/bin/python benchmarks/cluster.py [--n 100000] [--k 16] [--depth 2]
+    .venv/bin/python -m benchmarks.cluster [--n 100000] [--k 16] [--depth 2]
 
 1. Build a k-ary, depth-p router over N synthetic 384-d unit vectors (a mixture of 1,000
    Gaussian topics, like sentence embeddings of a topical corpus) with membank's engine
@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from membank.router import Router  # noqa: E402
-from training.cluster import build_router  # noqa: E402
+from membank.router import Router
+from training.cluster import build_router
 
 
 def synthetic(n: int, dim: int = 384, topics: int = 1000, seed: int = 0) -> np.ndarray:

@@ -1,9 +1,9 @@
 """Load on a local cluster of 1, 2 and 4 shards, and a soak at a steady rate.
 
-    .venv/bin/python benchmarks/cluster_load.py                       # 1, 2, 4 shards, 30 s each
-    .venv/bin/python benchmarks/cluster_load.py --shards 1,2 --duration 10 --redis
-    .venv/bin/python benchmarks/cluster_load.py --shards 1,2 --transports grpc,dataplane
-    .venv/bin/python benchmarks/cluster_load.py --soak 600 --rate 50 --shards 2 --redis \\
+    .venv/bin/python -m benchmarks.cluster_load                       # 1, 2, 4 shards, 30 s each
+    .venv/bin/python -m benchmarks.cluster_load --shards 1,2 --duration 10 --redis
+    .venv/bin/python -m benchmarks.cluster_load --shards 1,2 --transports grpc,dataplane
+    .venv/bin/python -m benchmarks.cluster_load --soak 600 --rate 50 --shards 2 --redis \\
         --plot results/soak.png
 
 Each run starts a local cluster (services/bank_server/cluster.py: shard-aware ingest, one bank
@@ -28,37 +28,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
+from loadtests.load_loop import LoadLoop
+from services.bank_server.cluster import run_local_cluster
+from testkit.exports import synthetic_export
+from testkit.stats import percentile
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tqdm import tqdm  # noqa: E402
-
-from loadtests.load_loop import LoadLoop  # noqa: E402
-from membank.artifacts import MANIFEST, atomic_write_bytes  # noqa: E402
-from membank.manifest import Manifest  # noqa: E402
-from membank.nn.tensors import write_bank  # noqa: E402
-from services.bank_server.cluster import run_local_cluster  # noqa: E402
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def synthetic_export(out: Path) -> Path:
-    if (out / MANIFEST).exists():
-        return out
-    import torch
-    k, ranks, d, layers = 4, [32, 16, 8], 256, [0, 1, 2, 3]
-    g = torch.Generator().manual_seed(0)
-    levels = [torch.randn(k ** l, len(layers), 3, r, d, generator=g)
-              for l, r in enumerate(ranks, start=1)]
-    sums = write_bank(out, levels, "float32")
-    m = Manifest(bank="load", version="l1", dtype="float32", d_model=d, mem_layers=layers,
-                 branching=k, ranks=ranks, checksums=sums, placement_level=2)
-    atomic_write_bytes(out / MANIFEST, m.to_json().encode())
+def load_export(out: Path) -> Path:
+    """k=4, ranks (32, 16, 8), d 256, 4 layers, float32, placed by level 2 (kept between runs)."""
+    synthetic_export(out, bank="load", version="l1", d_model=256, mem_layers=[0, 1, 2, 3],
+                     branching=4, ranks=[32, 16, 8], placement_level=2, reuse=True)
     return out
 
 
@@ -138,12 +127,12 @@ def one_run(export: Path, workdir: Path, shards: int, args, transport: str = "gr
             s1 = tier_totals(cluster.stats())
             lat = {k: sorted(v[lat0.get(k, 0):]) for k, v in load.report.rpc_ms.items()}
         report = load.report
-    pct = lambda xs, q: round(xs[min(len(xs) - 1, int(q * len(xs)))], 2) if xs else None  # noqa: E731
     return {
         "shards": shards, "transport": transport, "seconds": round(el, 1),
         "prompts_per_s": round((n1 - n0) / el, 1), "rpcs_per_s": round((r1 - r0) / el, 1),
         "mb_per_s": round((b1 - b0) / el / 1e6, 1),
-        "rpc_ms": {k: {"n": len(v), "p50": pct(v, .5), "p95": pct(v, .95), "p99": pct(v, .99)}
+        "rpc_ms": {k: {"n": len(v), **{name: round(percentile(v, q), 2)
+                                       for name, q in (("p50", .5), ("p95", .95), ("p99", .99))}}
                    for k, v in sorted(lat.items()) if v},
         "server_ms": server_levels(s1),
         "server_cpu_cores": round(sum(c1[n] - c0[n] for n in pids) / el, 2),
@@ -249,7 +238,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="membank-cluster-load-") as tmp:
         work = args.workdir or Path(tmp)
-        export = synthetic_export(Path(tmp) / "export")
+        export = load_export(Path(tmp) / "export")
         if args.soak:
             out = soak(export, work, args)
             print(f"soak {out['soak_s']} s, {out['shards']} shard(s), {out['prompts_per_s']} "

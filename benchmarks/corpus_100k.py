@@ -1,6 +1,6 @@
 """Benchmark: a 100k-document JSONL corpus through `membank train`, end to end, on this machine.
 
-    .venv/bin/python benchmarks/corpus_100k.py [--docs 100000] [--out runs/corpus_100k]
+    .venv/bin/python -m benchmarks.corpus_100k [--docs 100000] [--out runs/corpus_100k]
                                                [--config tiny] [--steps 5] [--set KEY=VALUE ...]
 
 1. writes a synthetic corpus, streaming: each document is one or two sentences of one element's
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 

@@ -1,8 +1,8 @@
 """What the data plane's tuning knobs are worth: the device's receive piece size and receive
 buffer, and the shard's verify-once of LMDB blocks, each against raw TCP in the same run.
 
-    .venv/bin/python benchmarks/dataplane_tuning.py            # about 2 minutes here
-    .venv/bin/python benchmarks/dataplane_tuning.py --quick
+    .venv/bin/python -m benchmarks.dataplane_tuning            # about 2 minutes here
+    .venv/bin/python -m benchmarks.dataplane_tuning --quick
 
 Same synthetic bank and servers as benchmarks/fetch.py (its helpers are reused): a real bank
 server with the data plane, fetched with the real DataPlaneClient, and the raw-TCP baseline.
@@ -29,11 +29,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import benchmarks.fetch as F
+from services.model_client import dataplane_client as DC
+from testkit.stats import percentile
 
-import benchmarks.fetch as F  # noqa: E402
-from services.model_client import dataplane_client as DC  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PIECES = {"32K": 32 << 10, "128K": 128 << 10, "512K": 512 << 10, "1M": 1 << 20}
 ADAPTIVE = "adaptive"
@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         experiment, setting, size, c = pt
         mbs = nbytes / wall / 1e6
         row = {"experiment": experiment, "setting": setting, "size_mb": size, "clients": c,
-               "median_ms": round(F.pct(lat, 0.5) * 1e3, 3),
-               "p99_ms": round(F.pct(lat, 0.99) * 1e3, 3),
+               "median_ms": round(percentile(lat, 0.5) * 1e3, 3),
+               "p99_ms": round(percentile(lat, 0.99) * 1e3, 3),
                "mb_s": round(mbs, 1), "x_tcp": round(mbs / tcp_mbs[(size, c)], 3)}
         results.append(row)
         print(f"{experiment:10s} {setting:9s} {size:7.1f} {c:7d} {row['median_ms']:9.3f} "

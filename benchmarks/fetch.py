@@ -1,8 +1,8 @@
 """Block fetch throughput: membank (data plane and FetchBlocks) vs raw TCP vs Redis GET vs HTTP.
 
-    .venv/bin/python benchmarks/fetch.py                 # full run (about 2 minutes here)
-    .venv/bin/python benchmarks/fetch.py --quick         # fewer repetitions
-    .venv/bin/python benchmarks/fetch.py --sizes 6.9 --clients 1 --systems membank-dp,tcp
+    .venv/bin/python -m benchmarks.fetch                 # full run (about 2 minutes here)
+    .venv/bin/python -m benchmarks.fetch --quick         # fewer repetitions
+    .venv/bin/python -m benchmarks.fetch --sizes 6.9 --clients 1 --systems membank-dp,tcp
 
 Same blocks, same run. A synthetic bank with the paper's 160M shapes (d 512, 35 memory layers,
 bf16, ranks 256/64/16, k=2) has level-1/2/3 blocks of 27.5 / 6.9 / 1.7 MB. Each block is served
@@ -55,8 +55,11 @@ import threading
 import time
 from pathlib import Path
 
+from testkit.net import free_port
+from testkit.stats import percentile
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+
 
 BANK, VERSION = "bench", "v1"
 D_MODEL, N_LAYERS, RANKS, K = 512, 35, [256, 64, 16], 2
@@ -188,16 +191,11 @@ def serve_grpc(lmdb_path: Path, port: int) -> None:
     asyncio.run(run())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_child(kind: str, lmdb_path: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, "--lmdb", str(lmdb_path),
-                             "--port", str(port)], stdout=subprocess.PIPE, cwd=REPO)
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.fetch", "--serve", kind,
+                             "--lmdb", str(lmdb_path), "--port", str(port)],
+                            stdout=subprocess.PIPE, cwd=REPO)
     if proc.stdout.readline().strip() != b"ready":
         raise RuntimeError(f"{kind} server did not start")
     return proc, port
@@ -412,11 +410,6 @@ def measure(make_client, level: int, n_nodes: int, clients: int, ops: int, warmu
     return [x for l in lat for x in l], wall, sum(nbytes)
 
 
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="1.7,6.9,27.5", help="MB: any of 1.7, 6.9, 27.5")
@@ -522,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
                             "size_mb": size, "block_bytes": nbytes, "clients": clients,
                             "system": system, "ops": len(lat),
                             "median_ms": 1e3 * statistics.median(lat),
-                            "p99_ms": 1e3 * pct(lat, 0.99),
+                            "p99_ms": 1e3 * percentile(lat, 0.99),
                             "mb_s": moved / wall / 1e6,
                         }
                     for system, r in point.items():

@@ -1,9 +1,9 @@
 """int8 blocks vs native: bytes per block / path / bank, fetch and attach time, and what int8 does
 to long-tail accuracy and perplexity.
 
-    .venv/bin/python benchmarks/int8.py                                  # demo + paper-160m shapes
-    .venv/bin/python benchmarks/int8.py --eval-run runs/eval-small --eval-preset small
-    .venv/bin/python benchmarks/int8.py --eval-run /tmp/int8-smoke --eval-preset smoke \\
+    .venv/bin/python -m benchmarks.int8                                  # demo + paper-160m shapes
+    .venv/bin/python -m benchmarks.int8 --eval-run runs/eval-small --eval-preset small
+    .venv/bin/python -m benchmarks.int8 --eval-run /tmp/int8-smoke --eval-preset smoke \\
         --train-if-missing
 
 1. Formulas: for each preset's bank (membank/config.py), the bytes of every level's block in the
@@ -29,24 +29,22 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from membank import quant
+from membank.config import get_preset
+from membank.keys import block_key
+from membank.nn.tensors import dequantize_into, tensor_from_buffer, tensor_to_bytes
+from services.bank_server import launch
+from services.bank_server.ingest import ingest_stream
+from services.bank_server.store import LMDBStore
+from services.model_client.bank_client import BankClient
 
-from membank import quant  # noqa: E402
-from membank.config import get_preset  # noqa: E402
-from membank.keys import block_key  # noqa: E402
-from membank.nn.tensors import dequantize_into, tensor_from_buffer, tensor_to_bytes  # noqa: E402
-from services.bank_server import launch  # noqa: E402
-from services.bank_server.ingest import ingest_stream  # noqa: E402
-from services.bank_server.store import LMDBStore  # noqa: E402
-from services.model_client.bank_client import BankClient  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 MAP = 4 << 30
 

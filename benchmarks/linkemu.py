@@ -5,8 +5,8 @@
         link.run([sys.executable, "device.py", "--bank", target])   # runs inside the namespace
         print(link.validate())                             # measured RTT / throughput vs configured
 
-    .venv/bin/python benchmarks/linkemu.py check --rtt-ms 80 --rate-mbit 20   # validate one link
-    .venv/bin/python benchmarks/linkemu.py cleanup                            # stale namespaces
+    .venv/bin/python -m benchmarks.linkemu check --rtt-ms 80 --rate-mbit 20   # validate one link
+    .venv/bin/python -m benchmarks.linkemu cleanup                            # stale namespaces
 
 Why this shape: netem does not work in this kernel, tbf and htb do. So the link is built from
   - a namespace `membank-link-<pid>-<n>` (the "device") joined to the default namespace (the
@@ -15,9 +15,10 @@ Why this shape: netem does not work in this kernel, tbf and htb do. So the link 
   - tbf on BOTH veth ends: each end shapes its egress, so the host end limits bank -> device
     (downlink) and the namespace end device -> bank (uplink), each at `rate_mbit` (tbf counts
     whole frames: TCP payload reaches about 95% of it);
-  - a user-space TCP relay in the default namespace, listening on the host veth address: every
-    byte the device sends crosses the shaped veth, waits in the relay, and goes on over
-    loopback to the upstream (the bank server); answers come back the same way. Each direction
+  - a user-space TCP relay (testkit.net.Relay) in the default namespace, listening on the host
+    veth address: every byte the device sends crosses the shaped veth, waits in the relay, and
+    goes on over loopback to the upstream (the bank server); answers come back the same way.
+    Each direction
     holds a chunk until `arrival + rtt/2` and then sends it: order and throughput are preserved
     (a reader thread timestamps, a writer thread releases; never one sleep per chunk in line).
 The relay splits the TCP connection (as a proxy does): the device's TCP sees the RTT only in
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import collections
 import ipaddress
 import itertools
 import json
@@ -45,6 +45,8 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+
+from testkit.net import Relay
 
 NS_PREFIX = "membank-link-"
 IF_PREFIX = "mbl"                          # interface names: at most 15 characters
@@ -134,108 +136,6 @@ def _free_subnet() -> ipaddress.IPv4Network:
     raise RuntimeError("no free /30 left in 198.18.0.0/15")
 
 
-# -- the delay relay ---------------------------------------------------------------------------
-class _DelayPipe:
-    """One direction of one connection: bytes read from `src` are written to `dst` no earlier
-    than their arrival + `delay_s`. The reader never waits for the writer (throughput is kept)."""
-
-    def __init__(self, src: socket.socket, dst: socket.socket, delay_s: float, on_close):
-        self.src, self.dst, self.delay_s, self.on_close = src, dst, delay_s, on_close
-        self.queue: collections.deque[tuple[float, bytes | None]] = collections.deque()
-        self.cv = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self._write, daemon=True).start()
-
-    def _read(self) -> None:
-        try:
-            while data := self.src.recv(1 << 18):
-                with self.cv:
-                    self.queue.append((time.monotonic() + self.delay_s, data))
-                    self.cv.notify()
-        except OSError:
-            pass
-        with self.cv:   # end of stream: delivered (as a FIN) after the bytes before it
-            self.queue.append((time.monotonic() + self.delay_s, None))
-            self.cv.notify()
-
-    def _write(self) -> None:
-        try:
-            while True:
-                with self.cv:
-                    while not self.queue:
-                        self.cv.wait()
-                    due, data = self.queue[0]
-                wait = due - time.monotonic()
-                if wait > 0:
-                    time.sleep(wait)
-                with self.cv:
-                    self.queue.popleft()
-                if data is None:
-                    self.dst.shutdown(socket.SHUT_WR)
-                    break
-                self.dst.sendall(data)
-        except OSError:
-            pass
-        self.on_close()
-
-
-class DelayRelay:
-    """TCP relay `listen_host:port` -> `upstream`, adding `delay_s` each way (RTT = 2 delay_s)."""
-
-    def __init__(self, listen_host: str, upstream: str, delay_s: float):
-        self.upstream, self.delay_s = upstream, delay_s
-        self.listener = socket.create_server((listen_host, 0))
-        self.address = f"{listen_host}:{self.listener.getsockname()[1]}"
-        self._socks: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            host, port = self.upstream.rsplit(":", 1)
-            try:
-                server = socket.create_connection((host, int(port)), timeout=10)
-                server.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            for s in (client, server):
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                if self._closed:
-                    client.close(), server.close()
-                    return
-                self._socks.update((client, server))
-            done = [0]
-
-            def closed(c=client, s=server, done=done):
-                with self._lock:
-                    done[0] += 1
-                    if done[0] == 2:    # both directions finished: release the sockets
-                        for x in (c, s):
-                            self._socks.discard(x)
-                            x.close()
-            _DelayPipe(client, server, self.delay_s, closed)
-            _DelayPipe(server, client, self.delay_s, closed)
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            socks, self._socks = list(self._socks), set()
-        self.listener.close()
-        for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-
 # -- the link ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LinkSpec:
@@ -267,7 +167,7 @@ class Link:
         self.ns = f"{NS_PREFIX}{os.getpid()}-{n}"
         self.host_if, self.dev_if = (f"{IF_PREFIX}{os.getpid()}n{n}h",
                                      f"{IF_PREFIX}{os.getpid()}n{n}d")
-        self.relays: list[DelayRelay] = []
+        self.relays: list[Relay] = []
         self.host_ip = self.dev_ip = ""
         self._up = False
 
@@ -325,7 +225,8 @@ class Link:
     def forward(self, upstream: str) -> str:
         """Relay the device's connections to `upstream` ("host:port" in the default namespace)
         with the link's delay; returns the address to dial from inside the namespace."""
-        relay = DelayRelay(self.host_ip, upstream, self.spec.rtt_ms / 2e3)
+        relay = Relay(upstream, listen_host=self.host_ip, delay_s=self.spec.rtt_ms / 2e3,
+                      chunk_bytes=1 << 18)
         self.relays.append(relay)
         return relay.address
 
@@ -351,9 +252,10 @@ class Link:
         bulk = bulk_bytes or int(self.spec.rate_mbit * 1e6 / 8 * 2)
         with ProbeServer() as server:
             target = self.forward(server.address)
-            out = self.run([sys.executable, os.path.abspath(__file__), "probe", "--target", target,
-                            "--pings", str(pings), "--bulk-bytes", str(bulk)],
-                           capture_output=True, text=True, timeout=timeout)
+            out = self.run([sys.executable, "-m", "benchmarks.linkemu", "probe", "--target",
+                            target, "--pings", str(pings), "--bulk-bytes", str(bulk)],
+                           capture_output=True, text=True, timeout=timeout,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         if out.returncode != 0:
             raise RuntimeError(f"link probe failed: {out.stderr.strip()[-500:]}")
         got = json.loads(out.stdout.strip().splitlines()[-1])

@@ -2,8 +2,8 @@
 parameters, 9.2 GB in bf16) across shards on this machine; report build time, disk size and
 fetch latency per level through real gRPC server subprocesses.
 
-    .venv/bin/python benchmarks/paper_scale.py                # small: k 4 (84 blocks, 0.36 GB)
-    .venv/bin/python benchmarks/paper_scale.py --scale full --shards 2   # the paper's bank
+    .venv/bin/python -m benchmarks.paper_scale                # small: k 4 (84 blocks, 0.36 GB)
+    .venv/bin/python -m benchmarks.paper_scale --scale full --shards 2   # the paper's bank
 
 `--scale small` keeps every block the paper's size (27.5 / 6.9 / 1.7 MB) and only shrinks the
 branching to 4, so per-block latencies are comparable and the run takes seconds.
@@ -31,7 +31,6 @@ import queue
 import random
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -40,14 +39,14 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from membank.config import get_preset
+from services.bank_server import launch
+from services.bank_server.ingest import ingest_stream
+from services.bank_server.store import evict_from_page_cache
+from services.model_client.bank_client import BankClient
+from testkit.stats import percentile
 
-from membank.config import get_preset  # noqa: E402
-from services.bank_server import launch  # noqa: E402
-from services.bank_server.ingest import ingest_stream  # noqa: E402
-from services.bank_server.store import evict_from_page_cache  # noqa: E402
-from services.model_client.bank_client import BankClient  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def block_bytes(seed: int, level: int, node: int, nbytes: int) -> bytes:
@@ -59,14 +58,9 @@ def block_bytes(seed: int, level: int, node: int, nbytes: int) -> bytes:
     return a.tobytes()
 
 
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
-
-
 def summary(times: list[float], nbytes: int) -> dict:
     return {"n": len(times), "p50_ms": statistics.median(times) * 1e3,
-            "p99_ms": pct(times, 99) * 1e3, "max_ms": max(times) * 1e3,
+            "p99_ms": percentile(times, 0.99) * 1e3, "max_ms": max(times) * 1e3,
             "gbps_p50": nbytes / statistics.median(times) / 1e9}
 
 

@@ -1,6 +1,6 @@
 """Benchmark: batched routing, the old exact per-row rule vs the matmul + margin rule, one run.
 
-    .venv/bin/python benchmarks/routing.py [--n 100000] [--shapes 4x2,16x2,8x3,16x4] [--repeats 2]
+    .venv/bin/python -m benchmarks.routing [--n 100000] [--shapes 4x2,16x2,8x3,16x4] [--repeats 2]
                                            [--texts 512] [--threads 2] [--index-docs 25000]
 
 route only     n random unit vectors (384-d), a router of k x depth with random centroids of
@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from membank.router import Router  # noqa: E402
+from membank.router import Router
 
 
 def old_route(router: Router, emb) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Resource requests for deploy/ (Kubernetes) and docker-compose, from measurements.
 
-    .venv/bin/python benchmarks/sizing.py                      # about 1.5 minutes
-    .venv/bin/python benchmarks/sizing.py --target-rps 50 --duration 30
+    .venv/bin/python -m benchmarks.sizing                      # about 1.5 minutes
+    .venv/bin/python -m benchmarks.sizing --target-rps 50 --duration 30
 
 Measures, on this machine, the three processes an operator sizes:
 - **ingest**: peak RSS (the kernel's high-water mark, `wait4` rusage) and CPU seconds of
@@ -30,32 +30,22 @@ import tempfile
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
+from benchmarks.cluster_load import cpu_seconds
+from loadtests.load_loop import LoadLoop
+from services.bank_server.cluster import LocalRedis, run_local_cluster
+from testkit.exports import synthetic_export
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tqdm import tqdm  # noqa: E402
-
-from benchmarks.cluster_load import cpu_seconds  # noqa: E402
-from loadtests.load_loop import LoadLoop  # noqa: E402
-from membank.artifacts import MANIFEST, atomic_write_bytes  # noqa: E402
-from membank.manifest import Manifest  # noqa: E402
-from membank.nn.tensors import write_bank  # noqa: E402
-from services.bank_server.cluster import LocalRedis, run_local_cluster  # noqa: E402
 
 
-def synthetic_export(out: Path, scale: int) -> int:
+def sized_export(out: Path, scale: int) -> int:
     """k=4, depth 3, d 256, 4 layers, float32; ranks (32, 16, 8) x scale. Returns its bytes."""
-    import torch
-    k, d, layers = 4, 256, [0, 1, 2, 3]
-    ranks = [32 * scale, 16 * scale, 8 * scale]
-    g = torch.Generator().manual_seed(scale)
-    levels = [torch.randn(k ** l, len(layers), 3, r, d, generator=g)
-              for l, r in enumerate(ranks, start=1)]
-    sums = write_bank(out, levels, "float32")
-    m = Manifest(bank="sizing", version=f"x{scale}", dtype="float32", d_model=d,
-                 mem_layers=layers, branching=k, ranks=ranks, checksums=sums, placement_level=2)
-    atomic_write_bytes(out / MANIFEST, m.to_json().encode())
-    return sum(t.numel() * 4 for t in levels)
+    m = synthetic_export(out, bank="sizing", version=f"x{scale}", d_model=256,
+                         mem_layers=[0, 1, 2, 3], branching=4,
+                         ranks=[32 * scale, 16 * scale, 8 * scale], seed=scale, placement_level=2)
+    return sum(m.block_nbytes(l) for l, _ in m.blocks())
 
 
 def rss_split_mb(pid: int) -> tuple[float, float]:
@@ -198,7 +188,7 @@ def main() -> None:
         tmp = Path(tmp)
         ingest = []
         for scale in [int(s) for s in args.scales.split(",")]:
-            nbytes = synthetic_export(tmp / f"export-x{scale}", scale)
+            nbytes = sized_export(tmp / f"export-x{scale}", scale)
             r = measure_ingest(tmp / f"export-x{scale}", tmp / f"lmdb-x{scale}")
             ingest.append({"export_mb": round(nbytes / 1e6, 1), **r})
             print(f"ingest {nbytes / 1e6:7.1f} MB: {r['seconds']} s, {r['cpu_s']} CPU s, "

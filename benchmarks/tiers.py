@@ -1,8 +1,8 @@
 """When does Redis earn its place? Every read tier on the same blocks, in the same run.
 
-    .venv/bin/python benchmarks/tiers.py                   # paper block sizes, private redis
-    .venv/bin/python benchmarks/tiers.py --quick           # small blocks, a few reps (smoke)
-    .venv/bin/python benchmarks/tiers.py --redis-url redis://host:6379/0 --sizes 6.9
+    .venv/bin/python -m benchmarks.tiers                   # paper block sizes, private redis
+    .venv/bin/python -m benchmarks.tiers --quick           # small blocks, a few reps (smoke)
+    .venv/bin/python -m benchmarks.tiers --redis-url redis://host:6379/0 --sizes 6.9
 
 Blocks are the paper's 160M block sizes in bf16 (level 3: 1.72 MB, level 2: 6.88 MB, level 1:
 27.5 MB), random, `--blocks` distinct ones per size, all in one LMDB. One "read" is what the
@@ -33,22 +33,18 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from membank import wire  # noqa: E402
-from membank.blocks import checksum  # noqa: E402
-from services.bank_server.cache import RedisCachedStore  # noqa: E402
-from services.bank_server.store import (  # noqa: E402
+from membank import wire
+from membank.blocks import checksum
+from services.bank_server.cache import RedisCachedStore
+from services.bank_server.store import (
     Expect,
     LMDBStore,
     acquire_env,
@@ -56,7 +52,9 @@ from services.bank_server.store import (  # noqa: E402
     page_cache_residency,
     release_env,
 )
-from services.bank_server.tiers import LRUCache  # noqa: E402
+from services.bank_server.tiers import LRUCache
+from testkit.net import free_port
+from testkit.stats import percentile
 
 # the paper's 160M model: 35 memory layers x 3 matrices x r_l x d 512, bf16
 PAPER_SIZES = {"L3 1.7MB": 35 * 3 * 16 * 512 * 2, "L2 6.9MB": 35 * 3 * 64 * 512 * 2,
@@ -69,17 +67,6 @@ def random_bf16(rng: np.random.Generator, nbytes: int) -> bytes:
     a &= 0x807F
     a |= 0x3C00
     return a.tobytes()
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PrivateRedis:
@@ -176,8 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
                     fn(key, want)
                     times.append(time.perf_counter() - t0)
             results.setdefault(label, {})[tier] = {
-                "p50_ms": statistics.median(times) * 1e3, "p99_ms": pct(times, 99) * 1e3,
-                "n": len(times), "gbps": sizes[label] / statistics.median(times) / 1e9}
+                "p50_ms": statistics.median(times) * 1e3,
+                "p99_ms": percentile(times, 0.99) * 1e3, "n": len(times),
+                "gbps": sizes[label] / statistics.median(times) / 1e9}
 
         def read_view(store):
             def fn(key, want):
@@ -220,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
                         pair[tier].append(time.perf_counter() - t0)
             for tier, times in pair.items():
                 results[label][tier] = {
-                    "p50_ms": statistics.median(times) * 1e3, "p99_ms": pct(times, 99) * 1e3,
+                    "p50_ms": statistics.median(times) * 1e3,
+                    "p99_ms": percentile(times, 0.99) * 1e3,
                     "n": len(times), "gbps": sizes[label] / statistics.median(times) / 1e9}
             store.close()
 

@@ -1,6 +1,6 @@
 """Benchmark: a training step with memory vs anchor-only, same batch and sequence length.
 
-    .venv/bin/python benchmarks/train_step.py [--configs demo,eval,medium] [--steps 20] \\
+    .venv/bin/python -m benchmarks.train_step [--configs demo,eval,medium] [--steps 20] \\
         [--threads 2]
 
 For each config, two trainers (training/train.py) on the same synthetic packed data (random
@@ -33,13 +33,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from membank.config import Config  # noqa: E402
-from membank.nn.memory import MemoryBank  # noqa: E402
-from membank.nn.model import Transformer  # noqa: E402
-from training.config import load_train_config  # noqa: E402
-from training.packing import Packed  # noqa: E402
-from training.train import Trainer, lm_loss  # noqa: E402
+from membank.config import Config
+from membank.nn.memory import MemoryBank
+from membank.nn.model import Transformer
+from training.config import load_train_config
+from training.packing import Packed
+from training.train import Trainer, lm_loss
 
 CONFIGS = {
     # the demo preset at its training shape: batch 16 x 128 tokens
@@ -132,9 +131,10 @@ def rss_worker(name: str, variant: str, threads: int) -> None:
 
 
 def peak_rss(name: str, variant: str, threads: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--rss-worker", name, variant,
-                          "--threads", str(threads)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--rss-worker", name,
+                          variant, "--threads", str(threads)],
+                         capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
 
 

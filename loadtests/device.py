@@ -8,9 +8,6 @@ Pure Python (no locust, no gRPC), so it is unit-tested on its own (tests/deploy/
 - `DeviceCache`: the device's block cache, LRU over (level, node) with a capacity in blocks.
   A prompt's path needs one block per level (levels with r_l = 0 have none); the device fetches
   only the blocks it does not hold, in ONE FetchBlocks call, then caches them.
-- `plan_by_shard`: which shard to ask for each missing block (the manifest's placement), so a
-  path costs one FetchBlocks per shard holding part of it, spread over replicas, avoiding
-  shards known to be down.
 - `parse_targets`: shard id -> address from a `--host` list.
 """
 from __future__ import annotations
@@ -19,7 +16,6 @@ import bisect
 import random
 from collections import OrderedDict
 from itertools import accumulate
-from typing import Callable, Collection
 
 
 class ZipfLeaves:
@@ -99,32 +95,6 @@ class DeviceCache:
     def hit_ratio(self) -> float:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
-
-
-def plan_by_shard(blocks: list[tuple[int, int]], owners: Callable[[int, int], list[str]], *,
-                  skip: Collection[str] = (), rotate: int = 0) -> dict[str, list[tuple[int, int]]]:
-    """Which shard to ask for each block: {shard: [blocks]}, one FetchBlocks per shard.
-
-    `owners(level, node)` is the manifest's placement (replicas in rendezvous order). Blocks
-    with the fewest owners are placed first, and a block joins a shard already asked when one
-    of its owners is (levels above the placement level are on every shard), so a path costs as
-    few RPCs as placement allows. `rotate` picks among replicas (e.g. a device index, so
-    devices spread over replicas); shards in `skip` (known down) are avoided while another
-    replica is left. Blocks whose every owner is in `skip` still go to their first choice:
-    better a failed call than none. Each list keeps the order of `blocks`.
-    """
-    chosen: dict[tuple[int, int], str] = {}
-    reps = {b: owners(*b) for b in blocks}
-    for b in sorted(blocks, key=lambda b: len(reps[b])):     # stable: ties keep their order
-        r = reps[b]
-        order = r[rotate % len(r):] + r[:rotate % len(r)]
-        alive = [s for s in order if s not in skip]
-        used = set(chosen.values())
-        chosen[b] = next((s for s in alive if s in used), alive[0] if alive else order[0])
-    plan: dict[str, list[tuple[int, int]]] = {}
-    for b in blocks:
-        plan.setdefault(chosen[b], []).append(b)
-    return plan
 
 
 def parse_targets(spec: str, shard_ids: list[str] | None = None) -> dict[str, str]:

@@ -15,8 +15,9 @@ Reported to locust (request_type / name):
   device prompt                               one per prompt: time to have all its blocks;
                                               failed if any RPC or verification failed
 --host is "host:port", or one address per shard: "shard-0=h:p,shard-1=h:p", or plain
-"h:p,h:p" in the order of the manifest's `shards` (device.parse_targets); users spread over
-replicas. Settings (environment):
+"h:p,h:p" in the order of the manifest's `shards` (device.parse_targets); each fetch goes where
+the device's planner sends it (services/model_client/fetcher.py `plan_groups`). Settings
+(environment):
   MEMBANK_LOADTEST_BANK       bank name (demo)
   MEMBANK_LOADTEST_ZIPF_S     Zipf exponent over leaves (1.1)
   MEMBANK_LOADTEST_CACHE      device cache capacity in blocks (4)
@@ -99,7 +100,7 @@ class BankDevice(User):
             m = self.manifest
             missing = self.cache.missing(m.path_blocks(self.leaves.sample_path(self.rng)))
             if missing:
-                blocks = self.bank.fetch(m, missing, rotate=self.user_id)
+                blocks = self.bank.fetch(m, missing)
                 for block_id, buf in blocks.items():
                     self.cache.put(block_id, len(buf))
                     nbytes += len(buf)

@@ -1,6 +1,6 @@
 """`make loadtest`: a headless locust run against a local cluster this script starts and stops.
 
-    .venv/bin/python loadtests/run_local.py [--shards 2] [--replication 1] [--redis]
+    .venv/bin/python -m loadtests.run_local [--shards 2] [--replication 1] [--redis]
         [--users 8] [--spawn-rate 4] [--run-time 30s] [--out runs/loadtest]
         [--export runs/demo/export]
 
@@ -22,29 +22,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from membank.artifacts import MANIFEST
+from services.bank_server.cluster import run_local_cluster
+from testkit.exports import synthetic_export
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from membank.artifacts import MANIFEST, atomic_write_bytes  # noqa: E402
-from membank.manifest import Manifest  # noqa: E402
-from membank.nn.tensors import write_bank  # noqa: E402
-from services.bank_server.cluster import run_local_cluster  # noqa: E402
 
 
-def synthetic_export(out: Path) -> Path:
+def demo_shaped_export(out: Path) -> Path:
     """A bank of the demo preset's shapes with random blocks (no training needed)."""
-    if (out / MANIFEST).exists():
-        return out
-    import torch
-
-    bank, k, ranks, d, layers = "demo", 4, [64, 32], 128, [0, 1, 2, 3]
-    g = torch.Generator().manual_seed(0)
-    levels = [torch.randn(k ** l, len(layers), 3, r, d, generator=g)
-              for l, r in enumerate(ranks, start=1)]
-    sums = write_bank(out, levels, "float32")
-    manifest = Manifest(bank=bank, version="synthetic-1", dtype="float32", d_model=d,
-                        mem_layers=layers, branching=k, ranks=ranks, checksums=sums)
-    atomic_write_bytes(out / MANIFEST, manifest.to_json().encode())
+    synthetic_export(out, bank="demo", version="synthetic-1", d_model=128,
+                     mem_layers=[0, 1, 2, 3], branching=4, ranks=[64, 32], reuse=True)
     return out
 
 
@@ -63,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     export = (args.export if (args.export / MANIFEST).exists()
-              else synthetic_export(args.out / "export"))
+              else demo_shaped_export(args.out / "export"))
     with run_local_cluster(export, shards=args.shards, replication=args.replication,
                            redis=args.redis, workdir=args.out / "cluster") as cluster:
         manifest = cluster.manifest

@@ -5,7 +5,10 @@ system Redis on 6379) and stopped at teardown:
 
     bank_server            one `python -m services.bank_server.server` over `lmdb_dir` (session)
     start_bank_server      a factory for servers with other flags / other LMDBs (per test)
-    redis_server           a private `redis-server` (per test), `.url`, `.port`, `.proc`
+    redis_server           a private `redis-server` (per test; the local cluster's LocalRedis):
+                           `.url`, `.port`, `.proc`, `.client()`
+Free ports, relays and synthetic exports come from testkit/ (shared with benchmarks/ and
+loadtests/).
 
 Run: `.venv/bin/python -m pytest -q tests/unit tests/integration`
 """
@@ -13,31 +16,22 @@ from __future__ import annotations
 
 import os
 import select
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from membank.artifacts import MANIFEST, atomic_write_bytes
 from membank.config import get_preset
-from membank.manifest import Manifest
-from membank.nn.tensors import write_bank
 from services.bank_server import launch
+from services.bank_server.cluster import LocalRedis
+from testkit.exports import synthetic_export
+from testkit.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (the OS may reuse it, but rarely does at once)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(name="free_port")
@@ -45,29 +39,15 @@ def free_port_fixture():
     return free_port
 
 
-# -- exports ---------------------------------------------------------------------------------
-def make_export(export_dir: Path, *, bank: str, version: str, dtype: str, d_model: int,
-                mem_layers: list[int], branching: int, ranks: list[int], seed: int = 0) -> Manifest:
-    """An export dir holding only manifest.json + bank/level*.safetensors of random blocks."""
-    g = torch.Generator().manual_seed(seed)
-    levels = [torch.randn(branching ** l, len(mem_layers), 3, r, d_model, generator=g)
-              if r else None
-              for l, r in enumerate(ranks, start=1)]
-    sums = write_bank(export_dir, levels, dtype)
-    manifest = Manifest(bank=bank, version=version, dtype=dtype, d_model=d_model,
-                        mem_layers=mem_layers, branching=branching, ranks=ranks, checksums=sums)
-    atomic_write_bytes(Path(export_dir) / MANIFEST, manifest.to_json().encode())
-    return manifest
-
-
+# -- exports (random blocks: testkit/exports.py) --------------------------------------------
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory) -> Path:
     """The `tiny` preset's bank (k=2, ranks (8, 4), d 32, 2 layers), bank "test" v1, float32."""
     cfg = get_preset("tiny")
     out = tmp_path_factory.mktemp("export_tiny")
-    make_export(out, bank="test", version="v1", dtype="float32", d_model=cfg.model.d_model,
-                mem_layers=cfg.memory.mem_layers(cfg.model.n_layer),
-                branching=cfg.memory.branching, ranks=list(cfg.memory.ranks))
+    synthetic_export(out, bank="test", version="v1", dtype="float32",
+                     d_model=cfg.model.d_model, mem_layers=cfg.memory.mem_layers(cfg.model.n_layer),
+                     branching=cfg.memory.branching, ranks=list(cfg.memory.ranks))
     return out
 
 
@@ -76,8 +56,8 @@ def big_export(tmp_path_factory) -> Path:
     """A bfloat16 bank "big" whose level-1 blocks span several 1 MiB chunks (1.76 MiB each,
     so the last chunk is partial), a level without blocks (r = 0) and a small level 3."""
     out = tmp_path_factory.mktemp("export_big")
-    make_export(out, bank="big", version="b1", dtype="bfloat16", d_model=512, mem_layers=[0, 1],
-                branching=2, ranks=[300, 0, 8], seed=1)
+    synthetic_export(out, bank="big", version="b1", dtype="bfloat16", d_model=512,
+                     mem_layers=[0, 1], branching=2, ranks=[300, 0, 8], seed=1)
     return out
 
 
@@ -115,42 +95,13 @@ def start_bank_server(tmp_path):
     return start
 
 
-@dataclass
-class RedisServer:
-    port: int
-    proc: subprocess.Popen
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self):
-        import redis
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
-
-
 @pytest.fixture
 def redis_server(tmp_path):
     """A private redis-server on a free port (no persistence), killed at teardown."""
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = RedisServer(port, proc)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            if server.client().ping():
-                break
-        except Exception:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
+    server = LocalRedis(tmp_path / "redis")
+    server.start()
     yield server
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
+    server.stop(kill=True)
 
 
 # -- a whole tiny model export (anchor + tokenizer + router + bank), no training ---------------

@@ -70,20 +70,14 @@ def shard_names(n: int) -> list[str]:
     return [f"shard-{i}" for i in range(n)]
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # -- Redis ------------------------------------------------------------------------------------
 class LocalRedis:
     """A private `redis-server` on loopback (cache only: no RDB, no AOF), restartable on its
     port."""
 
     def __init__(self, workdir: Path, port: int | None = None, maxmemory_mb: int = 256):
-        self.workdir, self.port, self.maxmemory_mb = workdir, port or _free_port(), maxmemory_mb
+        self.workdir, self.maxmemory_mb = workdir, maxmemory_mb
+        self.port = port or launch.free_port()
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -93,6 +87,11 @@ class LocalRedis:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def client(self, timeout_s: float = 2.0):
+        """A redis-py client of this server."""
+        import redis
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout_s)
 
     def start(self, timeout: float = 10.0) -> None:
         if self.running:
@@ -104,7 +103,7 @@ class LocalRedis:
              "--maxmemory", f"{self.maxmemory_mb}mb", "--maxmemory-policy", "allkeys-lru"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
+        client = self.client(timeout_s=1.0)
         deadline = time.monotonic() + timeout
         while True:
             try:

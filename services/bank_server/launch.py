@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,14 @@ LISTENING = "membank bank_server listening on "
 ADMIN = "membank bank_server admin on "
 # printed before it when the data plane runs (--dataplane-port)
 DATAPLANE = "membank bank_server dataplane on "
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (for processes that cannot take port 0,
+    such as redis-server; the OS may reuse it, but rarely does at once)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:

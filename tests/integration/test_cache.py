@@ -56,67 +56,15 @@ def test_unreachable_redis_is_skipped_for_a_while(free_port):
     assert store.stats()["errors"] == 1          # after the first failure Redis is not even tried
 
 
-# -- circuit breaker against a real Redis behind a proxy that can hang or slow down -------------
+# -- circuit breaker against a real Redis behind a relay that can hang or slow down -------------
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 
 from membank.blocks import checksum  # noqa: E402
 from services.bank_server.store import Expect  # noqa: E402
-
-
-class Proxy:
-    """TCP proxy to Redis: mode "pass", "slow" (each reply delayed by delay_s) or "hang"
-    (replies held back)."""
-
-    def __init__(self, upstream_port: int):
-        self.upstream = upstream_port
-        self.mode, self.delay_s = "pass", 0.0
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def _accept(self):
-        while not self.closed:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            up = socket.create_connection(("127.0.0.1", self.upstream))
-            threading.Thread(target=self._pump, args=(client, up, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(up, client, True), daemon=True).start()
-
-    def _pump(self, src, dst, replies: bool):
-        try:
-            while True:
-                data = src.recv(1 << 20)
-                if not data:
-                    break
-                if replies:
-                    while self.mode == "hang" and not self.closed:
-                        time.sleep(0.01)
-                    if self.mode == "slow":
-                        time.sleep(self.delay_s)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
-
-    def close(self):
-        self.closed = True
-        self.sock.close()
+from testkit.net import Relay  # noqa: E402
 
 
 def timed_reads(store, key, want, n):
@@ -130,20 +78,20 @@ def timed_reads(store, key, want, n):
 
 
 def test_hung_redis_degrades_within_the_timeout_and_recovers(redis_server, caplog):
-    proxy = Proxy(redis_server.port)
+    proxy = Relay(f"127.0.0.1:{redis_server.port}")
     inner = DictStore({b"b/k": b"v" * 1000})
-    store = RedisCachedStore(inner, proxy.url, ttl_s=60, socket_timeout_s=0.1,
+    store = RedisCachedStore(inner, f"redis://{proxy.address}/0", ttl_s=60, socket_timeout_s=0.1,
                              retry_after_s=0.3, max_retry_after_s=0.6)
     timed_reads(store, b"b/k", b"v" * 1000, 2)
     assert store.stats()["hits"] == 1
-    proxy.mode = "hang"
+    proxy.hold = True                          # replies held back: a hung Redis
     t0 = time.perf_counter()
     worst = timed_reads(store, b"b/k", b"v" * 1000, 50)
     assert worst < 0.35                        # one socket timeout (0.1 s), never more
     assert time.perf_counter() - t0 < 1.0
     s = store.stats()
     assert s["breaker"] in ("open", "half-open") and s["errors"] <= 3 and s["skipped"] >= 45
-    proxy.mode = "pass"
+    proxy.hold = False
     deadline = time.monotonic() + 5
     while store.breaker.state != "closed" and time.monotonic() < deadline:
         timed_reads(store, b"b/k", b"v" * 1000, 1)
@@ -159,17 +107,18 @@ def test_hung_redis_degrades_within_the_timeout_and_recovers(redis_server, caplo
 
 
 def test_slow_redis_is_bypassed_then_probed(redis_server):
-    proxy = Proxy(redis_server.port)
+    proxy = Relay(f"127.0.0.1:{redis_server.port}")
     inner = DictStore({b"b/k": b"v" * 1000})
-    store = RedisCachedStore(inner, proxy.url, ttl_s=60, socket_timeout_s=1.0, slow_s=0.02,
+    store = RedisCachedStore(inner, f"redis://{proxy.address}/0", ttl_s=60, socket_timeout_s=1.0,
+                             slow_s=0.02,
                              slow_calls=3, retry_after_s=0.2, max_retry_after_s=0.2)
     timed_reads(store, b"b/k", b"v" * 1000, 2)
-    proxy.mode, proxy.delay_s = "slow", 0.05
+    proxy.stall_p, proxy.stall_s = 1.0, 0.05       # each reply 50 ms late
     timed_reads(store, b"b/k", b"v" * 1000, 3)     # three slow calls open the breaker
     assert store.breaker.state == "open" and store.stats()["slow"] == 3
     worst = timed_reads(store, b"b/k", b"v" * 1000, 20)
     assert worst < 0.02                             # bypassed: the inner store answers
-    proxy.mode = "pass"
+    proxy.stall_p = 0.0
     time.sleep(0.25)
     timed_reads(store, b"b/k", b"v" * 1000, 2)      # the probe is fast: closed again
     assert store.breaker.state == "closed"

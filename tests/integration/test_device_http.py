@@ -22,7 +22,8 @@ import pytest
 
 from services.bank_server.launch import stop
 from services.model_client.http_server import LISTENING
-from tests.conftest import REPO, free_port
+from testkit.net import free_port
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from membank.artifacts import iter_blocks, load_manifest
-from tests.conftest import REPO, free_port, run_bank_server
+from testkit.net import free_port
+from tests.conftest import REPO, run_bank_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_faults_benchmark_quick(tmp_path):
     png = tmp_path / "faults.png"
     out = subprocess.run(
-        [sys.executable, "benchmarks/faults.py", "--quick", "--workdir", str(tmp_path / "work"),
+        [sys.executable, "-m", "benchmarks.faults", "--quick", "--workdir", str(tmp_path / "work"),
          "--plot", str(png)],
         cwd=REPO, capture_output=True, text=True, timeout=540)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_fetch_benchmark_smoke(tmp_path):
     out = subprocess.run(
-        [sys.executable, "benchmarks/fetch.py", "--work", str(tmp_path), "--sizes", "1.7,6.9",
+        [sys.executable, "-m", "benchmarks.fetch", "--work", str(tmp_path), "--sizes", "1.7,6.9",
          "--clients", "1,2", "--mb-per-point", "20", "--rounds", "1",
          "--systems", "membank-dp,membank,membank-raw,grpc-floor,tcp,tcp-rcvbuf,redis,http"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -34,7 +34,7 @@ def test_fetch_benchmark_smoke(tmp_path):
 
 def test_dataplane_latency_benchmark_smoke(tmp_path):
     out = subprocess.run(
-        [sys.executable, "benchmarks/dataplane_latency.py", "--work", str(tmp_path),
+        [sys.executable, "-m", "benchmarks.dataplane_latency", "--work", str(tmp_path),
          "--sizes", "1.7", "--fetches", "20", "--rounds", "2"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_hedging_benchmark_smoke():
     # every relayed segment stalls (both replicas equally slow: hedging cannot help, and the
     # hedge delay learned from them is as slow); the stalls show up in the relayed modes only
-    out = subprocess.run([sys.executable, "benchmarks/hedging.py", "--fetches", "12", "--warmup",
+    out = subprocess.run([sys.executable, "-m", "benchmarks.hedging", "--fetches", "12", "--warmup",
                           "2", "--stall-p", "1", "--stall-ms", "5"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -23,7 +23,8 @@ from membank.keys import block_key
 from services.bank_server.ingest import ingest
 from services.bank_server.store import Expect, LMDBStore
 from services.model_client.bank_client import BankClient
-from tests.conftest import make_export, start_ingest_writing
+from testkit.exports import synthetic_export
+from tests.conftest import start_ingest_writing
 
 pytestmark = pytest.mark.integration
 MAP = 1 << 30
@@ -34,8 +35,8 @@ TRIALS = 6
 def crash_export(tmp_path_factory) -> Path:
     """84 blocks, 44 MB (float32): enough batches (1 MB each) to be killed in the middle."""
     out = tmp_path_factory.mktemp("export_crash")
-    make_export(out, bank="crash", version="v1", dtype="float32", d_model=256,
-                mem_layers=[0, 1, 2, 3], branching=4, ranks=[128, 64, 32], seed=7)
+    synthetic_export(out, bank="crash", version="v1", dtype="float32", d_model=256,
+                     mem_layers=[0, 1, 2, 3], branching=4, ranks=[128, 64, 32], seed=7)
     return out
 
 

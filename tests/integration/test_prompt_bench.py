@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_prompt_benchmark_smoke(tmp_path):
     png = tmp_path / "prompt.png"
-    out = subprocess.run([sys.executable, "benchmarks/prompt.py", "--quick", "--links", "none",
+    out = subprocess.run([sys.executable, "-m", "benchmarks.prompt", "--quick", "--links", "none",
                           "--no-paper", "--reps", "1", "--zipf-prompts", "60", "--preset", "tiny",
                           "--plot", str(png), "--dir", str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=300)

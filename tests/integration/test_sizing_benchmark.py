@@ -26,7 +26,7 @@ def _m(s: str) -> int:
 
 
 def test_sizing_short_run():
-    out = subprocess.run([sys.executable, "benchmarks/sizing.py", "--duration", "3",
+    out = subprocess.run([sys.executable, "-m", "benchmarks.sizing", "--duration", "3",
                           "--scales", "1"], cwd=REPO, capture_output=True, text=True,
                          timeout=300, check=True).stdout
     report = json.loads(out.strip().splitlines()[-1])

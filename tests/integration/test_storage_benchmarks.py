@@ -20,8 +20,9 @@ def last_json(out: str) -> dict:
 
 
 def test_tiers_quick(tmp_path):
-    out = subprocess.run([sys.executable, "benchmarks/tiers.py", "--quick", "--dir", str(tmp_path)],
-                         cwd=REPO, capture_output=True, text=True, timeout=300, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "benchmarks.tiers", "--quick", "--dir",
+                          str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         check=True).stdout
     report = last_json(out)
     for label in ("64KB", "1MB"):
         assert set(report["results"][label]) >= {"lmdb-warm", "lmdb-cold", "redis", "lru",
@@ -31,7 +32,7 @@ def test_tiers_quick(tmp_path):
 
 @pytest.mark.slow
 def test_paper_scale_small(tmp_path):
-    out = subprocess.run([sys.executable, "benchmarks/paper_scale.py", "--dir", str(tmp_path),
+    out = subprocess.run([sys.executable, "-m", "benchmarks.paper_scale", "--dir", str(tmp_path),
                           "--cold", "2", "--warm", "3", "--paths", "1"],
                          cwd=REPO, capture_output=True, text=True, timeout=600, check=True).stdout
     report = last_json(out)
