@@ -16,7 +16,6 @@ import shutil
 import lmdb
 import pytest
 
-from benchmarks.hedging import StallRelay
 from membank.artifacts import iter_blocks, load_manifest
 from membank.keys import block_key
 from services.bank_server.ingest import ingest
@@ -24,7 +23,8 @@ from services.model_client.bank_client import BankClient
 from services.model_client.device_cache import DeviceCache
 from services.model_client.fetcher import FetchPolicy, ShardedFetcher
 from services.model_client.memory_model import MemoryModel
-from tests.conftest import FakeEmbedder, free_port, run_bank_server
+from testkit.net import Relay, free_port
+from tests.conftest import FakeEmbedder, run_bank_server
 
 pytestmark = pytest.mark.integration
 SHARDS = ["s0", "s1"]
@@ -110,7 +110,7 @@ def test_a_slow_replica_is_hedged_and_the_hedge_wins(servers, model, exported):
     m = manifest_from(servers["s0"])
     _, blocks, (primary, secondary) = path_and_owners(model, m)
     # every reply segment held 2 s: far beyond the 50 ms hedge delay
-    relay = StallRelay(servers[primary], p=1.0, stall_s=2.0)
+    relay = Relay(servers[primary], stall_p=1.0, stall_s=2.0)
     targets = {primary: relay.address, secondary: servers[secondary]}
     try:
         with ShardedFetcher(targets, FetchPolicy(hedge_initial_s=0.05, deadline_s=20)) as f:

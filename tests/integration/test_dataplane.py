@@ -28,7 +28,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from benchmarks.hedging import StallRelay
 from membank.artifacts import iter_blocks, load_manifest
 from membank.dataplane import MAGIC, PREFIX
 from membank.keys import block_key
@@ -42,7 +41,9 @@ from services.model_client.dataplane_client import (
     dataplane_target,
 )
 from services.model_client.fetcher import FetchPolicy, ShardedFetcher
-from tests.conftest import make_export, run_bank_server
+from testkit.exports import synthetic_export
+from testkit.net import Relay
+from tests.conftest import run_bank_server
 from tests.integration.test_api import self_signed
 
 pytestmark = pytest.mark.integration
@@ -281,8 +282,8 @@ def test_a_publish_or_gc_by_another_writer_is_seen_by_the_next_request(lmdb_dir,
     shutil.copytree(lmdb_dir, copy)
     m1 = load_manifest(tiny_export)
     export2 = tmp_path / "v2"
-    m2 = make_export(export2, bank="test", version="v2", dtype=m1.dtype, d_model=m1.d_model,
-                     mem_layers=m1.mem_layers, branching=m1.branching, ranks=m1.ranks, seed=1)
+    m2 = synthetic_export(export2, bank="test", version="v2", dtype=m1.dtype, d_model=m1.d_model,
+                          mem_layers=m1.mem_layers, branching=m1.branching, ranks=m1.ranks, seed=1)
     v2 = {(l, n): bytes(d) for l, n, d in iter_blocks(export2, m2)}
     v1 = exported_block(tiny_export, m1, 1, 0)
     assert v2[(1, 0)] != v1
@@ -313,7 +314,7 @@ def exported_block(export, manifest, level: int, node: int) -> bytes:
 
 
 def test_cancel_from_another_thread_stops_the_fetch(server):
-    relay = StallRelay(server.dp, p=1.0, stall_s=0.2)      # ~64 KiB per 0.2 s: a long fetch
+    relay = Relay(server.dp, stall_p=1.0, stall_s=0.2)      # ~64 KiB per 0.2 s: a long fetch
     calls = []
     try:
         with DataPlaneClient(f"{server.address}+{relay.address.rsplit(':', 1)[1]}",
@@ -645,7 +646,7 @@ def test_sharded_fetcher_hedges_over_the_data_plane(replicas, exported):
     with BankClient(replicas["s0"].address) as c:
         m = c.get_manifest("test")
     slow = m.owners(*ids[-1])[0]          # the replica asked first: its data plane is slow
-    relay = StallRelay(replicas[slow].dp, p=1.0, stall_s=0.4)
+    relay = Relay(replicas[slow].dp, stall_p=1.0, stall_s=0.4)
     targets = {s: r.target for s, r in replicas.items()}
     targets[slow] = f"{replicas[slow].address}+{relay.address.rsplit(':', 1)[1]}"
     policy = FetchPolicy(deadline_s=10, hedge_initial_s=0.05, hedge_min_samples=1000)

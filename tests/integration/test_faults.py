@@ -30,7 +30,8 @@ from loadtests.load_loop import LoadLoop
 from services.bank_server.cluster import run_local_cluster
 from services.model_client.bank_client import BankClient, BankError
 from services.model_client.fetcher import FetchPolicy, ShardedFetcher
-from tests.conftest import make_export, wait_for
+from testkit.exports import synthetic_export
+from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -40,8 +41,8 @@ WAIT_S = 60          # bound of any one phase (a loaded 2-core machine is slow, 
 
 def fault_export(out: Path, version: str, seed: int) -> Path:
     """k=4, depth 2 (4 + 16 blocks of 24 KiB / 12 KiB), float32: small, placement-meaningful."""
-    make_export(out, bank="fault", version=version, dtype="float32", d_model=64,
-                mem_layers=[0, 1], branching=4, ranks=[16, 8], seed=seed)
+    synthetic_export(out, bank="fault", version=version, dtype="float32", d_model=64,
+                     mem_layers=[0, 1], branching=4, ranks=[16, 8], seed=seed)
     return out
 
 

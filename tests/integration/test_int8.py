@@ -45,7 +45,8 @@ from services.bank_server.store import Expect, LMDBStore
 from services.model_client.bank_client import BankClient, BankError
 from services.model_client.fetcher import ShardedFetcher
 from services.model_client.memory_model import MemoryModel
-from tests.conftest import REPO, FakeEmbedder, make_export, start_ingest_writing
+from testkit.exports import synthetic_export
+from tests.conftest import REPO, FakeEmbedder, start_ingest_writing
 
 pytestmark = pytest.mark.integration
 MAP = 1 << 30
@@ -208,8 +209,8 @@ def test_gc_deletes_int8_blocks_with_their_version(tiny_model_export, tmp_path):
 
 def test_rebalance_moves_int8_blocks_too(tmp_path):
     export = tmp_path / "export"
-    make_export(export, bank="sh", version="v1", dtype="bfloat16", d_model=16,
-                mem_layers=[0], branching=4, ranks=[4, 2, 1], seed=3)
+    synthetic_export(export, bank="sh", version="v1", dtype="bfloat16", d_model=16,
+                     mem_layers=[0], branching=4, ranks=[4, 2, 1], seed=3)
     old, new = ["s0", "s1", "s2"], ["s0", "s1", "s2", "s3"]
     lmdbs = {s: tmp_path / s for s in new}
     stored = [ingest(export, lmdbs[s], shard_id=s, shards=old, placement_level=2,
@@ -254,8 +255,8 @@ def check_version(db: Path, version: str) -> tuple[int, bool]:
 def test_kill_9_mid_int8_ingest_publishes_nothing_partial(tmp_path):
     export = tmp_path / "export"
     # 84 blocks, 5.5 MB float32 (+ 1.4 MB int8): about a second of writing at 6 MB/s
-    make_export(export, bank="crash8", version="v1", dtype="float32", d_model=128,
-                mem_layers=[0, 1], branching=4, ranks=[64, 32, 16], seed=11)
+    synthetic_export(export, bank="crash8", version="v1", dtype="float32", d_model=128,
+                     mem_layers=[0, 1], branching=4, ranks=[64, 32, 16], seed=11)
     base = tmp_path / "base"
     ingest(export, base, progress=False, map_size=MAP)                 # v1, native only
     # how long the writing phase takes when nothing kills it
@@ -302,7 +303,7 @@ def test_kill_9_mid_int8_ingest_publishes_nothing_partial(tmp_path):
 def test_int8_benchmark_quick(tmp_path):
     """benchmarks/int8.py on the demo shapes: formulas, real payload sizes, one JSON line."""
     import json
-    out = subprocess.run([sys.executable, "benchmarks/int8.py", "--shapes", "demo", "--formulas",
+    out = subprocess.run([sys.executable, "-m", "benchmarks.int8", "--shapes", "demo", "--formulas",
                           "demo,paper-160m", "--reps", "1", "--dir", str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=300, check=True).stdout
     report = json.loads(out.strip().splitlines()[-1])

@@ -23,7 +23,8 @@ from services.bank_server.rebalance import main as rebalance_main
 from services.bank_server.rebalance import rebalance, replaced
 from services.bank_server.store import LMDBStore
 from services.model_client.bank_client import BankClient, BankError
-from tests.conftest import REPO, make_export
+from testkit.exports import synthetic_export
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 MAP = 1 << 30
@@ -43,8 +44,8 @@ def block_keys(path) -> set[bytes]:
 def shard_export(tmp_path_factory):
     """k=8, ranks (4, 2, 1), d 16: 8 + 64 + 512 blocks, 64 placement groups at level 2."""
     out = tmp_path_factory.mktemp("export_shards")
-    make_export(out, bank="sh", version="v1", dtype="float32", d_model=16, mem_layers=[0],
-                branching=8, ranks=[4, 2, 1], seed=3)
+    synthetic_export(out, bank="sh", version="v1", dtype="float32", d_model=16, mem_layers=[0],
+                     branching=8, ranks=[4, 2, 1], seed=3)
     return out
 
 
