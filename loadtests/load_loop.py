@@ -14,9 +14,11 @@ FetchBlocks per shard holding them (`ShardedBank`, the manifest's placement). Ba
 every block's header (version included) and checksum against that manifest, so a block of
 another version can never pass as this one.
 
-`ShardedBank` is the load test's own small placement client: it spreads blocks over replicas
-and, when a shard fails (UNAVAILABLE, DEADLINE_EXCEEDED, DATA_LOSS, a block failing
-verification, ...), marks it down for `down_s` and asks the next replica. A fetch counts as an
+`ShardedBank` is the load test's own small client over the shards: it plans a fetch with the
+device's planner (services/model_client/fetcher.py `plan_groups`: the same groups, the same
+first replica), asks each group's first replica with no hedging, and, when a shard fails
+(UNAVAILABLE, DEADLINE_EXCEEDED, DATA_LOSS, a block failing verification, ...), marks it down
+for `down_s` and plans the rest again without it (the next replica). A fetch counts as an
 error only when every replica of a block failed. `LoadLoop(..., fetcher=F)` uses the device's
 own client instead (services/model_client/fetcher.py ShardedFetcher, or anything with its
 `get_manifest(bank)` / `fetch(bank, version, blocks, manifest)` / `stats()`): then RPC counts
@@ -34,10 +36,12 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from loadtests.device import DeviceCache, ZipfLeaves, plan_by_shard
+from loadtests.device import DeviceCache, ZipfLeaves
 from membank.manifest import Manifest
 from services.model_client.bank_client import BankError
+from services.model_client.fetcher import plan_groups
 from services.model_client.targets import make_client
+from testkit.stats import percentile
 
 # worth asking another replica: the shard is down, overloaded, slow, or its copy is bad
 FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -87,20 +91,25 @@ class ShardedBank:
                 last = e
         raise last
 
-    def fetch(self, manifest: Manifest, blocks: list[tuple[int, int]], *, rotate: int = 0,
+    def fetch(self, manifest: Manifest, blocks: list[tuple[int, int]], *,
               on_rpc=None) -> dict[tuple[int, int], bytearray]:
         """Every block, verified against `manifest`; raises BankError when some block could not
-        be had from any of its replicas. `on_rpc(shard, blocks, seconds, nbytes, error)` is
-        called after each RPC."""
+        be had from any of its replicas. The plan is the device's (fetcher.plan_groups): each
+        group goes to its first replica; a failed one is avoided for the rest of this fetch.
+        `on_rpc(shard, blocks, seconds, nbytes, error)` is called after each RPC."""
         out: dict[tuple[int, int], bytearray] = {}
         todo, failed = list(blocks), {}       # failed: shard -> its BankError in this fetch
         while todo:
-            plan = plan_by_shard(todo, manifest.owners, skip=self.down() | set(failed),
-                                 rotate=rotate)
+            try:
+                plan = plan_groups(manifest, todo, self.clients, down=self.down(),
+                                   avoid=set(failed))
+            except BankError:
+                if failed:           # every replica of some block failed: say how
+                    raise next(iter(failed.values())) from None
+                raise
             todo = []
-            for shard, ids in plan.items():
-                if shard in failed:      # every replica of these blocks failed already
-                    raise failed[shard]
+            for group in plan:
+                shard, ids = group.replicas[0], group.blocks
                 t0 = time.perf_counter()
                 try:
                     got = self.clients[shard].fetch(manifest.bank, manifest.version, ids,
@@ -143,8 +152,7 @@ class LoadReport:
 
     def summary(self) -> dict:
         def pct(xs, q):
-            xs = sorted(xs)
-            return round(xs[min(len(xs) - 1, int(q * len(xs)))], 3) if xs else None
+            return None if not xs else round(percentile(xs, q), 3)
         el = max(self.elapsed_s, 1e-9)
         return {
             "prompts": self.prompts, "errors": len(self.errors), "rpcs": self.rpcs,
@@ -271,7 +279,7 @@ class LoadLoop:
                     if self.fetcher is not None:
                         got = self.fetcher.fetch(m.bank, m.version, missing, m)
                     else:
-                        got = self.bank.fetch(m, missing, rotate=index, on_rpc=self._on_rpc)
+                        got = self.bank.fetch(m, missing, on_rpc=self._on_rpc)
                     if cache is not None:
                         for b, buf in got.items():
                             cache.put(b, len(buf))

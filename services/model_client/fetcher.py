@@ -52,7 +52,7 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 import grpc
 
@@ -101,6 +101,43 @@ class Group:
     """Blocks fetched by one RPC, and the shards that own all of them (best first)."""
     blocks: list[Block]
     replicas: list[str]
+
+
+def plan_groups(manifest: Manifest, blocks: list[Block], shards: Collection[str], *,
+                down: Collection[str] = (), avoid: Collection[str] = ()) -> list[Group]:
+    """The fetch plan (step 1 of the module docstring): `blocks` grouped into as few RPCs as
+    the manifest's placement allows, over the shards in `shards` but none in `avoid`; shards in
+    `down` are chosen last. Each group's replicas are the shards owning all of its blocks, best
+    first. BankError INVALID_ARGUMENT for a block the manifest lacks, UNAVAILABLE when a block
+    has no owner left to ask. The load test plans with it too (loadtests/load_loop.py)."""
+    blocks = list(dict.fromkeys((int(l), int(n)) for l, n in blocks))
+    owners: dict[Block, list[str]] = {}
+    for b in blocks:
+        if not manifest.has_block(*b):
+            raise BankError(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"block {b} is not in {manifest.bank}/{manifest.version}")
+        known = [s for s in manifest.owners(*b) if s in shards and s not in avoid]
+        if not known:
+            raise BankError(grpc.StatusCode.UNAVAILABLE,
+                            f"no address for shard(s) {manifest.owners(*b)} holding block {b}"
+                            f" (targets: {sorted(shards)}, failed: {sorted(avoid)})")
+        owners[b] = known
+    left = list(blocks)
+    groups = []
+    while left:
+        def score(s: str):
+            cover = [b for b in left if s in owners[b]]
+            primary = sum(1 for b in cover if owners[b][0] == s)
+            return (s not in down, len(cover), primary)
+        candidates = {s for b in left for s in owners[b]}
+        best = max(sorted(candidates), key=score)
+        cover = [b for b in left if best in owners[b]]
+        shared = set.intersection(*(set(owners[b]) for b in cover))
+        rank = owners[cover[-1]]   # the deepest block's owner order (its placement group)
+        rest = sorted(shared - {best}, key=lambda s: rank.index(s) if s in rank else len(rank))
+        groups.append(Group(cover, [best, *sorted(rest, key=lambda s: s in down)]))
+        left = [b for b in left if b not in cover]
+    return groups
 
 
 @dataclass
@@ -264,37 +301,11 @@ class ShardedFetcher:
              avoid: frozenset[str] = frozenset()) -> list[Group]:
         """Group blocks into as few RPCs as possible (see the module docstring), using no shard
         in `avoid`; BankError UNAVAILABLE when a block has no owner left to ask."""
-        blocks = list(dict.fromkeys((int(l), int(n)) for l, n in blocks))
         if ANY in self.targets:
-            return [Group(blocks, [ANY])]
-        owners: dict[Block, list[str]] = {}
-        for b in blocks:
-            if not manifest.has_block(*b):
-                raise BankError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"block {b} is not in {manifest.bank}/{manifest.version}")
-            known = [s for s in manifest.owners(*b) if s in self.targets and s not in avoid]
-            if not known:
-                raise BankError(grpc.StatusCode.UNAVAILABLE,
-                                f"no address for shard(s) {manifest.owners(*b)} holding block {b}"
-                                f" (targets: {sorted(self.targets)}, failed: {sorted(avoid)})")
-            owners[b] = known
+            return [Group(list(dict.fromkeys((int(l), int(n)) for l, n in blocks)), [ANY])]
         now = time.monotonic()
-        left = list(blocks)
-        groups = []
-        while left:
-            def score(s: str):
-                cover = [b for b in left if s in owners[b]]
-                primary = sum(1 for b in cover if owners[b][0] == s)
-                return (self._down_until.get(s, 0) <= now, len(cover), primary)
-            candidates = {s for b in left for s in owners[b]}
-            best = max(sorted(candidates), key=score)
-            cover = [b for b in left if best in owners[b]]
-            shared = set.intersection(*(set(owners[b]) for b in cover))
-            rank = owners[cover[-1]]   # the deepest block's owner order (its placement group)
-            rest = sorted(shared - {best}, key=lambda s: rank.index(s) if s in rank else len(rank))
-            groups.append(Group(cover, [best, *self._order(rest)]))
-            left = [b for b in left if b not in cover]
-        return groups
+        down = {s for s, until in self._down_until.items() if until > now}
+        return plan_groups(manifest, blocks, self.targets, down=down, avoid=avoid)
 
     def health(self, timeout_s: float = 1.0) -> bool:
         """True when at least one shard answers SERVING (grpc health), like BankClient.health."""

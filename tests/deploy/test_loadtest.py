@@ -12,6 +12,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import grpc
 import pytest
 
 from membank.manifest import Manifest
@@ -63,20 +64,44 @@ def test_device_cache_fetches_only_missing_blocks_lru():
     assert len(c) == 0
 
 
-def test_plan_by_shard_groups_by_owner_spreads_replicas_and_avoids_down_shards():
-    owners = {(1, 0): ["a", "b"], (2, 1): ["a", "b"], (2, 2): ["b", "c"]}.__getitem__
-    by = lambda l, n: owners((l, n))  # noqa: E731
-    blocks = [(1, 0), (2, 1), (2, 2)]
-    assert device.plan_by_shard(blocks, by) == {"a": [(1, 0), (2, 1)], "b": [(2, 2)]}
-    # rotated to the second replica, all three share shard b: one RPC
-    assert device.plan_by_shard(blocks, by, rotate=1) == {"b": [(1, 0), (2, 1), (2, 2)]}
-    assert device.plan_by_shard(blocks, by, skip={"a"}) == {"b": [(1, 0), (2, 1), (2, 2)]}
-    # every replica down: still asked (first choice), never silently dropped
-    assert device.plan_by_shard([(2, 2)], by, skip={"b", "c"}) == {"b": [(2, 2)]}
-    # a block on every shard (above the placement level) joins its path's constrained block
-    path = {(1, 0): ["a", "b", "c"], (2, 3): ["c"]}
-    assert device.plan_by_shard([(1, 0), (2, 3)], lambda l, n: path[(l, n)]) \
-        == {"c": [(1, 0), (2, 3)]}
+def test_the_load_test_fetches_what_the_device_plans():
+    """ShardedBank asks each group of the device's plan (fetcher.plan_groups) of its first
+    replica: the load test measures the RPCs a device sends; shards marked down go last."""
+    from loadtests.load_loop import ShardedBank
+    from services.model_client.fetcher import ShardedFetcher
+
+    m = Manifest(bank="b", version="v1", dtype="float32", d_model=4, mem_layers=[0],
+                 branching=4, ranks=[1, 1, 1], checksums=[["x"] * 4, ["x"] * 16, ["x"] * 64],
+                 shards=["s0", "s1", "s2"], replication=2, placement_level=2)
+    sent = []
+
+    class Client:
+        def __init__(self, name):
+            self.name = name
+
+        def fetch(self, bank, version, ids, manifest):
+            sent.append((self.name, list(ids)))
+            return {b: bytearray(1) for b in ids}
+
+        def close(self):
+            pass
+
+    targets = {s: s for s in m.shards}
+    bank = ShardedBank(targets, client=lambda addr, timeout_s: Client(addr))
+    device = ShardedFetcher(targets, client_factory=Client)
+    rng = random.Random(0)
+    for _ in range(30):
+        path = m.path_blocks([rng.randrange(4) for _ in range(3)])
+        sent.clear()
+        assert len(bank.fetch(m, path)) == 3
+        assert sent == [(g.replicas[0], g.blocks) for g in device.plan(m, path)]
+        first = sent[0][0]
+        bank._mark_down(first, grpc.StatusCode.UNAVAILABLE)
+        sent.clear()
+        bank.fetch(m, path)
+        assert all(shard != first for shard, _ in sent)     # another replica, while down
+        bank._down_until.clear()
+    device.close()
 
 
 def test_parse_targets_named_plain_and_mismatched():
