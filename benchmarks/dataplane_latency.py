@@ -1,7 +1,7 @@
 """Where one data plane fetch spends its time, next to raw TCP: time to first byte, body, end.
 
-    .venv/bin/python benchmarks/dataplane_latency.py                # 1.7 MB blocks, ~30 s here
-    .venv/bin/python benchmarks/dataplane_latency.py --sizes 1.7,6.9 --fetches 2000
+    .venv/bin/python -m benchmarks.dataplane_latency                # 1.7 MB blocks, ~30 s here
+    .venv/bin/python -m benchmarks.dataplane_latency --sizes 1.7,6.9 --fetches 2000
 
 Same synthetic bank and servers as benchmarks/fetch.py (its helpers are reused): the real bank
 server with its data plane, and the raw-TCP baseline server. One client at a time, interleaved
@@ -33,12 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import benchmarks.fetch as F
+from membank.dataplane import MAGIC, PREFIX
+from services.model_client.dataplane_client import DataPlaneClient, dataplane_target
 
-import benchmarks.fetch as F  # noqa: E402
-from membank.dataplane import MAGIC, PREFIX  # noqa: E402
-from services.model_client.dataplane_client import DataPlaneClient, dataplane_target  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _connect(port: int) -> socket.socket:

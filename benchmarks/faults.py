@@ -1,9 +1,9 @@
 """Faults under load: the results table an operator reads (issue 7).
 
-    .venv/bin/python benchmarks/faults.py                        # 4 scenarios, ~5 min on 2 cores
-    .venv/bin/python benchmarks/faults.py --quick                # smoke run: 2 shards, short
-    .venv/bin/python benchmarks/faults.py --rate 40 --phase-s 15 --plot results/faults.png
-    .venv/bin/python benchmarks/faults.py --scenarios kill,corrupt
+    .venv/bin/python -m benchmarks.faults                        # 4 scenarios, ~5 min on 2 cores
+    .venv/bin/python -m benchmarks.faults --quick                # smoke run: 2 shards, short
+    .venv/bin/python -m benchmarks.faults --rate 40 --phase-s 15 --plot results/faults.png
+    .venv/bin/python -m benchmarks.faults --scenarios kill,corrupt
 
 The same faults as tests/integration/test_faults.py, measured instead of only asserted. Two
 local clusters (services/bank_server/cluster.py: 3 shard subprocesses over their own LMDBs,
@@ -59,19 +59,19 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
+from loadtests.load_loop import LoadLoop
+from membank.artifacts import MANIFEST
+from membank.blocks import checksum
+from membank.manifest import Manifest
+from services.bank_server.cluster import LocalCluster, run_local_cluster
+from services.model_client.bank_client import BankClient, BankError
+from services.model_client.fetcher import FetchPolicy, ShardedFetcher
+from testkit.exports import synthetic_export
+from testkit.stats import percentile
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tqdm import tqdm  # noqa: E402
-
-from loadtests.load_loop import LoadLoop  # noqa: E402
-from membank.artifacts import MANIFEST, atomic_write_bytes  # noqa: E402
-from membank.blocks import checksum  # noqa: E402
-from membank.manifest import Manifest  # noqa: E402
-from membank.nn.tensors import write_bank  # noqa: E402
-from services.bank_server.cluster import LocalCluster, run_local_cluster  # noqa: E402
-from services.model_client.bank_client import BankClient, BankError  # noqa: E402
-from services.model_client.fetcher import FetchPolicy, ShardedFetcher  # noqa: E402
 
 SCENARIOS = ("redis", "kill", "corrupt", "publish")     # the order they run in
 PHASES = ("before", "during", "after")
@@ -100,21 +100,11 @@ class FaultSettings:
 
 
 # -- the bank -----------------------------------------------------------------------------------
-def synthetic_export(out: Path, version: str, seed: int) -> Manifest:
+def fault_export(out: Path, version: str, seed: int) -> Manifest:
     """k=4, depth 2, ranks 16/8, d 256, 2 layers, float32 (blocks of 96 / 48 KiB): small enough
     for 2 cores at 40 prompts/s, with 4 placement groups over the shards (placement level 1)."""
-    if (out / MANIFEST).exists():
-        return Manifest.from_json((out / MANIFEST).read_text())
-    import torch
-    k, ranks, d, layers = 4, [16, 8], 256, [0, 1]
-    g = torch.Generator().manual_seed(seed)
-    levels = [torch.randn(k ** l, len(layers), 3, r, d, generator=g)
-              for l, r in enumerate(ranks, start=1)]
-    sums = write_bank(out, levels, "float32")
-    m = Manifest(bank=BANK, version=version, dtype="float32", d_model=d, mem_layers=layers,
-                 branching=k, ranks=ranks, checksums=sums)
-    atomic_write_bytes(out / MANIFEST, m.to_json().encode())
-    return m
+    return synthetic_export(out, bank=BANK, version=version, d_model=256, mem_layers=[0, 1],
+                            branching=4, ranks=[16, 8], seed=seed, reuse=True)
 
 
 # -- what the devices saw -------------------------------------------------------------------------
@@ -245,8 +235,9 @@ def rpc_error_delta(a: dict, b: dict) -> dict[str, int]:
 
 # -- one scenario ----------------------------------------------------------------------------------
 def pct(xs: list[float], q: float) -> float | None:
-    xs = sorted(xs)
-    return round(xs[min(len(xs) - 1, int(q * len(xs)))], 2) if xs else None
+    """testkit's percentile, rounded for the report."""
+    v = percentile(xs, q)
+    return None if v is None else round(v, 2)
 
 
 class Run:
@@ -709,8 +700,8 @@ def main(argv: list[str] | None = None) -> int:
             tempfile.TemporaryDirectory(prefix="membank-faults-")))
         work.mkdir(parents=True, exist_ok=True)
         exports = {"v1": work / "export-v1", "v2": work / "export-v2"}
-        synthetic_export(exports["v1"], "v1", seed=11)
-        synthetic_export(exports["v2"], "v2", seed=12)
+        fault_export(exports["v1"], "v1", seed=11)
+        fault_export(exports["v2"], "v2", seed=12)
         results, starts = [], {}
         bar = tqdm(total=len(cfg.scenarios), desc="faults", unit="scenario", file=sys.stderr)
         for redis, names in ((True, ["redis"]), (False, ["kill", "corrupt", "publish"])):

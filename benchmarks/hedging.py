@@ -1,13 +1,14 @@
 """Hedged requests vs none when replicas stall now and then: tail latency of a path fetch.
 
-    .venv/bin/python benchmarks/hedging.py                     # 400 fetches per mode
-    .venv/bin/python benchmarks/hedging.py --fetches 100       # quicker
+    .venv/bin/python -m benchmarks.hedging                     # 400 fetches per mode
+    .venv/bin/python -m benchmarks.hedging --fetches 100       # quicker
 
 Two bank shard servers (replication 2: every block on both) serve a synthetic bank, k=4, ranks
 (64, 16), d 512, 2 memory layers, bf16: a path is a 384 KiB level-1 block + a 96 KiB level-2
-block, one FetchBlocks RPC. Each shard sits behind a TCP relay that, independently per
-server->client segment, stalls for `--stall-ms` with probability `--stall-p` (a replica with
-GC pauses or a noisy neighbour). Every fetch is a random path (so both shards are primaries).
+block, one FetchBlocks RPC. Each shard sits behind a TCP relay (testkit.net.Relay) that,
+independently per server->client segment (64 KiB at most), stalls for `--stall-ms` with
+probability `--stall-p` (a replica with GC pauses or a noisy neighbour). Every fetch is a
+random path (so both shards are primaries).
 
   bankclient      one BankClient per shard, the path's primary only (no retries, no hedging)
   fetcher         ShardedFetcher, hedging off (failover and retries only)
@@ -22,108 +23,36 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
 import statistics
-import sys
 import tempfile
-import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from membank.artifacts import MANIFEST, atomic_write_bytes  # noqa: E402
-from membank.manifest import Manifest  # noqa: E402
-from membank.nn.tensors import write_bank  # noqa: E402
-from services.bank_server.ingest import ingest  # noqa: E402
-from services.bank_server.launch import run_bank_server  # noqa: E402
-from services.model_client.bank_client import BankClient  # noqa: E402
-from services.model_client.fetcher import FetchPolicy, ShardedFetcher  # noqa: E402
+from membank.manifest import Manifest
+from services.bank_server.ingest import ingest
+from services.bank_server.launch import run_bank_server
+from services.model_client.bank_client import BankClient
+from services.model_client.fetcher import FetchPolicy, ShardedFetcher
+from testkit.exports import synthetic_export
+from testkit.net import Relay
+from testkit.stats import percentile
 
 SHARDS = ["s0", "s1"]
 K, RANKS, D, LAYERS = 4, [64, 16], 512, [0, 1]
 
 
-class StallRelay:
-    """TCP relay; each server->client segment is held `stall_s` with probability `p` (p = 1: a
-    uniformly slow replica; tests/integration/test_client_failover.py uses it so)."""
-
-    def __init__(self, upstream: str, p: float, stall_s: float, seed: int = 0):
-        self.upstream, self.p, self.stall_s = upstream, p, stall_s
-        self.rng = random.Random(seed)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self.stalls = 0
-        self.segments = 0
-        self.connections = 0
-        self._socks: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            host, port = self.upstream.rsplit(":", 1)
-            server = socket.create_connection((host, int(port)))
-            for s in (client, server):
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.connections += 1
-            self._socks += [client, server]
-            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
-
-    def _pump(self, src, dst, stall):
-        try:
-            while data := src.recv(1 << 16):
-                self.segments += stall
-                if stall and self.rng.random() < self.p:
-                    self.stalls += 1
-                    time.sleep(self.stall_s)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self):
-        self.listener.close()
-        for s in self._socks:
-            try:
-                s.close()
-            except OSError:
-                pass
-
-
 def build(root: Path) -> dict[str, Path]:
     export = root / "export"
-    export.mkdir()
-    g = torch.Generator().manual_seed(0)
-    levels = [torch.randn(K ** l, len(LAYERS), 3, r, D, generator=g)
-              for l, r in enumerate(RANKS, 1)]
-    sums = write_bank(export, levels, "bfloat16")
-    m = Manifest(bank="hedge", version="v1", dtype="bfloat16", d_model=D, mem_layers=LAYERS,
-                 branching=K, ranks=RANKS, checksums=sums)
-    atomic_write_bytes(export / MANIFEST, m.to_json().encode())
+    synthetic_export(export, bank="hedge", version="v1", dtype="bfloat16", d_model=D,
+                     mem_layers=LAYERS, branching=K, ranks=RANKS)
     paths = {s: root / s for s in SHARDS}
     for s in SHARDS:
         ingest(export, paths[s], shard_id=s, shards=SHARDS, replication=2, placement_level=1,
                progress=False, map_size=1 << 30)
     return paths
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def run_modes(modes: dict, m: Manifest, n: int, warmup: int, rng: random.Random) -> dict:
@@ -163,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
                 lmdbs[s], "--shard-id", s, "--no-admin", "--map-size-gb", "1",
                 log_path=Path(tmp) / f"{s}.log"))
             direct[s] = address
-        relays = {s: StallRelay(direct[s], args.stall_p, args.stall_ms / 1e3, args.seed + i)
+        relays = {s: Relay(direct[s], stall_p=args.stall_p, stall_s=args.stall_ms / 1e3,
+                           seed=args.seed + i)
                   for i, s in enumerate(SHARDS)}
         stack.callback(lambda: [r.close() for r in relays.values()])
         relayed = {s: r.address for s, r in relays.items()}
@@ -188,8 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
         times = run_modes(modes, m, args.fetches, args.warmup, random.Random(args.seed))
         for name, (_, f) in modes.items():
             ms = times[name]
-            results[name] = {"p50_ms": round(pct(ms, 0.5), 3), "p90_ms": round(pct(ms, 0.9), 3),
-                             "p99_ms": round(pct(ms, 0.99), 3), "max_ms": round(max(ms), 3),
+            results[name] = {"p50_ms": round(percentile(ms, 0.5), 3),
+                             "p90_ms": round(percentile(ms, 0.9), 3),
+                             "p99_ms": round(percentile(ms, 0.99), 3), "max_ms": round(max(ms), 3),
                              "mean_ms": round(statistics.fmean(ms), 3)}
             if f is not None:
                 st = f.stats()

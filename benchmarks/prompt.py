@@ -1,7 +1,7 @@
 """Time to first token and bytes per prompt on the device, over loopback and emulated slow links.
 
-    .venv/bin/python benchmarks/prompt.py --quick     # < 1 min: demo model, loopback + 20/100
-    .venv/bin/python benchmarks/prompt.py             # full: + 80/20, paper 160M shapes, Zipf
+    .venv/bin/python -m benchmarks.prompt --quick     # < 1 min: demo model, loopback + 20/100
+    .venv/bin/python -m benchmarks.prompt             # full: + 80/20, paper 160M shapes, Zipf
 
 What runs where: the bank servers are subprocesses in the default namespace (loopback); the
 device side runs as a subprocess (`--worker`) on loopback, or inside an emulated link's network
@@ -53,10 +53,9 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.linkemu import Link, LinkSpec, ProbeServer, probe, unavailable_reason
 
-from benchmarks.linkemu import Link, LinkSpec, ProbeServer, probe, unavailable_reason  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PROMPTS = ["The atomic number of Ruthenium is", "The atomic number of Tungsten is",
            "The element with atomic number 8 is", "Gold has the chemical symbol",
@@ -302,7 +301,7 @@ def zipf_run(job: dict, mm, addr: str, stack: ExitStack) -> dict:
 def run_worker(job: dict, link: Link | None, work: Path, timeout: float) -> dict:
     path = work / f"job-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(job))
-    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", str(path)]
+    argv = [sys.executable, "-m", "benchmarks.prompt", "--worker", str(path)]
     kw = dict(capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
     out = link.run(argv, **kw) if link else subprocess.run(argv, **kw)
     if out.returncode != 0:
