@@ -68,6 +68,7 @@ from membank.manifest import Manifest
 from services.bank_server.cluster import LocalCluster, run_local_cluster
 from services.model_client.bank_client import BankClient, BankError
 from services.model_client.fetcher import FetchPolicy, ShardedFetcher
+from services.model_client.targets import open_bank
 from testkit.exports import synthetic_export
 from testkit.stats import percentile
 
@@ -152,7 +153,7 @@ class RecordingFetcher:
             return self.inner.get_manifest(bank, version)
         except BankError as e:       # LoadLoop counts it as a failed prompt: so do we
             self._local.start = None
-            self._record(Prompt(start, self._now(), False, e.code.name, None,
+            self._record(Prompt(start, self._now(), False, e.code, None,
                                 threading.current_thread().name, ()))
             raise
 
@@ -164,7 +165,7 @@ class RecordingFetcher:
         try:
             got = self.inner.fetch(bank, version, blocks, manifest, **kw)
         except BankError as e:
-            self._record(Prompt(start, self._now(), False, e.code.name, manifest.version,
+            self._record(Prompt(start, self._now(), False, e.code, manifest.version,
                                 device, tuple(blocks)))
             raise
         end = self._now()
@@ -523,8 +524,8 @@ def run_scenario(name: str, cluster: LocalCluster, cfg: FaultSettings, exports: 
     m1 = Manifest.from_json((exports["v1"] / MANIFEST).read_text())
     t_start = time.monotonic()
     with ExitStack() as stack:
-        fetcher = stack.enter_context(ShardedFetcher(
-            cluster.targets, FetchPolicy(down_s=cfg.down_s, deadline_s=10)))
+        fetcher = stack.enter_context(open_bank(
+            cluster.targets, policy=FetchPolicy(down_s=cfg.down_s, deadline_s=10)))
         t0 = time.monotonic()
         rec = RecordingFetcher(fetcher, t0)
         load = stack.enter_context(LoadLoop(cluster.targets, BANK, threads=cfg.threads,

@@ -35,7 +35,8 @@ from membank.manifest import Manifest
 from services.bank_server.ingest import ingest
 from services.bank_server.launch import run_bank_server
 from services.model_client.bank_client import BankClient
-from services.model_client.fetcher import FetchPolicy, ShardedFetcher
+from services.model_client.fetcher import FetchPolicy
+from services.model_client.targets import open_bank
 from testkit.exports import synthetic_export
 from testkit.net import Relay
 from testkit.stats import percentile
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
                 m.bank, m.version, blocks, m)
 
         def fetcher(targets, hedge):
-            f = stack.enter_context(ShardedFetcher(targets, FetchPolicy(hedge=hedge)))
+            f = stack.enter_context(open_bank(targets, policy=FetchPolicy(hedge=hedge)))
             return (lambda blocks: f.fetch(m.bank, m.version, blocks, m)), f
 
         modes = {"bankclient": (bankclient(relayed), None)}

@@ -126,9 +126,9 @@ def worker(job: dict) -> dict:
     """Everything measured on the device for one link; returns the figures (one JSON line)."""
     import torch
 
-    from services.model_client.bank_client import BankClient
     from services.model_client.device_cache import DeviceCache
     from services.model_client.memory_model import MemoryModel
+    from services.model_client.targets import open_bank
 
     torch.set_num_threads(job["threads"])
     out: dict = {"link": job["link"]}
@@ -138,7 +138,7 @@ def worker(job: dict) -> dict:
         model = MemoryModel.from_pretrained(job["export"], cache=DeviceCache(big),
                                             manifest_ttl_s=3600)
         model.warmup()
-        bank = stack.enter_context(BankClient(job["demo_bank"], timeout_s=600))
+        bank = stack.enter_context(open_bank(job["demo_bank"], timeout_s=600))
         bank.health(timeout_s=30)   # connect the channel
         t0 = time.perf_counter()
         bank.get_manifest(model.bank_id)
@@ -147,16 +147,17 @@ def worker(job: dict) -> dict:
         for i in range(job["reps"]):
             prompt = PROMPTS[(job["prompt_offset"] + i) % len(PROMPTS)]
             for sc in DEMO_SCENARIOS:
-                model.cache, model.attached = DeviceCache(big), {}
+                view = model.bank_view(bank)     # the model's CachedBank for `bank`
+                view.cache, model.attached = DeviceCache(big), {}
                 if sc == "cold":
-                    model._manifest = None   # a device that has not talked to the bank yet
+                    view._manifest = None   # a device that has not talked to the bank yet
                 if sc in ("warm-shallow", "warm"):
-                    m = model.manifest_for(bank)
+                    m = view.manifest()
                     path = model.router.route(model.embedder.encode([prompt]))[0].tolist()
                     want = m.path_blocks(path)
                     want = want[:-1] if sc == "warm-shallow" else want
                     for (lv, n), buf in bank.fetch(m.bank, m.version, want, m).items():
-                        model.cache.put(m, lv, n, buf, verified=True)
+                        view.cache.put(m, lv, n, buf, verified=True)
                 r = model.generate(prompt, bank=None if sc == "anchor-only" else bank,
                                    use_memory=sc != "anchor-only", max_new_tokens=1)
                 assert r.memory == (sc != "anchor-only"), r.anchor_only_reason
@@ -164,7 +165,7 @@ def worker(job: dict) -> dict:
                              "fetched_blocks": len(r.fetched_blocks),
                              "cached_blocks": len(r.cached_blocks), **_ms(r.timings_ms)})
         out["demo"] = rows
-        out["demo_block_bytes"] = [model.manifest_for(bank).block_nbytes(l)
+        out["demo_block_bytes"] = [model.bank_view(bank).manifest().block_nbytes(l)
                                    for l in range(1, model.config.memory.depth + 1)]
 
         # -- 2. paper 160M shapes ----------------------------------------------------------------
@@ -189,9 +190,9 @@ def paper_worker(job: dict, tokenizer, stack: ExitStack) -> dict:
     import torch
 
     from membank.nn.model import Transformer
-    from services.model_client.bank_client import BankClient
     from services.model_client.memory_model import GenerateResult, MemoryModel
     from services.model_client.sampling import SamplingParams
+    from services.model_client.targets import open_bank
 
     anchor = None
     hier_cfg = paper_config((256, 64, 16, 0), PAPER_K)
@@ -205,11 +206,11 @@ def paper_worker(job: dict, tokenizer, stack: ExitStack) -> dict:
     for name, ranks, addr in (("hier", (256, 64, 16, 0), job["hier_bank"]),
                               ("flat", (FLAT_RANK,), job["flat_bank"])):
         cfg = paper_config(ranks, PAPER_K)
-        banks[name] = stack.enter_context(BankClient(addr, timeout_s=900))
+        banks[name] = stack.enter_context(open_bank(addr, timeout_s=900))
         banks[name].health(timeout_s=30)
         m = banks[name].get_manifest(f"paper-{name}")
         models[name] = MemoryModel(cfg, anchor, tokenizer, None, m, cache=None, manifest_ttl_s=3600)
-        models[name].manifest_for(banks[name])   # read once: the load is blocks only
+        models[name].bank_view(banks[name]).manifest()   # read once: the load is blocks only
     PaperModels.hier = models["hier"]
     ids = tokenizer.encode(PROMPTS[0]).ids
 
@@ -245,12 +246,13 @@ def zipf_run(job: dict, mm, addr: str, stack: ExitStack) -> dict:
     served."""
     import numpy as np
 
-    from services.model_client.bank_client import BankClient
     from services.model_client.device_cache import DeviceCache
     from services.model_client.memory_model import GenerateResult
+    from services.model_client.targets import open_bank
 
-    bank = stack.enter_context(BankClient(addr, timeout_s=600))
-    m = mm.manifest_for(bank, refresh=True)
+    bank = stack.enter_context(open_bank(addr, timeout_s=600))
+    view = mm.bank_view(bank)
+    m = view.manifest(refresh=True)
     k = m.branching
     depth = max(l for l, r in enumerate(m.ranks, 1) if r)
     n_leaves = k ** depth
@@ -261,7 +263,7 @@ def zipf_run(job: dict, mm, addr: str, stack: ExitStack) -> dict:
     leaves = order[rng.choice(n_leaves, size=job["zipf_prompts"], p=weights / weights.sum())]
     bank_bytes = sum(m.block_nbytes(lv) for lv, _ in m.blocks())
     budget = int(job["cache_frac"] * bank_bytes)
-    mm.cache, mm.attached = DeviceCache(budget), {}
+    view.cache, mm.attached = DeviceCache(budget), {}
     per = {l: {"attached": 0, "cache": 0, "fetched": 0, "bytes": 0} for l in range(1, depth + 1)}
     fetched_bytes, fetch_ms = [], []
     t_start = time.perf_counter()
@@ -294,7 +296,7 @@ def zipf_run(job: dict, mm, addr: str, stack: ExitStack) -> dict:
             "load_ms_p50": round(statistics.median(fetch_ms), 3),
             "load_ms_mean": round(statistics.fmean(fetch_ms), 3),
             "seconds": round(time.perf_counter() - t_start, 1), "levels": levels,
-            "device_cache": {l: vars(s) for l, s in mm.cache.level_stats().items()}}
+            "device_cache": {l: vars(s) for l, s in view.cache.level_stats().items()}}
 
 
 # -- orchestration ------------------------------------------------------------------------------

@@ -34,20 +34,16 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-import grpc
-
 from loadtests.device import DeviceCache, ZipfLeaves
 from membank.manifest import Manifest
-from services.model_client.bank_client import BankError
+from services.model_client.bank import BankError
 from services.model_client.fetcher import plan_groups
 from services.model_client.targets import make_client
 from testkit.stats import percentile
 
 # worth asking another replica: the shard is down, overloaded, slow, or its copy is bad
-FAILOVER_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                  grpc.StatusCode.DATA_LOSS, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                  grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
-                  grpc.StatusCode.FAILED_PRECONDITION}
+FAILOVER_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "DATA_LOSS", "RESOURCE_EXHAUSTED",
+                  "CANCELLED", "UNKNOWN", "INTERNAL", "FAILED_PRECONDITION"}
 
 
 class ShardedBank:
@@ -71,10 +67,10 @@ class ShardedBank:
         with self._lock:
             return {s for s, t in self._down_until.items() if t > now}
 
-    def _mark_down(self, shard: str, code: grpc.StatusCode) -> None:
+    def _mark_down(self, shard: str, code: str) -> None:
         with self._lock:
             self._down_until[shard] = time.monotonic() + self.down_s
-            self.failovers[(shard, code.name)] += 1
+            self.failovers[(shard, code)] += 1
 
     def manifest(self, bank: str, version: str = "") -> Manifest:
         """From the first shard that answers (shards known down last)."""
@@ -285,7 +281,7 @@ class LoadLoop:
                             cache.put(b, len(buf))
                 version = m.version
             except BankError as e:
-                error = f"{e.code.name}: {e.message}"
+                error = f"{e.code}: {e.message}"
             dt = (time.perf_counter() - t0) * 1e3
             with self._lock:
                 r = self.report

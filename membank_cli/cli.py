@@ -63,14 +63,13 @@ def cmd_serve(args) -> None:
 def cmd_generate(args) -> None:
     from pydantic import ValidationError
 
-    from services.model_client.http_server import bank_from_settings
     from services.model_client.memory_model import MemoryModel
     from services.model_client.settings import DeviceSettings
 
     token = Path(args.token_file).read_text().strip() if args.token_file else None  # never on argv
-    # the device's one bank builder (as chat and device-serve): BankClient / DataPlaneClient for
-    # one target, a ShardedFetcher (hedging, failover) for shard=TARGET,...; bad syntax is a
-    # one-line ValueError before the model loads
+    # the device's one bank builder (as chat and device-serve; targets.open_bank): BankClient /
+    # DataPlaneClient for one target, a ShardedFetcher (hedging, failover) for
+    # shard=TARGET,...; bad syntax is a one-line ValueError before the model loads
     try:
         settings = DeviceSettings(bank=args.bank or [], bank_timeout_s=args.timeout, token=token,
                                   tls_ca=args.tls_ca)
@@ -79,7 +78,7 @@ def cmd_generate(args) -> None:
         flag = {"bank_timeout_s": "--timeout", "tls_ca": "--tls-ca", "token": "--token-file"}.get(
             str(err["loc"][0]) if err["loc"] else "", "--bank")
         raise ValueError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
-    bank = bank_from_settings(settings)
+    bank = settings.open_bank()
     try:
         model = MemoryModel.from_pretrained(args.model, encoding=args.encoding)
         kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

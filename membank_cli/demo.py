@@ -20,7 +20,7 @@ from services.bank_server.ingest import ingest
 from services.bank_server.launch import run_bank_server
 from services.model_client.dataplane_client import dataplane_target
 from services.model_client.memory_model import MemoryModel
-from services.model_client.targets import make_client
+from services.model_client.targets import open_bank
 from training.config import load_train_config
 from training.train import run
 
@@ -56,7 +56,7 @@ def run_demo(out_dir: str = "runs/demo", force: bool = False) -> None:
         print("== 4. prompts (greedy decoding; timings per step)")
         model = MemoryModel.from_pretrained(export_dir)
         model.warmup()
-        with make_client(target) as bank:
+        with open_bank(target) as bank:
             m = bank.get_manifest(model.bank_id)
             print(f"bank {m.bank} version {m.version}: k={m.branching} ranks={m.ranks} "
                   f"dtype={m.dtype}, "

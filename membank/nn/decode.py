@@ -1,6 +1,14 @@
-"""Batched greedy decoding with a KV cache: many prompts, each with its own memory, at once.
+"""Decoding with a KV cache: the one decode loop, and batched greedy decoding built on it.
 
     out = greedy(model, [[5, 9, 2], [7, 1, 4]], mem, max_new_tokens=6, eos=0)  # [[...], [...]]
+    for nxt in decode_steps(model, ids, mem, 16, choose):   # ids (B, T); nxt (B,) per step
+        ...                                                  # the device: sampling, streaming
+
+`decode_steps` prefills (B, T) prompts of one length, then per step picks every row's next
+token with `choose(logits (B, V)) -> (B,)`, yields it and feeds it back; the next forward runs
+only when the consumer asks for the next token, so a streamed token goes out before it.
+The evaluation (greedy, below) and the device (services/model_client/memory_model.py, one
+prompt, sampling) both decode with it: the same operations in the same order.
 
 Prompts of different lengths are grouped by length, so no row is ever padded: RoPE positions,
 attention and the numbers of every row are exactly those of the prompt decoded alone. A row
@@ -8,13 +16,45 @@ stops at EOS (not included); the batch stops when every row has. `mem` is one me
 (N, L, n, R, W) in prompt order, one memory for all (1, ...), None (the anchor alone), or a
 function from a list of prompt indices to their memories (so N memories need not all exist at
 once: 12,000 fetched paths of a small bank are gigabytes).
-The long-tail evaluation probes thousands of prompts with it.
+The long-tail evaluation (training/evaluate.py) probes thousands of prompts with it.
 """
 from __future__ import annotations
+
+import time
+from typing import Callable, Iterator
 
 import torch
 
 from membank.nn.model import KVCache, Transformer
+
+
+def decode_steps(model: Transformer, ids: torch.Tensor, mem: torch.Tensor | None,
+                 max_new_tokens: int, choose: Callable[[torch.Tensor], torch.Tensor],
+                 timings: dict[str, float] | None = None) -> Iterator[torch.Tensor]:
+    """The chosen next tokens (B,) of prompts `ids` (B, T), step by step, at most
+    `max_new_tokens` of them and never past the model's context (nothing when it is full).
+    `mem` (B or 1, L, n, R, W) or None stays fixed. `timings` (optional) gets "prefill" and
+    "decode" in ms: model work and `choose` only, not the consumer's time between tokens."""
+    steps = min(max_new_tokens, model.cfg.max_seq_len - ids.shape[1])
+    if steps <= 0:
+        return
+    cache = KVCache.empty(model.cfg, ids.shape[0], ids.shape[1] + steps)
+    t0 = time.perf_counter()
+    logits = model(ids, mem=mem, cache=cache)[:, -1]                 # (B, V)
+    if timings is not None:
+        timings["prefill"] = (time.perf_counter() - t0) * 1e3
+        timings["decode"] = 0.0
+    for step in range(steps):
+        t0 = time.perf_counter()
+        nxt = choose(logits)                                         # (B,)
+        if timings is not None:
+            timings["decode"] += (time.perf_counter() - t0) * 1e3
+        yield nxt
+        if step + 1 < steps:   # run once the consumer asks for the next token
+            t0 = time.perf_counter()
+            logits = model(nxt[:, None], mem=mem, cache=cache)[:, -1]
+            if timings is not None:
+                timings["decode"] += (time.perf_counter() - t0) * 1e3
 
 
 @torch.no_grad()
@@ -40,21 +80,17 @@ def greedy(model: Transformer, prompts: list[list[int]], mem, max_new_tokens: in
 
 def _greedy_block(model: Transformer, prompts: list[list[int]], mem: torch.Tensor | None,
                   max_new_tokens: int, eos: int) -> list[list[int]]:
-    """Prompts of one length: (B, T) prefill, then one token per step for all rows."""
-    ids = torch.tensor(prompts)
-    steps = min(max_new_tokens, model.cfg.max_seq_len - ids.shape[1])
-    if steps <= 0:
-        return [[] for _ in prompts]
-    cache = KVCache.empty(model.cfg, len(prompts), ids.shape[1] + steps)
-    logits = model(ids, mem=mem, cache=cache)[:, -1]
+    """Prompts of one length: (B, T) prefill, then one token per step for all rows, until
+    every row has reached EOS."""
     new = []
     done = torch.zeros(len(prompts), dtype=torch.bool)
-    for step in range(steps):
-        nxt = logits.argmax(-1)                                      # (B,)
+    for nxt in decode_steps(model, torch.tensor(prompts), mem, max_new_tokens,
+                            lambda logits: logits.argmax(-1)):
         new.append(nxt)
         done |= nxt == eos
-        if bool(done.all()) or step == steps - 1:
+        if bool(done.all()):
             break
-        logits = model(nxt[:, None], mem=mem, cache=cache)[:, -1]
+    if not new:
+        return [[] for _ in prompts]
     tokens = torch.stack(new, 1).tolist()                            # (B, steps)
     return [row[:row.index(eos)] if eos in row else row for row in tokens]

@@ -9,7 +9,8 @@
 one preallocated bytearray per block. A block is returned only when it is complete, its header
 agrees with the manifest, and its bytes hash to the MANIFEST's checksum (the header's checksum
 comes from the same server as the bytes, so it proves nothing on its own). Anything else raises
-BlockIntegrityError; server statuses raise BankError with the gRPC code.
+BlockIntegrityError; server statuses raise BankError with the status name
+(services/model_client/bank.py).
 
 `fetch(..., encoding="int8")` asks for the int8 payloads ingest stored (membank/quant.py),
 verified against the manifest's `encodings["int8"]` checksums; the caller dequantizes them
@@ -35,24 +36,9 @@ from membank.blocks import checksum_stream
 from membank.fetch import FetchError, check_fetch
 from membank.manifest import Manifest
 from membank.v1 import bank_pb2
+from services.model_client.bank import BankError, BlockIntegrityError
 
 _SERVICE = "membank.v1.BankService"
-
-
-class BankError(Exception):
-    """A bank RPC failed; `code` is the grpc.StatusCode, `message` the server's details."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
-
-
-class BlockIntegrityError(BankError):
-    """A received block is incomplete, inconsistent, or fails its manifest checksum."""
-
-    def __init__(self, message: str):
-        super().__init__(grpc.StatusCode.DATA_LOSS, message)
 
 
 class BankClient:
@@ -117,7 +103,7 @@ class BankClient:
             raise _bank_error(e) from None
         manifest = Manifest.from_json(resp.manifest_json)
         if manifest.bank != bank or (version and manifest.version != version):
-            raise BankError(grpc.StatusCode.INTERNAL,
+            raise BankError("INTERNAL",
                             f"asked for {bank}/{version or 'current'}, got "
                             f"{manifest.bank}/{manifest.version}")
         return manifest
@@ -149,7 +135,7 @@ class BankClient:
         try:
             check_fetch(manifest, ids, encoding)
         except FetchError as e:
-            raise BankError(getattr(grpc.StatusCode, e.code), e.message) from None
+            raise BankError(e.code, e.message) from None
         request = bank_pb2.FetchBlocksRequest(
             bank=bank, version=version, encoding=encoding,
             blocks=[bank_pb2.BlockId(level=l, node=n) for l, n in ids])
@@ -270,6 +256,7 @@ class BankClient:
 
 
 def _bank_error(e: grpc.RpcError) -> BankError:
-    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    """The RpcError as a BankError with its status name (the only place grpc's codes are read)."""
+    code = e.code() if hasattr(e, "code") else None
     details = e.details() if hasattr(e, "details") else str(e)
-    return BankError(code, details or "")
+    return BankError(code.name if code is not None else "UNKNOWN", details or "")

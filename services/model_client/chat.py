@@ -18,7 +18,7 @@ from typing import TextIO
 
 from pydantic import ValidationError
 
-from services.model_client.bank_client import BankClient
+from services.model_client.bank import Bank
 from services.model_client.memory_model import GenerateResult, MemoryModel
 from services.model_client.sampling import SamplingParams
 from services.model_client.settings import DeviceSettings, add_arguments
@@ -37,7 +37,7 @@ def timings_line(r: GenerateResult) -> str:
             f"{r.finish_reason} | {memory}]")
 
 
-def run_chat(model: MemoryModel, bank: BankClient | None, params: SamplingParams, *,
+def run_chat(model: MemoryModel, bank: Bank | None, params: SamplingParams, *,
              use_memory: bool = True, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
              stderr: TextIO = sys.stderr) -> int:
     """Answer every line of `stdin`; returns the number of prompts answered."""
@@ -89,9 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         p.exit(2, f"membank chat: error: {'.'.join(map(str, err['loc']))}: {err['msg']}\n")
     except (ValueError, FileNotFoundError) as e:
         p.exit(2, f"membank chat: error: {e}\n")
-    from services.model_client.http_server import bank_from_settings
-
-    bank = bank_from_settings(settings)
+    bank = settings.open_bank()
     try:
         run_chat(model, bank, params, use_memory=not args.no_memory)
     finally:

@@ -45,14 +45,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import grpc
-
 from membank import quant
 from membank.blocks import checksum_stream
 from membank.dataplane import END, ERROR, HEADER, REQUEST, close_quietly, frame, read_frame, timeval
 from membank.fetch import FetchError, check_fetch
 from membank.manifest import Manifest
-from services.model_client.bank_client import BankClient, BankError, BlockIntegrityError
+from services.model_client.bank import CODES, BankError, BlockIntegrityError
+from services.model_client.bank_client import BankClient
 
 # receive (MSG_WAITALL) and hash a block in pieces. A small piece frees socket buffer sooner,
 # so the server's copy into the socket overlaps this side's copy out of it (one large receive
@@ -215,7 +214,7 @@ class DataPlaneClient:
         try:
             plan = self._plan(manifest, blocks, encoding)   # check_fetch, once per plan
         except FetchError as e:
-            raise BankError(getattr(grpc.StatusCode, e.code), e.message) from None
+            raise BankError(e.code, e.message) from None
         views = _out_views(plan, out)                       # ValueError before any I/O
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         call = DataPlaneCall()
@@ -250,15 +249,15 @@ class DataPlaneClient:
             except _Stale:
                 close_quietly(sock)
                 if call.cancelled:
-                    raise BankError(grpc.StatusCode.CANCELLED, "fetch cancelled") from None
+                    raise BankError("CANCELLED", "fetch cancelled") from None
                 if attempt == 0:
                     continue            # the server closed an idle connection: a fresh one
-                raise BankError(grpc.StatusCode.UNAVAILABLE,
+                raise BankError("UNAVAILABLE",
                                 f"data plane {self.host}:{self.port} closed the connection")
             except _ServerError as e:
                 close_quietly(sock)
-                code = getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNKNOWN)
-                raise BankError(code, e.message) from None
+                # a name outside gRPC's is the server's bug, not a code to act on
+                raise BankError(e.code if e.code in CODES else "UNKNOWN", e.message) from None
             except (BankError, ValueError):
                 close_quietly(sock)
                 raise
@@ -399,15 +398,15 @@ class DataPlaneClient:
             close_quietly(sock)
         left = deadline - time.monotonic()
         if left <= 0:
-            raise BankError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before connecting")
+            raise BankError("DEADLINE_EXCEEDED", "deadline passed before connecting")
         try:
             sock = socket.create_connection((self.host, self.port), timeout=left)
         except socket.timeout:
-            raise BankError(grpc.StatusCode.DEADLINE_EXCEEDED,
+            raise BankError("DEADLINE_EXCEEDED",
                             f"connecting to the data plane {self.host}:{self.port} "
                             f"timed out") from None
         except OSError as e:
-            raise BankError(grpc.StatusCode.UNAVAILABLE,
+            raise BankError("UNAVAILABLE",
                             f"data plane {self.host}:{self.port} unreachable: {e}") from None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -419,10 +418,10 @@ class DataPlaneClient:
                 sock.settimeout(None)      # blocking; deadlines via SO_RCVTIMEO (_timeout)
         except socket.timeout:
             close_quietly(sock)
-            raise BankError(grpc.StatusCode.DEADLINE_EXCEEDED, "TLS handshake timed out") from None
+            raise BankError("DEADLINE_EXCEEDED", "TLS handshake timed out") from None
         except (OSError, ssl.SSLError) as e:
             close_quietly(sock)
-            raise BankError(grpc.StatusCode.UNAVAILABLE,
+            raise BankError("UNAVAILABLE",
                             f"data plane {self.host}:{self.port}: TLS failed: {e}") from None
         call.attach(sock)
         return sock, False
@@ -436,12 +435,12 @@ class DataPlaneClient:
 
     def _transport_error(self, e: BaseException, call: DataPlaneCall, deadline: float) -> BankError:
         if call.cancelled:
-            return BankError(grpc.StatusCode.CANCELLED, "fetch cancelled")
+            return BankError("CANCELLED", "fetch cancelled")
         if isinstance(e, (socket.timeout, BlockingIOError, ssl.SSLWantReadError,
                           ssl.SSLWantWriteError)) or time.monotonic() >= deadline:
-            return BankError(grpc.StatusCode.DEADLINE_EXCEEDED,
+            return BankError("DEADLINE_EXCEEDED",
                              f"data plane fetch from {self.host}:{self.port}: deadline exceeded")
-        return BankError(grpc.StatusCode.UNAVAILABLE,
+        return BankError("UNAVAILABLE",
                          f"data plane {self.host}:{self.port}: {e or type(e).__name__}")
 
     # -- lifecycle -----------------------------------------------------------------------------

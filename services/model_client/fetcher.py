@@ -2,19 +2,19 @@
 
     targets = {"s0": "10.0.0.1:50051", "s1": "10.0.0.2:50051"}   # shard id (manifest) -> address
     # or "10.0.0.1:50051+50052": block bodies over that shard's raw-TCP data plane
-    with ShardedFetcher(targets, FetchPolicy(deadline_s=5)) as bank:
+    with open_bank(targets, policy=FetchPolicy(deadline_s=5)) as bank:    # targets.py
         manifest = bank.get_manifest("demo")
         blocks = bank.fetch("demo", manifest.version, manifest.path_blocks(path), manifest)
         # or encoding="int8": the int8 payloads (membank/quant.py), verified the same way
         print(bank.stats())      # rpcs, retries, hedges, hedge_wins, failovers, integrity_errors
 
-It has the two methods of BankClient a MemoryModel uses (`get_manifest`, `fetch`), so either can
-be passed as `model.generate(prompt, bank=...)`. `targets` is explicit: the manifest's `shards`
-are ids, and only the device's configuration knows where each one listens. A plain string
-("host:port") means one server holding every block (a server started without --shard-id).
-A target "host:PORT+DATAPLANE_PORT" gets a DataPlaneClient (gRPC for the manifest and health,
-block bodies over the server's data plane), a plain "host:port" a BankClient: the choice is
-made in one place, services/model_client/targets.py, with the same token / TLS / timeout.
+It is a Bank (services/model_client/bank.py), as BankClient and DataPlaneClient are, so any of
+them can be passed as `model.generate(prompt, bank=...)`. `targets` is explicit: the manifest's
+`shards` are ids, and only the device's configuration knows where each one listens. A plain
+string ("host:port") means one server holding every block (a server started without
+--shard-id). Each shard's client comes from `client_factory`; targets.open_bank passes the one
+that picks a DataPlaneClient for "host:PORT+DATAPLANE_PORT" and a BankClient for "host:port",
+with the same token / TLS / timeout.
 
 How a fetch runs:
   1. plan: each block's owners come from the manifest's placement (membank/placement.py,
@@ -51,26 +51,20 @@ import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Collection, Mapping
-
-import grpc
 
 from membank import quant
 from membank.fetch import FetchError, check_fetch
 from membank.manifest import Manifest
-from services.model_client.bank_client import BankClient, BankError, BlockIntegrityError
-from services.model_client.targets import check_target
-from services.model_client.targets import client_factory as target_client_factory
+from services.model_client.bank import Bank, BankError, BlockIntegrityError
 
 log = logging.getLogger("membank.client.fetcher")
 
 ANY = "*"          # the shard name of a single-address target: it holds every block
 Block = tuple[int, int]
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-             grpc.StatusCode.RESOURCE_EXHAUSTED}
-INTEGRITY = {grpc.StatusCode.DATA_LOSS}
-WRONG_SHARD = {grpc.StatusCode.FAILED_PRECONDITION}
+RETRYABLE = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
+INTEGRITY = {"DATA_LOSS"}
+WRONG_SHARD = {"FAILED_PRECONDITION"}
 
 
 @dataclass(frozen=True)
@@ -114,11 +108,11 @@ def plan_groups(manifest: Manifest, blocks: list[Block], shards: Collection[str]
     owners: dict[Block, list[str]] = {}
     for b in blocks:
         if not manifest.has_block(*b):
-            raise BankError(grpc.StatusCode.INVALID_ARGUMENT,
+            raise BankError("INVALID_ARGUMENT",
                             f"block {b} is not in {manifest.bank}/{manifest.version}")
         known = [s for s in manifest.owners(*b) if s in shards and s not in avoid]
         if not known:
-            raise BankError(grpc.StatusCode.UNAVAILABLE,
+            raise BankError("UNAVAILABLE",
                             f"no address for shard(s) {manifest.owners(*b)} holding block {b}"
                             f" (targets: {sorted(shards)}, failed: {sorted(avoid)})")
         owners[b] = known
@@ -206,26 +200,20 @@ class _Attempt:
 
 class ShardedFetcher:
     def __init__(self, targets: str | Mapping[str, str], policy: FetchPolicy | None = None, *,
-                 token: str | None = None, tls_ca: str | Path | bytes | bool | None = None,
-                 client_factory: Callable[[str], BankClient] | None = None,
-                 rng: random.Random | None = None):
-        """`targets`: shard id -> target, or one target serving every block; a target is
-        "host:port" (gRPC) or "host:port+DATAPLANE_PORT" (block bodies over the data plane;
-        services/model_client/targets.py). `token`, `tls_ca`: as BankClient's, given to every
-        shard's client. `client_factory(target)` builds the per-shard client instead (tests
-        pass fakes); `rng` seeds the backoff jitter."""
+                 client_factory: Callable[[str], Bank], rng: random.Random | None = None):
+        """`targets`: shard id -> target, or one target serving every block.
+        `client_factory(target)` builds a shard's client, when first needed: any Bank with
+        `fetch(..., timeout_s=, on_call=)` (targets.client_factory: BankClient for "host:port",
+        DataPlaneClient for "host:port+DATAPLANE_PORT"; tests pass fakes). `rng` seeds the
+        backoff jitter. From target strings, build it with targets.open_bank."""
         if isinstance(targets, str):
             targets = {ANY: targets}
         if not targets:
             raise ValueError("no targets")
         self.targets = dict(targets)
         self.policy = policy or FetchPolicy()
-        if client_factory is None:      # bad syntax: ValueError now, not at the first fetch
-            for target in self.targets.values():
-                check_target(target)
-        self._factory = client_factory or target_client_factory(
-            timeout_s=self.policy.attempt_timeout_s, token=token, tls_ca=tls_ca)
-        self._clients: dict[str, BankClient] = {}
+        self._factory = client_factory
+        self._clients: dict[str, Bank] = {}
         self._lock = threading.Lock()
         self._stats = FetchStats()
         self._per_shard: dict[str, dict[str, int]] = {s: {"rpcs": 0, "errors": 0}
@@ -261,7 +249,7 @@ class ShardedFetcher:
                 if e.code not in RETRYABLE:
                     raise
                 last = e
-        raise last or BankError(grpc.StatusCode.DEADLINE_EXCEEDED, "no time left for GetManifest")
+        raise last or BankError("DEADLINE_EXCEEDED", "no time left for GetManifest")
 
     def fetch(self, bank: str, version: str, blocks: list[Block],
               manifest: Manifest, *, encoding: str = "") -> dict[Block, bytearray]:
@@ -276,7 +264,7 @@ class ShardedFetcher:
         try:        # as each client: what the manifest refuses, with the server's answer
             check_fetch(manifest, [(int(l), int(n)) for l, n in blocks], encoding)
         except FetchError as e:
-            raise BankError(getattr(grpc.StatusCode, e.code), e.message) from None
+            raise BankError(e.code, e.message) from None
         if not blocks:
             return {}
         deadline = time.monotonic() + self.policy.deadline_s
@@ -378,7 +366,7 @@ class ShardedFetcher:
             if time.monotonic() >= deadline:
                 break
         if last is None:
-            last = BankError(grpc.StatusCode.DEADLINE_EXCEEDED,
+            last = BankError("DEADLINE_EXCEEDED",
                              f"fetch of {len(group.blocks)} blocks ran out of time")
         elif last.code in INTEGRITY:
             last = BlockIntegrityError(f"blocks {group.blocks} failed verification on every "
@@ -407,7 +395,7 @@ class ShardedFetcher:
             while running:
                 now = time.monotonic()
                 if now >= deadline:
-                    raise _RoundFailed(BankError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                    raise _RoundFailed(BankError("DEADLINE_EXCEEDED",
                                                  f"fetch deadline ({self.policy.deadline_s} s) "
                                                  f"passed"), fatal=True)
                 can_hedge = self.policy.hedge and not hedged and pending
@@ -445,7 +433,7 @@ class ShardedFetcher:
                         self._count("wrong_shard")
                         excluded.add(a.shard)
                         self.placement_mismatch = True
-                    elif err.code == grpc.StatusCode.UNAVAILABLE:
+                    elif err.code == "UNAVAILABLE":
                         self._mark_down(a.shard)
                     elif err.code not in RETRYABLE:
                         raise _RoundFailed(err, fatal=True)
@@ -464,7 +452,7 @@ class ShardedFetcher:
             self._stats.rpcs += 1
             self._per_shard.setdefault(a.shard, {"rpcs": 0, "errors": 0})["rpcs"] += 1
         if a.cancelled:
-            raise BankError(grpc.StatusCode.CANCELLED, "cancelled before it started")
+            raise BankError("CANCELLED", "cancelled before it started")
         # `encoding` only when not native: per-shard clients built by a `client_factory`
         # (other transports, test fakes) need not know about encodings to fetch native blocks
         extra = {"encoding": encoding} if encoding else {}
@@ -477,7 +465,7 @@ class ShardedFetcher:
         q = self.latency.quantile(nbytes, p.hedge_quantile, p.hedge_min_samples)
         return min(p.attempt_timeout_s, max(p.hedge_min_s, p.hedge_initial_s if q is None else q))
 
-    def _client(self, shard: str) -> BankClient:
+    def _client(self, shard: str) -> Bank:
         with self._lock:
             c = self._clients.get(shard)
             if c is None:
@@ -501,12 +489,12 @@ class ShardedFetcher:
 
     def _count_error(self, shard: str, e: BankError) -> None:
         with self._lock:
-            self._stats.errors[e.code.name] = self._stats.errors.get(e.code.name, 0) + 1
+            self._stats.errors[e.code] = self._stats.errors.get(e.code, 0) + 1
             self._per_shard.setdefault(shard, {"rpcs": 0, "errors": 0})["errors"] += 1
 
 
 class _RoundFailed(Exception):
     def __init__(self, error: BankError | None, fatal: bool):
         super().__init__(str(error))
-        self.error = error or BankError(grpc.StatusCode.UNAVAILABLE, "no replica answered")
+        self.error = error or BankError("UNAVAILABLE", "no replica answered")
         self.fatal = fatal

@@ -36,12 +36,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from services.model_client.bank_client import BankClient, BankError
-from services.model_client.fetcher import FetchPolicy, ShardedFetcher
+from services.model_client.bank import Bank, BankError
 from services.model_client.memory_model import GenerateResult, GenerationStream, MemoryModel
 from services.model_client.sampling import SamplingParams
 from services.model_client.settings import DeviceSettings
-from services.model_client.targets import Client, make_client
 
 log = logging.getLogger("membank.device")
 LISTENING = "membank device: listening on http://"   # the launch line tests and scripts read
@@ -89,8 +87,7 @@ class Health(BaseModel):
     bank: BankHealth
 
 
-def create_app(model: MemoryModel, settings: DeviceSettings,
-               bank: BankClient | None = None) -> FastAPI:
+def create_app(model: MemoryModel, settings: DeviceSettings, bank: Bank | None = None) -> FastAPI:
     app = FastAPI(title="membank device", version="1",
                   description="A small anchor model with hierarchical memories fetched from a "
                               "bank, served on the device.")
@@ -146,7 +143,7 @@ def create_app(model: MemoryModel, settings: DeviceSettings,
         state = BankHealth(configured=bank is not None, targets=settings.bank)
         if bank is not None:
             # reachable = the bank answers GetManifest for this model's bank (what a prompt
-            # needs first); BankClient and ShardedFetcher both have it
+            # needs first)
             try:
                 await run_in_threadpool(bank.get_manifest, model.bank_id)
                 state.reachable = True
@@ -224,23 +221,6 @@ def _one_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def bank_from_settings(settings: DeviceSettings) -> Client | ShardedFetcher | None:
-    """The device's bank client: None (anchor only) with no target; for one target the client
-    `targets.make_client` picks (BankClient for "host:port", DataPlaneClient for
-    "host:port+DATAPLANE_PORT"); a ShardedFetcher (hedging, failover) for "shard=TARGET"
-    targets, each shard's client picked the same way. Token, TLS CA and timeout go to either."""
-    targets = settings.bank_targets()
-    token = settings.token.get_secret_value() if settings.token else None
-    if targets is None:
-        return None
-    if isinstance(targets, str):
-        return make_client(targets, settings.bank_timeout_s, token=token, tls_ca=settings.tls_ca)
-    policy = FetchPolicy(deadline_s=settings.bank_timeout_s,
-                         attempt_timeout_s=min(settings.bank_timeout_s,
-                                               FetchPolicy.attempt_timeout_s))
-    return ShardedFetcher(targets, policy, token=token, tls_ca=settings.tls_ca)
-
-
 def serve(settings: DeviceSettings) -> None:
     """Load the model, bind the port (0: a free one, printed), run uvicorn until stopped."""
     import uvicorn
@@ -248,7 +228,7 @@ def serve(settings: DeviceSettings) -> None:
     model = MemoryModel.from_pretrained(settings.export_dir, encoding=settings.encoding)
     if settings.bank:
         _ = model.bank_id  # an export without manifest.json cannot name its bank: fail at start
-    bank = bank_from_settings(settings)
+    bank = settings.open_bank()
     if bank is not None:
         model.embedder.encode(["warm up"])  # load MiniLM now, not on the first request
     sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)

@@ -1,9 +1,9 @@
 """The device side: an anchor model that routes a prompt, fetches its memory, attaches it, decodes.
 
-    model = MemoryModel.from_pretrained("runs/demo/export")
-    with BankClient("localhost:50051") as bank:
-        result = model.generate("The atomic number of Ruthenium is", bank=bank)
+    model = MemoryModel.from_pretrained("runs/demo/export", bank="localhost:50051")
+    result = model.generate("The atomic number of Ruthenium is")
     print(result.text, result.timings_ms)
+    model.close()                     # the bank's connections
 
     params = SamplingParams(max_tokens=64, temperature=0.7, top_p=0.9, stop=("\n",), seed=1)
     stream = model.generate_stream(prompt, bank=bank, params=params)  # text pieces as decoded
@@ -14,16 +14,22 @@
 The prompt is embedded and routed on the device; the bank only ever sees block ids. Fetched
 memory goes into room preallocated once, (1, L, n_mats, R, W), one slice of R per level, so a new
 prompt copies only the levels whose node changed and never reallocates. A block is attached only
-after its checksum matched the manifest (services/model_client/bank_client.py). When no bank can
-be reached the model decodes anchor-only and says so in the result.
+after its checksum matched the manifest (the Bank verifies it: services/model_client/bank.py).
+When no bank can be reached the model decodes anchor-only and says so in the result.
 
-Over shards, with a device cache (services/model_client/fetcher.py, device_cache.py):
+`bank` is a target string or {shard id: target} (services/model_client/targets.py open_bank),
+or any Bank; `generate(prompt, bank=...)` takes another one for one prompt. Over shards, with
+a device cache (services/model_client/fetcher.py, device_cache.py):
 
-    model = MemoryModel.from_pretrained(export, cache=DeviceCache(256 << 20, "~/.cache/membank"))
-    with ShardedFetcher({"s0": "10.0.0.1:50051", "s1": "10.0.0.2:50051"}) as bank:
-        result = model.generate(prompt, bank=bank)   # result.fetched_blocks / .cached_blocks
+    model = MemoryModel.from_pretrained(export, bank={"s0": "10.0.0.1:50051",
+                                                      "s1": "10.0.0.2:50051"},
+                                        cache=DeviceCache(256 << 20, "~/.cache/membank"))
+    result = model.generate(prompt)     # result.fetched_blocks / .cached_blocks
 
-The bank manifest is read once per `manifest_ttl_s` (see `manifest_for`), not once per prompt.
+What the model keeps about a bank (the manifest, read once per `manifest_ttl_s`; the device
+cache; which encoding a version has) is a CachedBank's (services/model_client/cached_bank.py),
+one per bank: the model itself does route -> fetch -> attach -> decode. The decode loop is
+membank/nn/decode.py's, the one the evaluation decodes with.
 
 int8 blocks (membank/quant.py): `MemoryModel.from_pretrained(export, encoding="int8")` fetches
 the int8 payloads the bank stored at ingest (about 1/2 the bytes of bfloat16 blocks, 1/4 of
@@ -40,23 +46,25 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
-import grpc
 import torch
 from tokenizers import Tokenizer
 
 from membank import artifacts, quant
 from membank.config import Config
 from membank.manifest import Manifest
+from membank.nn.decode import decode_steps
 from membank.nn.embed import Embedder
-from membank.nn.model import KVCache, Transformer
+from membank.nn.model import Transformer
 from membank.nn.tensors import dequantize_into, tensor_from_buffer
 from membank.router import Router
-from services.model_client.bank_client import BankClient, BankError
+from services.model_client.bank import Bank, BankError
+from services.model_client.cached_bank import Attached, CachedBank
 from services.model_client.detokenize import IncrementalDecoder
 from services.model_client.device_cache import DeviceCache
 from services.model_client.sampling import SamplingParams, StopMatcher, select_token
+from services.model_client.targets import open_bank
 
 log = logging.getLogger("membank.client")
 EOS = "<|endoftext|>"
@@ -85,18 +93,17 @@ class GenerateResult:
 class MemoryModel:
     def __init__(self, config: Config, model: Transformer, tokenizer: Tokenizer, router: Router,
                  local_manifest: Manifest | None = None, embedder: Embedder | None = None, *,
-                 cache: DeviceCache | None = None, manifest_ttl_s: float = 5.0,
-                 encoding: str = ""):
-        """`cache`: the device block cache (services/model_client/device_cache.py), None: none
-        (only the attached levels are reused). `manifest_ttl_s`: how long a bank manifest is
-        trusted before the next prompt re-reads it (see `manifest_for`). `encoding`: the block
-        encoding to fetch, "" / "native" or "int8" (membank/quant.py)."""
+                 bank: Bank | None = None, cache: DeviceCache | None = None,
+                 manifest_ttl_s: float = 5.0, encoding: str = ""):
+        """`bank`: the Bank `generate` uses when given none (None: anchor only). `cache`,
+        `manifest_ttl_s`, `encoding`: the settings of the CachedBank kept for each bank
+        (services/model_client/cached_bank.py): the device block cache (None: only the
+        attached levels are reused), how long a bank manifest is trusted before the next
+        prompt re-reads it, the block encoding to fetch ("" / "native" or "int8")."""
         self.encoding = quant.normalize(encoding)
-        self._fallback_warned: set[tuple[str, str]] = set()   # (bank, version) logged once
         self.config, self.model, self.tokenizer, self.router = config, model, tokenizer, router
-        self.cache, self.manifest_ttl_s = cache, manifest_ttl_s
-        # the last manifest read from a bank: (the client it came from, manifest, monotonic time)
-        self._manifest: tuple[object, Manifest, float] | None = None
+        self.bank, self.cache, self.manifest_ttl_s = bank, cache, manifest_ttl_s
+        self._view: CachedBank | None = None      # the CachedBank of the last bank used
         self.local_manifest = local_manifest
         self.embedder = embedder or Embedder()
         self.eos = tokenizer.token_to_id(EOS)
@@ -105,15 +112,17 @@ class MemoryModel:
         # level l owns rows [offset_l, offset_l + r_l)
         self.mem = torch.zeros(mc.mem_shape(c))
         self.offsets = [sum(mc.ranks[:i]) for i in range(mc.depth)]
-        # level -> (bank, block version, node, encoding) now in self.mem: a version re-placed
-        # onto other shards keeps its block version (Manifest.block_version), so its blocks stay
-        # attached; a dequantized int8 block is not the native one, hence the encoding
-        self.attached: dict[int, tuple[str, str, int, str]] = {}
+        # level -> what its slice of self.mem holds (cached_bank.Attached)
+        self.attached: dict[int, Attached] = {}
 
     @classmethod
     def from_pretrained(cls, export_dir: str | Path, embedder: Embedder | None = None, *,
+                        bank: str | Mapping[str, str] | Bank | None = None,
+                        timeout_s: float = 10.0, token: str | None = None,
                         cache: DeviceCache | None = None, manifest_ttl_s: float = 5.0,
                         encoding: str = "") -> "MemoryModel":
+        """The model of an export. `bank`: a target or {shard id: target}, opened with
+        targets.open_bank (`timeout_s`, `token`), or a Bank; None: anchor only."""
         d = Path(export_dir)
         config = artifacts.load_config(d)
         model = Transformer(config)
@@ -128,8 +137,10 @@ class MemoryModel:
         model.eval()
         router = Router.load(d / artifacts.ROUTER)
         manifest = artifacts.load_manifest(d) if (d / artifacts.MANIFEST).exists() else None
+        if isinstance(bank, (str, Mapping)):
+            bank = open_bank(bank, timeout_s=timeout_s, token=token)
         return cls(config, model, Tokenizer.from_file(str(d / artifacts.TOKENIZER)), router,
-                   manifest, embedder, cache=cache, manifest_ttl_s=manifest_ttl_s,
+                   manifest, embedder, bank=bank, cache=cache, manifest_ttl_s=manifest_ttl_s,
                    encoding=encoding)
 
     # -- routing -----------------------------------------------------------------------------
@@ -174,102 +185,27 @@ class MemoryModel:
                 room.copy_(tensor_from_buffer(buf, shape, manifest.dtype))
             self.attached[level] = (manifest.bank, manifest.block_version, node, encoding)
 
-    def manifest_for(self, bank, *, refresh: bool = False) -> Manifest:
-        """The bank's current manifest, read at most once per `manifest_ttl_s`.
+    def bank_view(self, bank: Bank) -> CachedBank:
+        """The CachedBank of `bank` (made on first use; another bank replaces it)."""
+        if self._view is None or self._view.bank is not bank:
+            self._view = CachedBank(bank, self.bank_id, cache=self.cache,
+                                    manifest_ttl_s=self.manifest_ttl_s, encoding=self.encoding,
+                                    check=self.check_compatible)
+        return self._view
 
-        Why cached: the manifest changes only when a version is published, and a GetManifest per
-        prompt is a round trip (80 ms on a slow link) before any block can be asked for. Staleness
-        is bounded two ways: the TTL, and `fetch_path` re-reading it at once when a fetch says
-        the version is gone (NOT_FOUND, e.g. garbage-collected) or a shard says it does not own a
-        block (FAILED_PRECONDITION: re-placed). When the re-read itself fails, the last manifest
-        is kept (its blocks may be in the device cache: an offline device keeps its memory) and
-        the next re-read waits another TTL, so a down bank costs one failed call per TTL.
-        """
-        now = time.monotonic()
-        cached = self._manifest
-        if cached is not None and cached[0] is bank and not refresh \
-                and now - cached[2] < self.manifest_ttl_s:
-            return cached[1]
-        try:
-            manifest = bank.get_manifest(self.bank_id, version="")
-        except BankError as e:
-            if cached is None or cached[0] is not bank:
-                raise
-            log.warning("keeping manifest %s/%s: re-reading it failed: %s",
-                        cached[1].bank, cached[1].version, e)
-            self._manifest = (bank, cached[1], now)
-            return cached[1]
-        if cached is None or manifest != cached[1]:
-            self.check_compatible(manifest)
-        self._manifest = (bank, manifest, now)
-        return manifest
-
-    def fetch_path(self, bank, path: list[int], result: GenerateResult) -> None:
-        """Attach the path's blocks: the attached levels stay, then the device cache, then one
-        fetch for the rest (one RPC per shard with a ShardedFetcher; `bank` is a BankClient or
-        a services.model_client.fetcher.ShardedFetcher)."""
+    def fetch_path(self, bank: Bank, path: list[int], result: GenerateResult) -> None:
+        """Attach the path's blocks that are not attached yet: from the device cache, then one
+        fetch for the rest (one RPC per shard with a ShardedFetcher); BankError when the bank
+        cannot give them (the attached levels are then untouched)."""
         t0 = time.perf_counter()
-        refresh = bool(getattr(bank, "placement_mismatch", False))
-        if refresh:
-            bank.placement_mismatch = False
-        manifest = self.manifest_for(bank, refresh=refresh)
-        try:
-            blocks = self._gather(bank, manifest, path, result)
-        except BankError as e:
-            if e.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
-                raise
-            fresh = self.manifest_for(bank, refresh=True)   # the version moved on: once more
-            if fresh == manifest:
-                raise
-            manifest = fresh
-            blocks = self._gather(bank, manifest, path, result)
+        got = self.bank_view(bank).fetch_path(path, self.attached)
         t1 = time.perf_counter()
-        self.attach(manifest, blocks, quant.normalize(result.encoding))
+        self.attach(got.manifest, got.blocks, got.encoding)
+        result.encoding = quant.label(got.encoding)
+        result.cached_blocks, result.fetched_blocks = got.cached, got.fetched
+        result.fetched_bytes = got.fetched_bytes
         result.timings_ms["fetch"] = (t1 - t0) * 1e3
         result.timings_ms["attach"] = (time.perf_counter() - t1) * 1e3
-
-    def _gather(self, bank, manifest: Manifest, path: list[int],
-                result: GenerateResult) -> dict[tuple[int, int], bytearray]:
-        """The verified blocks of `path` that are not attached: cached ones, then fetched ones
-        (in `result.encoding`, set here: see `encoding_for`)."""
-        enc = self.encoding_for(manifest)
-        result.encoding = quant.label(enc)
-        key = (manifest.bank, manifest.block_version)
-        need = [(lv, n) for lv, n in manifest.path_blocks(path)
-                if self.attached.get(lv) != (*key, n, enc)]
-        blocks = {}
-        if self.cache is not None:
-            for lv, n in need:
-                buf = self.cache.get(manifest, lv, n, encoding=enc)
-                if buf is not None:
-                    blocks[(lv, n)] = buf
-        missing = [b for b in need if b not in blocks]
-        # `encoding` only when not native, so banks without encodings (fakes, other transports)
-        # keep working for native blocks
-        extra = {"encoding": enc} if enc else {}
-        fetched = bank.fetch(manifest.bank, manifest.version, missing, manifest, **extra) \
-            if missing else {}
-        if self.cache is not None:
-            for (lv, n), buf in fetched.items():
-                # the client verified it (against the checksum of that encoding)
-                self.cache.put(manifest, lv, n, buf, verified=True, encoding=enc)
-        result.cached_blocks = [b for b in need if b in blocks]
-        result.fetched_blocks = missing
-        result.fetched_bytes = sum(len(b) for b in fetched.values())
-        blocks.update(fetched)
-        return blocks
-
-    def encoding_for(self, manifest: Manifest) -> str:
-        """The encoding to fetch from this version: the model's, or native when the version was
-        ingested without it (logged once per version; a fleet keeps its memory, at full
-        precision, rather than decoding anchor-only because a publish forgot int8)."""
-        if manifest.has_encoding(self.encoding):
-            return self.encoding
-        if (manifest.bank, manifest.version) not in self._fallback_warned:
-            self._fallback_warned.add((manifest.bank, manifest.version))
-            log.warning("fetching native blocks instead: %s",
-                        manifest.missing_encoding(self.encoding))
-        return quant.NATIVE
 
     @property
     def bank_id(self) -> str:
@@ -292,26 +228,25 @@ class MemoryModel:
     def decode_tokens(self, ids: list[int], mem: torch.Tensor | None, params: SamplingParams,
                       timings: dict[str, float]) -> Iterator[int]:
         """Prefill `ids`, then yield new token ids one by one with a KV cache (EOS is yielded
-        and ends it). The memory stays fixed for the whole prompt. `timings` gets prefill and
-        decode (ms), counting model work only: the time a consumer spends between tokens is
-        not decode time."""
-        max_new = min(params.max_tokens, self.config.model.max_seq_len - len(ids))
-        cache = KVCache.empty(self.config.model, 1, len(ids) + max_new)
+        and ends it): membank/nn/decode.py's loop, one row, `params` choosing each token. The
+        memory stays fixed for the whole prompt. `timings` gets prefill and decode (ms),
+        counting model work only: the time a consumer spends between tokens is not decode
+        time."""
         gen = None if params.greedy else params.generator()
-        t0 = time.perf_counter()
-        logits = self.model(torch.tensor([ids]), mem=mem, cache=cache)[0, -1]
-        timings["prefill"] = (time.perf_counter() - t0) * 1e3
-        timings["decode"] = 0.0
-        nxt = -1
-        for i in range(max_new):
-            t0 = time.perf_counter()
-            if i:  # the previous token was handed out before this step ran: it streams sooner
-                logits = self.model(torch.tensor([[nxt]]), mem=mem, cache=cache)[0, -1]
-            nxt = select_token(logits, params, gen)
-            timings["decode"] += (time.perf_counter() - t0) * 1e3
-            yield nxt
-            if nxt == self.eos:
-                return
+
+        def choose(logits: torch.Tensor) -> torch.Tensor:           # (1, V) -> (1,)
+            return torch.tensor([select_token(logits[0], params, gen)])
+
+        steps = decode_steps(self.model, torch.tensor([ids]), mem, params.max_tokens, choose,
+                             timings)
+        try:
+            for nxt in steps:
+                token = int(nxt[0])
+                yield token
+                if token == self.eos:
+                    return
+        finally:
+            steps.close()
 
     def decode(self, prompt: str, mem: torch.Tensor | None, max_new_tokens: int,
                temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> list[int]:
@@ -321,7 +256,7 @@ class MemoryModel:
         return [t for t in self.decode_tokens(self.encode_prompt(prompt), mem, params, {})
                 if t != self.eos]
 
-    def memory_for(self, prompt: str, bank: BankClient | None, use_memory: bool,
+    def memory_for(self, prompt: str, bank: Bank | None, use_memory: bool,
                    result: GenerateResult) -> torch.Tensor | None:
         """Route and fetch the prompt's memory; None (and the reason in `result`) for anchor
         only."""
@@ -344,10 +279,11 @@ class MemoryModel:
         result.memory = True
         return self.mem
 
-    def generate_stream(self, prompt: str, bank: BankClient | None = None, *,
+    def generate_stream(self, prompt: str, bank: Bank | None = None, *,
                         use_memory: bool = True,
                         params: SamplingParams | None = None) -> "GenerationStream":
         """Stream one generation: iterate for the text pieces; `.result` is complete afterwards.
+        `bank`: this prompt's bank (None: the model's own, `self.bank`).
 
         The prompt is checked at once (ValueError when empty or too long); routing, fetching and
         decoding run as the stream is iterated. Not thread-safe: one generation at a time per
@@ -355,9 +291,10 @@ class MemoryModel:
         params = params or SamplingParams()
         ids = self.encode_prompt(prompt)
         result = GenerateResult(prompt=prompt, text="", memory=False)
+        bank = self.bank if bank is None else bank
         return GenerationStream(self._stream(ids, bank, use_memory, params, result), result)
 
-    def _stream(self, ids: list[int], bank: BankClient | None, use_memory: bool,
+    def _stream(self, ids: list[int], bank: Bank | None, use_memory: bool,
                 params: SamplingParams, result: GenerateResult) -> Iterator[str]:
         start = time.perf_counter()
         t = result.timings_ms
@@ -394,7 +331,7 @@ class MemoryModel:
             t.setdefault("ttft", (time.perf_counter() - start) * 1e3)
             result.text = "".join(pieces)
 
-    def generate(self, prompt: str, bank: BankClient | None = None, *, use_memory: bool = True,
+    def generate(self, prompt: str, bank: Bank | None = None, *, use_memory: bool = True,
                  max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, stop: tuple[str, ...] = (), seed: int | None = 0,
                  params: SamplingParams | None = None) -> GenerateResult:
@@ -405,6 +342,11 @@ class MemoryModel:
         for _ in stream:
             pass
         return stream.result
+
+    def close(self) -> None:
+        """Close the model's own bank (`self.bank`), if it has one."""
+        if self.bank is not None:
+            self.bank.close()
 
 
 class GenerationStream:

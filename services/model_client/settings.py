@@ -16,7 +16,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from membank.secrets import read_secret
-from services.model_client.targets import check_target
+from services.model_client.bank import Bank
+from services.model_client.targets import check_target, open_bank
 
 
 class DeviceSettings(BaseSettings):
@@ -84,6 +85,13 @@ class DeviceSettings(BaseSettings):
         if "=" not in self.bank[0]:
             return self.bank[0]
         return dict(t.split("=", 1) for t in self.bank)
+
+    def open_bank(self) -> Bank | None:
+        """The bank these settings name (targets.open_bank), None without a target: one
+        target's client, or a ShardedFetcher for "shard=TARGET" targets; token, TLS CA and
+        timeout go to either."""
+        return open_bank(self.bank_targets(), timeout_s=self.bank_timeout_s, tls_ca=self.tls_ca,
+                         token=self.token.get_secret_value() if self.token else None)
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None, prog: str = "python -m "

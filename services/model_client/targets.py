@@ -1,8 +1,14 @@
-"""Bank targets: the one place a target string becomes a bank client.
+"""Bank targets: the one place a target string becomes the device's bank.
 
+    bank = open_bank("10.0.0.1:50051+50052", timeout_s=5, token=T)   # one server: its client
+    bank = open_bank({"s0": "10.0.0.1:50051", "s1": "10.0.0.2:50051+50052"}, timeout_s=5)
+    # shards: a ShardedFetcher (placement, hedging, failover), each shard's client as below
     client = make_client("10.0.0.1:50051", timeout_s=5, token=T)          # BankClient (gRPC)
     client = make_client("10.0.0.1:50051+50052", timeout_s=5, token=T)    # DataPlaneClient
-    ShardedFetcher(targets, policy, client_factory=client_factory(timeout_s=5, token=T))
+
+`open_bank` is what every device entry point calls (`membank generate` / `chat` /
+`device-serve` through DeviceSettings.open_bank, MemoryModel.from_pretrained(bank=...), the
+demo, benchmarks); each result is a Bank (services/model_client/bank.py).
 
 Target syntax (every device entry point: `--bank` / MEMBANK_CLIENT_BANK, ShardedFetcher's
 targets, `membank generate`, the local cluster's `targets`, the load loop):
@@ -27,10 +33,12 @@ Run its tests: .venv/bin/python -m pytest -q tests/unit/test_targets.py
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Mapping, Union
 
+from services.model_client.bank import Bank
 from services.model_client.bank_client import BankClient
 from services.model_client.dataplane_client import DataPlaneClient, parse_target
+from services.model_client.fetcher import FetchPolicy, ShardedFetcher
 
 Client = Union[BankClient, DataPlaneClient]
 TLSCA = Union[str, Path, bytes, bool, None]
@@ -77,3 +85,26 @@ def client_factory(*, timeout_s: float = 10.0, token: str | None = None, tls_ca:
         return make_client(target, timeout_s, token=token, tls_ca=tls_ca,
                            tls_server_name=tls_server_name)
     return make
+
+
+def open_bank(targets: str | Mapping[str, str] | None, *, timeout_s: float = 10.0,
+              token: str | None = None, tls_ca: TLSCA = None,
+              tls_server_name: str | None = None,
+              policy: FetchPolicy | None = None) -> Bank | None:
+    """The device's bank: None (anchor only) for no target; for one target the client
+    `make_client` picks; for {shard id: target} a ShardedFetcher whose shards' clients come
+    from `client_factory` with these settings. `timeout_s` is a single client's deadline per
+    call, and a sharded fetch's whole deadline (each RPC: at most FetchPolicy's attempt
+    timeout); `policy` replaces that policy. Bad syntax: ValueError now, never at a fetch."""
+    if targets is None:
+        return None
+    if isinstance(targets, str):
+        return make_client(targets, timeout_s, token=token, tls_ca=tls_ca,
+                           tls_server_name=tls_server_name)
+    for target in targets.values():
+        check_target(target)
+    policy = policy or FetchPolicy(deadline_s=timeout_s,
+                                   attempt_timeout_s=min(timeout_s, FetchPolicy.attempt_timeout_s))
+    return ShardedFetcher(targets, policy, client_factory=client_factory(
+        timeout_s=policy.attempt_timeout_s, token=token, tls_ca=tls_ca,
+        tls_server_name=tls_server_name))

@@ -235,7 +235,7 @@ def test_token_auth_on_reads(secured_server):
     # no token, malformed, wrong token, right token, admin token
     with BankClient(address) as c, pytest.raises(BankError) as e:
         c.get_manifest("test")
-    assert e.value.code == code.UNAUTHENTICATED
+    assert e.value.code == "UNAUTHENTICATED"
     with grpc.insecure_channel(address) as ch:
         call = ch.unary_unary("/membank.v1.BankService/GetManifest",
                               request_serializer=lambda m: m.SerializeToString(),
@@ -246,7 +246,7 @@ def test_token_auth_on_reads(secured_server):
         assert err.value.code() == code.UNAUTHENTICATED
     with BankClient(address, token="wrong") as c, pytest.raises(BankError) as e:
         c.fetch("test", "v1", [(1, 0)], load_manifest_from(admin, "test", READ_TOKEN))
-    assert e.value.code == code.PERMISSION_DENIED
+    assert e.value.code == "PERMISSION_DENIED"
     for token in (READ_TOKEN, ADMIN_TOKEN):
         with BankClient(address, token=token) as c:
             m = c.get_manifest("test")
@@ -357,12 +357,12 @@ def test_tls(api_lmdb, tmp_path, tiny_export):
         # a plaintext client gets nowhere
         with BankClient(address, timeout_s=3) as c, pytest.raises(BankError) as e:
             c.get_manifest("test")
-        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        assert e.value.code == "UNAVAILABLE"
         # a client that does not trust the certificate neither
         with BankClient(f"localhost:{port}", tls_ca=True, timeout_s=3) as c, \
                 pytest.raises(BankError) as e:
             c.get_manifest("test")
-        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        assert e.value.code == "UNAVAILABLE"
         # admin HTTP is TLS too
         admin_port = proc.admin_address.rsplit(":", 1)[1]
         ctx = ssl.create_default_context(cafile=str(cert))
@@ -470,7 +470,7 @@ def test_deadline_stops_the_stream(open_server):
     # an already expired deadline
     with BankClient(address, timeout_s=-1) as c, pytest.raises(BankError) as e:   # expired
         c.get_manifest("test")
-    assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert e.value.code == "DEADLINE_EXCEEDED"
     with BankClient(address) as c:
         assert c.health()
 
@@ -493,7 +493,7 @@ def test_sigterm_drains_in_flight_fetch(api_lmdb, tmp_path, big_export):
         assert proc.poll() is None
         with BankClient(address, timeout_s=2) as c, pytest.raises(BankError) as e:
             c.get_manifest("test")
-        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        assert e.value.code == "UNAVAILABLE"
         t.join(30)
         chunks, err = result["r"]
         assert err is None, err

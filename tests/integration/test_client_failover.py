@@ -21,8 +21,9 @@ from membank.keys import block_key
 from services.bank_server.ingest import ingest
 from services.model_client.bank_client import BankClient
 from services.model_client.device_cache import DeviceCache
-from services.model_client.fetcher import FetchPolicy, ShardedFetcher
+from services.model_client.fetcher import FetchPolicy
 from services.model_client.memory_model import MemoryModel
+from services.model_client.targets import open_bank
 from testkit.net import Relay, free_port
 from tests.conftest import FakeEmbedder, run_bank_server
 
@@ -87,7 +88,7 @@ def test_a_killed_shard_fails_over_to_its_replica(shard_lmdbs, tmp_path, model, 
         targets = {s: a for s, (a, _) in started.items()}
         m = manifest_from(targets["s0"])
         _, blocks, (primary, secondary) = path_and_owners(model, m)
-        with ShardedFetcher(targets, FetchPolicy(hedge=False, deadline_s=20)) as f:
+        with open_bank(targets, policy=FetchPolicy(hedge=False, deadline_s=20)) as f:
             assert {b: bytes(v) for b, v in f.fetch("test", m.version, blocks, m).items()} == \
                 {b: exported[b] for b in blocks}
             assert f.stats()["shards"][primary]["rpcs"] == 1 and f.stats()["failovers"] == 0
@@ -113,7 +114,7 @@ def test_a_slow_replica_is_hedged_and_the_hedge_wins(servers, model, exported):
     relay = Relay(servers[primary], stall_p=1.0, stall_s=2.0)
     targets = {primary: relay.address, secondary: servers[secondary]}
     try:
-        with ShardedFetcher(targets, FetchPolicy(hedge_initial_s=0.05, deadline_s=20)) as f:
+        with open_bank(targets, policy=FetchPolicy(hedge_initial_s=0.05, deadline_s=20)) as f:
             got = f.fetch("test", m.version, blocks, m)
             assert {b: bytes(v) for b, v in got.items()} == {b: exported[b] for b in blocks}
             st = f.stats()
@@ -141,7 +142,7 @@ def test_a_block_corrupt_on_one_replica_is_refetched_from_the_other(shard_lmdbs,
             good = bytes(txn.get(key))
             txn.put(key, bytes([good[0] ^ 0xFF]) + good[1:])     # same size, one byte flipped
         env.close()
-        with ShardedFetcher(targets, FetchPolicy(hedge=False, deadline_s=20)) as f:
+        with open_bank(targets, policy=FetchPolicy(hedge=False, deadline_s=20)) as f:
             got = f.fetch("test", m.version, blocks, m)
             assert {b: bytes(v) for b, v in got.items()} == {b: exported[b] for b in blocks}
             st = f.stats()
@@ -154,7 +155,7 @@ def test_a_block_corrupt_on_one_replica_is_refetched_from_the_other(shard_lmdbs,
 
 def test_no_bank_reachable_decodes_anchor_only_with_the_flag(model, caplog):
     targets = {s: f"127.0.0.1:{free_port()}" for s in SHARDS}          # nothing listens
-    with ShardedFetcher(targets, FetchPolicy(deadline_s=3, attempt_timeout_s=1)) as f, \
+    with open_bank(targets, policy=FetchPolicy(deadline_s=3, attempt_timeout_s=1)) as f, \
             caplog.at_level(logging.WARNING, logger="membank.client"):
         result = model.generate(PROMPT, bank=f, max_new_tokens=3)
     assert result.memory is False and "bank unavailable" in result.anchor_only_reason
@@ -168,7 +169,7 @@ def test_model_reads_the_manifest_once_per_ttl_and_reuses_cached_blocks(servers,
     cache_dir = tmp_path / "cache"
     model = MemoryModel.from_pretrained(tiny_model_export, embedder=FakeEmbedder(),
                                         cache=DeviceCache(1 << 20, cache_dir), manifest_ttl_s=3600)
-    with ShardedFetcher(servers) as f:
+    with open_bank(servers) as f:
         reads = []
         real = f.get_manifest
         f.get_manifest = lambda *a, **k: reads.append(a) or real(*a, **k)

@@ -325,7 +325,7 @@ def test_cancel_from_another_thread_stops_the_fetch(server):
             with pytest.raises(BankError) as e:
                 c.fetch("big", "", [(1, i % 2) for i in range(8)], m, on_call=calls.append)
             timer.join()
-            assert e.value.code == C.CANCELLED and c._idle == []     # that socket is gone
+            assert e.value.code == "CANCELLED" and c._idle == []     # that socket is gone
     finally:
         relay.close()
 
@@ -409,10 +409,10 @@ def test_client_errors_carry_grpc_codes(client):
                          ([(1, 0)] * 65, C.INVALID_ARGUMENT)):
         with pytest.raises(BankError) as e:
             client.fetch("test", "v1", blocks, m)
-        assert e.value.code == code and not isinstance(e.value, BlockIntegrityError)
+        assert e.value.code == code.name and not isinstance(e.value, BlockIntegrityError)
     with pytest.raises(BankError) as e:
         client.fetch("test", "v1", [(1, 0)], m, timeout_s=-1)
-    assert e.value.code == C.DEADLINE_EXCEEDED
+    assert e.value.code == "DEADLINE_EXCEEDED"
     assert len(client.fetch("test", "v1", [(1, 0)], m)) == 1
 
 
@@ -460,7 +460,7 @@ def test_corrupt_block_is_data_loss_and_never_sent(shard0, exported):
     with DataPlaneClient(srv.target) as c:
         with pytest.raises(BankError) as e:
             c.fetch("test", "v1", [(1, 0), corrupt], m)
-        assert e.value.code == C.DATA_LOSS and not isinstance(e.value, BlockIntegrityError)
+        assert e.value.code == "DATA_LOSS" and not isinstance(e.value, BlockIntegrityError)
         assert bytes(c.fetch("test", "v1", [(1, 1)], m)[(1, 1)]) == exported[("test", 1, 1)]
 
 
@@ -469,7 +469,7 @@ def test_block_of_another_shard_is_failed_precondition_naming_the_owner(shard0):
     theirs = next(b for b in m.blocks() if "s0" not in m.owners(*b))
     with DataPlaneClient(srv.target) as c, pytest.raises(BankError) as e:
         c.fetch("test", "v1", [(1, 0), theirs], m)
-    assert e.value.code == C.FAILED_PRECONDITION
+    assert e.value.code == "FAILED_PRECONDITION"
     assert f"shard {m.owners(*theirs)[0]}" in e.value.message and "(s0)" in e.value.message
 
 
@@ -494,12 +494,12 @@ def test_auth_and_tls(lmdb_dir, tmp_path, exported):
             with DataPlaneClient(target, tls_ca=cert, token=token) as c, \
                     pytest.raises(BankError) as e:
                 c.fetch("test", "v1", [(1, 0)], m)
-            assert e.value.code == code, e.value
+            assert e.value.code == code.name, e.value
         # a client that does not trust the certificate, and a plaintext client, get nowhere
         with DataPlaneClient(target, tls_ca=True, token="r-token", timeout_s=3) as c, \
                 pytest.raises(BankError) as e:
             c.fetch("test", "v1", [(1, 0)], m)
-        assert e.value.code == C.UNAVAILABLE
+        assert e.value.code == "UNAVAILABLE"
         host, port = proc.dataplane_address.rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=10) as s:
             s.sendall(request_frame({"bank": "test", "blocks": [[1, 0]], "token": "r-token"}))

@@ -29,7 +29,7 @@ from services.bank_server.ingest import ingest
 from services.model_client.dataplane_client import DataPlaneClient, dataplane_target
 from services.model_client.fetcher import FetchPolicy, ShardedFetcher
 from services.model_client.memory_model import MemoryModel
-from services.model_client.targets import make_client
+from services.model_client.targets import client_factory, make_client, open_bank
 from tests.conftest import FakeEmbedder, run_bank_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -78,10 +78,11 @@ def test_dataplane_target_fetches_the_same_blocks_as_grpc(served, encoding):
         manifest = c.get_manifest("test")
     blocks = [(level, node) for level, node in manifest.blocks()]
     policy = FetchPolicy(deadline_s=20, attempt_timeout_s=10)
-    with ShardedFetcher(served.grpc, policy) as over_grpc:
+    make = client_factory(timeout_s=policy.attempt_timeout_s)
+    with ShardedFetcher(served.grpc, policy, client_factory=make) as over_grpc:
         want = over_grpc.fetch("test", "", blocks, manifest, encoding=enc)
     before = served.rpcs()
-    with ShardedFetcher(served.dataplane, policy) as over_dp:
+    with ShardedFetcher(served.dataplane, policy, client_factory=make) as over_dp:
         assert isinstance(over_dp._client("*"), DataPlaneClient)
         got = over_dp.fetch("test", "", blocks, manifest, encoding=enc)
         assert over_dp.stats()["errors"] == {}
@@ -162,7 +163,7 @@ def test_local_cluster_with_dataplane_serves_a_load_loop_with_no_error(tiny_expo
         assert report.prompts >= 120 and report.errors == [], report.errors[:5]
         assert set(report.rpc_by_shard) == {"shard-0", "shard-1"}
         # the device's fetcher over the same targets
-        with ShardedFetcher(targets, FetchPolicy(down_s=0.5, deadline_s=10)) as fetcher, \
+        with open_bank(targets, policy=FetchPolicy(down_s=0.5, deadline_s=10)) as fetcher, \
                 LoadLoop(targets, "test", threads=2, fetcher=fetcher) as load:
             assert load.wait_prompts(60, 60)
             report = load.stop()

@@ -23,13 +23,13 @@ from __future__ import annotations
 import urllib.request
 from pathlib import Path
 
-import grpc
 import pytest
 
 from loadtests.load_loop import LoadLoop
 from services.bank_server.cluster import run_local_cluster
 from services.model_client.bank_client import BankClient, BankError
 from services.model_client.fetcher import FetchPolicy, ShardedFetcher
+from services.model_client.targets import open_bank
 from testkit.exports import synthetic_export
 from tests.conftest import wait_for
 
@@ -114,7 +114,7 @@ def test_publish_during_load_no_errors_and_no_mixed_versions(export_v1, export_v
             forged = m1.model_copy(update={"version": "v2"})
             with pytest.raises(BankError) as e:
                 c.fetch("fault", "v2", [(1, 0)], forged)
-            assert e.value.code == grpc.StatusCode.DATA_LOSS, e.value
+            assert e.value.code == "DATA_LOSS", e.value
     assert_no_failed_prompt(report)
     # every path was fetched with one manifest, each block's header and bytes checked against
     # it: a block of the other version would have been a failed RPC
@@ -125,7 +125,7 @@ def test_publish_during_load_no_errors_and_no_mixed_versions(export_v1, export_v
 # -- replicas: shard killed, block corrupted (the device's ShardedFetcher) ----------------------
 def device_fetcher(targets, *, hedge: bool = True) -> ShardedFetcher:
     # a shard that answered UNAVAILABLE is tried last for 0.5 s (default 5 s): it rejoins sooner
-    return ShardedFetcher(targets, FetchPolicy(down_s=0.5, deadline_s=10, hedge=hedge))
+    return open_bank(targets, policy=FetchPolicy(down_s=0.5, deadline_s=10, hedge=hedge))
 
 
 def fetches_ok(cluster, shard: str) -> int:
@@ -182,7 +182,7 @@ def test_corrupt_block_on_one_replica_served_from_the_other(export_v1, tmp_path)
         with BankClient(targets[bad_shard]) as c:         # that replica refuses to send it
             with pytest.raises(BankError) as e:
                 c.fetch("fault", m.version, [(2, 5)], m)
-            assert e.value.code == grpc.StatusCode.DATA_LOSS and "checksum" in e.value.message
+            assert e.value.code == "DATA_LOSS" and "checksum" in e.value.message
 
         with device_fetcher(targets) as fetcher:
             got = fetcher.fetch("fault", m.version, [(1, 1), (2, 5)], m)   # from the other

@@ -45,6 +45,7 @@ from services.bank_server.store import Expect, LMDBStore
 from services.model_client.bank_client import BankClient, BankError
 from services.model_client.fetcher import ShardedFetcher
 from services.model_client.memory_model import MemoryModel
+from services.model_client.targets import client_factory
 from testkit.exports import synthetic_export
 from tests.conftest import REPO, FakeEmbedder, start_ingest_writing
 
@@ -138,7 +139,7 @@ def test_int8_over_grpc_verified_and_never_mixed_with_native(served, native_bloc
 def test_memory_model_attaches_dequantized_int8(served, tiny_model_export, native_blocks):
     model = MemoryModel.from_pretrained(tiny_model_export, embedder=FakeEmbedder(),
                                         encoding="int8")
-    with ShardedFetcher(served) as bank:       # the fleet's client, one address
+    with ShardedFetcher(served, client_factory=client_factory()) as bank:   # one address
         r = model.generate("The atomic number of Ruthenium is", bank=bank, max_new_tokens=2)
     assert r.memory and r.encoding == "int8", r.anchor_only_reason
     m = load_manifest(tiny_model_export)
@@ -160,7 +161,7 @@ def test_corrupted_int8_block_is_data_loss(served):
         m = c.get_manifest("test", "vbad")
         with pytest.raises(BankError) as e:
             c.fetch("test", "vbad", [(1, 0), (2, 1)], m, encoding="int8")
-        assert e.value.code == grpc.StatusCode.DATA_LOSS and "int8" in e.value.message
+        assert e.value.code == "DATA_LOSS" and "int8" in e.value.message
         assert len(c.fetch("test", "vbad", [(2, 1)], m)) == 1        # native still intact
         assert len(c.fetch("test", "vbad", [(1, 0)], m, encoding="int8")) == 1
 
@@ -180,7 +181,7 @@ def test_missing_and_unknown_encodings(served):
                                        "encodings": {"int8": plain.checksums}})
         with pytest.raises(BankError) as err:
             c.fetch("test", "vnative", [(1, 0)], forged, encoding="int8")
-        assert err.value.code == grpc.StatusCode.NOT_FOUND
+        assert err.value.code == "NOT_FOUND"
 
 
 def test_versions_stay_immutable_across_encodings(tiny_model_export, tmp_path):

@@ -1,10 +1,10 @@
-"""MemoryModel.fetch_path: manifest read once per TTL, re-read when the version is gone, kept
-when the bank is down (cached blocks still used), and only missing levels fetched.
+"""MemoryModel.fetch_path (its CachedBank, services/model_client/cached_bank.py): manifest read
+once per TTL, re-read when the version is gone, kept when the bank is down (cached blocks still
+used), and only missing levels fetched.
 
 A fake bank (no sockets); the model is the random-weight `tiny` export (tests/conftest.py).
 Run: .venv/bin/python -m pytest -q tests/unit/test_memory_model_fetch.py
 """
-import grpc
 import pytest
 
 from membank.artifacts import iter_blocks, load_manifest
@@ -25,14 +25,14 @@ class FakeBank:
     def get_manifest(self, bank, version=""):
         self.manifest_reads += 1
         if self.down:
-            raise BankError(grpc.StatusCode.UNAVAILABLE, "down")
+            raise BankError("UNAVAILABLE", "down")
         return self.manifest
 
     def fetch(self, bank, version, blocks, manifest):
         if self.down:
-            raise BankError(grpc.StatusCode.UNAVAILABLE, "down")
+            raise BankError("UNAVAILABLE", "down")
         if version != self.manifest.version:
-            raise BankError(grpc.StatusCode.NOT_FOUND, f"unknown version {version!r}")
+            raise BankError("NOT_FOUND", f"unknown version {version!r}")
         self.fetches.append(list(blocks))
         return {b: bytearray(self.blocks[b]) for b in blocks}
 
@@ -60,7 +60,7 @@ def test_manifest_read_once_per_ttl_and_only_changed_levels_fetched(setup):
     r = fetch(model, bank, [0, 1])              # level 2 back to a block the cache holds
     assert r.fetched_blocks == [] and r.cached_blocks == [m.path_blocks([0, 1])[1]]
     assert bank.manifest_reads == 1
-    model.manifest_ttl_s = 0                    # expired: re-read before the next prompt
+    model.bank_view(bank).manifest_ttl_s = 0    # expired: re-read before the next prompt
     fetch(model, bank, [0, 1])
     assert bank.manifest_reads == 2
 
@@ -79,7 +79,7 @@ def test_a_down_bank_keeps_the_manifest_and_the_cached_blocks(setup):
     fetch(model, bank, [1, 1])
     fetch(model, bank, [0, 0])
     bank.down = True
-    model.manifest_ttl_s = 0
+    model.bank_view(bank).manifest_ttl_s = 0
     r = fetch(model, bank, [1, 1])              # all from the device cache, manifest kept
     assert r.fetched_blocks == [] and r.cached_blocks == m.path_blocks([1, 1])
     with pytest.raises(BankError):              # a block it never saw: the fetch fails

@@ -6,7 +6,6 @@ Run: .venv/bin/python -m pytest -q tests/unit/test_quant.py
 """
 import logging
 
-import grpc
 import numpy as np
 import pytest
 import torch
@@ -299,14 +298,16 @@ def test_a_version_without_int8_is_fetched_native_and_logged_once(int8_setup, ca
 def test_bank_client_refuses_an_encoding_the_manifest_lacks_before_any_rpc(int8_setup):
     from services.model_client.bank_client import BankClient
     from services.model_client.fetcher import ShardedFetcher
+    from services.model_client.targets import client_factory
 
     _, m, _ = int8_setup
     with BankClient("127.0.0.1:1", timeout_s=0.5) as c:     # nothing listens there
         with pytest.raises(BankError) as e:
             c.fetch("test", "v1", [(1, 0)], m, encoding="int8")
-    assert e.value.code == grpc.StatusCode.NOT_FOUND and "available: native" in e.value.message
-    with ShardedFetcher("127.0.0.1:1") as f, pytest.raises(BankError) as e:
+    assert e.value.code == "NOT_FOUND" and "available: native" in e.value.message
+    with ShardedFetcher("127.0.0.1:1", client_factory=client_factory()) as f, \
+            pytest.raises(BankError) as e:
         f.fetch("test", "v1", [(1, 0)], m, encoding="int8")
-    assert e.value.code == grpc.StatusCode.NOT_FOUND
+    assert e.value.code == "NOT_FOUND"
     with pytest.raises(ValueError, match="unknown block encoding"):
         MemoryModel.from_pretrained(int8_setup[0], embedder=ConstantEmbedder(), encoding="fp8")

@@ -4,7 +4,7 @@
   timeout, token, TLS CA   -> passed to either client the same way
   bad syntax               -> one-line ValueError at configuration (settings, ShardedFetcher,
                               `membank generate`), never at the first fetch
-  ShardedFetcher / bank_from_settings / LoadLoop's ShardedBank pick per shard
+  ShardedFetcher / open_bank (DeviceSettings.open_bank) / LoadLoop's ShardedBank pick per shard
   DataPlaneClient: an encoding the manifest lacks -> NOT_FOUND before any connection
 
 No server runs here: clients connect lazily (tests/integration/test_dataplane_device.py fetches
@@ -13,7 +13,6 @@ Run: .venv/bin/python -m pytest -q tests/unit/test_targets.py
 """
 from __future__ import annotations
 
-import grpc
 import pytest
 from pydantic import ValidationError
 
@@ -22,9 +21,14 @@ from services.model_client import targets
 from services.model_client.bank_client import BankClient, BankError
 from services.model_client.dataplane_client import DataPlaneClient
 from services.model_client.fetcher import FetchPolicy, ShardedFetcher
-from services.model_client.http_server import bank_from_settings
 from services.model_client.settings import DeviceSettings
-from services.model_client.targets import check_target, client_factory, is_dataplane, make_client
+from services.model_client.targets import (
+    check_target,
+    client_factory,
+    is_dataplane,
+    make_client,
+    open_bank,
+)
 
 GOOD = ["127.0.0.1:50051", "bank.example:443", "[::1]:50051", "dns:///membank-shard.ns.svc:50051",
         "127.0.0.1:50051+50052", "[::1]:50051+50052",
@@ -102,18 +106,19 @@ def test_device_settings_take_both_forms_and_refuse_bad_ones():
         assert "bank" in str(e.value)
 
 
-def test_bank_from_settings_picks_per_target(tmp_path):
+def test_open_bank_from_settings_picks_per_target(tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret\n")
-    one = bank_from_settings(DeviceSettings.from_args(
-        ["--bank", "127.0.0.1:50051+50052", "--timeout", "2", "--token-file", str(token)]))
+    one = DeviceSettings.from_args(["--bank", "127.0.0.1:50051+50052", "--timeout", "2",
+                                    "--token-file", str(token)]).open_bank()
     with one:
         assert isinstance(one, DataPlaneClient)
         assert (one.timeout_s, one._token, one.grpc_target) == (2.0, "s3cret", "127.0.0.1:50051")
-    with bank_from_settings(DeviceSettings.from_args(["--bank", "127.0.0.1:50051"])) as plain:
+    with DeviceSettings.from_args(["--bank", "127.0.0.1:50051"]).open_bank() as plain:
         assert type(plain) is BankClient
-    sharded = bank_from_settings(DeviceSettings.from_args(
-        ["--bank", "s0=127.0.0.1:50051+50052,s1=127.0.0.1:50061", "--token-file", str(token)]))
+    sharded = DeviceSettings.from_args(
+        ["--bank", "s0=127.0.0.1:50051+50052,s1=127.0.0.1:50061",
+         "--token-file", str(token)]).open_bank()
     with sharded:
         assert isinstance(sharded, ShardedFetcher)
         s0, s1 = sharded._client("s0"), sharded._client("s1")
@@ -125,7 +130,7 @@ def test_bank_from_settings_picks_per_target(tmp_path):
 
 def test_sharded_fetcher_refuses_a_bad_target_at_once():
     with pytest.raises(ValueError, match="DATAPLANE_PORT"):
-        ShardedFetcher({"s0": "127.0.0.1:50051+x"}, FetchPolicy())
+        open_bank({"s0": "127.0.0.1:50051+x"}, policy=FetchPolicy())
     # a factory of the caller's own takes whatever it understands
     made = []
     with ShardedFetcher({"s0": "fake"}, client_factory=lambda t: made.append(t) or BankClient(
@@ -177,9 +182,9 @@ def test_dataplane_client_refuses_a_missing_encoding_before_connecting(tiny_expo
     with make_client("127.0.0.1:1+1", 1.0) as c:
         with pytest.raises(BankError) as e:
             c.fetch(manifest.bank, "", [(1, 0)], manifest, encoding="int8")
-        assert e.value.code == grpc.StatusCode.NOT_FOUND and "int8" in e.value.message
+        assert e.value.code == "NOT_FOUND" and "int8" in e.value.message
         with pytest.raises(ValueError, match="unknown block encoding"):
             c.fetch(manifest.bank, "", [(1, 0)], manifest, encoding="fp4")
         with pytest.raises(BankError) as e:         # native: it does try, and says so
             c.fetch(manifest.bank, "", [(1, 0)], manifest)
-        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        assert e.value.code == "UNAVAILABLE"
