@@ -11,7 +11,7 @@
       generic.safetensors         tensor "generic" (1, L, n_mats, R, W) float32: the fetch-sized
                                   generic memory trained alongside the bank (PAPER.md section 6),
                                   so evaluation can compare anchor + generic with anchor + fetched;
-                                  optional (exports from before it have none)
+                                  optional (readers take a missing file as no generic memory)
 
 Everything is safetensors or JSON: nothing here is unpickled. Files are written to a temporary
 name and renamed, so a crash never leaves a half-written export that looks complete

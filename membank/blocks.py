@@ -23,7 +23,7 @@ CHECKSUM_ALGO = "xxh3_64"
 
 
 def checksum(buf) -> str:
-    """xxh3_64 hex digest of a bytes-like object (about 10 GB/s; integrity, not security)."""
+    """xxh3_64 hex digest of a bytes-like object (integrity, not security)."""
     return xxhash.xxh3_64_hexdigest(buf)
 
 

@@ -6,8 +6,8 @@ to the checksum listed here.
 
 `encodings` (optional) lists the other encodings ingest stored for every block, with their own
 checksum table, e.g. {"int8": [[xxh3 per node] per level]} (membank/quant.py); absent or empty:
-native blocks only. It is left out of the JSON when empty, so manifests without it read and
-write exactly as before.
+native blocks only. It is left out of the JSON when empty, so a native-only manifest stays
+readable by readers that forbid unknown fields.
 """
 from __future__ import annotations
 
@@ -165,8 +165,8 @@ class Manifest(BaseModel):
 
     # -- serialisation --------------------------------------------------------------------
     def to_json(self) -> str:
-        # no "encodings" key when there are none: the JSON of a native-only version is what it
-        # was before encodings existed (older readers forbid unknown fields)
+        # no "encodings" key when there are none: readers that forbid unknown fields still
+        # read a native-only manifest
         return self.model_dump_json(exclude=None if self.encodings else {"encodings"})
 
     @classmethod

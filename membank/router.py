@@ -13,12 +13,9 @@ of two rules (`Router.routing`):
   centroid          greedy descent, the paper's rule: at every level the nearest (L2) of the
                     current node's k children; ties go to the lowest child index.
   nearest-document  the path of the nearest training document: the router then carries an
-                    index of every training document's embedding (float16) and tree path. A
-                    short query about a rare subject ("The city served by X is") lands in the
-                    wrong leaf under descent far more often than it misses X's own documents,
-                    because the prompt's template moves it across centroid boundaries that the
-                    subject's name alone would not (README, "Long-tail results"); the index
-                    costs 2 * dim bytes per document on the device.
+                    index of every training document's embedding (float16) and tree path,
+                    2 * dim bytes per document on the device (why this rule exists:
+                    ARCHITECTURE.md, "Routing").
 
 "Nearest" is exact in both rules: float64 squared L2 summed in a fixed order (`exact_sq_dist`),
 so a row's path never depends on the batch it is routed in. Batches stay fast: a matmul scores

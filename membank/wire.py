@@ -2,7 +2,7 @@
 
 This is the only shared module that imports the generated protobuf classes
 (`membank.v1.bank_pb2`, built by `make stubs`); everything else in `membank/` stays free of
-protobuf. It holds three things:
+protobuf. It holds four things:
 
 - `encode_chunk`: the wire bytes of one `BlockChunk`, written by hand so the block body is
   copied exactly once (into the output bytes) instead of first into a protobuf message and

@@ -8,7 +8,8 @@
     membank chat     --bank localhost:50051                  a REPL: one prompt per line, streamed
     membank device-serve --bank localhost:50051 --port 8000  the device's HTTP API (SSE streaming)
         (every --bank also takes HOST:PORT+DATAPLANE_PORT: block bodies over the bank server's
-         raw-TCP data plane, services/model_client/targets.py; chat / device-serve: shard lists)
+         raw-TCP data plane; or shard=TARGET,... for a sharded bank: services/model_client/
+         targets.py)
     membank demo                                             all of the above, end to end
     membank config paper-160m [--kind lora-ffn]              anchor params, bank and fetch sizes
     membank eval --preset small [--domain C:P]               long-tail evaluation

@@ -6,7 +6,8 @@ The texts are consumed in batches from any iterable (a list, or a generator read
 file), and each batch's vectors go straight into an `.npy` memmap: a 100k-document corpus is
 never held twice in memory, and the vectors live on disk, paged in as k-means touches them.
 A sidecar `.json` records the embedder, the count and a hash of the texts; a later run with the
-same texts reuses the file instead of re-embedding (minutes at 100k documents on 2 cores).
+same texts reuses the file instead of re-embedding (BENCHMARKS.md: embedding dominates a
+100k-document corpus's preparation).
 The file is written under a temporary name and renamed, so an interrupted run leaves no cache
 that looks complete.
 

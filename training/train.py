@@ -22,8 +22,7 @@ training/merge.py). One step:
 Everything random is seeded by (seed, step) or (seed, epoch), so a checkpoint (training/
 checkpoint.py) resumes bit for bit: weights, both optimizers, sampler position, step, losses.
 
-Where the pieces live: config.py (TrainConfig, presets), prepare.py (corpus, tokenizer, router,
-packing cache), packing.py, optim.py, distributed.py, checkpoint.py, merge.py, plot.py, export.py.
+Where the other pieces live: ARCHITECTURE.md ("Training").
 """
 from __future__ import annotations
 

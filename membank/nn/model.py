@@ -215,7 +215,7 @@ class Transformer(nn.Module):
             mask = mask[:, None]
         x = self.tok_emb(idx)
         # split the memory per layer once: indexing mem[:, j] in every layer would make backward
-        # build a full-size zero gradient per layer (measured 1.34x -> 1.18x step time)
+        # build a full-size zero gradient per layer
         per_layer = dict(zip(self.mem_layers, mem.unbind(1))) if mem is not None else {}
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, mask, per_layer.get(i), cache, i)  # memory (B, n, R, W) or None

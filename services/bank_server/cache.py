@@ -29,7 +29,7 @@ Redis is an optimisation, never a dependency. A circuit breaker guards every cal
              doubling on every failed probe up to `max_retry_after_s`
   half-open  after that, ONE request probes Redis (the others keep skipping it); success
              closes the breaker, failure re-opens it
-So a dead Redis costs one failed call (connection refused: under a millisecond), a hung one
+So a dead Redis costs one failed call (connection refused), a hung one
 at most `socket_timeout_s` per in-flight request when it hangs and once per retry period after
 that; outages are logged once, recovery once.
 """

@@ -26,7 +26,7 @@ shard asked for a block it does not own answers FAILED_PRECONDITION, as in produ
 `dataplane=True` (`--dataplane`) starts every shard with `--dataplane-port` as well, and
 `targets` gives the "HOST:GRPC_PORT+DATAPLANE_PORT" form, which ShardedFetcher, the load loop
 and the device's `--bank` turn into data plane clients; off by default (`targets` is then plain
-"HOST:PORT", as before).
+"HOST:PORT").
 
 A restarted shard keeps its gRPC, admin and data plane ports, so clients holding its address
 reconnect to it; Redis restarts on its port too. `publish` ingests the new version on EVERY

@@ -6,14 +6,10 @@ Route: server-side routing for clients that cannot run the router (no embedding 
 own is needed on the server: the client sends the embedding). The router is the one ingest
 stored beside the version (router_store.py); the answer is the path and the path's blocks, which
 the client then fetches with FetchBlocks exactly as a routing client would.
-  INVALID_ARGUMENT  malformed request, bad bank name, embedding of the wrong width, NaN or inf
-  NOT_FOUND         unknown bank or version, or that version has no stored router
-  DATA_LOSS         the stored router is unreadable or does not fit the manifest's tree
 
 Publish (admin token required, see security.py): switch the bank's current version.
-  INVALID_ARGUMENT  malformed request, bad names
-  NOT_FOUND         that version was never completely ingested
-  INTERNAL          the write failed (message says why)
+
+Status codes of both: README.md, "Bad input and the answer it gets" (the Route and Publish rows).
 
 Both are registered as their own generic handlers (Route under the BankService name, beside
 servicer.py's handler, which keeps GetManifest and FetchBlocks), so this module and

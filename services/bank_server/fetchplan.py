@@ -13,7 +13,8 @@ membank/fetch.py's `check_fetch`, which the device's clients run too; the header
         with read_block(blocks, store, plan.manifest, b) as buf:
             send(b.header, buf)                 # buf: the verified bytes, valid inside the with
 
-`plan_fetch` checks, in this order, and raises FetchError(code, message) on the first failure:
+`plan_fetch` checks, in this order, and raises FetchError(code, message) on the first failure
+(the codes, with the rest of the server's: README.md, "Bad input and the answer it gets"):
   INVALID_ARGUMENT     an unknown encoding name; no blocks; more than max_blocks_per_request;
                        empty bank name or a name outside [A-Za-z0-9._-]{1,128}
   NOT_FOUND            unknown bank; unknown version

@@ -1,5 +1,6 @@
-"""Start and stop bank server subprocesses: used by `make demo`, the tests and (later) the
-local cluster launcher. A development tool; production runs on docker-compose or Kubernetes.
+"""Start and stop bank server subprocesses: used by `make demo`, the tests and the local
+cluster launcher (cluster.py). A development tool; production runs on docker-compose or
+Kubernetes.
 
     with run_bank_server(Path("runs/demo/lmdb")) as (address, proc):
         ...  # address is "127.0.0.1:PORT", bound on a free port chosen by the kernel

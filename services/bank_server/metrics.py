@@ -36,7 +36,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-# from a cached 1.7 MB block on loopback (~1 ms) to a cold 27.5 MB one under load (seconds)
+# from a cached 1.7 MB block on loopback to a cold 27.5 MB one under load (BENCHMARKS.md)
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _RECENT = 1024   # per-level latencies kept for the JSON percentiles
 

@@ -1,4 +1,4 @@
-"""Rebalance: re-place a bank version onto another shard set, copying only the blocks that move.
+r"""Rebalance: re-place a bank version onto another shard set, copying only the blocks that move.
 
     python -m services.bank_server.rebalance --bank B --version v1 --new-version v1-s4 \
         --shards s0,s1,s2,s3 --lmdb s0=/data/s0 --lmdb s1=/data/s1 --lmdb s2=/data/s2 \

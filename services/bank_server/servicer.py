@@ -12,18 +12,9 @@ the native blocks (membank/quant.py), read through the same tiers under their ow
 cache never mixes the two) and checked against the manifest's `encodings["int8"]` checksums;
 the header's dtype says "int8". The server never quantizes: what was not ingested is not served.
 
-Status codes (as in proto/membank/v1/bank.proto):
-  INVALID_ARGUMENT  malformed bytes, empty bank, no blocks, > max_blocks_per_request blocks,
-                    a level outside 1..depth or a level without blocks (r = 0), an unknown
-                    encoding name
-  NOT_FOUND         unknown bank, unknown version, node >= k^level, an encoding the version
-                    was not ingested with (the message lists what it has), or the version was
-                    garbage-collected while the fetch was reading it (gc deletes the
-                    manifest before the blocks, so a missing block whose manifest is gone
-                    too is a collected version, not a lost block)
-  FAILED_PRECONDITION  a block this shard does not own (`shard_id` set); the message names the
-                    owner(s) from the manifest's placement
-  DATA_LOSS         a stored block is missing or fails its manifest checksum (never sent)
+Status codes: malformed bytes are INVALID_ARGUMENT here; every other answer is a `FetchError`
+from fetchplan.py (its docstring lists the checks in order). What each bad input gets:
+README.md, "Bad input and the answer it gets".
 
 Use `add_bank_service(server, store, blocks)`; `server.py` does.
 """

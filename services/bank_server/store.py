@@ -21,9 +21,8 @@ opens every environment with MDB_NOTLS, so a read transaction is not tied to a t
 
 Cold reads: a block is one contiguous run of LMDB overflow pages. With readahead off (MADV_RANDOM
 on the map) every 4 KiB page is a separate disk read; with readahead on and an explicit
-MADV_WILLNEED over the block's pages the kernel issues the whole block at once. Measured here on
-200 MB of 25 MB values evicted from the page cache: 36 MB/s without readahead, 0.4-0.5 GB/s with
-readahead, 1.2-1.6 GB/s with readahead + WILLNEED (benchmarks/tiers.py measures it per size).
+MADV_WILLNEED over the block's pages the kernel issues the whole block at once
+(benchmarks/tiers.py measures it per size; BENCHMARKS.md, "Cache tiers").
 
 Verify once (`verify_ttl_s` > 0, the server's `verify_ttl_s` setting): a block read with an
 `Expect` is hashed and, when it matches, remembered with the file's stamp (inode, size, mtime).
@@ -122,9 +121,8 @@ def open_env(path: str | Path, map_size: int, *, readonly: bool,
     `writemap` (writers only): write through the memory map instead of copying every page
     through malloc'd buffers; still crash-safe (LMDB syncs the data before the meta page that
     commits it), but LMDB then sizes the file to map_size (sparse: `du` shows the real use,
-    `ls -l` the map size). On this machine's disk it made no difference to ingest (bound by
-    the disk's ~0.2 GB/s with fsync, benchmarks/paper_scale.py --writemap); it can help where
-    the disk is faster than the page copies.
+    `ls -l` the map size). Whether it speeds up ingest depends on the disk
+    (`benchmarks/paper_scale.py --writemap`; BENCHMARKS.md, "Paper scale").
     """
     if not readonly:
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -211,8 +209,8 @@ def _page_span(buf) -> tuple[int, int]:
 
 
 def resident(buf) -> bool:
-    """Whether every page of a mapped buffer is in the page cache now (mincore: ~5-20 us for
-    1.7-27.5 MB). False when it cannot tell (no libc, or mincore failed)."""
+    """Whether every page of a mapped buffer is in the page cache now (mincore). False when it
+    cannot tell (no libc, or mincore failed)."""
     if _LIBC is None:
         return False
     start, length = _page_span(buf)
@@ -241,8 +239,8 @@ def _mincore_vector(pages: int) -> tuple[bytearray, int]:
 
 def prefetch(buf) -> bool:
     """Ask the kernel to read a mapped buffer's pages now, in one go (MADV_WILLNEED); a
-    WILLNEED over resident pages costs 40-180 us for 1.7-27.5 MB, so call it only for buffers
-    that are not `resident`. True when it issued the read-ahead."""
+    WILLNEED over resident pages still costs time (BENCHMARKS.md, "Cache tiers"), so call it
+    only for buffers that are not `resident`. True when it issued the read-ahead."""
     if _LIBC is None:
         return False
     start, length = _page_span(buf)
@@ -458,8 +456,8 @@ class LMDBStore:
 def list_versions(env: lmdb.Environment, bank: str) -> list[tuple[str, dict]]:
     """(version, info) of every complete version (manifest present), oldest first.
 
-    Order: the `completed_at` ingest wrote beside the manifest; versions without it (written
-    before it existed) count as oldest, by name.
+    Order: the `completed_at` ingest wrote beside the manifest; versions without it count as
+    oldest, by name.
     """
     prefix = manifest_prefix(bank)
     out = []
