@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from services.bank_server import launch
 from services.bank_server.ingest import ingest_stream
 from services.bank_server.store import LMDBStore
 from services.model_client.bank_client import BankClient
+from testkit.stats import median
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ def blocks(h: dict, seed: int):
 
 
 def median_ms(xs: list[float]) -> float:
-    return round(statistics.median(xs) * 1e3, 3)
+    return round(median(xs) * 1e3, 3)
 
 
 def serve_and_fetch(preset: str, work: Path, reps: int, seed: int) -> dict:

@@ -54,6 +54,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from benchmarks.linkemu import Link, LinkSpec, ProbeServer, probe, unavailable_reason
+from testkit.stats import median
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -293,7 +294,7 @@ def zipf_run(job: dict, mm, addr: str, stack: ExitStack) -> dict:
             "path_bytes": sum(m.block_nbytes(l) for l in per),
             "bytes_per_prompt": round(statistics.fmean(fetched_bytes)),
             "prompts_fetching_nothing": sum(b == 0 for b in fetched_bytes),
-            "load_ms_p50": round(statistics.median(fetch_ms), 3),
+            "load_ms_p50": round(median(fetch_ms), 3),
             "load_ms_mean": round(statistics.fmean(fetch_ms), 3),
             "seconds": round(time.perf_counter() - t_start, 1), "levels": levels,
             "device_cache": {l: vars(s) for l, s in view.cache.level_stats().items()}}
@@ -315,7 +316,7 @@ def median_by(rows: list[dict], key: str, fields) -> dict:
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r[key], []).append(r)
-    return {g: {f: round(statistics.median(r.get(f, 0.0) for r in rs), 3) for f in fields}
+    return {g: {f: round(median(r.get(f, 0.0) for r in rs), 3) for f in fields}
             | {"n": len(rs)} for g, rs in groups.items()}
 
 
@@ -590,7 +591,7 @@ def main(argv: list[str] | None = None) -> dict:
             report["rounds"] = rounds
             for label, r in raw.items():
                 entry = {"validation": r["validation"],
-                         "manifest_rtt_ms": statistics.median(r["manifest_rtt_ms"]),
+                         "manifest_rtt_ms": median(r["manifest_rtt_ms"]),
                          "seconds": round(r["seconds"], 1),
                          "demo": median_by(r["demo"], "scenario",
                                            STEPS + ("ttft", "fetched_bytes"))}

@@ -33,8 +33,6 @@ import json
 import os
 import random
 import shutil
-import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +42,7 @@ import numpy as np
 from membank import wire
 from membank.blocks import checksum
 from services.bank_server.cache import RedisCachedStore
+from services.bank_server.cluster import LocalRedis
 from services.bank_server.store import (
     Expect,
     LMDBStore,
@@ -53,8 +52,7 @@ from services.bank_server.store import (
     release_env,
 )
 from services.bank_server.tiers import LRUCache
-from testkit.net import free_port
-from testkit.stats import percentile
+from testkit.stats import median, percentile
 
 # the paper's 160M model: 35 memory layers x 3 matrices x r_l x d 512, bf16
 PAPER_SIZES = {"L3 1.7MB": 35 * 3 * 16 * 512 * 2, "L2 6.9MB": 35 * 3 * 64 * 512 * 2,
@@ -67,31 +65,6 @@ def random_bf16(rng: np.random.Generator, nbytes: int) -> bytes:
     a &= 0x807F
     a |= 0x3C00
     return a.tobytes()
-
-
-class PrivateRedis:
-    def __init__(self, workdir: Path, maxmemory: int):
-        self.port = free_port()
-        self.sock = str(workdir / "redis.sock")
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(workdir), "--unixsocket", self.sock,
-             "--maxmemory", str(maxmemory), "--maxmemory-policy", "allkeys-lru"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis(port=self.port).ping()
-                break
-            except redis.RedisError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("redis-server did not start")
-                time.sleep(0.05)
-
-    def close(self):
-        self.proc.kill()
-        self.proc.wait()
 
 
 class Never:
@@ -147,9 +120,11 @@ def main(argv: list[str] | None = None) -> dict:
         if args.redis_url:
             urls = {"redis": args.redis_url}
         else:
-            redis_srv = PrivateRedis(work, maxmemory=2 * total + (256 << 20))
-            urls = {"redis": f"redis://127.0.0.1:{redis_srv.port}/0",
-                    "redis-unix": f"unix://{redis_srv.sock}?db=0"}
+            # room for every block twice over (+ 256 MB), so no read misses
+            redis_srv = LocalRedis(work, maxmemory_mb=(2 * total >> 20) + 257,
+                                   unix_socket=work / "redis.sock")
+            redis_srv.start()
+            urls = {"redis": redis_srv.url, "redis-unix": redis_srv.unix_url}
 
         def run(tier: str, label: str, fn, passes: int, before=None):
             times = []
@@ -163,9 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
                     fn(key, want)
                     times.append(time.perf_counter() - t0)
             results.setdefault(label, {})[tier] = {
-                "p50_ms": statistics.median(times) * 1e3,
+                "p50_ms": median(times) * 1e3,
                 "p99_ms": percentile(times, 0.99) * 1e3, "n": len(times),
-                "gbps": sizes[label] / statistics.median(times) / 1e9}
+                "gbps": sizes[label] / median(times) / 1e9}
 
         def read_view(store):
             def fn(key, want):
@@ -208,9 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
                         pair[tier].append(time.perf_counter() - t0)
             for tier, times in pair.items():
                 results[label][tier] = {
-                    "p50_ms": statistics.median(times) * 1e3,
+                    "p50_ms": median(times) * 1e3,
                     "p99_ms": percentile(times, 0.99) * 1e3,
-                    "n": len(times), "gbps": sizes[label] / statistics.median(times) / 1e9}
+                    "n": len(times), "gbps": sizes[label] / median(times) / 1e9}
             store.close()
 
             # LMDB cold, the store's setting and the old one
@@ -255,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
             run("lru", label, read_view(lru), args.reps)
     finally:
         if redis_srv is not None:
-            redis_srv.close()
+            redis_srv.stop(kill=True)
         shutil.rmtree(work, ignore_errors=True)
 
     # -- report -------------------------------------------------------------------------------

@@ -73,16 +73,23 @@ def shard_names(n: int) -> list[str]:
 # -- Redis ------------------------------------------------------------------------------------
 class LocalRedis:
     """A private `redis-server` on loopback (cache only: no RDB, no AOF), restartable on its
-    port."""
+    port; `unix_socket`: listen on that socket path too (`unix_url`)."""
 
-    def __init__(self, workdir: Path, port: int | None = None, maxmemory_mb: int = 256):
-        self.workdir, self.maxmemory_mb = workdir, maxmemory_mb
+    def __init__(self, workdir: Path, port: int | None = None, maxmemory_mb: int = 256,
+                 unix_socket: Path | None = None):
+        self.workdir, self.maxmemory_mb, self.unix_socket = workdir, maxmemory_mb, unix_socket
         self.port = port or launch.free_port()
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        if self.unix_socket is None:
+            raise ValueError("this redis-server has no unix socket (LocalRedis(unix_socket=))")
+        return f"unix://{self.unix_socket}?db=0"
 
     @property
     def running(self) -> bool:
@@ -100,7 +107,8 @@ class LocalRedis:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.workdir),
-             "--maxmemory", f"{self.maxmemory_mb}mb", "--maxmemory-policy", "allkeys-lru"],
+             "--maxmemory", f"{self.maxmemory_mb}mb", "--maxmemory-policy", "allkeys-lru"]
+            + (["--unixsocket", str(self.unix_socket)] if self.unix_socket else []),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
         client = self.client(timeout_s=1.0)
