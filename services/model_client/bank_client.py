@@ -54,8 +54,8 @@ class BankClient:
         options = [("grpc.max_receive_message_length", max_receive_bytes),
                    # an 8 MiB initial HTTP/2 stream window: the server streams several 1 MiB
                    # chunks without waiting for window updates; with the 64 KiB default the
-                   # first chunks of every stream wait for round trips (1 MiB unary here:
-                   # 1.8 ms instead of 5.2 ms; benchmarks/fetch.py: membank vs membank-untuned)
+                   # first chunks of every stream wait for round trips (BENCHMARKS.md,
+                   # "Fetch": membank vs membank-untuned)
                    ("grpc.http2.lookahead_bytes", 8 << 20)]
         if channel_options:
             names = {k for k, _ in channel_options}
