@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -525,9 +524,8 @@ def train_phrasing_accuracy(anchor: Trainer, mix: Mix, rows: list[dict], tok, eo
                   ec.max_new_tokens, eos)
     ok = [mix.probes[r["domain"]].correct(r["answer"], tok.decode(o))
           for (r, _), o in zip(asks, outs)]
-    per_bucket = [float(np.mean([c for (r, _), c in zip(asks, ok) if r["bucket"] == b] or [np.nan]))
-                  for b in range(N_BUCKETS)]
-    return {"anchor_train_phrasing_per_bucket": per_bucket, "n_asked": len(asks)}
+    return {"anchor_train_phrasing_per_bucket": report.per_bucket([r for r, _ in asks], ok),
+            "n_asked": len(asks)}
 
 
 def home_leaves(p: Probing) -> dict[str, dict[str, int]]:
@@ -587,19 +585,14 @@ def routing_diagnostics(p: Probing, rows: list[dict], routes: dict, home: dict) 
                                         home[rows[i]["domain"]][rows[i]["subject"]])[level])
                    for i in idx]
             per_level.append({"overall": float(np.mean(hit)),
-                              "per_bucket": _per_bucket([rows[i] for i in idx], hit)})
+                              "per_bucket": report.per_bucket([rows[i] for i in idx], hit)})
         any_leaf = [int(nodes[i, -1]) in subj_leaves[(rows[i]["domain"], rows[i]["subject"])]
                     for i in idx]
         out[label] = {"home_per_level": per_level,
                       "leaf_holds_subject": float(np.mean(any_leaf)),
-                      "leaf_holds_subject_per_bucket": _per_bucket([rows[i] for i in idx],
-                                                                   any_leaf)}
+                      "leaf_holds_subject_per_bucket": report.per_bucket([rows[i] for i in idx],
+                                                                         any_leaf)}
     return out
-
-
-def _per_bucket(rows: list[dict], values: list) -> list[float]:
-    return [float(np.mean([v for r, v in zip(rows, values) if r["bucket"] == b] or [np.nan]))
-            for b in range(N_BUCKETS)]
 
 
 def int8_report(trainer: Trainer, node_ids: np.ndarray) -> dict:
@@ -670,12 +663,11 @@ def run_eval(out_dir: str | Path, ec: EvalConfig, *, domains: list[DomainFiles] 
         log(f"-- seed {seed} ({run_dir})")
         runs.append(_run_one(run_dir, ec, seed, domains, store, log, reuse_only))
 
-    result = report.build(runs, ec, preset, machine={
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads()}, total_s=time.perf_counter() - t_start)
+    result = report.build(runs, ec, preset, machine=report.machine(torch.get_num_threads()),
+                          total_s=time.perf_counter() - t_start)
     results_path = Path(results) if results else Path(out_dir) / "longtail.json"
     report.write(result, results_path, Path(out_dir) / "prompts.jsonl.gz",
-                 [dict(r, seed=run["seed"]) for run in runs for r in run["ev"]["rows"]])
+                 report.pooled_rows(runs))
     log(report.markdown(result))
     log(f"results: {results_path} (+ .md, .png); total {result['timings_s']['total']:.0f} s")
     return result
@@ -745,15 +737,10 @@ def _run_one(out: Path, ec: EvalConfig, seed: int, user_domains: list[DomainFile
     log(f"seed {seed}: probing in {t_eval:.0f} s")
 
     config = s.config
-    anchor_params = trained["anchor"].model.num_params()
     sizes = config.memory.sizes(config.model)
-    params = {"anchor": anchor_params, "cotrained-anchor": anchor_params,
-              "dense": trained["dense"].model.num_params(),
-              "anchor+rag": anchor_params, "fetched+rag": anchor_params + sizes["fetch_params"]}
-    for j in range(1, config.memory.depth):
-        params[f"fetched-levels-{j}"] = anchor_params + sum(sizes["block_params_per_level"][:j])
-    for name in ev["variants"]:
-        params.setdefault(name, anchor_params + sizes["fetch_params"])
+    params = report.runtime_params(trained["anchor"].model.num_params(),
+                                   trained["dense"].model.num_params(), sizes,
+                                   config.memory.depth, ev["variants"])
     return {"seed": seed, "ev": ev, "params": params, "config": config,
             "train_config": s.tc.to_dict(), "sizes": sizes, "data": s.data.meta,
             "dense_added_neurons": trained["dense_added_neurons"],

@@ -1,7 +1,7 @@
 """The long-tail evaluation's results: pooled accuracy, targets, Markdown tables and the plot.
 
-    result = build(runs, ec, preset, machine, total_s)   # runs: training/evaluate.py _run_one
-    write(result, Path("results/longtail.json"), prompts_path, rows)   # + .md, .png beside it
+    result = build(runs, ec, preset, machine(threads), total_s)  # runs: evaluate.py _run_one
+    write(result, Path("results/longtail.json"), prompts_path, pooled_rows(runs))  # + .md, .png
     print(markdown(result))
 
 Accuracy is pooled over domains and seeds: pooled bucket b is every domain's bucket b of every
@@ -14,6 +14,7 @@ import dataclasses
 import gzip
 import io
 import json
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +27,43 @@ EXTRA = ("cotrained-anchor", "fetched-int8", "fetched-centroid")
 RAG = ("anchor", "anchor+rag", "fetched", "fetched+rag")
 
 
+def per_bucket(rows: list[dict], values: list) -> list[float]:
+    """The mean of `values` (one per row) over each bucket's rows; NaN where a bucket has none."""
+    return [float(np.mean([v for r, v in zip(rows, values) if r["bucket"] == b] or [np.nan]))
+            for b in range(N_BUCKETS)]
+
+
 def accuracy(rows: list[dict], name: str) -> tuple[list[float], float]:
     """(per bucket, overall) share of rows `name` answered; NaN where a bucket has none."""
     have = [r for r in rows if name in r]
-    per = [float(np.mean([r[name]["correct"] for r in have if r["bucket"] == b] or [np.nan]))
-           for b in range(N_BUCKETS)]
-    return per, float(np.mean([r[name]["correct"] for r in have] or [np.nan]))
+    correct = [r[name]["correct"] for r in have]
+    return per_bucket(have, correct), float(np.mean(correct or [np.nan]))
+
+
+def runtime_params(anchor: int, dense: int, sizes: dict, depth: int,
+                   variants: list[str]) -> dict[str, int]:
+    """Variant -> the parameters it runs with: the anchor's, plus the blocks it attaches (every
+    level of the path unless it says otherwise); the dense model its own. sizes:
+    MemoryConfig.sizes()."""
+    params = {"anchor": anchor, "cotrained-anchor": anchor, "dense": dense,
+              "anchor+rag": anchor, "fetched+rag": anchor + sizes["fetch_params"]}
+    for j in range(1, depth):
+        params[f"fetched-levels-{j}"] = anchor + sum(sizes["block_params_per_level"][:j])
+    for name in variants:
+        params.setdefault(name, anchor + sizes["fetch_params"])
+    return params
+
+
+def machine(torch_threads: int) -> dict:
+    """What the results were measured on."""
+    return {"platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "torch_threads": torch_threads}
+
+
+def pooled_rows(runs: list[dict]) -> list[dict]:
+    """Every seed's prompt rows, each with its seed."""
+    return [dict(r, seed=run["seed"]) for run in runs for r in run["ev"]["rows"]]
 
 
 def targets(acc: dict, overall: dict, routing: dict) -> tuple[dict, dict]:
@@ -70,7 +102,7 @@ def capacity_check(capacity: dict) -> bool | None:
 
 def build(runs: list[dict], ec, preset: str, machine: dict, total_s: float) -> dict:
     """The results dict from every seed's run (see training/evaluate.py `_run_one`)."""
-    rows = [dict(r, seed=run["seed"]) for run in runs for r in run["ev"]["rows"]]
+    rows = pooled_rows(runs)
     variants = runs[0]["ev"]["variants"]
     acc, overall = {}, {}
     for v in variants:
@@ -141,16 +173,16 @@ def write(result: dict, path: Path, prompts_path: Path, rows: list[dict]) -> Non
 # Markdown
 
 
-def _pct(x) -> str:
+def pct(x) -> str:
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.1f}%"
 
 
-def _row(cells) -> str:
+def row(cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-def _table(head: list[str], body: list[list]) -> list[str]:
-    return [_row(head), "|" + "---|" * len(head)] + [_row(r) for r in body]
+def table(head: list[str], body: list[list]) -> list[str]:
+    return [row(head), "|" + "---|" * len(head)] + [row(r) for r in body]
 
 
 def markdown(result: dict) -> str:
@@ -161,8 +193,8 @@ def markdown(result: dict) -> str:
                + (" (rarest)" if b == 0 else " (most common)" if b == N_BUCKETS - 1 else "")
                for b in range(N_BUCKETS)]
     names = [v for v in MODELS + EXTRA if v in acc]
-    lines = _table(["model", "runtime params"] + buckets + ["overall", "held-out ppl"],
-                   [[v, f"{params.get(v, 0):,}"] + [_pct(a) for a in acc[v]] + [_pct(overall[v]),
+    lines = table(["model", "runtime params"] + buckets + ["overall", "held-out ppl"],
+                   [[v, f"{params.get(v, 0):,}"] + [pct(a) for a in acc[v]] + [pct(overall[v]),
                     f"{ppl[v]:.3f}" if v in ppl else "-"] for v in names])
     seeds = result["seeds"]
     lines += ["", f"{result['n_prompts']:,} prompts: {len(result['domains'])} domains "
@@ -174,19 +206,19 @@ def markdown(result: dict) -> str:
 
     lines += ["", "Per domain (overall / rarest bucket; mentions per bucket):", ""]
     dom = result["per_domain"]
-    lines += _table(["domain", "prompts", "mentions (bucket 1 .. 5)"] + list(MODELS),
+    lines += table(["domain", "prompts", "mentions (bucket 1 .. 5)"] + list(MODELS),
                     [[d, f"{x['n_prompts']:,}",
                       " / ".join(f"{lo}-{hi}" for lo, hi in x["bucket_mentions"])]
-                     + [f"{_pct(x['accuracy_overall'][v])} / "
-                        f"{_pct(x['accuracy_per_bucket'][v][0])}" for v in MODELS]
+                     + [f"{pct(x['accuracy_overall'][v])} / "
+                        f"{pct(x['accuracy_per_bucket'][v][0])}" for v in MODELS]
                      for d, x in dom.items()])
 
     if len(result["per_seed"]) > 1:
         lines += ["", "Per seed (rarest bucket / overall):", ""]
-        lines += _table(["seed"] + list(MODELS) + ["targets met"],
+        lines += table(["seed"] + list(MODELS) + ["targets met"],
                         [[s["seed"]]
-                         + [f"{_pct(s['accuracy_per_bucket'][v][0])} / "
-                            f"{_pct(s['accuracy_overall'][v])}" for v in MODELS]
+                         + [f"{pct(s['accuracy_per_bucket'][v][0])} / "
+                            f"{pct(s['accuracy_overall'][v])}" for v in MODELS]
                          + [f"{sum(s['targets'].values())} of {len(s['targets'])}"]
                          for s in result["per_seed"]])
 
@@ -194,17 +226,17 @@ def markdown(result: dict) -> str:
         extra = result.get("rag_extra_prompt_tokens")
         lines += ["", f"RAG next to memory (the nearest training document of the routed leaf "
                       f"prepended; {extra:.1f} extra prompt tokens on average):", ""]
-        lines += _table(["model"] + buckets + ["overall"],
-                        [[v] + [_pct(a) for a in acc[v]] + [_pct(overall[v])]
+        lines += table(["model"] + buckets + ["overall"],
+                        [[v] + [pct(a) for a in acc[v]] + [pct(overall[v])]
                          for v in RAG if v in acc])
 
     partial = sorted(v for v in acc if v.startswith("fetched-levels-"))
     if partial:
         lines += ["", "Partial paths (levels 1..j attached; the full path is `fetched`):", ""]
-        lines += _table(["attached", "runtime params"] + buckets + ["overall", "held-out ppl"],
+        lines += table(["attached", "runtime params"] + buckets + ["overall", "held-out ppl"],
                         [[v.replace("fetched-levels-", "levels 1.."), f"{params.get(v, 0):,}"]
-                         + [_pct(a) for a in acc[v]]
-                         + [_pct(overall[v]), f"{ppl[v]:.3f}" if v in ppl else "-"]
+                         + [pct(a) for a in acc[v]]
+                         + [pct(overall[v]), f"{ppl[v]:.3f}" if v in ppl else "-"]
                          for v in ["anchor"] + partial + ["fetched"]])
 
     lines += ["", "| target | met | figure |", "|---|---|---|"]
@@ -231,26 +263,26 @@ def markdown(result: dict) -> str:
     if cap:
         per = cap["anchor_train_phrasing_per_bucket"]
         lines.append(f"- the anchor asked each fact in the training text's own phrasings "
-                     f"(does it hold the fact at all?): rarest bucket {_pct(per[0])}, "
-                     f"most common {_pct(per[-1])}")
+                     f"(does it hold the fact at all?): rarest bucket {pct(per[0])}, "
+                     f"most common {pct(per[-1])}")
     r = result["routing"]
     lines.append(f"- probes whose level-1 node holds documents of their own domain: "
-                 f"{_pct(r.get('level1_in_domain'))}; "
+                 f"{pct(r.get('level1_in_domain'))}; "
                  f"level-1 purity (share of a node's documents from its largest domain): "
-                 f"{_pct(r.get('level1_purity'))}")
+                 f"{pct(r.get('level1_purity'))}")
     for label in ("routed", "centroid"):
         if label in r:
             lv = r[label]["home_per_level"]
             lines.append(
                 f"- {'as routed' if label == 'routed' else 'centroid descent'}: on the subject's "
-                f"home path per level {' / '.join(_pct(x['overall']) for x in lv)}; the leaf "
-                f"holds a document of the subject: {_pct(r[label]['leaf_holds_subject'])} "
+                f"home path per level {' / '.join(pct(x['overall']) for x in lv)}; the leaf "
+                f"holds a document of the subject: {pct(r[label]['leaf_holds_subject'])} "
                 f"(per bucket "
-                f"{' / '.join(_pct(x) for x in r[label]['leaf_holds_subject_per_bucket'])})")
+                f"{' / '.join(pct(x) for x in r[label]['leaf_holds_subject_per_bucket'])})")
     if "fetched-home" in acc:
         lines.append(f"- fetched with every probe sent to its subject's home leaf: "
-                     f"{' / '.join(_pct(a) for a in acc['fetched-home'])} "
-                     f"({_pct(overall['fetched-home'])} overall)")
+                     f"{' / '.join(pct(a) for a in acc['fetched-home'])} "
+                     f"({pct(overall['fetched-home'])} overall)")
     q = result["int8"]
     lines.append(f"- fetched-int8: one path {q['path_native_bytes']:,} B {q['dtype']} -> "
                  f"{q['path_int8_bytes']:,} B "
@@ -304,6 +336,11 @@ def plot(result: dict, path: Path) -> None:
     fig.suptitle(f"long-tail probes, {len(result['domains'])} domains, "
                  f"{len(result['seeds'])} seed(s), "
                  f"{result['preset']} preset")
+    save_png(fig, path)
+
+
+def save_png(fig, path: Path) -> None:
+    """A matplotlib figure as PNG, written atomically."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")
     artifacts.atomic_write_bytes(path, buf.getvalue())

@@ -15,9 +15,7 @@ level 1 to the leaves grows the bank; halving every rank halves the fetch and th
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -36,7 +34,7 @@ from training.evaluate import (
     prepare_seed,
     probing_for,
 )
-from training.report import N_BUCKETS, accuracy
+from training.report import N_BUCKETS, accuracy, machine, pct, save_png, table
 from training.train import Trainer
 
 GRIDS: dict[str, tuple[tuple[int, ...], ...]] = {"smoke": ((2, 2), (1, 3))}
@@ -142,7 +140,7 @@ def run_scaling(out_dir: str | Path, preset: str = "small", *,
                    for p in points.values()],
         "train_config": {k: v for k, v in ec.train.items()},
         "timings_s": {"per_seed": timings, "total": time.perf_counter() - t_start},
-        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+        "machine": machine(torch.get_num_threads()),
     }
     path = Path(results) if results else out / "scaling.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,20 +153,18 @@ def run_scaling(out_dir: str | Path, preset: str = "small", *,
 
 
 def markdown(result: dict) -> str:
-    pct = lambda x: "-" if x is None or np.isnan(x) else f"{100 * x:.1f}%"  # noqa: E731
     head = ["ranks", "bank params", "bank / anchor", "fetch params", "fetch / anchor"] + \
         [f"bucket {b + 1}" for b in range(N_BUCKETS)] + ["overall", "held-out ppl"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     a = result["anchor"]
-    lines.append("| anchor only | 0 | 0 | 0 | 0 | "
-                 + " | ".join(pct(x) for x in a["accuracy_per_bucket"])
-                 + f" | {pct(a['accuracy_overall'])} | {a['perplexity']:.3f} |")
+    body = [["anchor only", 0, 0, 0, 0] + [pct(x) for x in a["accuracy_per_bucket"]]
+            + [pct(a["accuracy_overall"]), f"{a['perplexity']:.3f}"]]
     for p in sorted(result["points"], key=lambda p: (p["fetch_params"], p["bank_params"])):
-        lines.append(f"| ({', '.join(map(str, p['ranks']))}) | {p['bank_params']:,} "
-                     f"| {p['bank_over_anchor']:.1f}x "
-                     f"| {p['fetch_params']:,} | {p['fetch_over_anchor']:.3f} | "
-                     + " | ".join(pct(x) for x in p["accuracy_per_bucket"])
-                     + f" | {pct(p['accuracy_overall'])} | {p['perplexity']:.3f} |")
+        body.append([f"({', '.join(map(str, p['ranks']))})", f"{p['bank_params']:,}",
+                     f"{p['bank_over_anchor']:.1f}x", f"{p['fetch_params']:,}",
+                     f"{p['fetch_over_anchor']:.3f}"]
+                    + [pct(x) for x in p["accuracy_per_bucket"]]
+                    + [pct(p["accuracy_overall"]), f"{p['perplexity']:.3f}"])
+    lines = table(head, body)
     lines += ["", f"Anchor {result['anchor_params']:,} parameters; "
                   f"seeds {', '.join(map(str, result['seeds']))}; "
                   f"fetched memory routed as in the evaluation, probes pooled over domains "
@@ -207,6 +203,4 @@ def plot(result: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"memory-size scaling ({result['preset']} preset, "
                  f"anchor {result['anchor_params'] / 1e6:.2f}M params)")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    artifacts.atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)
