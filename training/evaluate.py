@@ -16,7 +16,7 @@ same anchor learning-rate schedule:
   dense    the anchor widened by as many FFN neurons as one fetch adds (the new neurons start
            with zero output weights, so it starts as exactly the same function).
 
-Every probe prompt is decoded greedily (membank/decode.py, batched) by these models:
+Every probe prompt is decoded greedily (membank/nn/decode.py, batched) by these models:
 
   anchor            anchor only
   generic           the co-trained anchor + the generic memory (the paper's fair baseline)
