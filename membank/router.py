@@ -114,7 +114,7 @@ class Router:
         avoid_level1: (N,) level-1 child each row may not enter (the "blocked" evaluation):
         descent takes the next-best level-1 child; the nearest-document rule the nearest
         document outside that subtree."""
-        x = self._rows(emb)
+        x, norms = self._rows(emb)
         routing = routing or self.routing
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {routing!r}")
@@ -123,11 +123,11 @@ class Router:
         if avoid is not None and avoid.shape != (len(x),):
             raise ValueError(f"avoid_level1 needs one entry per row ({len(x)}), got {avoid.shape}")
         if routing == "centroid":
-            return self._descend(x, avoid)
+            return self._descend(x, norms, avoid)
         if self.index is None:
             raise ValueError("this router has no document index: "
                              "nearest-document routing is unavailable")
-        return self.index.paths[self.nearest_documents(x, avoid)]
+        return self.index.paths[self._nearest(x, norms, avoid)]
 
     def path(self, embedding) -> list[int]:
         """One (dim,) embedding -> its path as a list (the Route RPC's answer)."""
@@ -138,10 +138,12 @@ class Router:
         outside the level-1 subtree avoid_level1[i]."""
         if self.index is None:
             raise ValueError("this router has no document index")
-        x = self._rows(emb)
+        x, norms = self._rows(emb)
+        return self._nearest(x, norms, avoid_level1)
+
+    def _nearest(self, x: np.ndarray, norms: np.ndarray, avoid_level1) -> np.ndarray:
         vectors, first = self.index.vectors, self.index.paths[:, 0]
         out = np.empty(len(x), dtype=np.int64)
-        norms = np.linalg.norm(x, axis=1)
         for s in range(0, len(x), _INDEX_ROWS):
             rows = slice(s, s + _INDEX_ROWS)
             banned = (None if avoid_level1 is None
@@ -150,28 +152,49 @@ class Router:
                                       np.zeros(len(x[rows]), dtype=np.int64), norms[rows], banned)
         return out
 
-    def _descend(self, x: np.ndarray, avoid: np.ndarray | None) -> np.ndarray:
-        norms = np.linalg.norm(x, axis=1)
+    def _descend(self, x: np.ndarray, norms: np.ndarray, avoid: np.ndarray | None) -> np.ndarray:
         node = np.zeros(len(x), dtype=np.int64)   # (N,) global node index, root = 0
         out = np.empty((len(x), self.depth), dtype=np.int64)
+        products = self._dense_products(x)
         for level in range(self.depth):
             banned = None
             if level == 0 and avoid is not None:
                 banned = np.arange(self.branching)[None, :] == avoid[:, None]
-            out[:, level] = nearest_child(x, self.centroids[level], node, norms, banned)
+            out[:, level] = nearest_child(x, self.centroids[level], node, norms, banned,
+                                          products.get(level))
             node = node * self.branching + out[:, level]
         return out
 
-    def _rows(self, emb) -> np.ndarray:
+    def _dense_products(self, x: np.ndarray) -> dict[int, np.ndarray]:
+        """level -> (N, nodes * k) x.c against every centroid of the level, for the root level
+        and the levels narrow enough to score densely, all from one matmul: the read of x, not
+        the arithmetic, is the cost, so the shallow levels share one pass over it."""
+        levels = [l for l, c in enumerate(self.centroids)
+                  if l == 0 or c.shape[0] * self.branching <= _DENSE_COLUMNS]
+        if len(x) == 0:
+            return {}
+        prod = x @ np.concatenate([self.centroids[l].reshape(-1, self.dim) for l in levels]).T
+        out, col = {}, 0
+        for l in levels:
+            width = self.centroids[l].shape[0] * self.branching
+            out[l], col = prod[:, col:col + width], col + width
+        return out
+
+    def _rows(self, emb) -> tuple[np.ndarray, np.ndarray]:
+        """(N, dim) float32 rows, checked, and their (N,) L2 norms."""
         x = np.asarray(_numpy(emb), dtype=np.float32)
         if x.ndim == 1:
             x = x[None]
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"route expects (N, {self.dim}) or ({self.dim},) embeddings, "
                              f"got {x.shape}")
-        if not np.isfinite(x).all():
+        x = np.ascontiguousarray(x)
+        sq = np.einsum("ij,ij->i", x, x)          # one pass; np.linalg.norm makes a copy of x
+        # a NaN or inf shows in its row's norm; only then is x itself checked (a huge finite
+        # row whose norm overflows is routed: its inf margin sends it down the exact path)
+        if not np.isfinite(sq).all() and not np.isfinite(x).all():
             raise ValueError("route: embeddings contain NaN or inf")
-        return np.ascontiguousarray(x)
+        return x, np.sqrt(sq)
 
     def node_ids(self, paths) -> np.ndarray:
         """(N, depth) child indices -> (N, depth) global node index per level."""
@@ -264,11 +287,13 @@ class Router:
 
 
 def nearest_child(x: np.ndarray, level_centroids: np.ndarray, node: np.ndarray,
-                  x_norms: np.ndarray, banned: np.ndarray | None = None) -> np.ndarray:
+                  x_norms: np.ndarray, banned: np.ndarray | None = None,
+                  products: np.ndarray | None = None) -> np.ndarray:
     """One step of the descent: for each row, the nearest of its node's k children.
 
     x: (n, dim) float32, finite; level_centroids: (nodes, k, dim); node: (n,) int64 parent of
-    each row; x_norms: (n,) L2 norms of x; banned: (n, k) bool, children a row may not take.
+    each row; x_norms: (n,) L2 norms of x; banned: (n, k) bool, children a row may not take;
+    products: (n, nodes * k) x.c against every centroid of the level, if the caller has them.
     Returns (n,) int64 in 0..k-1: the argmin of `exact_sq_dist` (ties: the lowest index).
 
     Exact distances for every row need a (n, k, dim) gather, slow for big batches; so every row
@@ -282,7 +307,7 @@ def nearest_child(x: np.ndarray, level_centroids: np.ndarray, node: np.ndarray,
     if n == 0:
         return np.empty(0, dtype=np.int64)
     sq_norms = np.square(level_centroids).sum(-1)                    # (nodes, k)
-    scores = _scores(x, level_centroids, sq_norms, node)             # (n, k) float32
+    scores = _scores(x, level_centroids, sq_norms, node, products)   # (n, k) float32
     if banned is not None:
         banned = banned & ~banned.all(axis=1, keepdims=True)      # nothing left: ban nothing
         scores[banned] = np.inf
@@ -320,15 +345,18 @@ def exact_sq_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _scores(x: np.ndarray, level_centroids: np.ndarray, sq_norms: np.ndarray,
-            node: np.ndarray) -> np.ndarray:
+            node: np.ndarray, products: np.ndarray | None = None) -> np.ndarray:
     """(n, k) float32 scores ||c||^2 - 2 x.c of each row's k candidate children (distance minus
     ||x||^2): rows grouped by parent node, one matmul per parent, no gather of centroids."""
     n, (nodes, k, dim) = x.shape[0], level_centroids.shape
-    if nodes == 1 or nodes * k <= _DENSE_COLUMNS:
+    if products is not None or nodes == 1 or nodes * k <= _DENSE_COLUMNS:
         # one matmul against every centroid of the level, then each row's k columns: one pass
         # over x, where grouping rows by parent would copy x (memory-bound either way)
-        full = sq_norms.reshape(-1) - 2 * (x @ level_centroids.reshape(nodes * k, dim).T)
-        return full if nodes == 1 else full.reshape(n, nodes, k)[np.arange(n), node]
+        if products is None:
+            products = x @ level_centroids.reshape(nodes * k, dim).T
+        if nodes == 1:
+            return sq_norms[0] - 2 * products
+        return sq_norms[node] - 2 * products.reshape(n, nodes, k)[np.arange(n), node]
     order = np.argsort(node, kind="stable")
     parents, starts = np.unique(node[order], return_index=True)
     ends = np.append(starts[1:], n)
