@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import lmdb
 import numpy as np
 import pytest
 import torch
@@ -28,6 +29,7 @@ from membank.artifacts import ROUTER, iter_blocks, load_manifest
 from membank.router import Router
 from membank.v1 import bank_pb2
 from services.bank_server.ingest import ingest
+from services.bank_server.router_store import router_key
 from services.model_client.bank_client import BankClient, BankError
 from tests.conftest import run_bank_server
 
@@ -169,6 +171,28 @@ def test_route_errors(open_server, router):
         with pytest.raises(grpc.RpcError) as e:
             route(address, bank, emb, version)
         assert e.value.code() == code, (bank, len(emb), version, e.value.details())
+
+
+def test_route_on_a_damaged_stored_router_is_data_loss(api_lmdb, router, tmp_path):
+    """The two server-fault rows of README's bad-input table: a stored router that does not
+    parse, and one whose tree is not the manifest's, answer DATA_LOSS (never a wrong path)."""
+    other = Router(router.branching + 1, router.depth, router.dim,
+                   [np.zeros(((router.branching + 1) ** l, router.branching + 1, router.dim))
+                    for l in range(router.depth)])
+    for stored, says in [(b"not a router", "stored router is unreadable"),
+                         (other.to_bytes(), "the manifest is k=")]:
+        path = tmp_path / f"bank-{len(stored)}.lmdb"
+        shutil.copytree(api_lmdb, path)
+        env = lmdb.open(str(path), map_size=1 << 30)
+        with env.begin(write=True) as txn:
+            assert txn.get(router_key("test", "v1")) is not None
+            txn.put(router_key("test", "v1"), stored)
+        env.close()
+        with run_bank_server(path, log_path=tmp_path / f"log-{len(stored)}") as (address, _):
+            with pytest.raises(grpc.RpcError) as e:
+                route(address, "test", [0.0] * router.dim)
+        assert e.value.code() == grpc.StatusCode.DATA_LOSS, e.value.details()
+        assert says in e.value.details()
 
 
 # -- admin HTTP --------------------------------------------------------------------------------
