@@ -102,14 +102,16 @@ def plan_groups(manifest: Manifest, blocks: list[Block], shards: Collection[str]
     """The fetch plan (step 1 of the module docstring): `blocks` grouped into as few RPCs as
     the manifest's placement allows, over the shards in `shards` but none in `avoid`; shards in
     `down` are chosen last. Each group's replicas are the shards owning all of its blocks, best
-    first. BankError INVALID_ARGUMENT for a block the manifest lacks, UNAVAILABLE when a block
-    has no owner left to ask. The load test plans with it too (loadtests/load_loop.py)."""
+    first. BankError for a block the manifest lacks (membank/fetch.py check_fetch: the server's
+    code and message), UNAVAILABLE when a block has no owner left to ask. The load test plans
+    with it too (loadtests/load_loop.py)."""
     blocks = list(dict.fromkeys((int(l), int(n)) for l, n in blocks))
+    try:
+        check_fetch(manifest, blocks)
+    except FetchError as e:
+        raise BankError(e.code, e.message) from None
     owners: dict[Block, list[str]] = {}
     for b in blocks:
-        if not manifest.has_block(*b):
-            raise BankError("INVALID_ARGUMENT",
-                            f"block {b} is not in {manifest.bank}/{manifest.version}")
         known = [s for s in manifest.owners(*b) if s in shards and s not in avoid]
         if not known:
             raise BankError("UNAVAILABLE",
