@@ -13,6 +13,11 @@ Auth (metadata `authorization: Bearer TOKEN`, compared in constant time):
 Rate limit: a token bucket per client (its IP, or its token with key="token"); an empty bucket
 answers RESOURCE_EXHAUSTED saying when to retry. Checked before auth, so refused attempts
 count too (token guessing is rate limited). Health checks are not limited.
+Admission (admission.py): after the rate limit and auth, every non-health RPC takes a slot
+(at most `max_rpcs` in all, `max_rpcs_per_peer` per client IP) until its handler returns; a
+`Health/Watch` stream takes a watch slot (fewer, per client IP too) and ends with OK after
+`watch_max_s` (a watcher then watches again); `Health/Check` takes none and always answers.
+Refused: RESOURCE_EXHAUSTED with a one-line reason.
 Metrics: every non-health RPC is counted by final status code (aborts, cancellations and
 deadlines included) and timed; see metrics.py.
 """
@@ -28,7 +33,13 @@ from typing import Literal
 
 import grpc
 
+# what a write raises once the call ended under it (grpc.aio has no public name for it)
+from grpc._cython.cygrpc import ExecuteBatchError as _ExecuteBatchError
+
+from services.bank_server.admission import Admission
+
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+HEALTH_WATCH = HEALTH_PREFIX + "Watch"
 ADMIN_PREFIX = "/membank.v1.BankAdmin/"
 
 
@@ -89,18 +100,30 @@ class RateLimiter:
 class GuardInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, *, auth_token: str | None = None, admin_token: str | None = None,
                  limiter: RateLimiter | None = None, limit_key: Literal["peer", "token"] = "peer",
-                 metrics=None):
+                 metrics=None, admission: Admission | None = None,
+                 watch_max_s: float | None = None):
         self.auth_token = auth_token or None
         self.admin_token = admin_token or None
         self.limiter = limiter
         self.limit_key = limit_key
         self.metrics = metrics
+        self.admission = admission      # None: no slots (tests of auth alone)
+        self.watch_max_s = watch_max_s  # None: Watch streams last as long as the client wants
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(HEALTH_PREFIX):
-            return handler   # unknown methods: grpc's UNIMPLEMENTED; health: always open
+        if handler is None:
+            return handler   # unknown methods: grpc's UNIMPLEMENTED
+        if method.startswith(HEALTH_PREFIX):
+            # health needs no token and is never rate limited (probes); Check takes no slot,
+            # Watch a watch slot and a lifetime (admission.py)
+            if method == HEALTH_WATCH and handler.unary_stream is not None:
+                return grpc.unary_stream_rpc_method_handler(
+                    _watch(handler.unary_stream, self),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+            return handler
         token = bearer(handler_call_details.invocation_metadata)
         denial = self._authorize(method, token)
         return _wrap(handler, _Guard(self, method.rsplit("/", 1)[-1], denial, token))
@@ -129,10 +152,11 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 class _Guard:
     """Per-RPC state: admission (auth, rate limit) and the metrics record."""
 
-    __slots__ = ("owner", "name", "denial", "token", "t0")
+    __slots__ = ("owner", "name", "denial", "token", "t0", "release")
 
     def __init__(self, owner: GuardInterceptor, name: str, denial, token):
         self.owner, self.name, self.denial, self.token = owner, name, denial, token
+        self.release = None
 
     async def admit(self, context) -> None:
         self.t0 = time.perf_counter()
@@ -150,8 +174,18 @@ class _Guard:
         # after the rate limit, so that guessing tokens is rate limited too
         if self.denial is not None:
             await context.abort(*self.denial)
+        admission = self.owner.admission
+        if admission is not None:
+            peer = peer_host(context.peer())
+            self.release = admission.acquire("rpc", peer)
+            if self.release is None:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    admission.refusal("rpc", peer))
 
     def done(self, context, exc: BaseException | None) -> None:
+        if self.release is not None:
+            self.release()
+            self.release = None
         if self.owner.metrics is None:
             return
         code = _final_code(context, exc)
@@ -159,22 +193,32 @@ class _Guard:
 
 
 def _final_code(context, exc: BaseException | None) -> str:
-    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+    code = _code_name(context)
+    if exc is None or isinstance(exc, grpc.aio.AbortError) or code not in (None, "OK"):
+        return code or "OK"      # returned, aborted, or chose a status before it was stopped
+    # stopped by the call's end: cancelled by grpc (a task cancel, or a write that failed
+    # because the client went away or its deadline passed)
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit, _ExecuteBatchError)):
         remaining = context.time_remaining()
         return ("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0
                 else "CANCELLED")
+    return "UNKNOWN"
+
+
+def _code_name(context) -> str | None:
+    """The status code the handler set or aborted with, by name; None when none was."""
     try:
         code = context.code()
     except Exception:
-        code = None
+        return None
     if isinstance(code, grpc.StatusCode):
         return code.name
-    if code is not None and not isinstance(code, grpc.StatusCode):
+    if code is not None:
         try:   # some grpc versions keep the raw integer
             return next(c.name for c in grpc.StatusCode if c.value[0] == int(code))
         except (StopIteration, TypeError, ValueError):
             pass
-    return "UNKNOWN" if exc is not None and not isinstance(exc, grpc.aio.AbortError) else "OK"
+    return None
 
 
 def _wrap(handler: grpc.RpcMethodHandler, guard: _Guard) -> grpc.RpcMethodHandler:
@@ -185,6 +229,9 @@ def _wrap(handler: grpc.RpcMethodHandler, guard: _Guard) -> grpc.RpcMethodHandle
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(_unary(handler.stream_unary, guard), **kw)
     if handler.unary_stream:
+        if inspect.iscoroutinefunction(handler.unary_stream):   # writes with context.write
+            return grpc.unary_stream_rpc_method_handler(
+                _unary(handler.unary_stream, guard), **kw)
         return grpc.unary_stream_rpc_method_handler(_stream(handler.unary_stream, guard), **kw)
     return grpc.stream_stream_rpc_method_handler(_stream(handler.stream_stream, guard), **kw)
 
@@ -226,4 +273,26 @@ def _stream(inner, guard: _Guard):
             if inspect.isasyncgen(result):
                 await result.aclose()
             guard.done(context, exc)
+    return behavior
+
+
+def _watch(inner, owner: GuardInterceptor):
+    """`Health/Watch` behind a watch slot (per client IP and in all), ended with OK after
+    `owner.watch_max_s`: a watcher that wants more watches again (and is admitted again)."""
+    async def behavior(request, context):
+        admission = owner.admission
+        release = None
+        if admission is not None:
+            peer = peer_host(context.peer())
+            release = admission.acquire("watch", peer)
+            if release is None:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    admission.refusal("watch", peer))
+        try:
+            await asyncio.wait_for(inner(request, context), owner.watch_max_s)
+        except asyncio.TimeoutError:
+            pass              # lived its time: the stream ends with OK
+        finally:
+            if release is not None:
+                release()
     return behavior

@@ -31,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.bank_server import admin as admin_http
+from services.bank_server.admission import Admission
 from services.bank_server.control import ADMIN_SERVICE_NAME, add_control_services
 from services.bank_server.dataplane import DataPlaneServer
 from services.bank_server.metrics import ServerMetrics
@@ -94,19 +95,28 @@ async def serve(settings: BankServerSettings) -> None:
     auth_token, admin_token = _secret(settings.auth_token), _secret(settings.admin_token)
     limiter = (RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
                if settings.rate_limit_rps else None)
+    # no `maximum_concurrent_rpcs` for grpc itself: it would count health checks too, and a
+    # client holding the slots would fail the liveness probe; the interceptor admits instead,
+    # per client and in all, health apart (admission.py)
+    admission = Admission(max_rpcs=settings.max_concurrent_rpcs,
+                          max_rpcs_per_peer=settings.max_rpcs_per_peer,
+                          max_watches=settings.max_health_watches,
+                          max_watches_per_peer=settings.max_health_watches_per_peer)
     server = grpc.aio.server(
         interceptors=[GuardInterceptor(auth_token=auth_token, admin_token=admin_token,
-                                       limiter=limiter, metrics=metrics)],
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+                                       limiter=limiter, metrics=metrics, admission=admission,
+                                       watch_max_s=settings.health_watch_max_s)],
         options=[
             # a FetchBlocksRequest of 64 ids is ~1 KB: anything larger is refused by grpc
             # itself with RESOURCE_EXHAUSTED before it is parsed
             ("grpc.max_receive_message_length", settings.max_request_bytes),
             ("grpc.so_reuseport", 0),   # a second server on the same port must fail, not share
+            *connection_options(settings),
         ],
     )
     servicer = add_bank_service(server, store, blocks,
-                                max_blocks_per_request=settings.max_blocks_per_request)
+                                max_blocks_per_request=settings.max_blocks_per_request,
+                                stall_timeout_s=settings.stream_stall_timeout_s)
     servicer.metrics = metrics
     servicer.shard_id = settings.shard_id
     add_control_services(server, servicer, settings)
@@ -184,6 +194,19 @@ async def serve(settings: BankServerSettings) -> None:
     store.close()
 
 
+def connection_options(settings: BankServerSettings) -> list[tuple[str, int]]:
+    """HTTP/2 limits per connection. Streams: one connection cannot open more at once (the
+    client queues the rest). Max age: a connection is closed (GOAWAY, then `grace` for its
+    RPCs) after this long, which also ends any stream still parked behind a client that
+    stopped reading (servicer.py): nothing the server holds outlives age + grace."""
+    out = [("grpc.max_concurrent_streams", settings.max_streams_per_connection)]
+    if settings.max_connection_age_s is not None:
+        out += [("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms",
+                 int(settings.max_connection_age_grace_s * 1000))]
+    return out
+
+
 def server_ssl_context(settings: BankServerSettings) -> ssl.SSLContext | None:
     """The data plane's TLS context: gRPC's certificate and key, or None without them."""
     if settings.tls_cert is None:
@@ -202,6 +225,9 @@ def limits(settings: BankServerSettings) -> dict:
         "max_blocks_per_request": settings.max_blocks_per_request,
         "chunk_bytes": wire.CHUNK_BYTES,
         "max_concurrent_rpcs": settings.max_concurrent_rpcs,
+        "max_rpcs_per_peer": settings.max_rpcs_per_peer,
+        "max_streams_per_connection": settings.max_streams_per_connection,
+        "stream_stall_timeout_s": settings.stream_stall_timeout_s,
         "rate_limit_rps": settings.rate_limit_rps,
         "rate_limit_burst": settings.rate_limit_burst if settings.rate_limit_rps else None,
         "auth": settings.auth_token is not None,

@@ -27,7 +27,9 @@ class BankServerSettings(BaseSettings):
     redis_url: str | None = None                        # None: no Redis tier (the default)
     redis_ttl_s: int = Field(default=3600, gt=0)
     max_workers: int = Field(default=4, ge=1)           # threads for blocking LMDB/Redis reads
-    max_concurrent_rpcs: int | None = Field(default=256, ge=1)  # beyond this: RESOURCE_EXHAUSTED
+    # non-health RPCs at once, server-wide (admission.py; health checks never count); beyond
+    # this: RESOURCE_EXHAUSTED; None: no server-wide cap
+    max_concurrent_rpcs: int | None = Field(default=256, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # -- storage: shards and cache tiers (services/bank_server/tiers.py, cache.py) -------------
@@ -69,6 +71,23 @@ class BankServerSettings(BaseSettings):
     #                                                             the TLS handshake) by then
     dataplane_send_timeout_s: float = Field(default=30, gt=0)  # a client taking no bytes: dropped
     dataplane_sndbuf_kb: int = Field(default=0, ge=0)          # SO_SNDBUF; 0: kernel autotuning
+
+    # -- gRPC admission and stream limits (issue 16 point 1: admission.py, servicer.py) -------
+    # one client (IP) may hold this many of the max_concurrent_rpcs slots: it cannot take all
+    max_rpcs_per_peer: int | None = Field(default=64, ge=1)
+    # Health/Watch streams never end by themselves: few per client, a bounded number in all,
+    # each ended (OK) after health_watch_max_s; Health/Check is never limited (the probe)
+    max_health_watches_per_peer: int = Field(default=2, ge=0)
+    max_health_watches: int = Field(default=64, ge=0)
+    health_watch_max_s: float = Field(default=300, gt=0)
+    max_streams_per_connection: int = Field(default=64, ge=1)  # HTTP/2 streams at once
+    # a FetchBlocks chunk the client does not take within this ends the stream
+    # (DEADLINE_EXCEEDED): a client that stops reading cannot pin a handler and its block
+    stream_stall_timeout_s: float = Field(default=30, gt=0)
+    # a connection is closed after this age (+ grace for its RPCs): bounds anything parked
+    # behind a client that stopped reading; None: connections live as long as their clients
+    max_connection_age_s: float | None = Field(default=3600, gt=0)
+    max_connection_age_grace_s: float = Field(default=300, ge=0)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "BankServerSettings":
@@ -136,5 +155,17 @@ class BankServerSettings(BaseSettings):
         p.add_argument("--dataplane-request-timeout-s", type=float)
         p.add_argument("--dataplane-send-timeout-s", type=float)
         p.add_argument("--dataplane-sndbuf-kb", type=int)
+        # gRPC admission and stream limits (issue 16 point 1)
+        p.add_argument("--max-rpcs-per-peer", type=int,
+                       help="non-health RPCs one client IP may hold at once")
+        p.add_argument("--max-health-watches-per-peer", type=int)
+        p.add_argument("--max-health-watches", type=int)
+        p.add_argument("--health-watch-max-s", type=float,
+                       help="a Health/Watch stream ends (OK) after this long")
+        p.add_argument("--max-streams-per-connection", type=int)
+        p.add_argument("--stream-stall-timeout-s", type=float,
+                       help="a FetchBlocks client taking no data this long: stream ended")
+        p.add_argument("--max-connection-age-s", type=float)
+        p.add_argument("--max-connection-age-grace-s", type=float)
         args = p.parse_args(argv)
         return cls(**{k: v for k, v in vars(args).items() if v is not None})

@@ -29,7 +29,16 @@ class Aborted(Exception):
 
 
 class Context:
-    """The two grpc.aio.ServicerContext methods the servicer uses."""
+    """The grpc.aio.ServicerContext methods the servicer uses; `write` keeps the chunks."""
+
+    def __init__(self):
+        self.chunks: list[bytes] = []
+
+    async def write(self, chunk):
+        self.chunks.append(chunk)
+
+    def peer(self):
+        return "ipv4:127.0.0.1:1"
 
     async def abort(self, code, details):
         raise Aborted(code, details)
@@ -62,7 +71,9 @@ def fetch(servicer: BankServicer, bank: str, version: str, blocks) -> list[bytes
         bank_pb2.BlockId(level=l, node=n) for l, n in blocks])
 
     async def drain():
-        return [c async for c in servicer.fetch_blocks(req, Context())]
+        context = Context()
+        await servicer.fetch_blocks(req, context)
+        return context.chunks
     return asyncio.run(drain())
 
 
