@@ -10,6 +10,7 @@
                                          (membank/quant.py; checksum: manifest.encodings)
     x/shard                           -> the shard id this LMDB was ingested for (absent: all)
 
+Bank and version names match `NAME` (`valid_name`) before they reach a key.
 A new version is written beside the old one and becomes visible by one write of `c/{bank}`.
 The same block keys name blocks in the Redis hot tier, so a cached block can never be stale, and
 a native block and its int8 encoding never share a cache entry (the encoding is in the key).
@@ -19,7 +20,19 @@ only where placement changed.
 """
 from __future__ import annotations
 
+import re
+
 SHARD_KEY = b"x/shard"
+# a bank or version name: what keys, caches, logs and the publish child's argv may carry. It
+# starts with a letter or digit, so it can never be read as an option ("-h") or a hidden or
+# parent path ("..."); checked with fullmatch: `re.match(...$)` lets a trailing newline through
+NAME_MAX = 128
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,%d}" % (NAME_MAX - 1))
+
+
+def valid_name(name: str) -> bool:
+    """Whether `name` may name a bank or a version (NAME, matched whole)."""
+    return isinstance(name, str) and NAME.fullmatch(name) is not None
 
 
 def current_key(bank: str) -> bytes:

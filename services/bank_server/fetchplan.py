@@ -16,7 +16,8 @@ membank/fetch.py's `check_fetch`, which the device's clients run too; the header
 `plan_fetch` checks, in this order, and raises FetchError(code, message) on the first failure
 (the codes, with the rest of the server's: README.md, "Bad input and the answer it gets"):
   INVALID_ARGUMENT     an unknown encoding name; no blocks; more than max_blocks_per_request;
-                       empty bank name or a name outside [A-Za-z0-9._-]{1,128}
+                       empty bank name or a name that is not membank.keys.NAME (a letter or
+                       digit, then up to 127 of [A-Za-z0-9._-], matched whole)
   NOT_FOUND            unknown bank; unknown version
   check_fetch          an encoding the version lacks, a bad level, a bad node (membank/fetch.py)
   FAILED_PRECONDITION  a block this shard does not own (`shard_id` set), naming the owner(s)
@@ -31,14 +32,13 @@ Run its tests: .venv/bin/python -m pytest -q tests/unit/test_fetchplan.py
 from __future__ import annotations
 
 import logging
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Sequence
 
 from membank import quant
 from membank.fetch import FetchError, check_fetch
-from membank.keys import block_key
+from membank.keys import block_key, valid_name
 from membank.manifest import BlockHeader, Manifest
 from services.bank_server.store import BlockStore, CorruptBlock, Expect, LMDBStore, read_from
 
@@ -47,7 +47,6 @@ log = logging.getLogger("services.bank_server.servicer")   # one logger for both
 # the default of settings.max_blocks_per_request: bounds the work (and memory) one request can
 # ask for; a whole root-to-leaf path is depth blocks
 MAX_BLOCKS_PER_REQUEST = 64
-BANK_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")   # the manifest's pattern for bank ids
 # encodings a fetch may ask for: "" = the bank's own dtype, or one that ingest stored beside
 # it (membank/quant.py: "int8"); a version has only the encodings it was ingested with
 ENCODINGS = ("", *quant.ENCODINGS)
@@ -78,7 +77,7 @@ def resolve_manifest(store: LMDBStore, bank: str, version: str) -> Manifest:
     """The manifest of (bank, version or current), or FetchError INVALID_ARGUMENT / NOT_FOUND."""
     if not bank:
         raise FetchError("INVALID_ARGUMENT", "empty bank name")
-    if not BANK_NAME.match(bank):
+    if not valid_name(bank):
         raise FetchError("INVALID_ARGUMENT", f"invalid bank name {bank[:64]!r}")
     if not version:
         version = store.current_version(bank)

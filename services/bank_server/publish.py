@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from membank.keys import current_key, manifest_key
+from membank.keys import NAME, current_key, manifest_key, valid_name
 from services.bank_server.store import acquire_env, release_env
 
-_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 PUBLISH_TIMEOUT_S = 30.0
 
 
@@ -45,8 +43,9 @@ class Published:
 
 def check_names(bank: str, version: str) -> None:
     for what, value in (("bank", bank), ("version", version)):
-        if not _NAME.match(value or ""):
-            raise PublishError("invalid", f"invalid {what} name {value[:64]!r}")
+        if not valid_name(value):
+            raise PublishError("invalid", f"invalid {what} name {str(value)[:64]!r} "
+                                          f"(names match {NAME.pattern})")
 
 
 def set_current(env, bank: str, version: str) -> str:
@@ -76,7 +75,9 @@ async def publish(lmdb_path: str | Path, bank: str, version: str, map_size: int)
     check_names(bank, version)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.bank_server.publish", "--lmdb", str(lmdb_path),
-        "--map-size", str(map_size), bank, version,
+        # "--": the names are positionals whatever they look like (they are checked above;
+        # this keeps a name from ever being parsed as an option, "-h" included)
+        "--map-size", str(map_size), "--", bank, version,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         cwd=str(Path(__file__).resolve().parents[2]))
     try:

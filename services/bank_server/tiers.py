@@ -12,15 +12,24 @@ passed through, never cached, so one level-1 block cannot flush the hot set. Onl
 passed `expect` (or came without one, from `get`) enter it; entries are immutable `bytes`, so a
 hit is served without hashing again. Concurrent misses of one key read the next tier once
 (the others wait for that read).
+
+The Redis tier's URL is logged without its password (`redact_url`). A Redis Cluster that is
+down at start does not stop the server: a `DeferredTier` serves from LMDB and connects later.
 """
 from __future__ import annotations
 
+import logging
+import re
 import threading
+import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 from services.bank_server.store import BlockStore, Expect, LMDBStore, read_from
+
+log = logging.getLogger("membank.bank_server")
 
 
 class LRUCache:
@@ -142,24 +151,9 @@ def tier_stats(blocks) -> list[dict]:
 
 def build_block_store(settings, store: LMDBStore) -> BlockStore:
     """The tier chain a deployment's settings ask for: [LRU ->] [Redis ->] LMDB."""
-    import logging
-    log = logging.getLogger("membank.bank_server")
     blocks: BlockStore = store
     if getattr(settings, "redis_url", None):
-        from services.bank_server.cache import RedisCachedStore
-        mb = getattr(settings, "redis_max_item_mb", None)
-        maxmem = getattr(settings, "redis_maxmemory_mb", None)
-        log.info("redis block tier at %s (%s, ttl %s s)", settings.redis_url,
-                 "cluster" if getattr(settings, "redis_cluster", False) else "single",
-                 settings.redis_ttl_s)
-        blocks = RedisCachedStore(
-            blocks, settings.redis_url, settings.redis_ttl_s,
-            cluster=getattr(settings, "redis_cluster", False),
-            socket_timeout_s=getattr(settings, "redis_timeout_ms", 200) / 1000,
-            retry_after_s=getattr(settings, "redis_retry_after_s", 1.0),
-            slow_s=getattr(settings, "redis_slow_ms", 50) / 1000,
-            max_item_bytes=int(mb * (1 << 20)) if mb else None,
-            maxmemory_bytes=int(maxmem * (1 << 20)) if maxmem else None)
+        blocks = _redis_tier(settings, blocks)
     lru_mb = getattr(settings, "lru_mb", 0) or 0
     if lru_mb > 0:
         item_mb = getattr(settings, "lru_max_item_mb", None)
@@ -167,3 +161,107 @@ def build_block_store(settings, store: LMDBStore) -> BlockStore:
         blocks = LRUCache(blocks, int(lru_mb * (1 << 20)),
                           max_item_bytes=int(item_mb * (1 << 20)) if item_mb else None)
     return blocks
+
+
+def _redis_tier(settings, inner: BlockStore) -> BlockStore:
+    """The Redis tier over `inner`. A Redis Cluster client must reach a node to learn the
+    slots, so with the cluster down it cannot even be built: then the server starts degraded
+    (every read from `inner`, as a single Redis's breaker does) and connects later."""
+    from services.bank_server.cache import RedisCachedStore
+    cluster = getattr(settings, "redis_cluster", False)
+    mb = getattr(settings, "redis_max_item_mb", None)
+    maxmem = getattr(settings, "redis_maxmemory_mb", None)
+    retry_after_s = getattr(settings, "redis_retry_after_s", 1.0)
+    where = redact_url(settings.redis_url)    # never log the password
+    log.info("redis block tier at %s (%s, ttl %s s)", where, "cluster" if cluster else "single",
+             settings.redis_ttl_s)
+
+    def connect() -> RedisCachedStore:
+        return RedisCachedStore(
+            inner, settings.redis_url, settings.redis_ttl_s, cluster=cluster,
+            socket_timeout_s=getattr(settings, "redis_timeout_ms", 200) / 1000,
+            retry_after_s=retry_after_s,
+            slow_s=getattr(settings, "redis_slow_ms", 50) / 1000,
+            max_item_bytes=int(mb * (1 << 20)) if mb else None,
+            maxmemory_bytes=int(maxmem * (1 << 20)) if maxmem else None)
+    try:
+        return connect()
+    except Exception as e:
+        log.warning("redis tier at %s unreachable (%s: %s); serving blocks from the next tier "
+                    "only, connecting again later", where, type(e).__name__, e)
+        return DeferredTier(connect, inner, retry_after_s=retry_after_s, where=where)
+
+
+class DeferredTier:
+    """A tier that could not be built yet: reads go to `inner` until a later read builds it
+    (one try at a time, at most every `retry_after_s`, doubling up to `max_retry_after_s`),
+    then through it. The Redis tier's stand-in while a Redis Cluster is down at start."""
+
+    name = "redis"
+
+    def __init__(self, build, inner: BlockStore, *, retry_after_s: float = 1.0,
+                 max_retry_after_s: float = 30.0, where: str = ""):
+        self.build, self.inner, self.where = build, inner, where
+        self.tier = None
+        self.retry_after_s = self._backoff = max(retry_after_s, 0.05)
+        self.max_retry_after_s = max_retry_after_s
+        self.attempts = 0
+        self._next_try = time.monotonic() + self._backoff
+        self._lock = threading.Lock()
+
+    def _current(self):
+        """The built tier, trying to build it when a try is due; None while it is not."""
+        if self.tier is not None or time.monotonic() < self._next_try:
+            return self.tier
+        if not self._lock.acquire(blocking=False):     # another thread is trying
+            return self.tier
+        try:
+            if self.tier is None and time.monotonic() >= self._next_try:
+                self.attempts += 1
+                try:
+                    self.tier = self.build()
+                    log.warning("redis tier at %s connected", self.where)
+                except Exception as e:
+                    self._backoff = min(self._backoff * 2, self.max_retry_after_s)
+                    self._next_try = time.monotonic() + self._backoff
+                    log.info("redis tier at %s still unreachable (%s)", self.where,
+                             type(e).__name__)
+        finally:
+            self._lock.release()
+        return self.tier
+
+    @contextmanager
+    def read(self, key: bytes, expect: Expect | None = None) -> Iterator:
+        tier = self._current()
+        with read_from(tier if tier is not None else self.inner, key, expect) as buf:
+            yield buf
+
+    def get(self, key: bytes) -> bytes | None:
+        with self.read(key) as buf:
+            return None if buf is None else bytes(buf)
+
+    def stats(self) -> dict:
+        if self.tier is not None:
+            return self.tier.stats()
+        return {"tier": self.name, "breaker": "open", "connected": False,
+                "connect_attempts": self.attempts}
+
+    def close(self) -> None:
+        if self.tier is not None:
+            self.tier.close()
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by "***" (in user:password@ and in ?password=), for
+    logs: a Redis URL carries its credentials."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        creds, host = netloc.rsplit("@", 1)
+        user = creds.split(":", 1)[0] if ":" in creds else ""
+        netloc = f"{user}:***@{host}"
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

@@ -16,8 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from membank.v1 import bank_pb2
-from tests.conftest import run_bank_server, wait_for
 from testkit.net import Relay
+from tests.conftest import run_bank_server, wait_for
 
 pytestmark = pytest.mark.integration
 

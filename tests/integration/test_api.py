@@ -307,6 +307,11 @@ def test_publish_over_grpc_and_http(secured_server):
                     bank_pb2.PublishResponse, token=ADMIN_TOKEN) == code.NOT_FOUND
     assert rpc_code(address, method, bank_pb2.PublishRequest(bank="te/st", version="v2"),
                     bank_pb2.PublishResponse, token=ADMIN_TOKEN) == code.INVALID_ARGUMENT
+    # names are matched whole and start with a letter or digit: a trailing newline is refused,
+    # and a name like "-h" never reaches the publish child as an option (it once "succeeded")
+    for bank, version in (("-h", "v2"), ("test", "--help"), ("test\n", "v2"), ("test", "v2\n")):
+        assert rpc_code(address, method, bank_pb2.PublishRequest(bank=bank, version=version),
+                        bank_pb2.PublishResponse, token=ADMIN_TOKEN) == code.INVALID_ARGUMENT
 
     with BankClient(address, token=READ_TOKEN) as c:
         assert c.get_manifest("test").version == "v1"

@@ -69,3 +69,27 @@ def test_lru_and_redis_tiers_with_a_corrupt_entry_and_an_outage(lmdb_dir, big_ex
     assert first["redis"]["hits"] == 0 and first["lru"]["resident_items"] == n
     assert second["redis"]["corrupt"] == 1 and second["redis"]["errors"] >= 1
     assert second["redis"]["breaker"] in ("open", "half-open")
+
+
+def test_redis_password_is_never_logged(lmdb_dir, redis_server, start_bank_server, tmp_path):
+    url = f"redis://:s3cret-pw@127.0.0.1:{redis_server.port}/0"
+    with start_bank_server(lmdb_dir, "--redis-url", url) as (address, _), \
+            BankClient(address) as c:
+        assert c.health()
+    log = next(tmp_path.glob("server-*.log")).read_text()
+    assert "redis block tier at redis://:***@127.0.0.1" in log
+    assert "s3cret-pw" not in log
+
+
+def test_redis_cluster_down_at_start_serves_degraded(lmdb_dir, start_bank_server, free_port,
+                                                      tmp_path):
+    """A Redis Cluster client cannot be built while no node answers: the server starts anyway
+    and serves every block from LMDB (it connects when the cluster is back: test_tiers.py)."""
+    url = f"redis://127.0.0.1:{free_port()}/0"          # nothing listens there
+    with start_bank_server(lmdb_dir, "--redis-url", url, "--redis-cluster",
+                           "--redis-timeout-ms", "50") as (address, _), \
+            BankClient(address) as c:
+        assert c.health()
+        m = c.get_manifest("test")
+        assert len(c.fetch("test", "", [(1, 0), (2, 3)], m)) == 2
+    assert "unreachable" in next(tmp_path.glob("server-*.log")).read_text()

@@ -316,3 +316,39 @@ def test_resident_sees_every_page_of_a_mapping_small_or_large():
         assert store_mod.resident(view) and store_mod.resident(view[page + 5: 2 * page + 7])
         view.release()
         m.close()
+
+
+def test_deferred_tier_serves_the_next_tier_until_it_can_be_built(monkeypatch):
+    """A Redis Cluster down at start: reads go to the next tier, a later read connects."""
+    from services.bank_server import tiers as tiers_mod
+    from services.bank_server.tiers import DeferredTier
+    now = [100.0]
+    monkeypatch.setattr(tiers_mod.time, "monotonic", lambda: now[0])
+    data = {b"b/x/v1/1/0": b"lmdb"}
+    inner = DictStore(data)
+    up = [False]
+    built = DictStore({b"b/x/v1/1/0": b"redis"})
+
+    def build():
+        if not up[0]:
+            raise ConnectionError("cluster down")
+        return built
+    tier = DeferredTier(build, inner, retry_after_s=1.0)
+    assert tier.get(b"b/x/v1/1/0") == b"lmdb" and tier.attempts == 0   # no try before due
+    now[0] += 1.5
+    assert tier.get(b"b/x/v1/1/0") == b"lmdb" and tier.attempts == 1   # tried, still down
+    assert tier.stats()["connected"] is False
+    up[0] = True
+    now[0] += 1.5                                                       # backoff doubled: 2 s
+    assert tier.get(b"b/x/v1/1/0") == b"lmdb" and tier.attempts == 1
+    now[0] += 1.0
+    assert tier.get(b"b/x/v1/1/0") == b"redis" and tier.attempts == 2   # connected
+    assert tier.get(b"b/x/v1/1/0") == b"redis" and tier.attempts == 2
+
+
+def test_redact_url_hides_passwords():
+    from services.bank_server.tiers import redact_url
+    assert redact_url("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
+    assert redact_url("rediss://user:pw@h:1") == "rediss://user:***@h:1"
+    assert redact_url("redis://h:1/0?db=1&password=pw") == "redis://h:1/0?db=1&password=***"
+    assert redact_url("redis://h:1/0") == "redis://h:1/0"
