@@ -94,6 +94,9 @@ async def serve(settings: BankServerSettings) -> None:
     auth_token, admin_token = _secret(settings.auth_token), _secret(settings.admin_token)
     limiter = (RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
                if settings.rate_limit_rps else None)
+    # block bytes/s per client, one budget over FetchBlocks and the data plane (issue 16)
+    byte_limiter = (RateLimiter(settings.rate_limit_mb_s * 1e6, settings.rate_limit_burst_mb * 1e6)
+                    if settings.rate_limit_mb_s else None)
     server = grpc.aio.server(
         interceptors=[GuardInterceptor(auth_token=auth_token, admin_token=admin_token,
                                        limiter=limiter, metrics=metrics)],
@@ -109,6 +112,7 @@ async def serve(settings: BankServerSettings) -> None:
                                 max_blocks_per_request=settings.max_blocks_per_request)
     servicer.metrics = metrics
     servicer.shard_id = settings.shard_id
+    servicer.byte_limiter = byte_limiter
     add_control_services(server, servicer, settings)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -148,6 +152,7 @@ async def serve(settings: BankServerSettings) -> None:
     dataplane = None
     if settings.dataplane_port is not None:
         dataplane = DataPlaneServer(settings, store, blocks, metrics=metrics, limiter=limiter,
+                                    byte_limiter=byte_limiter,
                                     auth_token=auth_token, admin_token=admin_token,
                                     ssl_context=server_ssl_context(settings))
         try:
@@ -209,6 +214,11 @@ def limits(settings: BankServerSettings) -> dict:
         "tls": settings.tls_cert is not None,
         "dataplane": settings.dataplane_port is not None,
         "dataplane_max_connections": settings.dataplane_max_connections,
+        # issue 16: per-peer slots, minimum send rate, byte rate limit
+        "dataplane_max_connections_per_peer": settings.dataplane_max_connections_per_peer,
+        "dataplane_min_send_rate_mb_s": settings.dataplane_min_send_rate_mb_s,
+        "rate_limit_mb_s": settings.rate_limit_mb_s,
+        "rate_limit_burst_mb": settings.rate_limit_burst_mb if settings.rate_limit_mb_s else None,
     }
 
 

@@ -70,6 +70,21 @@ class BankServerSettings(BaseSettings):
     dataplane_send_timeout_s: float = Field(default=30, gt=0)  # a client taking no bytes: dropped
     dataplane_sndbuf_kb: int = Field(default=0, ge=0)          # SO_SNDBUF; 0: kernel autotuning
 
+    # -- one peer must not deny service to others (issue 16: data plane slots, slow readers,
+    #    amplification; dataplane.py, fetchplan.py admit_bytes) --------------------------------
+    # data plane connections one client address may hold (more: RESOURCE_EXHAUSTED, closed),
+    # within dataplane_max_connections: a single peer can take at most this share of the slots
+    dataplane_max_connections_per_peer: int = Field(default=8, ge=1)
+    # slowest send the data plane keeps up: an answer must be sent within
+    # dataplane_send_timeout_s + its bytes at this rate, else the connection is dropped (a
+    # client reading a few bytes at a time cannot hold a thread and an LMDB read snapshot)
+    dataplane_min_send_rate_mb_s: float = Field(default=1.0, gt=0)
+    # block bytes per second per client, both transports (FetchBlocks and the data plane);
+    # None: no byte limit. The burst is what a client may take at once (a request larger than
+    # it is admitted once the bucket is full, then waits off its debt)
+    rate_limit_mb_s: float | None = Field(default=None, gt=0)
+    rate_limit_burst_mb: float = Field(default=256, gt=0)
+
     @model_validator(mode="after")
     def _tls_pair(self) -> "BankServerSettings":
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -136,5 +151,14 @@ class BankServerSettings(BaseSettings):
         p.add_argument("--dataplane-request-timeout-s", type=float)
         p.add_argument("--dataplane-send-timeout-s", type=float)
         p.add_argument("--dataplane-sndbuf-kb", type=int)
+        # one peer must not deny service to others (issue 16)
+        p.add_argument("--dataplane-max-connections-per-peer", type=int,
+                       help="data plane connections per client address (more: refused)")
+        p.add_argument("--dataplane-min-send-rate-mb-s", type=float,
+                       help="an answer must be sent within send-timeout + its size at this "
+                       "rate (MB/s), else the connection is dropped")
+        p.add_argument("--rate-limit-mb-s", type=float,
+                       help="block bytes per second per client, FetchBlocks and data plane")
+        p.add_argument("--rate-limit-burst-mb", type=float)
         args = p.parse_args(argv)
         return cls(**{k: v for k, v in vars(args).items() if v is not None})
