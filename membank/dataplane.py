@@ -91,6 +91,15 @@ def parse_request(payload: bytes) -> DataPlaneRequest:
             and (deadline_ms is None or type(deadline_ms) in _NUMBER)
             and type(raw) is list):
         raise _field_error(obj)
+    # JSON's \ud800 escapes decode to lone surrogates, which no UTF-8 key, log line or token
+    # comparison can encode: refuse them here (bank and encoding are checked by name later, but
+    # one rule for every string field is simpler to trust)
+    if not (_utf8(bank) and _utf8(version) and _utf8(encoding)
+            and (token is None or _utf8(token))):
+        name = next(n for n, v in (("bank", bank), ("version", version), ("encoding", encoding),
+                                   ("token", token)) if v is not None and not _utf8(v))
+        raise FetchError("INVALID_ARGUMENT", f"malformed request: {name!r} is not valid "
+                                             f"Unicode (a lone surrogate)")
     if type(deadline_ms) is int:    # JSON ints are unbounded: clamp before any float math
         deadline_ms = float(max(-_MAX_DEADLINE_MS, min(deadline_ms, _MAX_DEADLINE_MS)))
     if deadline_ms is not None and math.isnan(deadline_ms):
@@ -108,6 +117,17 @@ _MAX_DEADLINE_MS = 10 ** 12            # ~31 years: any longer deadline means no
 _FIELDS = (("bank", (str,), "a string"), ("version", (str,), "a string"),
            ("encoding", (str,), "a string"), ("token", (str, type(None)), "a string"),
            ("deadline_ms", (int, float, type(None)), "a number"), ("blocks", (list,), "a list"))
+
+
+def _utf8(text: str) -> bool:
+    """Whether `text` encodes as UTF-8 (False: it holds a lone surrogate)."""
+    if text.isascii():              # the usual case, without building the bytes
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _field_error(obj: dict) -> FetchError:

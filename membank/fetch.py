@@ -11,6 +11,9 @@ so a fetch their manifest already refuses fails at once with the answer the serv
 
 The checks, in order (README, "Bad input and the answer it gets"):
   NOT_FOUND         the version has no blocks in `encoding` (the message lists what it has)
+  then per block, in request order:
+  INVALID_ARGUMENT  a block listed a second time (a request may not repeat a block: one
+                    request of 64 copies of a 27.5 MB block would cost 64 sends)
   INVALID_ARGUMENT  a level outside 1..depth, or a level without blocks (r = 0)
   NOT_FOUND         a node outside 0..k^level-1
 Run its tests: .venv/bin/python -m pytest -q tests/unit/test_manifest.py
@@ -40,7 +43,13 @@ def check_fetch(manifest: Manifest, blocks: Iterable[tuple[int, int]],
         # NOT_FOUND, not FAILED_PRECONDITION: every replica holds the same manifest, and
         # clients read FAILED_PRECONDITION as "wrong shard, try another one"
         raise FetchError("NOT_FOUND", manifest.missing_encoding(encoding))
+    seen: set[tuple[int, int]] = set()
     for level, node in blocks:
+        # one block listed many times would make a tiny request cost many block sends
+        if (level, node) in seen:
+            raise FetchError("INVALID_ARGUMENT", f"block ({level}, {node}) is listed twice; "
+                                                 f"ask for each block once")
+        seen.add((level, node))
         if not 1 <= level <= manifest.depth or manifest.ranks[level - 1] == 0:
             raise FetchError("INVALID_ARGUMENT",
                              f"level {level} has no blocks in {manifest.bank}/{manifest.version} "

@@ -62,6 +62,16 @@ def big_export(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def wide_export(tmp_path_factory) -> Path:
+    """A bfloat16 bank "wide" of 32 distinct level-1 blocks (1.76 MiB each, depth 1): long
+    fetches without listing a block twice (a request may not repeat a block: issue 16)."""
+    out = tmp_path_factory.mktemp("export_wide")
+    synthetic_export(out, bank="wide", version="w1", dtype="bfloat16", d_model=512,
+                     mem_layers=[0, 1], branching=32, ranks=[300], seed=2)
+    return out
+
+
+@pytest.fixture(scope="session")
 def lmdb_dir(tmp_path_factory, tiny_export, big_export) -> Path:
     """One LMDB holding both banks, published."""
     from services.bank_server.ingest import ingest

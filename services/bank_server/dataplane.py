@@ -15,8 +15,14 @@ no copy in user space). Metrics: requests by final code as method "DataPlaneFetc
 block sent, in metrics.py's families.
 
 Threads, not asyncio: one thread per connection with blocking sockets (a blocking send of a
-27.5 MB buffer is one system call), at most `dataplane_max_connections` of them, plus one
-accept thread. What a request costs before its first byte is sent is most of what a small
+27.5 MB buffer is one system call), at most `dataplane_max_connections` of them and at most
+`dataplane_max_connections_per_peer` from one client address, plus one accept thread. No peer
+may deny service to others: every refused request (an error frame) closes its connection, so
+junk never keeps a slot or restarts an idle clock; an answer must be sent within
+`dataplane_send_timeout_s` + its size at `dataplane_min_send_rate_mb_s` (each block too), so a
+slow reader holds a thread and a block's LMDB read transaction for a bounded time; fetches are
+charged to the client's byte budget (fetchplan.admit_bytes) as well as its request budget.
+What a request costs before its first byte is sent is most of what a small
 block's fetch pays beyond raw TCP (benchmarks/dataplane_latency.py), so that path is kept
 short: a request is usually read in one receive (no select, no setsockopt per request: the
 socket's receive timeout is the drain poll), and a request asked before is answered from its
@@ -36,6 +42,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import struct
 import threading
 import time
 from typing import NamedTuple
@@ -54,7 +61,7 @@ from membank.dataplane import (
     timeval,
 )
 from membank.fetch import FetchError
-from services.bank_server.fetchplan import FetchPlan, plan_fetch, read_block
+from services.bank_server.fetchplan import FetchPlan, admit_bytes, plan_fetch, read_block
 from services.bank_server.security import RateLimiter, token_matches
 from services.bank_server.store import BlockStore, LMDBStore
 
@@ -65,16 +72,19 @@ _POLL_S = 0.25                       # idle connections look at the drain flag t
 _RECV_BYTES = 4096                   # a connection's receive buffer (a request is ~150 bytes)
 _TIMEOUTS = (socket.timeout, BlockingIOError, TimeoutError)   # a receive timeout's faces
 _PLANS_MAX = 4096                    # prepared requests remembered (_prepare); then forget all
+_TLS_PIECE = 1 << 20                 # TLS sends in pieces, each bounded by the send deadline
 
 
 class _Conn:
     """One client connection, its receive buffer, and whether it is answering a request now
     (drain needs to know)."""
 
-    __slots__ = ("sock", "peer", "busy", "thread", "buf", "pending")
+    __slots__ = ("sock", "peer", "host", "busy", "thread", "buf", "pending", "sndtimeo")
 
     def __init__(self, sock: socket.socket, peer):
         self.sock, self.peer, self.busy, self.thread = sock, peer, False, None
+        self.host = peer[0]      # the client's address: per-peer limits count by it
+        self.sndtimeo = 0.0      # SO_SNDTIMEO when _send shortened it (0: the setting's)
         # a request usually arrives whole in one receive into this; a bigger one grows it
         self.buf = bytearray(_RECV_BYTES)
         self.pending = b""       # bytes that came after the last request frame (a next frame)
@@ -97,21 +107,25 @@ class _Prepared(NamedTuple):
 
 class DataPlaneServer:
     def __init__(self, settings, store: LMDBStore, blocks: BlockStore, *, metrics=None,
-                 limiter: RateLimiter | None = None, auth_token: str | None = None,
-                 admin_token: str | None = None, ssl_context: ssl.SSLContext | None = None):
+                 limiter: RateLimiter | None = None, byte_limiter: RateLimiter | None = None,
+                 auth_token: str | None = None, admin_token: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None):
         """`settings`: BankServerSettings (dataplane_*, max_request_bytes,
         max_blocks_per_request, shard_id, host). Tokens: the read token (None: auth off) and the
-        admin token (accepted too). `limiter`: the gRPC server's, so a client's budget is one."""
+        admin token (accepted too). `limiter` (requests/s) and `byte_limiter` (block bytes/s):
+        the gRPC server's, so a client's budgets are one over both transports."""
         self.s = settings
         self.store, self.blocks = store, blocks
         self.metrics = metrics
         self.limiter = limiter
+        self.byte_limiter = byte_limiter
         self.tokens = tuple(t for t in (auth_token, admin_token) if t) if auth_token else ()
         self.ssl_context = ssl_context
         self.port: int | None = None
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._conns: set[_Conn] = set()
+        self._per_peer: dict[str, int] = {}              # open connections by client address
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)     # notified when a connection ends
         self._draining = False
@@ -176,10 +190,13 @@ class DataPlaneServer:
                 continue
             sock.settimeout(None)
             with self._lock:
-                full = len(self._conns) >= self.s.dataplane_max_connections
+                # the global cap bounds threads and fds; the per-peer cap keeps one client
+                # from taking them all (a device elsewhere still gets a slot)
+                full = self._full(peer[0])
                 if not full and not self._draining:
                     conn = _Conn(sock, peer)
                     self._conns.add(conn)
+                    self._per_peer[conn.host] = self._per_peer.get(conn.host, 0) + 1
             if full or self._draining:
                 self._refuse(sock, full)
                 continue
@@ -187,15 +204,22 @@ class DataPlaneServer:
                                            name=f"dataplane-{peer[1]}")
             conn.thread.start()
 
-    def _refuse(self, sock: socket.socket, full: bool) -> None:
-        """Over the connection limit: say so (plain TCP; a TLS client just sees the close)."""
+    def _full(self, host: str) -> str:
+        """Why a new connection from `host` is over a limit ("" when it is not); locked."""
+        if len(self._conns) >= self.s.dataplane_max_connections:
+            return f"too many data plane connections (limit {self.s.dataplane_max_connections})"
+        if self._per_peer.get(host, 0) >= self.s.dataplane_max_connections_per_peer:
+            return (f"too many data plane connections from {host} (limit "
+                    f"{self.s.dataplane_max_connections_per_peer} per client)")
+        return ""
+
+    def _refuse(self, sock: socket.socket, full: str) -> None:
+        """Over a connection limit: say so (plain TCP; a TLS client just sees the close)."""
         try:
             if full and self.ssl_context is None:
                 sock.settimeout(1.0)
-                sock.sendall(frame(ERROR, {
-                    "code": "RESOURCE_EXHAUSTED",
-                    "message": f"too many data plane connections (limit "
-                               f"{self.s.dataplane_max_connections}); retry later"}))
+                sock.sendall(frame(ERROR, {"code": "RESOURCE_EXHAUSTED",
+                                           "message": f"{full}; retry later"}))
         except OSError:
             pass
         finally:
@@ -210,7 +234,8 @@ class DataPlaneServer:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
                                 self.s.dataplane_sndbuf_kb << 10)
             # the kernel bounds every blocking send: a client that takes nothing for this
-            # long is dropped (a partial send restarts the clock: slow but reading is fine)
+            # long is dropped; one that takes bytes too slowly is dropped by the answer's
+            # send deadline (_answer, _send: the minimum rate)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                             timeval(self.s.dataplane_send_timeout_s))
             # ... and every blocking receive ends within _POLL_S, for good: a thread waiting
@@ -242,6 +267,9 @@ class DataPlaneServer:
             close_quietly(conn.sock)
             with self._lock:
                 self._conns.discard(conn)
+                left = self._per_peer.pop(conn.host, 1) - 1
+                if left > 0:
+                    self._per_peer[conn.host] = left
                 self._idle.notify_all()
 
     def _read_request(self, conn: _Conn) -> bytes | None:
@@ -281,7 +309,12 @@ class DataPlaneServer:
         return bytes(conn.buf[PREFIX.size:end])
 
     def _answer(self, conn: _Conn, payload: bytes) -> bool:
-        """Answer one request; False when the connection must be closed (a send failed)."""
+        """Answer one request; False when the connection must be closed: a send failed or
+        was too slow, or the request was refused (an error frame). Closing after every refusal
+        means a refused request (a wrong token, junk, the rate limit) never keeps a
+        connection's slot or restarts its idle clock: each try costs the client a new
+        connection, within its per-peer cap. The device's client drops a connection after any
+        error anyway."""
         sock = conn.sock
         t0 = time.perf_counter()
         code = "OK"
@@ -298,26 +331,41 @@ class DataPlaneServer:
                     raise FetchError("DEADLINE_EXCEEDED", "deadline exceeded before the fetch")
             prepared = self._prepare(req)
             plan = prepared.plan
+            admit_bytes(self.byte_limiter, f"peer:{conn.host}", plan)
             last = len(plan.blocks) - 1
+            # bytes must flow: the whole answer by send_timeout + its size at the minimum rate,
+            # and each block by send_timeout + its own size at that rate (so one block's read
+            # transaction, which pins LMDB's pages, never lasts longer than that either)
+            rate = self.s.dataplane_min_send_rate_mb_s * 1e6
+            grace = self.s.dataplane_send_timeout_s
+            start = time.monotonic()
+            total = 0
             for b in plan.blocks:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise FetchError("DEADLINE_EXCEEDED", "deadline exceeded while sending")
                 tb = time.perf_counter()
+                total += b.expect.nbytes
+                now = time.monotonic()
+                until = min(start + grace + total / rate, now + grace + b.expect.nbytes / rate)
+                if deadline is not None:
+                    until = min(until, deadline)
                 with read_block(self.blocks, self.store, plan.manifest, b) as buf:
                     # the end frame rides with the last body: one system call, no extra packet
                     sent_any = True
-                    self._send(sock, prepared.heads[b.index], buf,
-                               prepared.end if b.index == last else b"", deadline)
+                    self._send(conn, prepared.heads[b.index], buf,
+                               prepared.end if b.index == last else b"", until)
                 if self.metrics is not None:
                     self.metrics.block_sent(b.level, b.expect.nbytes, time.perf_counter() - tb)
             return True
         except FetchError as e:
             code = e.code
             _send_error(sock, e, self.s.dataplane_send_timeout_s)
-            return True
+            _linger_close(sock)
+            return False
         except (socket.timeout, BlockingIOError, TimeoutError) as e:
             code = "DEADLINE_EXCEEDED"
-            log.info("data plane: %s stopped taking bytes (%s); closing", conn.peer, e)
+            log.info("data plane: %s did not take the answer in time (%s); closing", conn.peer, e)
+            _reset_on_close(sock)
             return False
         except (OSError, ssl.SSLError):
             code = "CANCELLED"      # the client went away mid-answer
@@ -361,7 +409,7 @@ class DataPlaneServer:
     def _admit(self, conn: _Conn, req: DataPlaneRequest) -> None:
         """Rate limit (first, so token guessing is limited too), then auth: as security.py."""
         if self.limiter is not None:
-            wait = self.limiter.take(f"peer:{conn.peer[0]}")
+            wait = self.limiter.take(f"peer:{conn.host}")
             if wait > 0:
                 raise FetchError("RESOURCE_EXHAUSTED",
                                  f"rate limit exceeded ({self.limiter.rate:g} requests/s per "
@@ -375,18 +423,25 @@ class DataPlaneServer:
             if not any(token_matches(req.token, t) for t in self.tokens):
                 raise FetchError("PERMISSION_DENIED", "token not valid for this method")
 
-    def _send(self, sock, head: bytes, body, tail: bytes, deadline: float | None) -> None:
-        """head + body + tail, body straight from its buffer (no copy in user space)."""
+    def _send(self, conn: _Conn, head: bytes, body, tail: bytes, until: float) -> None:
+        """head + body + tail, body straight from its buffer (no copy in user space), all of it
+        by `until` (monotonic): socket.timeout when the client takes it slower than that."""
+        sock = conn.sock
         body = memoryview(body).cast("B")
         if isinstance(sock, ssl.SSLSocket):   # TLS encrypts (copies) anyway: plain sendall
-            sock.settimeout(self.s.dataplane_send_timeout_s)
-            sock.sendall(head)
-            sock.sendall(body)
-            if tail:
-                sock.sendall(tail)
+            for part in (head, body, tail):
+                for i in range(0, len(part), _TLS_PIECE):
+                    # a timeout per call, never past `until`: sendall would restart it per record
+                    sock.settimeout(self._left(until))
+                    sock.sendall(part[i:i + _TLS_PIECE])
             return
+        if conn.sndtimeo:                     # shortened by a slow answer before: restore it
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                            timeval(self.s.dataplane_send_timeout_s))
+            conn.sndtimeo = 0.0
         # blocking sendmsg: the kernel sends it all in one call unless SO_SNDTIMEO passes
-        # without progress (then a partial count, or EAGAIN: BlockingIOError)
+        # (then a partial count, or EAGAIN: BlockingIOError). The fast path is that one call;
+        # only a slow client, on a partial send, gets SO_SNDTIMEO cut to the time left
         parts = [memoryview(head), body] + ([memoryview(tail)] if tail else [])
         while parts:
             n = sock.sendmsg(parts)
@@ -395,8 +450,17 @@ class DataPlaneServer:
                 parts.pop(0)
             if parts:
                 parts[0] = parts[0][n:]
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise socket.timeout("deadline passed while sending")
+                left = self._left(until)
+                if left < self.s.dataplane_send_timeout_s:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(left))
+                    conn.sndtimeo = left
+
+    def _left(self, until: float) -> float:
+        """Seconds to `until`, at most send_timeout_s; socket.timeout when none are left."""
+        left = until - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("too slow: the answer's send deadline passed")
+        return min(left, self.s.dataplane_send_timeout_s)
 
     def _count(self, code: str, seconds: float) -> None:
         if self.metrics is not None:
@@ -432,6 +496,15 @@ def _send_error(sock, e: FetchError, timeout: float) -> None:
         sock.sendall(frame(ERROR, {"code": e.code, "message": e.message}))
         sock.settimeout(None)
     except (OSError, ssl.SSLError):
+        pass
+
+
+def _reset_on_close(sock) -> None:
+    """Make the coming close a reset: what is still queued for a client too slow to take it
+    is dropped now, not trickled out by the kernel after the close."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
         pass
 
 

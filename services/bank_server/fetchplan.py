@@ -19,9 +19,12 @@ membank/fetch.py's `check_fetch`, which the device's clients run too; the header
                        empty bank name or a name that is not membank.keys.NAME (a letter or
                        digit, then up to 127 of [A-Za-z0-9._-], matched whole)
   NOT_FOUND            unknown bank; unknown version
-  check_fetch          an encoding the version lacks, a bad level, a bad node (membank/fetch.py)
+  check_fetch          an encoding the version lacks, a block listed twice, a bad level, a bad
+                       node (membank/fetch.py)
   FAILED_PRECONDITION  a block this shard does not own (`shard_id` set), naming the owner(s)
 Every id is checked before anything is sent, so a bad id never follows a half-sent reply.
+`admit_bytes(limiter, client, plan)` then charges the plan's bytes to the client's byte budget
+(RESOURCE_EXHAUSTED when spent): both transports call it after plan_fetch.
 `read_block` then raises, for one block:
   DATA_LOSS            the stored block is missing or fails its manifest checksum (never sent)
   NOT_FOUND            the version was garbage-collected while this fetch was reading it (gc
@@ -122,6 +125,22 @@ def plan_fetch(store: LMDBStore, bank: str, version: str, blocks: Sequence[tuple
         key = block_key(manifest.bank, manifest.block_version, level, node, encoding)
         planned.append(PlannedBlock(index, level, node, key, expect, header))
     return FetchPlan(manifest, planned, encoding)
+
+
+def admit_bytes(limiter, client: str, plan: FetchPlan) -> None:
+    """Charge a planned fetch's block bytes to `client`'s byte budget, before its first byte
+    is sent: FetchError RESOURCE_EXHAUSTED when the budget is spent. `limiter`: the server's
+    bytes/s security.RateLimiter (settings rate_limit_mb_s), one for both transports; None: no
+    byte limit. The request limit counts requests, and one request may ask for 64 blocks of
+    27.5 MB: this counts what they cost. `client`: the limiter key ("peer:ADDRESS")."""
+    if limiter is None:
+        return
+    wait = limiter.take(client, plan.nbytes)
+    if wait > 0:
+        raise FetchError("RESOURCE_EXHAUSTED",
+                         f"byte rate limit exceeded ({limiter.rate / 1e6:g} MB/s per client, "
+                         f"burst {limiter.burst / 1e6:g} MB; this fetch is "
+                         f"{plan.nbytes / 1e6:.3g} MB); retry in {wait:.2f} s")
 
 
 @contextmanager

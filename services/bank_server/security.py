@@ -69,28 +69,34 @@ def peer_host(peer: str) -> str:
 
 
 class RateLimiter:
-    """Token buckets keyed by client: `rate` requests/s sustained, `burst` at once.
+    """Token buckets keyed by client: `rate` units/s sustained, `burst` at once. A unit is one
+    request (the request limiter: `take(key)`) or one byte (the byte limiter of block fetches:
+    `take(key, nbytes)`, services/bank_server/fetchplan.py `admit_bytes`).
 
-    At most `max_clients` buckets are kept (least recently seen dropped first: a dropped
-    client starts again with a full bucket, which only ever errs towards admitting).
+    A take of `cost` units is admitted once the bucket holds min(cost, burst) (so a cost over
+    the burst is not refused forever) and then takes the whole cost: the bucket may go below
+    zero, and the client waits until it has refilled, so the sustained rate holds for any mix
+    of costs. At most `max_clients` buckets are kept (least recently seen dropped first: a
+    dropped client starts again with a full bucket, which only ever errs towards admitting).
     """
 
-    def __init__(self, rate: float, burst: int, max_clients: int = 10_000):
+    def __init__(self, rate: float, burst: float, max_clients: int = 10_000):
         self.rate, self.burst, self.max_clients = float(rate), float(burst), max_clients
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, t)
         self._lock = threading.Lock()
 
-    def take(self, key: str, now: float | None = None) -> float:
-        """0.0 if one request is admitted (and counted), else seconds until one would be."""
+    def take(self, key: str, cost: float = 1.0, now: float | None = None) -> float:
+        """0.0 if `cost` units are admitted (and counted), else seconds until they would be."""
         now = time.monotonic() if now is None else now
+        need = min(float(cost), self.burst)
         with self._lock:
             tokens, last = self._buckets.pop(key, (self.burst, now))
             tokens = min(self.burst, tokens + (now - last) * self.rate)
             wait = 0.0
-            if tokens >= 1.0:
-                tokens -= 1.0
+            if tokens >= need:
+                tokens -= cost
             else:
-                wait = (1.0 - tokens) / self.rate
+                wait = (need - tokens) / self.rate
             self._buckets[key] = (tokens, now)
             while len(self._buckets) > self.max_clients:
                 self._buckets.popitem(last=False)

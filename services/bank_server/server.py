@@ -102,6 +102,9 @@ async def serve(settings: BankServerSettings) -> None:
                           max_rpcs_per_peer=settings.max_rpcs_per_peer,
                           max_watches=settings.max_health_watches,
                           max_watches_per_peer=settings.max_health_watches_per_peer)
+    # block bytes/s per client, one budget over FetchBlocks and the data plane (issue 16)
+    byte_limiter = (RateLimiter(settings.rate_limit_mb_s * 1e6, settings.rate_limit_burst_mb * 1e6)
+                    if settings.rate_limit_mb_s else None)
     server = grpc.aio.server(
         interceptors=[GuardInterceptor(auth_token=auth_token, admin_token=admin_token,
                                        limiter=limiter, metrics=metrics, admission=admission,
@@ -119,6 +122,7 @@ async def serve(settings: BankServerSettings) -> None:
                                 stall_timeout_s=settings.stream_stall_timeout_s)
     servicer.metrics = metrics
     servicer.shard_id = settings.shard_id
+    servicer.byte_limiter = byte_limiter
     add_control_services(server, servicer, settings)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -158,6 +162,7 @@ async def serve(settings: BankServerSettings) -> None:
     dataplane = None
     if settings.dataplane_port is not None:
         dataplane = DataPlaneServer(settings, store, blocks, metrics=metrics, limiter=limiter,
+                                    byte_limiter=byte_limiter,
                                     auth_token=auth_token, admin_token=admin_token,
                                     ssl_context=server_ssl_context(settings))
         try:
@@ -235,6 +240,11 @@ def limits(settings: BankServerSettings) -> dict:
         "tls": settings.tls_cert is not None,
         "dataplane": settings.dataplane_port is not None,
         "dataplane_max_connections": settings.dataplane_max_connections,
+        # issue 16: per-peer slots, minimum send rate, byte rate limit
+        "dataplane_max_connections_per_peer": settings.dataplane_max_connections_per_peer,
+        "dataplane_min_send_rate_mb_s": settings.dataplane_min_send_rate_mb_s,
+        "rate_limit_mb_s": settings.rate_limit_mb_s,
+        "rate_limit_burst_mb": settings.rate_limit_burst_mb if settings.rate_limit_mb_s else None,
     }
 
 

@@ -36,10 +36,12 @@ from membank.v1 import bank_pb2
 from services.bank_server.fetchplan import (
     MAX_BLOCKS_PER_REQUEST,
     PlannedBlock,
+    admit_bytes,
     plan_fetch,
     read_block,
     resolve_manifest,
 )
+from services.bank_server.security import peer_host
 from services.bank_server.store import BlockStore, LMDBStore
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class BankServicer:
         self.stall_timeout_s = stall_timeout_s   # None: wait for a client as long as it takes
         self.metrics = None     # metrics.ServerMetrics (set by server.serve) or None
         self.shard_id = ""      # this server's shard (set by server.serve); "": serves every block
+        self.byte_limiter = None  # block bytes/s per client (set by server.serve); None: off
 
     async def get_manifest(self, request: bank_pb2.GetManifestRequest | None,
                            context: grpc.aio.ServicerContext) -> bank_pb2.GetManifestResponse:
@@ -82,6 +85,7 @@ class BankServicer:
                               [(b.level, b.node) for b in request.blocks],
                               max_blocks_per_request=self.max_blocks_per_request,
                               shard_id=self.shard_id, encoding=request.encoding)
+            admit_bytes(self.byte_limiter, f"peer:{peer_host(context.peer())}", plan)
         except FetchError as e:
             await context.abort(getattr(grpc.StatusCode, e.code), e.message)
         try:

@@ -88,6 +88,20 @@ class BankServerSettings(BaseSettings):
     # behind a client that stopped reading; None: connections live as long as their clients
     max_connection_age_s: float | None = Field(default=3600, gt=0)
     max_connection_age_grace_s: float = Field(default=300, ge=0)
+    # -- one peer must not deny service to others (issue 16: data plane slots, slow readers,
+    #    amplification; dataplane.py, fetchplan.py admit_bytes) --------------------------------
+    # data plane connections one client address may hold (more: RESOURCE_EXHAUSTED, closed),
+    # within dataplane_max_connections: a single peer can take at most this share of the slots
+    dataplane_max_connections_per_peer: int = Field(default=8, ge=1)
+    # slowest send the data plane keeps up: an answer must be sent within
+    # dataplane_send_timeout_s + its bytes at this rate, else the connection is dropped (a
+    # client reading a few bytes at a time cannot hold a thread and an LMDB read snapshot)
+    dataplane_min_send_rate_mb_s: float = Field(default=1.0, gt=0)
+    # block bytes per second per client, both transports (FetchBlocks and the data plane);
+    # None: no byte limit. The burst is what a client may take at once (a request larger than
+    # it is admitted once the bucket is full, then waits off its debt)
+    rate_limit_mb_s: float | None = Field(default=None, gt=0)
+    rate_limit_burst_mb: float = Field(default=256, gt=0)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "BankServerSettings":
@@ -167,5 +181,14 @@ class BankServerSettings(BaseSettings):
                        help="a FetchBlocks client taking no data this long: stream ended")
         p.add_argument("--max-connection-age-s", type=float)
         p.add_argument("--max-connection-age-grace-s", type=float)
+        # one peer must not deny service to others (issue 16)
+        p.add_argument("--dataplane-max-connections-per-peer", type=int,
+                       help="data plane connections per client address (more: refused)")
+        p.add_argument("--dataplane-min-send-rate-mb-s", type=float,
+                       help="an answer must be sent within send-timeout + its size at this "
+                       "rate (MB/s), else the connection is dropped")
+        p.add_argument("--rate-limit-mb-s", type=float,
+                       help="block bytes per second per client, FetchBlocks and data plane")
+        p.add_argument("--rate-limit-burst-mb", type=float)
         args = p.parse_args(argv)
         return cls(**{k: v for k, v in vars(args).items() if v is not None})

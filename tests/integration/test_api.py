@@ -103,9 +103,10 @@ def router(tiny_export) -> Router:
 
 
 @pytest.fixture(scope="module")
-def api_lmdb(tmp_path_factory, tiny_export, big_export, router) -> Path:
+def api_lmdb(tmp_path_factory, tiny_export, big_export, wide_export, router) -> Path:
     """tiny bank "test": v1 (published, with a router: ingest stores the export's) and v2
-    (ingested from an export without a router, not published); bank "big": b1 without one."""
+    (ingested from an export without a router, not published); bank "big": b1 without one;
+    bank "wide" (32 level-1 blocks) for long streams."""
     root = tmp_path_factory.mktemp("api")
     export = root / "export"
     shutil.copytree(tiny_export, export)
@@ -114,6 +115,7 @@ def api_lmdb(tmp_path_factory, tiny_export, big_export, router) -> Path:
     ingest(export, path, progress=False, map_size=1 << 30)
     ingest(tiny_export, path, version="v2", publish=False, progress=False, map_size=1 << 30)
     ingest(big_export, path, progress=False, map_size=1 << 30)
+    ingest(wide_export, path, progress=False, map_size=1 << 30)
     return path
 
 
@@ -206,8 +208,9 @@ def test_admin_http_endpoints(open_server, tiny_export, big_export):
         time.sleep(0.05)
     status, body, _ = ready
     detail = json.loads(body)
-    assert status == 200 and detail["ready"] and detail["banks"] == {"test": "v1", "big": "b1"}
-    assert detail["warm"]["blocks"] == 2 + 2 and not detail["warm"]["corrupt"]   # level 1 of each
+    assert status == 200 and detail["ready"] and detail["banks"] == {"test": "v1", "big": "b1",
+                                                                  "wide": "w1"}
+    assert detail["warm"]["blocks"] == 2 + 2 + 32 and not detail["warm"]["corrupt"]   # level 1
 
     # some traffic, including errors, then every metric family shows it
     with BankClient(address) as c:
@@ -434,9 +437,10 @@ def slow_fetch(address, request: bank_pb2.FetchBlocksRequest, *, timeout: float,
 
 
 def big_request(n: int) -> bank_pb2.FetchBlocksRequest:
-    """n level-1 blocks of the "big" bank (1.76 MiB each)."""
-    return bank_pb2.FetchBlocksRequest(bank="big", version="b1",
-                                       blocks=[bank_pb2.BlockId(level=1, node=i % 2)
+    """n (at most 32) distinct level-1 blocks of the "wide" bank (1.76 MiB each): a request
+    may not list a block twice."""
+    return bank_pb2.FetchBlocksRequest(bank="wide", version="w1",
+                                       blocks=[bank_pb2.BlockId(level=1, node=i)
                                                for i in range(n)])
 
 
@@ -484,9 +488,9 @@ def test_rate_limit(api_lmdb, tmp_path):
 def test_deadline_stops_the_stream(open_server):
     address, admin = open_server
     before = json.loads(http(admin, "/v1/stats")[1])["rpcs"].get("FetchBlocks", {})
-    chunks, err = slow_fetch(address, big_request(64), timeout=0.5, delay_s=0.05)
+    chunks, err = slow_fetch(address, big_request(32), timeout=0.5, delay_s=0.05)
     assert err is not None and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert len(chunks) < 64 * 2
+    assert len(chunks) < 32 * 2
     # the server saw the deadline too, and stopped sending
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
@@ -504,8 +508,8 @@ def test_deadline_stops_the_stream(open_server):
         assert c.health()
 
 
-def test_sigterm_drains_in_flight_fetch(api_lmdb, tmp_path, big_export):
-    want = {(l, n): bytes(d) for l, n, d in iter_blocks(big_export, load_manifest(big_export))}
+def test_sigterm_drains_in_flight_fetch(api_lmdb, tmp_path, wide_export):
+    want = {(l, n): bytes(d) for l, n, d in iter_blocks(wide_export, load_manifest(wide_export))}
     with run_bank_server(api_lmdb, log_path=tmp_path / "log") as (address, proc):
         n_blocks = 24                       # 42 MiB: far more than any flow-control window
         started = threading.Event()
@@ -531,7 +535,7 @@ def test_sigterm_drains_in_flight_fetch(api_lmdb, tmp_path, big_export):
         for c in chunks:
             blocks.setdefault(c.index, bytearray()).extend(c.data)
         assert len(blocks) == n_blocks
-        assert all(bytes(b) == want[(1, i % 2)] for i, b in blocks.items())
+        assert all(bytes(b) == want[(1, i)] for i, b in blocks.items())
         assert proc.wait(10) == 0
         assert time.monotonic() - t0 < 10
 

@@ -84,6 +84,8 @@ ROWS = [
     ("no blocks", FETCH, fetch_req(blocks=()), True, C.INVALID_ARGUMENT, "no blocks"),
     ("65 blocks (limit 64)", FETCH, fetch_req(blocks=[(1, 0)] * 65), True,
      C.INVALID_ARGUMENT, "at most 64"),
+    ("a block listed twice", FETCH, fetch_req(blocks=[(1, 0), (2, 1), (1, 0)]), True,
+     C.INVALID_ARGUMENT, "block (1, 0) is listed twice"),
     ("level 0", FETCH, fetch_req(blocks=[(0, 0)]), True, C.INVALID_ARGUMENT, "level 0"),
     ("level beyond the depth", FETCH, fetch_req(blocks=[(3, 0)]), True, C.INVALID_ARGUMENT,
      "level 3"),

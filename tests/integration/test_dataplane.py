@@ -223,15 +223,17 @@ def test_many_requests_per_connection(server, client, exported):
         assert len(client._idle) == 1
         ports.add(client._idle[0].getsockname()[1])
     assert len(ports) == 1                                   # one connection, kept alive
-    # raw: three requests in turn on one socket, one of them refused: the socket stays usable
+    # raw: three requests in turn on one socket; a refused one is answered and then the
+    # connection is closed (a refusal never keeps a connection: issue 16)
     with socket.create_connection(server.dp_addr, timeout=10) as s:
         for payload, code in (({"bank": "test", "blocks": [[2, 3], [1, 0]]}, None),
-                              ({"bank": "test", "blocks": [[9, 0]]}, "INVALID_ARGUMENT"),
-                              ({"bank": "big", "version": "b1", "blocks": [[3, 7]]}, None)):
+                              ({"bank": "big", "version": "b1", "blocks": [[3, 7]]}, None),
+                              ({"bank": "test", "blocks": [[9, 0]]}, "INVALID_ARGUMENT")):
             s.sendall(request_frame(payload))
             blocks, end = read_answer(s)
             if code:
                 assert end[0] == "X" and end[1]["code"] == code and not blocks
+                assert s.recv(1) == b""
                 continue
             assert end == ("E", {"blocks": len(payload["blocks"])})
             for (h, body), (level, node) in zip(blocks, payload["blocks"]):
@@ -304,9 +306,9 @@ def test_a_publish_or_gc_by_another_writer_is_seen_by_the_next_request(lmdb_dir,
         assert (blocks[0][0]["version"], end[0]) == ("v2", "E")
         assert blocks[0][1] == v2[(1, 0)]
         gc(copy, "test", keep=0, map_size=1 << 30)           # v1 collected
-        code, message = error_of(ask(s, version="v1"))
-        assert code == "NOT_FOUND" and "unknown version 'v1'" in message
         assert ask(s)[0][0][1] == v2[(1, 0)]
+        code, message = error_of(ask(s, version="v1"))       # (then the connection closes)
+        assert code == "NOT_FOUND" and "unknown version 'v1'" in message
 
 
 def exported_block(export, manifest, level: int, node: int) -> bytes:
@@ -323,7 +325,7 @@ def test_cancel_from_another_thread_stops_the_fetch(server):
             timer = threading.Timer(0.5, lambda: calls[0].cancel())
             timer.start()
             with pytest.raises(BankError) as e:
-                c.fetch("big", "", [(1, i % 2) for i in range(8)], m, on_call=calls.append)
+                c.fetch("big", "", [(1, 0), (1, 1)], m, on_call=calls.append)
             timer.join()
             assert e.value.code == "CANCELLED" and c._idle == []     # that socket is gone
     finally:
@@ -345,6 +347,13 @@ ROWS = [
     ("no blocks field", {"bank": "test"}, "INVALID_ARGUMENT", "no blocks"),
     ("65 blocks (limit 64)", {"bank": "test", "blocks": [[1, 0]] * 65}, "INVALID_ARGUMENT",
      "at most 64"),
+    ("a block listed twice", {"bank": "test", "blocks": [[1, 0], [2, 1], [1, 0]]},
+     "INVALID_ARGUMENT", "block (1, 0) is listed twice"),
+    ("a lone surrogate in the token", {"bank": "test", "blocks": [[1, 0]], "token": "\ud800"},
+     "INVALID_ARGUMENT", "'token' is not valid Unicode"),
+    ("a lone surrogate in the version", {"bank": "test", "version": "v\udfff",
+                                         "blocks": [[1, 0]]},
+     "INVALID_ARGUMENT", "'version' is not valid Unicode"),
     ("level 0", {"bank": "test", "blocks": [[0, 0]]}, "INVALID_ARGUMENT", "level 0"),
     ("level beyond the depth", {"bank": "test", "blocks": [[3, 0]]}, "INVALID_ARGUMENT",
      "level 3"),
@@ -553,10 +562,15 @@ def test_connection_limit_slowloris_idle_and_stale_connections(lmdb_dir, tmp_pat
 
 
 # -- hypothesis: random requests and random bytes ------------------------------------------------
+# text with every code point, lone surrogates (category Cs) often: JSON's "\ud800" escapes
+# decode to them, and hypothesis' default text never makes one
+# (st.text drops surrogates from any alphabet: the string is joined from characters)
+any_text = st.lists(st.characters() | st.characters(categories=["Cs"]),
+                    max_size=20).map("".join)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70)
     | st.integers(-(10 ** 400), 10 ** 400) | st.floats(allow_nan=False)
-    | st.text(max_size=20),
+    | st.text(max_size=20) | any_text,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                  max_size=4),
     max_leaves=12)
@@ -567,12 +581,12 @@ block_lists = st.one_of(
     json_values)
 requests = st.fixed_dictionaries(
     {"bank": st.one_of(st.sampled_from(["test", "big", "", "nope"]), st.text(max_size=140),
-                       json_values),
+                       any_text, json_values),
      "blocks": block_lists},
     optional={"version": st.one_of(st.sampled_from(["", "v1", "b1", "v2"]), st.text(max_size=80),
-                                   json_values),
-              "encoding": st.one_of(st.just(""), st.text(max_size=10), json_values),
-              "token": st.one_of(st.text(max_size=10), json_values),
+                                   any_text, json_values),
+              "encoding": st.one_of(st.just(""), st.text(max_size=10), any_text, json_values),
+              "token": st.one_of(st.text(max_size=10), any_text, json_values),
               "deadline_ms": st.one_of(st.floats(0, 1e4), json_values),
               "extra": json_values})
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
@@ -601,6 +615,19 @@ def test_random_requests(server, request):
         return
     blocks, end = exchange(server, payload)
     assert end is not None, "a whole, well-framed request always gets an answer"
+    check_answer(server, blocks, end)
+
+
+@SETTINGS
+@given(fields=st.fixed_dictionaries(
+    {"bank": st.sampled_from(["test", "big"]), "blocks": st.just([[1, 0]])},
+    optional={"version": st.sampled_from(["", "v1", "b1"]) | any_text,
+              "encoding": st.just("") | any_text, "token": any_text}))
+def test_random_strings_in_a_well_formed_request(server, fields):
+    """Random text (lone surrogates often) where a request's strings go: a key, a name, a token
+    (a "\ud800" version once answered INTERNAL with a traceback in the log)."""
+    blocks, end = exchange(server, json.dumps(fields).encode())
+    assert end is not None
     check_answer(server, blocks, end)
 
 
@@ -684,18 +711,28 @@ def test_sharded_fetcher_fails_over_when_a_shard_dies(tiny_export, tmp_path, exp
 
 
 # -- SIGTERM ---------------------------------------------------------------------------------------
-def test_sigterm_drains_an_in_flight_fetch(lmdb_dir, tmp_path, exported):
-    n_blocks = 24                          # 42 MiB of level-1 "big" blocks: far over any buffer
-    with start(lmdb_dir, tmp_path / "log", "--shutdown-grace-s", "20",
+@pytest.fixture(scope="module")
+def wide(wide_export, tmp_path_factory):
+    """(LMDB holding bank "wide": 32 distinct 1.76 MiB level-1 blocks, {node: bytes})."""
+    path = tmp_path_factory.mktemp("dp-wide") / "bank.lmdb"
+    ingest(wide_export, path, progress=False, map_size=1 << 30)
+    m = load_manifest(wide_export)
+    return path, {n: bytes(d) for _, n, d in iter_blocks(wide_export, m)}
+
+
+def test_sigterm_drains_an_in_flight_fetch(wide, tmp_path):
+    wide_lmdb, want = wide
+    n_blocks = 24                          # 42 MiB of level-1 "wide" blocks: far over any buffer
+    with start(wide_lmdb, tmp_path / "log", "--shutdown-grace-s", "20",
                "--no-admin") as (address, proc):
         srv = Server(address, proc)
         idle = socket.create_connection(srv.dp_addr, timeout=10)      # kept alive, idle
-        idle.sendall(request_frame({"bank": "test", "blocks": [[1, 0]]}))
+        idle.sendall(request_frame({"bank": "wide", "blocks": [[1, 0]]}))
         assert read_answer(idle)[1][0] == "E"
         busy = socket.create_connection(srv.dp_addr, timeout=30)
         busy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
-        busy.sendall(request_frame({"bank": "big",
-                                    "blocks": [[1, i % 2] for i in range(n_blocks)]}))
+        busy.sendall(request_frame({"bank": "wide",
+                                    "blocks": [[1, i] for i in range(n_blocks)]}))
         first = recv_exact(busy, PREFIX.size)                      # the answer has begun
         assert first[:4] == MAGIC
         proc.send_signal(signal.SIGTERM)
@@ -705,7 +742,7 @@ def test_sigterm_drains_an_in_flight_fetch(lmdb_dir, tmp_path, exported):
         idle.close()
         try:                                                       # new ones: refused / closed
             with socket.create_connection(srv.dp_addr, timeout=5) as s:
-                s.sendall(request_frame({"bank": "test", "blocks": [[1, 0]]}))
+                s.sendall(request_frame({"bank": "wide", "blocks": [[1, 0]]}))
                 assert read_answer(s) == ([], None)
         except (ConnectionRefusedError, ConnectionResetError):
             pass
@@ -729,5 +766,5 @@ def test_sigterm_drains_an_in_flight_fetch(lmdb_dir, tmp_path, exported):
             else:
                 assert (kind, payload) == (b"E", {"blocks": n_blocks}) and off == len(rest)
         assert len(got) == n_blocks
-        assert all(body == exported[("big", 1, i % 2)] for i, (_, body) in enumerate(got))
+        assert all(body == want[i] for i, (_, body) in enumerate(got))
         assert proc.wait(20) == 0

@@ -35,6 +35,21 @@ def test_rate_limiter_buckets_per_client():
     assert [rl.take("a", now=100.0) for _ in range(3)][-1] > 0
 
 
+def test_rate_limiter_counts_a_cost_and_never_refuses_one_over_the_burst_forever():
+    """The byte limiter (issue 16): `take(key, cost)` charges `cost` units; a cost over the
+    burst is admitted from a full bucket and then waits off its debt, so the sustained rate
+    holds for any mix of sizes."""
+    rl = RateLimiter(rate=1e6, burst=4e6)                     # 1 MB/s, 4 MB at once
+    assert rl.take("a", 3e6, now=0.0) == 0.0                  # 3 MB of 4
+    assert rl.take("a", 2e6, now=0.0) == pytest.approx(1.0)   # 1 MB left: 1 s until 2 MB
+    assert rl.take("b", 2e6, now=0.0) == 0.0                  # per client
+    assert rl.take("a", 2e6, now=1.0) == 0.0
+    assert rl.take("a", 10e6, now=1.0) == pytest.approx(4.0)  # over the burst: a full bucket
+    assert rl.take("a", 10e6, now=5.0) == 0.0                 # ... and then admitted
+    assert rl.take("a", 1.0, now=5.0) == pytest.approx(6.0)   # 6 MB of debt to wait off first
+    assert rl.take("a", 1.0, now=12.0) == 0.0
+
+
 def test_rate_limiter_bounds_its_memory():
     rl = RateLimiter(rate=1, burst=1, max_clients=10)
     for i in range(100):

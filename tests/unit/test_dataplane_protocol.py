@@ -10,6 +10,8 @@ import json
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from membank.dataplane import (
     END,
@@ -116,7 +118,48 @@ def test_parse_request_fields_and_defaults():
     (req(bank="t", deadline_ms=True), "'deadline_ms' must be a number"),
     (b'{"bank": "t", "deadline_ms": NaN}', "NaN"),
     (b'{"bank": "t", "blocks": [[1, ' + b"9" * 5000 + b"]]}", "not JSON"),   # int digit limit
+    # JSON escapes of lone surrogates: no UTF-8 for a key, a log line or a token comparison
+    (b'{"bank": "t", "token": "\\ud800"}', "'token' is not valid Unicode"),
+    (b'{"bank": "t", "version": "v\\udfff"}', "'version' is not valid Unicode"),
+    (b'{"bank": "\\udc00t", "version": "\\ud800"}', "'bank' is not valid Unicode"),
+    (b'{"bank": "t", "encoding": "\\ud800"}', "'encoding' is not valid Unicode"),
 ])
 def test_parse_request_refuses_malformed(payload, words):
     e = refused(parse_request, payload)
     assert e.code == "INVALID_ARGUMENT" and words in e.message, e.message
+
+
+def test_a_surrogate_pair_is_one_character_not_a_lone_surrogate():
+    r = parse_request(b'{"bank": "t", "version": "\\ud83d\\ude00", "token": "\\u00e9"}')
+    assert (r.version, r.token) == ("\U0001f600", "\u00e9")
+
+
+# every code point, lone surrogates (category Cs) often: hypothesis' default text has none
+# (st.text drops surrogates from any alphabet: the string is joined from characters)
+any_text = st.lists(st.characters() | st.characters(categories=["Cs"]),
+                    max_size=12).map("".join)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(fields=st.dictionaries(st.sampled_from(["bank", "version", "encoding", "token"]),
+                              any_text))
+def test_parsed_strings_always_encode_as_utf8(fields):
+    """A request is refused (INVALID_ARGUMENT) or every string in it encodes: nothing later
+    (a key, a token comparison, a log line) meets a lone surrogate."""
+    payload = json.dumps({"blocks": [[1, 0]], **fields}).encode()
+    try:
+        r = parse_request(payload)
+    except FetchError as e:
+        assert e.code == "INVALID_ARGUMENT" and "not valid Unicode" in e.message
+        assert any(not _encodes(v) for v in fields.values())
+        return
+    for v in (r.bank, r.version, r.encoding, r.token or ""):
+        v.encode()
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

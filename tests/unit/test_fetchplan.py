@@ -14,8 +14,15 @@ import pytest
 
 from membank.artifacts import iter_blocks, load_manifest
 from membank.keys import block_key, manifest_key
-from services.bank_server.fetchplan import FetchError, plan_fetch, read_block, resolve_manifest
+from services.bank_server.fetchplan import (
+    FetchError,
+    admit_bytes,
+    plan_fetch,
+    read_block,
+    resolve_manifest,
+)
 from services.bank_server.ingest import ingest
+from services.bank_server.security import RateLimiter
 from services.bank_server.store import LMDBStore
 from services.model_client.dataplane_client import dataplane_target, parse_target
 
@@ -51,10 +58,24 @@ def refused(fn, *args, **kw) -> FetchError:
     ("test", "", [(1, -1)], "NOT_FOUND", "no node -1"),
     ("test", "", [(1, 2 ** 64 - 1)], "NOT_FOUND", "no node"),
     ("test", "", [(1, 0), (2, 9)], "NOT_FOUND", "no node 9"),      # after a good id
+    # one 27.5 MB block listed 64 times would cost 64 sends for a 1 KB request (issue 16)
+    ("test", "", [(1, 0), (2, 1), (1, 0)], "INVALID_ARGUMENT", "block (1, 0) is listed twice"),
+    ("test", "", [(2, 1), (2, 1)], "INVALID_ARGUMENT", "block (2, 1) is listed twice"),
 ])
 def test_every_check_and_its_message(store, bank, version, blocks, code, words):
     e = refused(plan_fetch, store, bank, version, blocks)
     assert e.code == code and words in e.message, e
+
+
+def test_admit_bytes_charges_the_plan_per_client(store):
+    plan = plan_fetch(store, "big", "", [(1, 0), (1, 1)])
+    limiter = RateLimiter(rate=1e6, burst=4e6)
+    admit_bytes(None, "peer:a", plan)                      # no limiter: no byte limit
+    admit_bytes(limiter, "peer:a", plan)                   # 3.7 MB of 4
+    e = refused(admit_bytes, limiter, "peer:a", plan)
+    assert e.code == "RESOURCE_EXHAUSTED" and "byte rate limit exceeded (1 MB/s" in e.message
+    assert "retry in" in e.message
+    admit_bytes(limiter, "peer:b", plan)                   # another client's own budget
 
 
 def test_unknown_encoding_is_invalid_argument(store):
@@ -64,9 +85,9 @@ def test_unknown_encoding_is_invalid_argument(store):
 
 def test_a_plan_has_every_header_field_in_request_order(store, tiny_export):
     m = load_manifest(tiny_export)
-    plan = plan_fetch(store, "test", "", [(2, 3), (1, 0), (2, 3)])
+    plan = plan_fetch(store, "test", "", [(2, 3), (1, 0), (2, 1)])
     assert plan.manifest == m and plan.nbytes == 2 * m.block_nbytes(2) + m.block_nbytes(1)
-    assert [(b.index, b.level, b.node) for b in plan.blocks] == [(0, 2, 3), (1, 1, 0), (2, 2, 3)]
+    assert [(b.index, b.level, b.node) for b in plan.blocks] == [(0, 2, 3), (1, 1, 0), (2, 2, 1)]
     b = plan.blocks[0]
     assert b.key == block_key("test", "v1", 2, 3)
     assert b.expect.nbytes == m.block_nbytes(2) and b.expect.checksum == m.checksum(2, 3)
