@@ -184,7 +184,9 @@ class Scrapes:
     trip, up to its timeout). On the event loop that gRPC shares, every scrape would stall every
     RPC; and any peer may scrape. So collections run on one dedicated thread (never the store
     pool the fetches read on), one at a time, and a scrape within `min_interval_s` of the last
-    collection, or while one runs, gets that collection's result."""
+    collection, or while one runs, gets that collection's result. `/v1/stats` (the read token's,
+    and read by tools right after an action) shares a running collection but is never served
+    from an older one."""
 
     def __init__(self, metrics: ServerMetrics, min_interval_s: float = 1.0):
         self.metrics, self.min_interval_s = metrics, min_interval_s
@@ -194,15 +196,15 @@ class Scrapes:
         self.collections = 0   # how many collections ran (tests, /v1/stats)
 
     async def render(self) -> bytes:
-        return await self._get("render", self.metrics.render)
+        return await self._get("render", self.metrics.render, self.min_interval_s)
 
     async def snapshot(self) -> dict:
-        return await self._get("snapshot", self.metrics.snapshot)
+        return await self._get("snapshot", self.metrics.snapshot, 0.0)
 
-    async def _get(self, what: str, collect: Callable[[], object]):
+    async def _get(self, what: str, collect: Callable[[], object], min_interval_s: float):
         now = time.monotonic()
         cached = self._cached.get(what)
-        if cached is not None and now - cached[0] < self.min_interval_s:
+        if cached is not None and now - cached[0] < min_interval_s:
             return cached[1]
         running = self._running.get(what)
         if running is None:
