@@ -14,6 +14,7 @@ Run: `.venv/bin/python -m pytest -q tests/unit tests/integration`
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import select
 import subprocess
@@ -119,16 +120,20 @@ TINY_TEXTS = ["The atomic number of Ruthenium is 44.", "Hydrogen is the lightest
               "Gold (Au) has atomic number 79.", "Ångström, café, naïve, 日本, Zürich."]
 
 
-def make_model_export(out: Path, seed: int = 0, preset: str = "tiny") -> Path:
+def make_model_export(out: Path, seed: int = 0, preset: str = "tiny",
+                      max_seq_len: int | None = None) -> Path:
     """A random-weight model exported like training does (bank "test", version "v1"; with
     `tiny`, the same shapes as `tiny_export`): enough to load, route, fetch and decode in
-    seconds."""
+    seconds. `max_seq_len`: a longer context than the preset's (long generations)."""
     from membank.nn.model import Transformer
     from membank.router import Router
     from training.export import export
     from training.tokenizer import train_tokenizer
 
     cfg = get_preset(preset)
+    if max_seq_len is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                 max_seq_len=max_seq_len))
     torch.manual_seed(seed)
     model = Transformer(cfg).eval()
     out.mkdir(parents=True, exist_ok=True)

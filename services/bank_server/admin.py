@@ -10,12 +10,21 @@
     POST /v1/publish                  {"bank", "version"}: switch current (admin token)
     GET  /docs, /openapi.json         OpenAPI
 
-Auth: `Authorization: Bearer TOKEN`. POST needs the admin token (none configured: 403);
-`/v1/*` reads need the read token when one is configured (so they cannot bypass the gRPC auth);
-health, readiness and metrics are open (probes and scrapers). Missing -> 401, wrong -> 403.
+Auth: `Authorization: Bearer TOKEN`, checked from the request head by admin_guard.py before
+any body is read. POST needs the admin token (none configured: 403); `/v1/*` reads need the
+read token when one is configured (so they cannot bypass the gRPC auth); health and metrics are
+open (probes and scrapers); readiness is open but says only ready / not ready without a valid
+read token while read auth is on. Missing -> 401, wrong -> 403; a peer failing too often ->
+429. Bodies over `max_body_bytes` -> 413.
 
-`AdminServer(app, settings).start(sock)` runs it as a task on the running loop; `serve()`
-calls it with a socket it bound itself, so port 0 works and the port is known before start.
+No single peer can deny the others: connections per peer and in all, the time a request may
+take to arrive and a stalled reader are bounded (membank/http_limits.py, `limits`); /metrics and
+/v1/stats collect on a thread of their own, at most once per `metrics_min_interval_s`
+(metrics.Scrapes), and /readyz reads the store on the store pool, so the event loop gRPC shares
+never waits for them.
+
+`AdminServer(app, ...).start(sock)` runs it as a task on the running loop; `serve()` calls it
+with a socket it bound itself, so port 0 works and the port is known before start.
 """
 from __future__ import annotations
 
@@ -25,15 +34,15 @@ import socket
 from typing import Awaitable, Callable
 
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
-from services.bank_server.metrics import CONTENT_TYPE, ServerMetrics
+from membank.http_limits import ConnectionLimits
+from services.bank_server.admin_guard import AdminGuard, AuthFailures
+from services.bank_server.metrics import CONTENT_TYPE, Scrapes, ServerMetrics
 from services.bank_server.publish import Published, PublishError
 from services.bank_server.readiness import Readiness
-from services.bank_server.security import token_matches
 
 _HTTP_FOR = {"invalid": 400, "not_found": 404, "failed": 500}
 
@@ -52,46 +61,39 @@ class PublishResult(BaseModel):
 def create_app(*, store, metrics: ServerMetrics, readiness: Readiness,
                publish: Callable[[str, str], Awaitable[Published]],
                auth_token: str | None = None, admin_token: str | None = None,
-               limits: dict | None = None) -> FastAPI:
+               limits: dict | None = None, max_body_bytes: int = 16 << 10,
+               auth_failures: AuthFailures | None = None,
+               metrics_min_interval_s: float = 1.0) -> AdminGuard:
+    """The admin API as an ASGI app: the FastAPI routes behind AdminGuard (auth, body cap)."""
     app = FastAPI(title="membank bank server admin", version="1",
                   description="Health, readiness, metrics, manifests and admin operations of "
                               "one bank server (the blocks themselves are served over gRPC).")
-    bearer = HTTPBearer(auto_error=False)
+    scrapes = Scrapes(metrics, min_interval_s=metrics_min_interval_s)
+    app.state.scrapes = scrapes
 
-    def check(creds: HTTPAuthorizationCredentials | None, *accepted: str | None) -> None:
-        if creds is None or not creds.credentials:
-            raise HTTPException(401, "missing `Authorization: Bearer <token>`",
-                                headers={"WWW-Authenticate": "Bearer"})
-        if not any(token_matches(creds.credentials, t) for t in accepted):
-            raise HTTPException(403, "token not valid for this endpoint")
-
-    def reader(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if auth_token is not None:
-            check(creds, auth_token, admin_token)
-
-    def admin(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if admin_token is None:
-            raise HTTPException(403, "admin operations are disabled on this server "
-                                     "(no admin token configured)")
-        check(creds, admin_token)
+    async def ready_status() -> tuple[bool, dict]:
+        # LMDB reads and manifest parses: on the store pool, not the shared event loop
+        return await asyncio.get_running_loop().run_in_executor(None, readiness.status)
 
     @app.get("/healthz", tags=["probes"])
     async def healthz() -> dict:
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["probes"])
-    async def readyz() -> JSONResponse:
-        ok, detail = readiness.status()
+    async def readyz(request: Request) -> JSONResponse:
+        ok, detail = await ready_status()
+        if not request.state.read_access:   # read auth on, no token: banks stay private
+            detail = {"ready": ok}
         return JSONResponse(detail, status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["probes"], response_class=Response)
     async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
+        return Response(await scrapes.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/stats", tags=["read"], dependencies=[Depends(reader)])
+    @app.get("/v1/stats", tags=["read"])
     async def stats() -> dict:
-        ok, detail = readiness.status()
-        return {**metrics.snapshot(), "ready": ok, "banks": detail["banks"],
+        ok, detail = await ready_status()
+        return {**await scrapes.snapshot(), "ready": ok, "banks": detail["banks"],
                 "warm": detail["warm"], "limits": limits or {}}
 
     async def manifest_response(bank: str, version: str | None) -> Response:
@@ -105,26 +107,25 @@ def create_app(*, store, metrics: ServerMetrics, readiness: Readiness,
             raise HTTPException(404, f"unknown version {version!r} of bank {bank!r}")
         return Response(m.to_json(), media_type="application/json")
 
-    @app.get("/v1/manifest/{bank}", tags=["read"], dependencies=[Depends(reader)],
-             response_class=Response)
+    @app.get("/v1/manifest/{bank}", tags=["read"], response_class=Response)
     async def manifest_current(bank: str) -> Response:
         return await manifest_response(bank, None)
 
-    @app.get("/v1/manifest/{bank}/{version}", tags=["read"], dependencies=[Depends(reader)],
-             response_class=Response)
+    @app.get("/v1/manifest/{bank}/{version}", tags=["read"], response_class=Response)
     async def manifest_version(bank: str, version: str) -> Response:
         return await manifest_response(bank, version)
 
-    @app.post("/v1/publish", tags=["admin"], dependencies=[Depends(admin)],
-              response_model=PublishResult)
-    async def publish_version(body: PublishBody, request: Request) -> PublishResult:
+    @app.post("/v1/publish", tags=["admin"], response_model=PublishResult)
+    async def publish_version(body: PublishBody) -> PublishResult:
         try:
             done = await publish(body.bank, body.version)
         except PublishError as e:
             raise HTTPException(_HTTP_FOR[e.kind], str(e)) from None
         return PublishResult(bank=done.bank, version=done.version, previous=done.previous)
 
-    return app
+    return AdminGuard(app, auth_token=auth_token, admin_token=admin_token,
+                      failures=auth_failures or AuthFailures(rate=1.0, burst=10),
+                      max_body_bytes=max_body_bytes)
 
 
 class _Server(uvicorn.Server):
@@ -152,9 +153,13 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class AdminServer:
-    def __init__(self, app: FastAPI, *, tls_cert=None, tls_key=None, log_level: str = "warning"):
+    def __init__(self, app, *, tls_cert=None, tls_key=None, log_level: str = "warning",
+                 limits: ConnectionLimits = ConnectionLimits()):
         config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=2,
+                                # idle kept-alive connections go after 5 s (uvicorn's
+                                # default, said here because the connection caps rely on it)
+                                timeout_keep_alive=5, **limits.uvicorn_options(),
                                 ssl_certfile=str(tls_cert) if tls_cert else None,
                                 ssl_keyfile=str(tls_key) if tls_key else None)
         self.server = _Server(config)

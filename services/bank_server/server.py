@@ -149,13 +149,18 @@ async def serve(settings: BankServerSettings) -> None:
             store=store, metrics=metrics, readiness=readiness,
             publish=lambda bank, version: publish(settings.lmdb_path, bank, version,
                                                   settings.map_size),
-            auth_token=auth_token, admin_token=admin_token, limits=limits(settings))
+            auth_token=auth_token, admin_token=admin_token, limits=limits(settings),
+            max_body_bytes=settings.admin_max_body_bytes,
+            auth_failures=admin_http.AuthFailures(settings.admin_auth_fail_rps,
+                                                  settings.admin_auth_fail_burst),
+            metrics_min_interval_s=settings.metrics_min_interval_s)
         try:
             sock = admin_http.bind(settings.host, settings.admin_port)
         except OSError as e:
             raise SystemExit(f"could not bind the admin port {settings.host}:"
                              f"{settings.admin_port}: {e.strerror}") from None
-        admin = admin_http.AdminServer(app, tls_cert=settings.tls_cert, tls_key=settings.tls_key)
+        admin = admin_http.AdminServer(app, tls_cert=settings.tls_cert, tls_key=settings.tls_key,
+                                       limits=settings.admin_connection_limits())
         await admin.start(sock)
         print(f"membank bank_server admin on {settings.host}:{sock.getsockname()[1]}", flush=True)
 

@@ -102,6 +102,18 @@ class BankServerSettings(BaseSettings):
     # it is admitted once the bucket is full, then waits off its debt)
     rate_limit_mb_s: float | None = Field(default=None, gt=0)
     rate_limit_burst_mb: float = Field(default=256, gt=0)
+    # -- admin HTTP limits (issue 16, point 4; admin.py, admin_guard.py, membank/http_limits.py):
+    # no single peer may hold the admin API; per peer = per IP
+    admin_max_connections: int = Field(default=128, ge=1)      # in all; more: 503 at once
+    admin_max_connections_per_peer: int = Field(default=16, ge=1)  # one IP; more: 503 at once
+    admin_request_timeout_s: float = Field(default=10, gt=0)   # head + body by then, else 408
+    admin_send_timeout_s: float = Field(default=30, gt=0)      # a reader taking no bytes: cut
+    admin_max_header_bytes: int = Field(default=16 << 10, ge=1024)  # request head; more: 400
+    admin_max_body_bytes: int = Field(default=16 << 10, ge=1024)    # more: 413, read no further
+    admin_auth_fail_rps: float = Field(default=1.0, gt=0)      # 401/403 per peer, sustained;
+    admin_auth_fail_burst: int = Field(default=10, ge=1)       # beyond: 429 with Retry-After
+    metrics_min_interval_s: float = Field(default=1.0, ge=0)   # /metrics collects at most this
+    #                                                            often; scrapes between share it
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "BankServerSettings":
@@ -112,6 +124,15 @@ class BankServerSettings(BaseSettings):
     @property
     def map_size(self) -> int:
         return int(self.map_size_gb * (1 << 30))
+
+    def admin_connection_limits(self):
+        """The admin HTTP server's per-connection limits (membank/http_limits.py)."""
+        from membank.http_limits import ConnectionLimits
+        return ConnectionLimits(max_connections=self.admin_max_connections,
+                                max_per_peer=self.admin_max_connections_per_peer,
+                                request_timeout_s=self.admin_request_timeout_s,
+                                send_timeout_s=self.admin_send_timeout_s,
+                                max_header_bytes=self.admin_max_header_bytes)
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> "BankServerSettings":
@@ -190,5 +211,17 @@ class BankServerSettings(BaseSettings):
         p.add_argument("--rate-limit-mb-s", type=float,
                        help="block bytes per second per client, FetchBlocks and data plane")
         p.add_argument("--rate-limit-burst-mb", type=float)
+        # admin HTTP limits (issue 16, point 4)
+        p.add_argument("--admin-max-connections", type=int)
+        p.add_argument("--admin-max-connections-per-peer", type=int)
+        p.add_argument("--admin-request-timeout-s", type=float,
+                       help="a request's head and body must arrive within this (else 408)")
+        p.add_argument("--admin-send-timeout-s", type=float)
+        p.add_argument("--admin-max-header-bytes", type=int)
+        p.add_argument("--admin-max-body-bytes", type=int)
+        p.add_argument("--admin-auth-fail-rps", type=float,
+                       help="failed authentications per second per client (more: 429)")
+        p.add_argument("--admin-auth-fail-burst", type=int)
+        p.add_argument("--metrics-min-interval-s", type=float)
         args = p.parse_args(argv)
         return cls(**{k: v for k, v in vars(args).items() if v is not None})

@@ -8,14 +8,25 @@
     GET  /docs, /openapi.json
 
 Bad input (malformed JSON, wrong types, empty or over-long prompt, more tokens than allowed, bad
-sampling values, a prompt longer than the model's context) -> 422 `{"detail": "<one line>"}`.
+sampling values, a seed outside [0, 2**64), a prompt longer than the model's context) -> 422
+`{"detail": "<one line>"}`, before anything is fetched.
 The model holds shared state (attached memory, one KV cache per generation), so generations
-run one at a time under a lock: concurrent requests queue, in arrival order.
+run one at a time. No single client can hold the others off:
+  - a request is read whole and checked before it waits for the model; the body is capped
+    (413) and must arrive within `request_timeout_s` (408), connections per client and in all
+    are capped (503) (membank/http_limits.py);
+  - waiting requests take turns by client (generation_gate.py): a client with
+    `max_per_client` requests waiting or running gets 429, a full queue or a wait over
+    `queue_timeout_s` 503, both with `Retry-After`;
+  - a generation runs on its own task while it holds the model and puts its pieces in a queue;
+    the response is written from that queue, so a client reading slowly never holds the model,
+    and a client gone mid-stream stops its generation;
+  - a generation stops after `generation_timeout_s` (finish_reason "time").
 
     python -m services.model_client.http_server --model runs/demo/export \\
         --bank 127.0.0.1:50051 --port 8000
     # --bank 127.0.0.1:50051+50052: block bodies over the bank server's data plane (targets.py)
-    curl -N localhost:8000/v1/generate \\
+    curl -N localhost:8000/v1/generate -H 'Content-Type: application/json' \\
         -d '{"prompt": "The atomic number of Ruthenium is", "stream": true}'
 
 Every flag is also a `MEMBANK_CLIENT_*` environment variable (services/model_client/settings.py).
@@ -28,6 +39,7 @@ import json
 import logging
 import socket
 import sys
+import time
 from typing import AsyncIterator
 
 from fastapi import FastAPI, HTTPException, Request
@@ -36,7 +48,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from membank.http_limits import BodyLimit
 from services.model_client.bank import Bank, BankError
+from services.model_client.generation_gate import GateBusy, GenerationGate
 from services.model_client.memory_model import GenerateResult, GenerationStream, MemoryModel
 from services.model_client.sampling import SamplingParams
 from services.model_client.settings import DeviceSettings
@@ -55,14 +69,18 @@ class GenerateRequest(BaseModel):
     top_k: int = Field(0, ge=0, description="0: no top-k cut")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus mass; 1: no cut")
     stop: list[str] | str = Field(default_factory=list, description="stop strings (not returned)")
-    seed: int | None = Field(None, ge=0, description="seed for sampling; none: not reproducible")
+    # a torch.Generator seed is 64 bits: checked here, before anything is fetched
+    seed: int | None = Field(None, ge=0, lt=2 ** 64,
+                             description="seed for sampling, in [0, 2**64); none: not "
+                                         "reproducible")
     stream: bool = Field(False, description="server-sent events, one per text piece")
     use_memory: bool = Field(True, description="false: the anchor alone, no bank fetch")
 
 
 class GenerateResponse(BaseModel):
     text: str
-    finish_reason: str = Field(description="eos, stop (a stop string) or length")
+    finish_reason: str = Field(description="eos, stop (a stop string), length, or time (the "
+                                           "server's generation_timeout_s)")
     new_tokens: int
     memory: bool = Field(description="true when fetched memory was attached")
     anchor_only_reason: str | None = None
@@ -84,14 +102,17 @@ class Health(BaseModel):
     status: str
     model_loaded: bool
     busy: bool = Field(description="a generation is running (others queue)")
+    queued: int = Field(0, description="requests waiting for their turn")
     bank: BankHealth
 
 
-def create_app(model: MemoryModel, settings: DeviceSettings, bank: Bank | None = None) -> FastAPI:
+def create_app(model: MemoryModel, settings: DeviceSettings, bank: Bank | None = None):
+    """The device API as an ASGI app: the FastAPI routes behind a request body cap."""
     app = FastAPI(title="membank device", version="1",
                   description="A small anchor model with hierarchical memories fetched from a "
                               "bank, served on the device.")
-    lock = asyncio.Lock()  # created here, bound to uvicorn's loop on first use
+    gate = GenerationGate(max_waiting=settings.max_queued, max_per_peer=settings.max_per_client,
+                          max_wait_s=settings.queue_timeout_s)
 
     @app.exception_handler(RequestValidationError)
     async def one_line_422(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -117,25 +138,31 @@ def create_app(model: MemoryModel, settings: DeviceSettings, bank: Bank | None =
     @app.post("/v1/generate", response_model=GenerateResponse, tags=["generate"],
               responses={200: {"content": {"text/event-stream": {}},
                                "description": "JSON, or server-sent events with stream=true"},
-                         422: {"description": "bad input, one-line `detail`"}})
-    async def generate(req: GenerateRequest):
+                         422: {"description": "bad input, one-line `detail`"},
+                         429: {"description": "this client has too many requests in"},
+                         503: {"description": "busy: the queue is full or the wait too long"}})
+    async def generate(req: GenerateRequest, request: Request):
         params = sampling(req)
-        await lock.acquire()  # released when the generation ends (or its stream is dropped)
-        try:
+        try:  # only tokenizes and checks the prompt: nothing runs until it is iterated
             stream = await run_in_threadpool(model.generate_stream, req.prompt, bank,
                                              use_memory=req.use_memory, params=params)
         except ValueError as e:  # the prompt does not fit the model (too many tokens)
-            lock.release()
             raise HTTPException(422, str(e)) from None
-        except BaseException:
-            lock.release()
-            raise
-        if req.stream:
-            return _EventStream(stream, lock)
+        peer = request.client.host if request.client else "?"
         try:
-            await run_in_threadpool(_drain, stream)
-        finally:
-            lock.release()
+            await gate.acquire(peer)
+        except GateBusy as e:
+            stream.close()
+            return JSONResponse({"detail": e.detail}, status_code=e.status,
+                                headers={"Retry-After": str(e.retry_after)})
+        run = _Generation(stream, release=lambda: gate.release(peer),
+                          time_limit_s=settings.generation_timeout_s)
+        if req.stream:
+            return StreamingResponse(_events(run), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        await asyncio.shield(run.task)
+        if run.error is not None:
+            raise HTTPException(500, f"generation failed: {_one_line(run.error)}")
         return _response(stream.result)
 
     @app.get("/v1/health", response_model=Health, tags=["health"])
@@ -149,14 +176,52 @@ def create_app(model: MemoryModel, settings: DeviceSettings, bank: Bank | None =
                 state.reachable = True
             except (BankError, ValueError) as e:
                 state.reachable, state.error = False, _one_line(e)
-        return Health(status="ok", model_loaded=True, busy=lock.locked(), bank=state)
+        return Health(status="ok", model_loaded=True, busy=gate.busy, queued=gate.waiting,
+                      bank=state)
 
-    return app
+    return BodyLimit(app, settings.max_body_bytes)
 
 
-def _drain(stream: GenerationStream) -> None:
-    for _ in stream:
-        pass
+_END = object()
+
+
+class _Generation:
+    """One generation, run by its own task while it holds the model (the gate): each step on a
+    worker thread, each piece into `pieces`, `_END` last. Whoever writes the response drains
+    `pieces` at the client's pace without holding anything; `abandoned` (the client left)
+    stops the generation at its next step."""
+
+    def __init__(self, stream: GenerationStream, *, release, time_limit_s: float):
+        self.stream, self.release, self.time_limit_s = stream, release, time_limit_s
+        self.pieces: asyncio.Queue = asyncio.Queue()   # at most max_tokens pieces
+        self.abandoned = False
+        self.error: BaseException | None = None
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        pieces = iter(self.stream)
+        deadline = time.monotonic() + self.time_limit_s
+        timed_out = False
+        try:
+            while not self.abandoned:
+                if time.monotonic() > deadline:
+                    timed_out = True
+                    break
+                # a step on a worker thread (awaited to its end even if cancelled), so the event
+                # loop keeps serving health and new requests
+                piece = await run_in_threadpool(next, pieces, None)
+                if piece is None:
+                    break
+                self.pieces.put_nowait(piece)
+        except Exception as e:
+            log.exception("generation failed")
+            self.error = e
+        finally:
+            self.stream.close()   # the generator's own clean-up: result.text is final
+            if timed_out:
+                self.stream.result.finish_reason = "time"
+            self.release()
+            self.pieces.put_nowait(_END)
 
 
 def _response(result: GenerateResult) -> dict:
@@ -170,39 +235,17 @@ def _sse(data: dict, event: str | None = None) -> bytes:
     return f"{head}data: {json.dumps(data)}\n\n".encode()
 
 
-class _EventStream(StreamingResponse):
-    """Server-sent events of one generation; it owns the model lock until the response ends,
-    however it ends (done, client gone mid-stream, or never started)."""
-
-    def __init__(self, stream: GenerationStream, lock: asyncio.Lock):
-        super().__init__(_events(stream), media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache"})
-        self.stream, self.lock = stream, lock
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            # a step in a worker thread is always awaited to its end (run_in_threadpool does
-            # not abandon threads on cancel), so the generator is not running here
-            self.stream.close()
-            self.lock.release()
-
-
-async def _events(stream: GenerationStream) -> AsyncIterator[bytes]:
+async def _events(run: _Generation) -> AsyncIterator[bytes]:
     """One event per text piece, then `done` with the result (or `error`)."""
-    pieces = iter(stream)
     try:
-        while True:
-            # each step in a worker thread: the event loop keeps serving health and new requests
-            piece = await run_in_threadpool(next, pieces, None)
-            if piece is None:
-                break
+        while (piece := await run.pieces.get()) is not _END:
             yield _sse({"text": piece})
-        yield _sse(_response(stream.result), event="done")
-    except Exception as e:  # the status line is gone already: report in-band, then end
-        log.exception("generation failed mid-stream")
-        yield _sse({"detail": _one_line(e)}, event="error")
+        if run.error is not None:  # the status line is gone already: report in-band, then end
+            yield _sse({"detail": _one_line(run.error)}, event="error")
+        else:
+            yield _sse(_response(run.stream.result), event="done")
+    finally:
+        run.abandoned = True   # done, or the client left: either way nothing more is wanted
 
 
 def _first_error(errors) -> str:
@@ -237,7 +280,8 @@ def serve(settings: DeviceSettings) -> None:
     sock.listen(128)  # connections made once the line below is printed wait for uvicorn
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(create_app(model, settings, bank), log_level=settings.log_level.lower(),
-                            timeout_graceful_shutdown=2)
+                            timeout_graceful_shutdown=2,
+                            **settings.connection_limits().uvicorn_options())
     print(f"{LISTENING}{host}:{port}", flush=True)
     try:
         uvicorn.Server(config).run(sockets=[sock])

@@ -47,6 +47,18 @@ class DeviceSettings(BaseSettings):
     max_tokens: int = Field(default=256, ge=1)          # most new tokens one request may ask for
     default_max_tokens: int = Field(default=32, ge=1)   # when a request names none
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # -- HTTP server limits (issue 16, point 6; http_server.py, generation_gate.py,
+    # membank/http_limits.py): no single client (IP) may hold the model or the server
+    max_queued: int = Field(default=32, ge=1)           # requests waiting in all; more: 503
+    max_per_client: int = Field(default=8, ge=1)        # one IP's waiting + running; more: 429
+    queue_timeout_s: float = Field(default=30, gt=0)    # no turn by then: 503 + Retry-After
+    generation_timeout_s: float = Field(default=60, gt=0)  # then stopped (finish_reason "time")
+    max_connections: int = Field(default=256, ge=1)     # in all; more: 503 at once
+    max_connections_per_client: int = Field(default=32, ge=1)  # one IP; more: 503 at once
+    request_timeout_s: float = Field(default=10, gt=0)  # head + body by then, else 408
+    send_timeout_s: float = Field(default=30, gt=0)     # a reader taking no bytes: cut off
+    max_body_bytes: int = Field(default=256 << 10, ge=1024)  # more: 413 (a max prompt, escaped,
+    #                                                          fits many times)
 
     @field_validator("bank", mode="before")
     @classmethod
@@ -93,6 +105,14 @@ class DeviceSettings(BaseSettings):
         return open_bank(self.bank_targets(), timeout_s=self.bank_timeout_s, tls_ca=self.tls_ca,
                          token=self.token.get_secret_value() if self.token else None)
 
+    def connection_limits(self):
+        """The HTTP server's per-connection limits (membank/http_limits.py)."""
+        from membank.http_limits import ConnectionLimits
+        return ConnectionLimits(max_connections=self.max_connections,
+                                max_per_peer=self.max_connections_per_client,
+                                request_timeout_s=self.request_timeout_s,
+                                send_timeout_s=self.send_timeout_s)
+
     @classmethod
     def from_args(cls, argv: list[str] | None = None, prog: str = "python -m "
                   "services.model_client.http_server") -> "DeviceSettings":
@@ -137,3 +157,14 @@ def add_arguments(p: argparse.ArgumentParser, serve: bool = True) -> None:
     p.add_argument("--max-prompt-chars", type=int)
     p.add_argument("--max-tokens", type=int, help="most new tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int)
+    # limits (issue 16, point 6)
+    p.add_argument("--max-queued", type=int, help="requests waiting in all (more: 503)")
+    p.add_argument("--max-per-client", type=int,
+                   help="one client's requests waiting or running (more: 429)")
+    p.add_argument("--queue-timeout-s", type=float)
+    p.add_argument("--generation-timeout-s", type=float)
+    p.add_argument("--max-connections", type=int)
+    p.add_argument("--max-connections-per-client", type=int)
+    p.add_argument("--request-timeout-s", type=float)
+    p.add_argument("--send-timeout-s", type=float)
+    p.add_argument("--max-body-bytes", type=int)

@@ -124,7 +124,7 @@ def test_stop_strings_and_seeded_sampling(device):
 def test_health_says_model_loaded_and_no_bank(device):
     status, raw, _ = http(device, "/v1/health")
     assert status == 200
-    assert json.loads(raw) == {"status": "ok", "model_loaded": True, "busy": False,
+    assert json.loads(raw) == {"status": "ok", "model_loaded": True, "busy": False, "queued": 0,
                                "bank": {"configured": False, "targets": [], "reachable": None,
                                         "error": None}}
 
@@ -139,6 +139,8 @@ def test_health_says_model_loaded_and_no_bank(device):
     ({"prompt": "Gold", "top_p": 1.5}, "top_p"),
     ({"prompt": "Gold", "stop": [""]}, "stop strings"),
     ({"prompt": "Gold", "max_tokens": "many"}, "max_tokens"),
+    ({"prompt": "Gold", "seed": 2 ** 64}, "seed: Input should be less than"),   # was a 500
+    ({"prompt": "Gold", "seed": -1}, "seed"),
     ({"prompt": "Gold", "colour": "red"}, "colour"),
     ({}, "prompt: Field required"),
     ({"prompt": "Gold " * 200}, "the model's limit is 63"),
@@ -241,3 +243,116 @@ def test_chat_refuses_bad_flags_in_one_line(tiny_model_export, capsys, flags, me
         main(["chat", "--model", str(tiny_model_export), *flags])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+# -- hostile clients (issue 16, point 6): the attacker from 127.0.0.2, the honest client from
+# 127.0.0.1 (the limits are per client IP) ------------------------------------------------------
+ATTACKER, HONEST = "127.0.0.2", "127.0.0.1"
+LONG = dict(prompt="Gold has", max_tokens=1000)   # a long generation on the long-context model
+
+
+def post(address: str, body: dict, source: str) -> tuple[int, bytes, dict]:
+    import http.client
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=120, source_address=(source, 0))
+    try:
+        conn.request("POST", "/v1/generate", body=json.dumps(body),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.read(), {k.lower(): v for k, v in resp.getheaders()}
+    finally:
+        conn.close()
+
+
+def read_until_closed(s: socket.socket, timeout: float = 15.0) -> tuple[bytes, bool]:
+    """(what the server sent, whether it closed the connection within `timeout` s)."""
+    s.settimeout(timeout)
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except socket.timeout:
+        return out, False
+    except ConnectionResetError:
+        pass
+    return out, True
+
+
+@pytest.fixture(scope="module")
+def long_device(tmp_path_factory):
+    """A device server on a tiny model with a 4096-token context (generations of seconds),
+    test-sized limits: at most 6 requests in per client, 1 s to send a request, 2 s per
+    generation."""
+    from tests.conftest import make_model_export
+    tmp = tmp_path_factory.mktemp("long_device")
+    export = make_model_export(tmp / "export", max_seq_len=4096)
+    with run_device_server(export, "--max-tokens", "3000", "--max-per-client", "6",
+                           "--request-timeout-s", "1", "--generation-timeout-s", "2",
+                           "--max-body-bytes", "4096", log_path=tmp / "device.log") as address:
+        yield address
+
+
+def wait_queued(address: str, n: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while json.loads(http(address, "/v1/health")[1]).get("queued", 0) < n:
+        assert time.monotonic() < deadline, "the requests never queued"
+        time.sleep(0.01)
+
+
+def test_clients_take_turns_and_one_cannot_queue_without_bound(long_device):
+    done: list[str] = []
+
+    def attack() -> None:
+        status, raw, _ = post(long_device, LONG, ATTACKER)
+        done.append("attacker" if status == 200 else f"attacker {status}")
+
+    attackers = [threading.Thread(target=attack) for _ in range(6)]
+    for t in attackers:
+        t.start()
+    try:
+        wait_queued(long_device, 5)   # one running, five waiting
+        # its seventh is refused at once, with a time to come back
+        status, raw, headers = post(long_device, LONG, ATTACKER)
+        assert status == 429 and headers["retry-after"] == "1"
+        assert "at most 6" in json.loads(raw)["detail"]
+        # the honest client is next in turn, not behind the attacker's five waiting requests
+        status, raw, _ = post(long_device, dict(prompt="Gold has", max_tokens=5), HONEST)
+        assert status == 200 and json.loads(raw)["new_tokens"] == 5
+        assert len(done) <= 2, done
+    finally:
+        for t in attackers:
+            t.join(120)
+    assert done == ["attacker"] * 6
+
+
+def test_a_generation_stops_at_the_time_limit(long_device):
+    status, raw, _ = post(long_device, dict(prompt="Gold has", max_tokens=3000), HONEST)
+    r = json.loads(raw)
+    assert status == 200 and r["finish_reason"] == "time" and 0 < r["new_tokens"] < 3000
+    assert len(r["text"]) > 0
+
+
+def test_a_slow_body_is_cut_off_and_never_holds_the_model(long_device):
+    body = json.dumps(dict(prompt="Gold has", max_tokens=5)).encode()
+    host, port = long_device.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), source_address=(ATTACKER, 0)) as slow:
+        slow.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:3])
+        # the honest client is answered while the body trickles in
+        status, raw, _ = post(long_device, dict(prompt="Gold has", max_tokens=5), HONEST)
+        assert status == 200
+        for byte in body[3:8]:   # a byte now and then: the server cuts it off all the same
+            try:
+                slow.sendall(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.3)
+        _, closed = read_until_closed(slow)
+        assert closed
+    # a body over the cap: 413 at once, the body never read
+    with socket.create_connection((host, int(port)), source_address=(ATTACKER, 0)) as big:
+        big.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                    b"\r\nContent-Length: 10000000\r\n\r\n{")
+        answer, closed = read_until_closed(big)
+    assert answer.startswith(b"HTTP/1.1 413") and closed
+
