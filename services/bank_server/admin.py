@@ -35,7 +35,7 @@ from services.bank_server.publish import Published, PublishError
 from services.bank_server.readiness import Readiness
 from services.bank_server.security import token_matches
 
-_HTTP_FOR = {"invalid": 400, "not_found": 404, "failed": 500}
+_HTTP_FOR = {"invalid": 400, "not_found": 404, "gone": 409, "failed": 500}
 
 
 class PublishBody(BaseModel):

@@ -316,3 +316,18 @@ def test_resident_sees_every_page_of_a_mapping_small_or_large():
         assert store_mod.resident(view) and store_mod.resident(view[page + 5: 2 * page + 7])
         view.release()
         m.close()
+
+
+def test_lru_never_serves_an_entry_verified_against_other_content():
+    """A key whose content changed (a version name reused): the entry verified against the old
+    checksum is a miss for the new one, and is replaced."""
+    inner = DictStore({b"b/k": b"old!"})
+    lru = LRUCache(inner, 1000)
+    with lru.read(b"b/k", expect(b"old!")) as buf:
+        assert buf == b"old!"
+    inner.data[b"b/k"] = b"new!"                          # same size, other bytes
+    with lru.read(b"b/k", expect(b"new!")) as buf:
+        assert buf == b"new!"
+    with lru.read(b"b/k", expect(b"new!")) as buf:        # now cached as the new content
+        assert buf == b"new!"
+    assert lru.stats()["hits"] == 1 and lru.stats()["resident_items"] == 1
