@@ -9,6 +9,10 @@
                                       -> the same block in another encoding, e.g. `int8`
                                          (membank/quant.py; checksum: manifest.encodings)
     x/shard                           -> the shard id this LMDB was ingested for (absent: all)
+    t/{bank}/{version}                -> JSON {"manifest_checksum", "collected_at"}: a version gc
+                                         deleted; its name is never ingested or published again
+                                         (caches keyed by the name could not tell the contents
+                                         apart)
 
 Bank and version names match `NAME` (`valid_name`) before they reach a key.
 A new version is written beside the old one and becomes visible by one write of `c/{bank}`.
@@ -50,6 +54,10 @@ def manifest_prefix(bank: str) -> bytes:
 
 def version_info_key(bank: str, version: str) -> bytes:
     return f"i/{bank}/{version}".encode()
+
+
+def tombstone_key(bank: str, version: str) -> bytes:
+    return f"t/{bank}/{version}".encode()
 
 
 def block_key(bank: str, version: str, level: int, node: int, encoding: str = "") -> bytes:

@@ -44,7 +44,7 @@ from services.bank_server.metrics import CONTENT_TYPE, Scrapes, ServerMetrics
 from services.bank_server.publish import Published, PublishError
 from services.bank_server.readiness import Readiness
 
-_HTTP_FOR = {"invalid": 400, "not_found": 404, "failed": 500}
+_HTTP_FOR = {"invalid": 400, "not_found": 404, "gone": 409, "failed": 500}
 
 
 class PublishBody(BaseModel):

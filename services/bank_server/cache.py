@@ -9,8 +9,12 @@ A single Redis (`redis://`, `rediss://`, `unix://`) or a Redis Cluster (`cluster
 node's URL; `redis.cluster.RedisCluster` follows the slots). hiredis parses replies when
 installed (it is a dependency: `redis[hiredis]`).
 
-Block keys are immutable and versioned (membank/keys.py), so a cached block can never be stale
-and needs no invalidation; the TTL and Redis's own `maxmemory` bound memory. Run Redis with
+Block keys are immutable and versioned (membank/keys.py; gc's tombstones keep a collected
+version's name from ever being ingested again), so a cached block needs no invalidation; the TTL
+and Redis's own `maxmemory` bound memory. Should a key's content change anyway (a name reused
+behind the tombstone's back), the entry is still never served as valid: every hit is checked
+against the checksum of the manifest the server holds now (Integrity, below), and the server
+re-reads a manifest whose stored bytes changed (store.py). Run Redis with
     maxmemory <bytes>  and  maxmemory-policy allkeys-lru
 (`maxmemory_bytes=` applies both with CONFIG SET at start-up, best effort; otherwise a Redis
 without a maxmemory policy that evicts is logged as a warning). Only block keys (`b/...`) go

@@ -36,6 +36,7 @@ MAX_EMBEDDING_DIM = 8192   # MiniLM: 384; bounds the work one Route request can 
 
 _PUBLISH_CODES = {"invalid": grpc.StatusCode.INVALID_ARGUMENT,
                   "not_found": grpc.StatusCode.NOT_FOUND,
+                  "gone": grpc.StatusCode.FAILED_PRECONDITION,   # gc'd: the name is never reused
                   "failed": grpc.StatusCode.INTERNAL}
 
 

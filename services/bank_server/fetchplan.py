@@ -30,6 +30,8 @@ Every id is checked before anything is sent, so a bad id never follows a half-se
   NOT_FOUND            the version was garbage-collected while this fetch was reading it (gc
                        deletes the manifest before the blocks, so a missing block whose manifest
                        is gone too is a collected version, not a lost block)
+Both raise UNAVAILABLE when the LMDB cannot be read at all (store.StoreUnavailable: its grown map
+could not be adopted; health is NOT_SERVING then).
 Run its tests: .venv/bin/python -m pytest -q tests/unit/test_fetchplan.py
 """
 from __future__ import annotations
@@ -43,7 +45,14 @@ from membank import quant
 from membank.fetch import FetchError, check_fetch
 from membank.keys import block_key, valid_name
 from membank.manifest import BlockHeader, Manifest
-from services.bank_server.store import BlockStore, CorruptBlock, Expect, LMDBStore, read_from
+from services.bank_server.store import (
+    BlockStore,
+    CorruptBlock,
+    Expect,
+    LMDBStore,
+    StoreUnavailable,
+    read_from,
+)
 
 log = logging.getLogger("services.bank_server.servicer")   # one logger for both transports
 
@@ -77,7 +86,15 @@ class FetchPlan:
 
 
 def resolve_manifest(store: LMDBStore, bank: str, version: str) -> Manifest:
-    """The manifest of (bank, version or current), or FetchError INVALID_ARGUMENT / NOT_FOUND."""
+    """The manifest of (bank, version or current), or FetchError INVALID_ARGUMENT / NOT_FOUND
+    (UNAVAILABLE: the store cannot be read)."""
+    try:
+        return _resolve_manifest(store, bank, version)
+    except StoreUnavailable as e:
+        raise FetchError("UNAVAILABLE", str(e)) from None
+
+
+def _resolve_manifest(store: LMDBStore, bank: str, version: str) -> Manifest:
     if not bank:
         raise FetchError("INVALID_ARGUMENT", "empty bank name")
     if not valid_name(bank):
@@ -174,3 +191,5 @@ def read_block(blocks: BlockStore, store: LMDBStore, manifest: Manifest,
     except CorruptBlock:
         log.error("DATA_LOSS %s fails its manifest checksum", where)
         raise FetchError("DATA_LOSS", f"{where} fails its manifest checksum") from None
+    except StoreUnavailable as e:
+        raise FetchError("UNAVAILABLE", str(e)) from None

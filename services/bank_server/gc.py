@@ -4,9 +4,12 @@
         [--orphans] [--grace-s 0]
 
 GC keeps `current` and the `keep` newest complete versions, deletes the other versions'
-manifests in one transaction (servers answer NOT_FOUND for them from then on), then their blocks
-in batches; blocks shared with a kept version (rebalance) and, on a shard, blocks the shard no
-longer owns under any kept version are handled too. `orphans=True` also deletes blocks of
+manifests (and routers) in one transaction (servers answer NOT_FOUND for them from then on),
+leaving a tombstone `t/{bank}/{version}` for each (membank/keys.py) so that the name is never
+ingested or published again: a server, a Redis tier or a device that cached the old version
+by its name must never meet other content under it. Then their blocks in batches; blocks
+shared with a kept version (rebalance) and, on a shard, blocks the shard no longer owns under
+any kept version are handled too. `orphans=True` also deletes blocks of
 versions that never completed (a killed ingest nobody reran; do not run it while an ingest is
 writing: that ingest would then fail its completeness check, never publish half a version).
 LMDB reuses the freed pages for later versions; the file does not shrink (`mdb_copy -c`).
@@ -21,9 +24,19 @@ import sys
 import time
 from pathlib import Path
 
-from membank.keys import SHARD_KEY, current_key, manifest_key, parse_block_key, version_info_key
+from membank.blocks import checksum
+from membank.keys import (
+    SHARD_KEY,
+    current_key,
+    manifest_key,
+    parse_block_key,
+    tombstone_key,
+    version_info_key,
+)
 from membank.manifest import Manifest
 from membank.placement import shard_blocks
+from services.bank_server.router_store import router_key
+from services.bank_server.settings import LMDBSettings
 from services.bank_server.store import acquire_env, list_versions, release_env
 
 log = logging.getLogger(__name__)
@@ -57,9 +70,11 @@ def gc(lmdb_path: str | Path, bank: str, *, keep: int = 2, dry_run: bool = False
             kept.add(current)
         doomed = [v for v in versions if v not in kept]
         manifests: dict[str, Manifest] = {}
+        raw_manifests: dict[str, bytes] = {}
         with env.begin() as txn:
             for v in versions:
-                manifests[v] = Manifest.from_json(txn.get(manifest_key(bank, v)))
+                raw_manifests[v] = txn.get(manifest_key(bank, v))
+                manifests[v] = Manifest.from_json(raw_manifests[v])
         complete_bvs = {m.block_version for m in manifests.values()}
         kept_bvs = {manifests[v].block_version for v in kept}
         # blocks a kept version needs on this LMDB: (block version, level, node)
@@ -81,9 +96,14 @@ def gc(lmdb_path: str | Path, bank: str, *, keep: int = 2, dry_run: bool = False
                 now = txn.get(current_key(bank))
                 if now is not None and now.decode() in doomed:
                     raise GCError(f"{bank}: current moved to {now.decode()} during gc; rerun")
+                now_s = time.time()
                 for v in doomed:
                     txn.delete(manifest_key(bank, v))
                     txn.delete(version_info_key(bank, v))
+                    txn.delete(router_key(bank, v))
+                    txn.put(tombstone_key(bank, v), json.dumps({
+                        "manifest_checksum": checksum(raw_manifests[v]),
+                        "collected_at": now_s}).encode())
             if grace_s > 0:
                 time.sleep(grace_s)
         # then the blocks, in batches, scanning the bank's block keys in order
@@ -127,6 +147,11 @@ def gc(lmdb_path: str | Path, bank: str, *, keep: int = 2, dry_run: bool = False
     return report
 
 
+def _map_size(gb: float | None) -> int:
+    """The flag, else the servers' own map size setting (settings.LMDBSettings)."""
+    return int(gb * (1 << 30)) if gb is not None else LMDBSettings().map_size
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m services.bank_server.gc",
                                 description="Delete old versions of a bank from an LMDB.")
@@ -139,13 +164,14 @@ def main(argv: list[str] | None = None) -> None:
                    help="also delete blocks of versions that never completed")
     p.add_argument("--grace-s", type=float, default=0.0,
                    help="seconds between deleting the manifests and deleting the blocks")
-    p.add_argument("--map-size-gb", type=float, default=64)
+    p.add_argument("--map-size-gb", type=float,
+                   help="LMDB map size (default: the servers' MEMBANK_SERVER_MAP_SIZE_GB, 64)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = gc(args.lmdb, args.bank, keep=args.keep, dry_run=args.dry_run,
                     orphans=args.orphans, grace_s=args.grace_s,
-                    map_size=int(args.map_size_gb * (1 << 30)))
+                    map_size=_map_size(args.map_size_gb))
     except (GCError, ValueError) as e:
         print(f"gc failed: {e}", file=sys.stderr)
         raise SystemExit(1)

@@ -30,7 +30,13 @@ atomic and durable, the new version's keys are new keys, and `current` moves las
 skips the blocks already written (same key, same checksum) and completes the version.
 Versions are immutable: re-ingesting the same version with the same content is a no-op; a
 different manifest under an existing version is refused, and so is a different set of
-encodings (add int8 to a bank by ingesting it as a new version).
+encodings (add int8 to a bank by ingesting it as a new version). A version gc collected left a
+tombstone (gc.py): its name is refused for good, whatever the content, before anything is written.
+
+Map size: `--map-size-gb` defaults to the server's own setting (MEMBANK_SERVER_MAP_SIZE_GB,
+settings.LMDBSettings), so ingest and the servers map the same size. A map that fills up fails
+the ingest with one line (IngestError, exit 1) before the version's manifest is written: the
+version does not exist, `current` is untouched, and a rerun with a larger map completes it.
 """
 from __future__ import annotations
 
@@ -40,19 +46,22 @@ import logging
 import socket
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Mapping
 
+import lmdb
 from tqdm import tqdm
 
 from membank import quant
 from membank.artifacts import iter_blocks, load_manifest
 from membank.blocks import checksum
-from membank.keys import SHARD_KEY, block_key, manifest_key, version_info_key
+from membank.keys import SHARD_KEY, block_key, manifest_key, tombstone_key, version_info_key
 from membank.manifest import Manifest
 from membank.placement import shard_blocks
 from services.bank_server.publish import PublishError, set_current
 from services.bank_server.router_store import store_router
+from services.bank_server.settings import LMDBSettings
 from services.bank_server.store import acquire_env, release_env
 
 log = logging.getLogger(__name__)
@@ -110,6 +119,8 @@ class _Target:
         self.flush()
         bank, ver = manifest.bank, manifest.version
         with self.env.begin(write=True, buffers=True) as txn:
+            if txn.get(tombstone_key(bank, ver)) is not None:    # collected meanwhile
+                raise IngestError(_collected(manifest, where=f" in {self.path}"))
             existing = txn.get(manifest_key(bank, ver))
             if existing is not None and Manifest.from_json(bytes(existing)) != manifest:
                 raise IngestError(_conflict(Manifest.from_json(bytes(existing)), manifest,
@@ -154,6 +165,52 @@ def _with_placement(manifest: Manifest, *, version: str | None = None,
         return manifest
     # re-validate rather than model_copy(update=...), which would skip validation
     return Manifest.model_validate({**manifest.model_dump(), **update})
+
+
+def _collected(manifest: Manifest, where: str = "") -> str:
+    return (f"{manifest.bank} version {manifest.version} was garbage-collected{where}; version "
+            f"names are never reused, ingest under a new version")
+
+
+def _refusal(txn, manifest: Manifest, encodings: tuple[str, ...], *, content: bool,
+             where: str = "") -> str | None:
+    """Why `manifest` may not be written into this LMDB, or None: its name was collected by gc,
+    or (`content`: the manifest's checksums are known) the name holds other content."""
+    if txn.get(tombstone_key(manifest.bank, manifest.version)) is not None:
+        return _collected(manifest, where)
+    existing = txn.get(manifest_key(manifest.bank, manifest.version)) if content else None
+    if existing is not None:
+        return _conflict(Manifest.from_json(bytes(existing)), manifest, encodings, where)
+    return None
+
+
+def _refuse(lmdb_path: str | Path, shard: str | None, manifest: Manifest,
+            encodings: tuple[str, ...], map_size: int) -> None:
+    """Another shard's LMDB, or a `_refusal`, before anything (the router included) is
+    written into `lmdb_path`."""
+    env = acquire_env(lmdb_path, map_size, readonly=False)
+    try:
+        with env.begin() as txn:
+            marker = txn.get(SHARD_KEY)
+            if marker is not None and marker.decode() != shard:
+                raise IngestError(f"{lmdb_path} holds shard {marker.decode()!r}, not {shard!r}")
+            why = _refusal(txn, manifest, encodings, content=True)
+    finally:
+        release_env(env)
+    if why:
+        raise IngestError(why)
+
+
+@contextmanager
+def _map_full_is_ingest_error(map_size: int):
+    """LMDB's MapFullError as one IngestError line: the write transaction that hit it was
+    aborted, and the version's manifest (written last) is not there, so nothing is visible."""
+    try:
+        yield
+    except lmdb.MapFullError:
+        raise IngestError(f"the LMDB map ({map_size / (1 << 30):.3g} GiB) is full; nothing "
+                          f"published: rerun with a larger --map-size-gb (the servers' "
+                          f"MEMBANK_SERVER_MAP_SIZE_GB, set it for both)") from None
 
 
 def _native_part(manifest: Manifest) -> Manifest:
@@ -215,20 +272,24 @@ def ingest(export_dir: str | Path, lmdb_path: str | Path, *, version: str | None
                                placement_level=placement_level)
     targets = {shard_id: lmdb_path}
     _check_shards(manifest, targets)
-    # the router rides with the version (for the Route RPC); invisible until `current` switches
-    store_router(lmdb_path, export_dir, manifest.bank, manifest.version, map_size=map_size)
-    only = set(shard_blocks(manifest, shard_id)) if shard_id is not None else None
     encodings = _encodings(encodings)
+    # refused before anything, the router below included, is written
+    _refuse(lmdb_path, shard_id, manifest, encodings, map_size)
+    # the router rides with the version (for the Route RPC); invisible until `current` switches
+    with _map_full_is_ingest_error(map_size):
+        store_router(lmdb_path, export_dir, manifest.bank, manifest.version, map_size=map_size)
+    only = set(shard_blocks(manifest, shard_id)) if shard_id is not None else None
     # the manifest lists every block's checksum in every encoding, and every shard must store
     # the same manifest: with encodings, a shard's ingest reads and encodes every block (and
     # stores, as always, only those placement gives it)
     read = None if encodings else only
     total = sum(manifest.block_nbytes(l) for l, _ in (read or manifest.blocks()))
     blocks = iter_blocks(export_dir, manifest, read)
-    return _write(manifest, blocks, targets, verify=True, publish=publish, progress=progress,
-                  total_bytes=total, batch_bytes=batch_bytes, map_size=map_size, resume=resume,
-                  source=str(export_dir), max_bytes_per_s=max_bytes_per_s, writemap=writemap,
-                  encodings=encodings)
+    with _map_full_is_ingest_error(map_size):
+        return _write(manifest, blocks, targets, verify=True, publish=publish,
+                      progress=progress, total_bytes=total, batch_bytes=batch_bytes,
+                      map_size=map_size, resume=resume, source=str(export_dir),
+                      max_bytes_per_s=max_bytes_per_s, writemap=writemap, encodings=encodings)
 
 
 def ingest_stream(targets: Mapping[str | None, str | Path], header: Manifest | Mapping,
@@ -251,10 +312,11 @@ def ingest_stream(targets: Mapping[str | None, str | Path], header: Manifest | M
     skeleton = Manifest.model_validate(fields)
     _check_shards(skeleton, targets)
     total = sum(skeleton.block_nbytes(l) for l, _ in skeleton.blocks())
-    return _write(skeleton, blocks, targets, verify=False, publish=publish, progress=progress,
-                  total_bytes=total, batch_bytes=batch_bytes, map_size=map_size, resume=resume,
-                  source="stream", max_bytes_per_s=max_bytes_per_s, writemap=writemap,
-                  encodings=_encodings(encodings))
+    with _map_full_is_ingest_error(map_size):
+        return _write(skeleton, blocks, targets, verify=False, publish=publish, progress=progress,
+                      total_bytes=total, batch_bytes=batch_bytes, map_size=map_size, resume=resume,
+                      source="stream", max_bytes_per_s=max_bytes_per_s, writemap=writemap,
+                      encodings=_encodings(encodings))
 
 
 def _write(manifest: Manifest, blocks, targets, *, verify: bool, publish: bool, progress: bool,
@@ -271,13 +333,12 @@ def _write(manifest: Manifest, blocks, targets, *, verify: bool, publish: bool, 
         for shard, path in targets.items():
             opened[shard] = _Target(path, shard, map_size=map_size, batch_bytes=batch_bytes,
                                     resume=resume, writemap=writemap)
-            if verify:   # export ingest: refuse a conflicting version before writing anything
-                with opened[shard].env.begin() as txn:
-                    existing = txn.get(manifest_key(bank, ver))
-                why = existing is not None and _conflict(Manifest.from_json(existing), manifest,
-                                                         encodings)
-                if why:
-                    raise IngestError(why)
+            # refuse a collected name (and, for an export, other content under the name)
+            # before writing anything; a stream's checksums are known only at finish
+            with opened[shard].env.begin() as txn:
+                why = _refusal(txn, manifest, encodings, content=verify)
+            if why:
+                raise IngestError(why)
         log.info("ingest %s/%s from %s into %s: writing", bank, ver, source,
                  ", ".join(f"{s or 'all'}={p}" for s, p in targets.items()))
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"ingest {bank}/{ver}",
@@ -349,7 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         _ingest_main(argv)
-    except (IngestError, PublishError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (IngestError, PublishError, FileNotFoundError, ValueError, RuntimeError,
+            lmdb.Error) as e:
         print(f"ingest failed: {e}", file=sys.stderr)
         raise SystemExit(1)
 
@@ -375,7 +437,8 @@ def _ingest_main(argv: list[str]) -> None:
     p.add_argument("--replication", type=int)
     p.add_argument("--placement-level", type=int)
     p.add_argument("--batch-mb", type=int, default=64)
-    p.add_argument("--map-size-gb", type=float, default=64)
+    p.add_argument("--map-size-gb", type=float,
+                   help="LMDB map size (default: the servers' MEMBANK_SERVER_MAP_SIZE_GB, 64)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--max-mb-s", type=float, help="throttle writes to this many MB/s")
     p.add_argument("--encodings", default=(), type=_encodings_arg,
@@ -385,11 +448,14 @@ def _ingest_main(argv: list[str]) -> None:
                    help="write through LMDB's writable map (sparse file of map size; see "
                         "store.open_env)")
     args = p.parse_args(argv)
+    # the servers' setting unless a flag says otherwise: both must map the same size
+    map_size = (int(args.map_size_gb * (1 << 30)) if args.map_size_gb is not None
+                else LMDBSettings().map_size)
     m = ingest(args.export_dir, args.lmdb, version=args.version, publish=not args.no_publish,
                shard_id=args.shard_id,
                shards=args.shards.split(",") if args.shards else None,
                replication=args.replication, placement_level=args.placement_level,
-               batch_bytes=args.batch_mb << 20, map_size=int(args.map_size_gb * (1 << 30)),
+               batch_bytes=args.batch_mb << 20, map_size=map_size,
                progress=not args.no_progress,
                max_bytes_per_s=args.max_mb_s * 1e6 if args.max_mb_s else None,
                writemap=args.writemap, encodings=args.encodings)

@@ -9,8 +9,8 @@ one environment twice in a process, so the server runs this module as a short ch
 (`publish`): the write transaction happens outside the serving process. The next request reads
 the new `current` (the store reads it afresh on every request).
 The command prints the version it replaced on stdout ("" when none; the server reads it) and a
-line for people on stderr. Refused (exit 2, one line on stderr) when the version was never
-completely ingested.
+line for people on stderr. Refused (one line on stderr) when the version was never completely
+ingested (exit 2) or was garbage-collected (exit 3: gc's tombstone, membank/keys.py).
 """
 from __future__ import annotations
 
@@ -20,14 +20,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from membank.keys import NAME, current_key, manifest_key, valid_name
+from membank.keys import NAME, current_key, manifest_key, tombstone_key, valid_name
 from services.bank_server.store import acquire_env, release_env
 
 PUBLISH_TIMEOUT_S = 30.0
+# the command's exit status for each refusal (the server reads it back into a PublishError)
+_EXIT_KIND = {2: "not_found", 3: "gone"}
 
 
 class PublishError(Exception):
-    """`kind` is "invalid" (bad names), "not_found" (no such complete version) or "failed"."""
+    """`kind` is "invalid" (bad names), "not_found" (no such complete version), "gone" (a
+    garbage-collected version: its name is never used again) or "failed"."""
 
     def __init__(self, kind: str, message: str):
         super().__init__(message)
@@ -51,8 +54,11 @@ def check_names(bank: str, version: str) -> None:
 def set_current(env, bank: str, version: str) -> str:
     """Switch `c/{bank}` to `version` in one write transaction of the open LMDB `env`; return
     the previous version ("" when none). PublishError "not_found" when `version` has no
-    manifest (never completely ingested, or garbage-collected)."""
+    manifest (never completely ingested), "gone" when gc collected it."""
     with env.begin(write=True) as txn:
+        if txn.get(tombstone_key(bank, version)) is not None:
+            raise PublishError("gone", f"{bank} version {version} was garbage-collected; "
+                               f"version names are never reused")
         if txn.get(manifest_key(bank, version)) is None:
             raise PublishError("not_found", f"{bank} version {version} was never completely "
                                f"ingested")
@@ -87,8 +93,8 @@ async def publish(lmdb_path: str | Path, bank: str, version: str, map_size: int)
         await proc.wait()
         raise PublishError("failed", f"publish did not finish in {PUBLISH_TIMEOUT_S:.0f} s")
     line = (err.decode().strip().splitlines() or [""])[-1]
-    if proc.returncode == 2:
-        raise PublishError("not_found", line)
+    if proc.returncode in _EXIT_KIND:
+        raise PublishError(_EXIT_KIND[proc.returncode], line)
     if proc.returncode != 0:
         raise PublishError("failed", line or f"publish exited with {proc.returncode}")
     return Published(bank, version, out.decode().strip())
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         previous = publish_in_env(args.lmdb, args.bank, args.version, args.map_size)
     except PublishError as e:
         print(f"publish: {e}", file=sys.stderr)
-        return 2
+        return 3 if e.kind == "gone" else 2
     print(previous)   # stdout: the previous version, for the caller
     print(f"published {args.bank} version {args.version} in {args.lmdb}"
           + (f" (was {previous})" if previous else ""), file=sys.stderr)

@@ -4,7 +4,8 @@ At start the server pre-reads the shallow levels (`warm_levels`, default 1) of e
 current version through the block tiers (so they land in the page cache and any in-process
 LRU), checksum-checking each block, up to `warm_max_gb`. Level-1 blocks are shared by every
 prompt, so they are the hottest. `/readyz` is 503 until that is done, and again once a
-graceful shutdown has begun.
+graceful shutdown has begun. A warm-up that found corrupt blocks keeps it 503, naming them
+(they would be DATA_LOSS for every prompt routed there: let the replicas serve instead).
 
     readiness = Readiness(store, blocks, levels=1, max_bytes=4 << 30)
     task = asyncio.create_task(readiness.warm())
@@ -69,6 +70,10 @@ class Readiness:
             problems.append("no bank is published")
         if not self.warmed:
             problems.append("warming the hot set")
+        corrupt = self.report["corrupt"]
+        if corrupt:
+            problems.append(f"warm-up found {len(corrupt)} corrupt block(s): "
+                            f"{', '.join(corrupt[:8])}{' ...' if len(corrupt) > 8 else ''}")
         if self.draining:
             problems.append("shutting down")
         return not problems, {"ready": not problems, "problems": problems, "banks": banks,
@@ -90,6 +95,8 @@ class Readiness:
         r = self.report
         log.info("hot set warm: %d blocks, %.1f MB in %.2f s%s", r["blocks"], r["bytes"] / 1e6,
                  r["seconds"], " (budget reached)" if r["stopped_at_budget"] else "")
+        if r["corrupt"]:
+            log.error("warm-up found %d corrupt block(s): not ready", len(r["corrupt"]))
 
     async def _warm_bank(self, loop, bank: str, version: str | None) -> bool:
         manifest = None if version is None else self.store.manifest(bank, version)

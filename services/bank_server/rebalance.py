@@ -34,6 +34,7 @@ from membank.keys import block_key, manifest_key
 from membank.manifest import Manifest
 from membank.placement import moves
 from services.bank_server.ingest import IngestError, _Target
+from services.bank_server.settings import LMDBSettings
 from services.bank_server.store import acquire_env, release_env
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,11 @@ def rebalance(lmdbs: Mapping[str, str | Path], bank: str, version: str, new_vers
     return report
 
 
+def _map_size(gb: float | None) -> int:
+    """The flag, else the servers' own map size setting (settings.LMDBSettings)."""
+    return int(gb * (1 << 30)) if gb is not None else LMDBSettings().map_size
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m services.bank_server.rebalance",
                                 description="Re-place a bank version onto a new shard set, "
@@ -158,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dry-run", action="store_true", help="report what would move")
     p.add_argument("--list", action="store_true", help="dry run, and print every move")
     p.add_argument("--no-publish", action="store_true")
-    p.add_argument("--map-size-gb", type=float, default=64)
+    p.add_argument("--map-size-gb", type=float,
+                   help="LMDB map size (default: the servers' MEMBANK_SERVER_MAP_SIZE_GB, 64)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         report = rebalance(lmdbs, args.bank, args.version, args.new_version,
                            args.shards.split(","), replication=args.replication,
                            publish=not args.no_publish, dry_run=args.dry_run or args.list,
-                           map_size=int(args.map_size_gb * (1 << 30)))
+                           map_size=_map_size(args.map_size_gb))
     except (IngestError, ValueError) as e:
         print(f"rebalance failed: {e}", file=sys.stderr)
         raise SystemExit(1)

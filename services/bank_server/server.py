@@ -43,7 +43,8 @@ from services.bank_server.settings import BankServerSettings
 from services.bank_server.store import BlockStore, LMDBStore
 
 log = logging.getLogger("membank.bank_server")
-
+# how often health re-checks that the LMDB can be read (issue 16: a map grown by ingest)
+STORE_CHECK_INTERVAL_S = 1.0
 
 
 def tune_malloc() -> None:
@@ -182,12 +183,14 @@ async def serve(settings: BankServerSettings) -> None:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     print(f"membank bank_server listening on {settings.host}:{port}", flush=True)
     warm = asyncio.create_task(readiness.warm())
+    watch = asyncio.create_task(watch_store(store, health_servicer))
     await stop.wait()
 
     grace = settings.shutdown_grace_s
     log.info("shutting down (grace %.1f s)", grace)
     readiness.draining = True
     warm.cancel()
+    watch.cancel()
     await health_servicer.enter_graceful_shutdown()
     # refuses new RPCs at once; in-flight ones (a half-sent fetch) may finish within the grace;
     # the data plane drains the same way, at the same time, on a thread (it blocks)
@@ -215,6 +218,23 @@ def connection_options(settings: BankServerSettings) -> list[tuple[str, int]]:
                 ("grpc.max_connection_age_grace_ms",
                  int(settings.max_connection_age_grace_s * 1000))]
     return out
+async def watch_store(store: LMDBStore, health_servicer) -> None:
+    """gRPC health follows the store: NOT_SERVING while its LMDB cannot be read (a grown map it
+    could not adopt: store.py, "Map size"), SERVING when it can. Each check begins a read, so a
+    map that ingest grew is adopted here before a request needs it."""
+    loop = asyncio.get_running_loop()
+    serving = True
+    while True:
+        await asyncio.sleep(STORE_CHECK_INTERVAL_S)
+        failure = await loop.run_in_executor(None, store.check)
+        if (failure is None) != serving:
+            serving = failure is None
+            status = (health_pb2.HealthCheckResponse.SERVING if serving
+                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+            if not serving:
+                log.error("health NOT_SERVING: %s", failure)
+            for service in ("", SERVICE_NAME):
+                await health_servicer.set(service, status)
 
 
 def server_ssl_context(settings: BankServerSettings) -> ssl.SSLContext | None:

@@ -225,3 +225,18 @@ class BankServerSettings(BaseSettings):
         p.add_argument("--metrics-min-interval-s", type=float)
         args = p.parse_args(argv)
         return cls(**{k: v for k, v in vars(args).items() if v is not None})
+
+
+# -- issue 16 (storage): the LMDB map size, one setting for the server and its tools -----------
+class LMDBSettings(BaseSettings):
+    """What ingest, gc and rebalance read of the server's settings when no flag is given: the
+    map size (MEMBANK_SERVER_MAP_SIZE_GB, BankServerSettings.map_size_gb), so that a tool never
+    grows the map past what the server maps (the server then has to adopt it: store.py, "Map
+    size") or runs out of map where the server's setting would have had room."""
+    model_config = SettingsConfigDict(env_prefix="MEMBANK_SERVER_", extra="ignore")
+
+    map_size_gb: float = Field(default=64, gt=0)
+
+    @property
+    def map_size(self) -> int:
+        return int(self.map_size_gb * (1 << 30))

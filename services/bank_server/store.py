@@ -1,10 +1,12 @@
 """The bank server's storage: an LMDB environment holding blocks, manifests and `current`.
 
 Keys come from `membank.keys` only (see there for the layout). Block and manifest keys are
-immutable once written, so parsed manifests are cached by (bank, version) (a cached manifest is
-still dropped once GC deletes its key); the `current` pointer is the one mutable key and is read
-afresh on every request, so a publish by `ingest` is visible to the next request without a
-restart.
+immutable once written (gc leaves a tombstone, so a version name is never written twice), and
+parsed manifests are cached by (bank, version); still, a cached manifest is used only while the
+stored one is the same bytes (checked whenever LMDB committed anything since: a manifest gc
+deleted is dropped, one written again under the name behind the tombstone's back is re-read).
+The `current` pointer is the one mutable key and is read afresh on every request, so a publish
+by `ingest` is visible to the next request without a restart.
 
     store = LMDBStore("data/bank.lmdb", map_size=64 << 30)
     version = store.current_version("demo")
@@ -25,15 +27,25 @@ MADV_WILLNEED over the block's pages the kernel issues the whole block at once
 (benchmarks/tiers.py measures it per size; BENCHMARKS.md, "Cache tiers").
 
 Verify once (`verify_ttl_s` > 0, the server's `verify_ttl_s` setting): a block read with an
-`Expect` is hashed and, when it matches, remembered with the file's stamp (inode, size, mtime).
-A later read of it is served without hashing again only while (1) the stamp is unchanged: any
-LMDB commit and any other write into data.mdb (a tool, a stray `dd`) moves the mtime; (2)
+`Expect` is hashed and, when it matches, remembered with the file's stamp (inode, size, mtime,
+ctime). A later read of it is served without hashing again only while (1) the stamp is
+unchanged: any LMDB commit and any other write into data.mdb (a tool, a stray `dd`) moves the
+mtime and the ctime, and while a tool can put the mtime back (`touch -d`, os.utime), doing so
+moves the ctime again, which nothing but the kernel's clock sets; (2)
 every page of the block is in the page cache when it is read (mincore): a block evicted since
 is read back from disk by this read and hashed again, so bit rot on the device is caught (a
 page that another reader pulled back in between is not seen: (3) covers it); (3) the check is
 younger than `verify_ttl_s`, a periodic re-check that bounds whatever else slips by. The
 device verifies every block again against its own manifest, end to end. Saves the hash on the
 hot path (measured in BENCHMARKS.md, "Fetch").
+
+Map size: a server maps `map_size` (or the data's size, if larger) when it opens the LMDB. An
+ingest with a larger map can grow the data past that; LMDB then refuses every new read
+transaction with MDB_MAP_RESIZED until the reader adopts the new size (`set_mapsize(0)`). The
+store does that on the spot and begins again: LMDB unmaps the old map to do it, so it waits until
+no read of this store holds a view into the map (`_MapGuard`), and no new read starts meanwhile.
+If the new map cannot be mapped (address space), the environment is unusable: every read raises
+StoreUnavailable and `failure` says why; the server turns health NOT_SERVING on it (server.py).
 
 One environment per process and path (LMDB forbids opening the same file twice in a process:
 closing one handle would drop the other's POSIX locks): `acquire_env` hands out a shared,
@@ -45,6 +57,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import threading
 import time
@@ -60,6 +73,8 @@ from membank.blocks import checksum
 from membank.keys import SHARD_KEY, current_key, manifest_key, manifest_prefix, version_info_key
 from membank.manifest import Manifest
 
+log = logging.getLogger(__name__)
+
 # values at least this large get an explicit MADV_WILLNEED (one big read instead of page faults)
 PREFETCH_MIN_BYTES = 256 << 10
 # verify once: at most this many verified blocks remembered (~100 B each)
@@ -70,6 +85,60 @@ _MADV_WILLNEED = 3
 
 class CorruptBlock(Exception):
     """The authoritative store holds bytes that fail the expected size or checksum."""
+
+
+class StoreUnavailable(Exception):
+    """The LMDB cannot be read now (its grown map could not be adopted): a server fault, not
+    the request's (fetchplan answers UNAVAILABLE; health goes NOT_SERVING)."""
+
+
+class _MapGuard:
+    """Reads share the memory map; adopting a new map size excludes them all (LMDB unmaps the
+    old map, and a zero-copy view into it would then point at nothing). Shared holds nest per
+    thread (a read that looks up a manifest inside its `with`)."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._remapping = False
+        self._depth = threading.local()
+
+    def held(self) -> bool:
+        return getattr(self._depth, "n", 0) > 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        depth = getattr(self._depth, "n", 0)
+        if depth == 0:
+            with self._cond:
+                while self._remapping:
+                    self._cond.wait()
+                self._readers += 1
+        self._depth.n = depth + 1
+        try:
+            yield
+        finally:
+            self._depth.n = depth
+            if depth == 0:
+                with self._cond:
+                    self._readers -= 1
+                    if self._remapping and self._readers == 0:
+                        self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._remapping:
+                self._cond.wait()
+            self._remapping = True            # new readers wait from now on
+            while self._readers:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._remapping = False
+                self._cond.notify_all()
 
 
 @dataclass(frozen=True)
@@ -302,7 +371,10 @@ class LMDBStore:
         self.env = acquire_env(self.path, map_size, readonly=readonly)
         self.prefetch = prefetch
         self.verify_ttl_s = verify_ttl_s
-        self._manifests: dict[tuple[str, str], Manifest] = {}
+        self._guard = _MapGuard()
+        self.failure: str | None = None   # set when the environment became unusable
+        # (bank, version) -> (LMDB txn id it was last checked at, checksum of its JSON, parsed)
+        self._manifests: dict[tuple[str, str], tuple[int, str, Manifest]] = {}
         # key -> (checksum, file stamp, monotonic time) of a verified read (see _trusted)
         self._verified: dict[bytes, tuple[str, tuple, float]] = {}
         self._data_fd = os.open(self.path / "data.mdb", os.O_RDONLY) if verify_ttl_s > 0 else None
@@ -313,6 +385,65 @@ class LMDBStore:
         self._n = {"reads": 0, "hits": 0, "misses": 0, "bytes": 0, "corrupt": 0,
                    "cold_reads": 0, "trusted": 0}
 
+    # -- transactions -----------------------------------------------------------------------
+    @contextmanager
+    def _txn(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction (buffers=True) under the map guard, ended on exit. A map grown by
+        another process (MDB_MAP_RESIZED) is adopted and the transaction begun again, once."""
+        for _ in range(2):
+            with self._guard.shared():
+                if self.failure is not None:
+                    raise StoreUnavailable(self.failure)
+                try:
+                    txn = self.env.begin(buffers=True)
+                except lmdb.MapResizedError:
+                    txn = None
+                if txn is not None:
+                    try:
+                        yield txn
+                    finally:
+                        txn.abort()   # read-only: abort = end; views must not outlive it
+                    return
+            self._adopt_map_size()
+        raise StoreUnavailable(f"the LMDB at {self.path} grew again while this server adopted "
+                               f"its map; retry")
+
+    def _adopt_map_size(self) -> None:
+        """Map the size the writer committed (set_mapsize(0)), with no read in flight."""
+        if self._guard.held():      # a read of this thread holds the old map: cannot remap here
+            raise StoreUnavailable(f"the LMDB at {self.path} grew during this read; retry")
+        with self._guard.exclusive():
+            if self.failure is not None:
+                return
+            try:
+                self.env.begin().abort()     # another thread adopted it meanwhile
+                return
+            except lmdb.MapResizedError:
+                pass
+            old = self.env.info()["map_size"]
+            try:
+                self.env.set_mapsize(0)
+            except lmdb.Error as e:
+                # LMDB unmapped the old map and could not map the new one: this environment
+                # must not be touched again (its meta pointers lead into the unmapped range)
+                self.failure = (f"cannot map the grown LMDB at {self.path}: {e}; restart the "
+                                f"server (with more address space)")
+                log.error("%s", self.failure)
+                return
+            log.warning("the LMDB at %s grew past this server's map (another process wrote "
+                        "with a larger map size); map %d MiB -> %d MiB", self.path, old >> 20,
+                        self.env.info()["map_size"] >> 20)
+
+    def check(self) -> str | None:
+        """Begin and end one read (adopting a grown map on the way): None when the store is
+        readable, else why not (`failure`). The server's health follows it."""
+        try:
+            with self._txn():
+                pass
+        except StoreUnavailable:
+            pass
+        return self.failure
+
     # -- blocks -----------------------------------------------------------------------------
     @contextmanager
     def read(self, key: bytes, expect: Expect | None = None) -> Iterator[memoryview | None]:
@@ -320,8 +451,7 @@ class LMDBStore:
 
         With `expect`, raises CorruptBlock when the stored bytes do not match it.
         """
-        txn = self.env.begin(buffers=True)
-        try:
+        with self._txn() as txn:
             buf = txn.get(key)
             cold = trusted = bad = False
             if buf is not None:
@@ -351,16 +481,15 @@ class LMDBStore:
                 self._verified.pop(bytes(key), None)
                 raise CorruptBlock(f"{bytes(key)[:120]!r} fails its manifest checksum")
             yield buf
-        finally:
-            txn.abort()   # read-only: abort = end; the view must not be used after this
 
     def _stamp(self) -> tuple | None:
-        """What identifies data.mdb's content: (inode, size, mtime in ns). Every LMDB commit
-        and every other write to the file moves the mtime. None when verify-once is off."""
+        """What identifies data.mdb's content: (inode, size, mtime, ctime in ns). Every LMDB
+        commit and every other write to the file moves the mtime and the ctime; the mtime can be
+        put back (utime), the ctime cannot. None when verify-once is off."""
         if self._data_fd is None:
             return None
         st = os.fstat(self._data_fd)
-        return st.st_ino, st.st_size, st.st_mtime_ns
+        return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
     def _trusted(self, key: bytes, expect: Expect, stamp: tuple | None) -> bool:
         """A verified read of these bytes under this stamp, younger than verify_ttl_s."""
@@ -378,11 +507,12 @@ class LMDBStore:
         """LMDB's last committed write transaction: it moves with every commit to the store
         (ingest, publish, gc), by this process or any other; what is derived from the store's
         versions and manifests stays valid while it does not move."""
-        return self.env.info()["last_txnid"]
+        with self._txn() as txn:
+            return txn.id()
 
     def get(self, key: bytes) -> bytes | None:
         """A copy of the value (valid after the transaction), or None."""
-        with self.env.begin(buffers=True) as txn:
+        with self._txn() as txn:
             buf = txn.get(key)
             return None if buf is None else bytes(buf)
 
@@ -395,26 +525,39 @@ class LMDBStore:
     def manifest(self, bank: str, version: str) -> Manifest | None:
         """The manifest of (bank, version), or None when that version does not exist (never
         completed, or garbage-collected since)."""
-        key = manifest_key(bank, version)
-        cached = self._manifests.get((bank, version))
-        if cached is not None:
-            with self.env.begin(buffers=True) as txn:   # still there? (GC deletes manifests)
-                if txn.get(key) is not None:
-                    return cached
-            with self._lock:
-                self._manifests.pop((bank, version), None)
-            return None
-        raw = self.get(key)
-        if raw is None:
-            return None  # not cached: the version may still be written later
-        manifest = Manifest.from_json(raw)
+        with self._txn() as txn:
+            generation = txn.id()
+            cached = self._manifests.get((bank, version))
+            if cached is not None and cached[0] == generation:
+                return cached[2]        # nothing committed since it was checked
+            raw = txn.get(manifest_key(bank, version))
+            if raw is None:             # never written, or collected by gc
+                with self._lock:
+                    self._manifests.pop((bank, version), None)
+                return None
+            digest = checksum(raw)      # the same JSON: keep the parsed one
+            manifest = cached[2] if cached is not None and cached[1] == digest \
+                else Manifest.from_json(bytes(raw))
         with self._lock:
-            self._manifests[(bank, version)] = manifest
+            self._manifests[(bank, version)] = (generation, digest, manifest)
         return manifest
 
     def versions(self, bank: str) -> list[tuple[str, dict]]:
         """Complete versions of a bank with their ingest info, oldest first."""
-        return list_versions(self.env, bank)
+        with self._txn() as txn:
+            return versions_in(txn, bank)
+
+    def banks(self) -> list[str]:
+        """Banks with a published version (readiness lists them)."""
+        out = []
+        with self._txn() as txn:
+            cursor = txn.cursor()
+            if cursor.set_range(b"c/"):
+                for key in cursor.iternext(keys=True, values=False):
+                    if not bytes(key).startswith(b"c/"):
+                        break
+                    out.append(bytes(key[2:]).decode())
+        return out
 
     @property
     def shard_id(self) -> str | None:
@@ -459,16 +602,21 @@ def list_versions(env: lmdb.Environment, bank: str) -> list[tuple[str, dict]]:
     Order: the `completed_at` ingest wrote beside the manifest; versions without it count as
     oldest, by name.
     """
+    with env.begin(buffers=True) as txn:
+        return versions_in(txn, bank)
+
+
+def versions_in(txn: lmdb.Transaction, bank: str) -> list[tuple[str, dict]]:
+    """`list_versions` inside an open read transaction."""
     prefix = manifest_prefix(bank)
     out = []
-    with env.begin(buffers=True) as txn:
-        cur = txn.cursor()
-        if cur.set_range(prefix):
-            for k in cur.iternext(values=False):
-                k = bytes(k)
-                if not k.startswith(prefix):
-                    break
-                version = k[len(prefix):].decode()
-                raw = txn.get(version_info_key(bank, version))
-                out.append((version, json.loads(bytes(raw)) if raw is not None else {}))
+    cur = txn.cursor()
+    if cur.set_range(prefix):
+        for k in cur.iternext(values=False):
+            k = bytes(k)
+            if not k.startswith(prefix):
+                break
+            version = k[len(prefix):].decode()
+            raw = txn.get(version_info_key(bank, version))
+            out.append((version, json.loads(bytes(raw)) if raw is not None else {}))
     return sorted(out, key=lambda vi: (vi[1].get("completed_at", 0.0), vi[0]))

@@ -10,8 +10,10 @@ LRUCache keeps whole verified blocks as `bytes` within a byte budget (`lru_bytes
 least recently used; a block larger than `max_item_bytes` (default: a quarter of the budget) is
 passed through, never cached, so one level-1 block cannot flush the hot set. Only bytes that
 passed `expect` (or came without one, from `get`) enter it; entries are immutable `bytes`, so a
-hit is served without hashing again. Concurrent misses of one key read the next tier once
-(the others wait for that read).
+hit is served without hashing again. Each entry remembers the checksum it was verified against,
+and a read expecting another checksum is a miss (the entry is replaced): a block key whose
+content changed (a version name reused behind gc's tombstone) never serves the old bytes.
+Concurrent misses of one key read the next tier once (the others wait for that read).
 
 The Redis tier's URL is logged without its password (`redact_url`). A Redis Cluster that is
 down at start does not stop the server: a `DeferredTier` serves from LMDB and connects later.
@@ -43,7 +45,8 @@ class LRUCache:
         self.inner = inner
         self.max_bytes = max_bytes
         self.max_item_bytes = max_item_bytes if max_item_bytes is not None else max_bytes // 4
-        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+        # key -> (checksum the bytes were verified against, or None: read without one; bytes)
+        self._items: OrderedDict[bytes, tuple[str | None, bytes]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self._loading: dict[bytes, threading.Event] = {}
@@ -70,7 +73,7 @@ class LRUCache:
                     yield buf
                     return
                 data = bytes(buf)             # the copy the cache keeps
-            self._insert(key, data)
+            self._insert(key, data, expect.checksum if expect is not None else None)
         finally:
             if done is not None:
                 self._done(key, done)
@@ -80,8 +83,11 @@ class LRUCache:
         """(bytes, None) on a hit; (None, event) when this thread must load the key."""
         while True:
             with self._lock:
-                data = self._items.get(key)
-                if data is not None and (expect is None or len(data) == expect.nbytes):
+                entry = self._items.get(key)
+                data = None if entry is None else entry[1]
+                if data is not None and not _matches(entry, expect):
+                    data = None                  # other content expected: load it anew
+                if data is not None:
                     self._items.move_to_end(key)
                     self._n["hits"] += 1
                     self._n["bytes_hit"] += len(data)
@@ -99,16 +105,16 @@ class LRUCache:
                 del self._loading[key]
         done.set()
 
-    def _insert(self, key: bytes, data: bytes) -> None:
+    def _insert(self, key: bytes, data: bytes, verified: str | None) -> None:
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
-                self._bytes -= len(old)
-            self._items[key] = data
+                self._bytes -= len(old[1])
+            self._items[key] = (verified, data)
             self._bytes += len(data)
             self._n["inserts"] += 1
             while self._bytes > self.max_bytes:
-                _, evicted = self._items.popitem(last=False)
+                _, (_, evicted) = self._items.popitem(last=False)
                 self._bytes -= len(evicted)
                 self._n["evictions"] += 1
                 self._n["bytes_evicted"] += len(evicted)
@@ -133,6 +139,16 @@ class LRUCache:
 
     def close(self) -> None:
         self.clear()
+
+
+def _matches(entry: tuple[str | None, bytes], expect: Expect | None) -> bool:
+    """Whether a cached entry is the content `expect` asks for (anything does without one)."""
+    if expect is None:
+        return True
+    verified, data = entry
+    if verified is not None:
+        return verified == expect.checksum and len(data) == expect.nbytes
+    return expect.ok(data)      # cached by a read without a checksum: hash it once here
 
 
 def tiers(blocks) -> list:

@@ -247,8 +247,11 @@ def test_gc_and_publish_cli(tiny_export, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == "v3"
     with LMDBStore(db, MAP) as store:
         assert store.current_version("test") == "v2"
-    assert publish_main(["--lmdb", str(db), "--map-size", str(MAP), "test", "v1"]) == 2
+    assert publish_main(["--lmdb", str(db), "--map-size", str(MAP), "test", "v9"]) == 2
     assert "never completely ingested" in capsys.readouterr().err
+    # a collected version: gc's tombstone says so (and the name is never reused)
+    assert publish_main(["--lmdb", str(db), "--map-size", str(MAP), "test", "v1"]) == 3
+    assert "garbage-collected" in capsys.readouterr().err
 
 
 def test_writemap_ingest_is_read_back_the_same(big_export, tmp_path):

@@ -352,3 +352,16 @@ def test_redact_url_hides_passwords():
     assert redact_url("rediss://user:pw@h:1") == "rediss://user:***@h:1"
     assert redact_url("redis://h:1/0?db=1&password=pw") == "redis://h:1/0?db=1&password=***"
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
+def test_lru_never_serves_an_entry_verified_against_other_content():
+    """A key whose content changed (a version name reused): the entry verified against the old
+    checksum is a miss for the new one, and is replaced."""
+    inner = DictStore({b"b/k": b"old!"})
+    lru = LRUCache(inner, 1000)
+    with lru.read(b"b/k", expect(b"old!")) as buf:
+        assert buf == b"old!"
+    inner.data[b"b/k"] = b"new!"                          # same size, other bytes
+    with lru.read(b"b/k", expect(b"new!")) as buf:
+        assert buf == b"new!"
+    with lru.read(b"b/k", expect(b"new!")) as buf:        # now cached as the new content
+        assert buf == b"new!"
+    assert lru.stats()["hits"] == 1 and lru.stats()["resident_items"] == 1
