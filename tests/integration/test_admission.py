@@ -22,7 +22,16 @@ from tests.conftest import run_bank_server, wait_for
 pytestmark = pytest.mark.integration
 
 FETCH = "/membank.v1.BankService/FetchBlocks"
-BIG_BLOCK = 1_843_200        # a level-1 block of the "big" bank: 2 chunks of at most 1 MiB
+BIG_BLOCK = 1_843_200        # a level-1 block of the "wide" bank: 2 chunks of at most 1 MiB
+
+
+@pytest.fixture(scope="module")
+def lmdb_dir(tmp_path_factory, wide_export):
+    """Bank "wide": 32 distinct level-1 blocks (a request may not list a block twice)."""
+    from services.bank_server.ingest import ingest
+    path = tmp_path_factory.mktemp("admission") / "bank.lmdb"
+    ingest(wide_export, path, progress=False, map_size=1 << 30)
+    return path
 
 
 def channel(address: str) -> grpc.Channel:
@@ -37,9 +46,10 @@ def check(address: str) -> int:
 
 
 def fetch_stream(ch: grpc.Channel, n_blocks: int, timeout: float | None = None):
-    """A FetchBlocks stream of n level-1 blocks of "big" (the caller reads it, or not)."""
-    request = bank_pb2.FetchBlocksRequest(bank="big", version="b1", blocks=[
-        bank_pb2.BlockId(level=1, node=i % 2) for i in range(n_blocks)])
+    """A FetchBlocks stream of n (at most 32) distinct level-1 blocks of "wide" (the caller
+    reads it, or not)."""
+    request = bank_pb2.FetchBlocksRequest(bank="wide", version="w1", blocks=[
+        bank_pb2.BlockId(level=1, node=i) for i in range(n_blocks)])
     call = ch.unary_stream(FETCH, request_serializer=lambda m: m.SerializeToString(),
                            response_deserializer=bank_pb2.BlockChunk.FromString)
     return call(request, timeout=timeout)
@@ -100,7 +110,7 @@ def test_one_client_cannot_take_every_rpc_slot(lmdb_dir, tmp_path):
                          log_path=tmp_path / "log") as (address, _), \
             Relay(address, source_host="127.0.0.2") as relay, channel(relay.address) as ch:
         # the attacker opens streams and never reads past their first chunk
-        held = [fetch_stream(ch, 64) for _ in range(2)]
+        held = [fetch_stream(ch, 32) for _ in range(2)]
         assert all(next(s).index == 0 for s in held)
         refused = fetch_stream(ch, 1)
         assert code_of(refused) == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -121,7 +131,7 @@ def test_a_client_that_stops_reading_is_ended_after_the_stall_timeout(lmdb_dir, 
     with run_bank_server(lmdb_dir, "--stream-stall-timeout-s", "1",
                          log_path=log) as (address, _), \
             Relay(address, source_host="127.0.0.2") as relay, channel(relay.address) as ch:
-        stream = fetch_stream(ch, 64)             # 113 MiB, no deadline
+        stream = fetch_stream(ch, 32)             # 56 MiB, no deadline
         assert next(stream).index == 0            # ... and then it stops reading
         assert wait_for(lambda: "stalled" in log.read_text(), 30), log.read_text()[-2000:]
         assert "127.0.0.2" in log.read_text()
@@ -134,4 +144,4 @@ def test_a_client_that_stops_reading_is_ended_after_the_stall_timeout(lmdb_dir, 
                 n += 1
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "took no data" in e.value.details()
-        assert n < 64 * 2
+        assert n < 32 * 2
