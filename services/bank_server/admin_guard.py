@@ -64,7 +64,7 @@ class AuthFailures:
         """Count one failure: 0.0 while the peer is within its budget, else the seconds it is
         refused from now on."""
         now = time.monotonic() if now is None else now
-        wait = self.limiter.take(f"peer:{peer}", now)
+        wait = self.limiter.take(f"peer:{peer}", now=now)
         if wait > 0:
             with self._lock:
                 self._blocked[peer] = now + wait

@@ -85,7 +85,7 @@ class RateLimiter:
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # key -> (tokens, t)
         self._lock = threading.Lock()
 
-    def take(self, key: str, cost: float = 1.0, now: float | None = None) -> float:
+    def take(self, key: str, cost: float = 1.0, *, now: float | None = None) -> float:
         """0.0 if `cost` units are admitted (and counted), else seconds until they would be."""
         now = time.monotonic() if now is None else now
         need = min(float(cost), self.burst)
