@@ -63,7 +63,7 @@ from membank.dataplane import (
 from membank.fetch import FetchError
 from services.bank_server.fetchplan import FetchPlan, admit_bytes, plan_fetch, read_block
 from services.bank_server.security import RateLimiter, token_matches
-from services.bank_server.store import BlockStore, LMDBStore
+from services.bank_server.store import BlockStore, LMDBStore, StoreUnavailable
 
 log = logging.getLogger("membank.bank_server.dataplane")
 
@@ -389,7 +389,10 @@ class DataPlaneServer:
         process). Devices fetch the same paths again and again, so most requests skip the
         planning and the JSON of their headers. A refused request is never remembered."""
         key = (req.bank, req.version, req.blocks, req.encoding)
-        generation = self.store.generation()       # before planning: a plan is never older
+        try:
+            generation = self.store.generation()   # before planning: a plan is never older
+        except StoreUnavailable as e:              # a grown map this process could not adopt
+            raise FetchError("UNAVAILABLE", str(e)) from None
         prepared = self._plans.get(key)
         if prepared is not None and prepared.generation == generation:
             return prepared

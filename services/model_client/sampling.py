@@ -40,6 +40,8 @@ class SamplingParams:
         _check_int("top_k", self.top_k, 0)
         if self.seed is not None:
             _check_int("seed", self.seed, 0)
+            if self.seed >= 2 ** 64:   # torch.Generator.manual_seed takes 64 bits
+                raise ValueError(f"seed must be below 2**64, got {self.seed!r}")
         if not _is_real(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a number >= 0 (0 = greedy), "
                              f"got {self.temperature!r}")

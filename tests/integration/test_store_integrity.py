@@ -30,6 +30,7 @@ from services.bank_server.publish import PublishError, publish_in_env
 from services.bank_server.readiness import Readiness
 from services.bank_server.store import LMDBStore
 from services.model_client.bank_client import BankClient, BankError, BlockIntegrityError
+from services.model_client.dataplane_client import DataPlaneClient, dataplane_target
 from testkit.exports import synthetic_export
 
 pytestmark = pytest.mark.integration
@@ -148,8 +149,9 @@ def test_a_map_the_server_cannot_adopt_turns_health_not_serving(small_map_db, bi
                                                                  start_bank_server):
     """The grown map cannot be mapped (the server's address space is capped below it): reads
     cannot recover, so health goes NOT_SERVING and fetches answer UNAVAILABLE, not a crash."""
-    with start_bank_server(small_map_db, "--map-size-gb", "0.002") as (addr, proc), \
-            BankClient(addr) as c:
+    with start_bank_server(small_map_db, "--map-size-gb", "0.002", "--dataplane-port", "0") \
+            as (addr, proc), BankClient(addr) as c, \
+            DataPlaneClient(dataplane_target(addr, proc.dataplane_address), timeout_s=10) as dp:
         m = c.get_manifest("test")
         vm = next(int(line.split()[1]) * 1024 for line in open(f"/proc/{proc.pid}/status")
                   if line.startswith("VmSize:"))
@@ -159,6 +161,9 @@ def test_a_map_the_server_cannot_adopt_turns_health_not_serving(small_map_db, bi
         deadline = time.monotonic() + 20
         with pytest.raises(BankError) as e:
             c.fetch("test", "v1", [(1, 0)], m)
+        assert e.value.code == "UNAVAILABLE"
+        with pytest.raises(BankError) as e:                        # the data plane too
+            dp.fetch("test", "v1", [(1, 0)], m)
         assert e.value.code == "UNAVAILABLE"
         while health(addr) != health_pb2.HealthCheckResponse.NOT_SERVING:
             assert time.monotonic() < deadline, "health never went NOT_SERVING"

@@ -68,6 +68,7 @@ def test_tiny_temperature_does_not_produce_nan():
     (dict(max_tokens=True), "max_tokens"), (dict(temperature=-0.1), "temperature"),
     (dict(temperature=float("nan")), "temperature"), (dict(top_k=-1), "top_k"),
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(seed=-1), "seed"),
+    (dict(seed=2 ** 64), r"below 2\*\*64"),
     (dict(stop=("",)), "stop"), (dict(stop=("x" * 500,)), "stop"), (dict(stop=("a",) * 9), "stop"),
     (dict(stop=(3,)), "stop"),
 ])
