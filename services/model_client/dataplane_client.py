@@ -22,7 +22,8 @@ membank/dataplane.py as the server does).
 block received straight into its buffer (`out[(level, node)]`, else one new bytearray) with
 `recv_into`, hashed piece by piece while the next piece arrives, and returned only when its
 header agrees with the MANIFEST and its bytes hash to the manifest's checksum; otherwise
-BlockIntegrityError. An error frame raises BankError with that gRPC status code; a connection
+BlockIntegrityError. An error frame raises BankError with that gRPC status code (except
+RESOURCE_EXHAUSTED, which is first asked again over gRPC: `grpc_fallback`); a connection
 that fails raises UNAVAILABLE, a passed deadline DEADLINE_EXCEEDED, `cancel()` of the object
 given to `on_call` (it shuts the socket, from any thread) CANCELLED: the codes ShardedFetcher
 acts on. Connections are pooled per client (at most `max_idle` kept open; one per concurrent
@@ -159,12 +160,16 @@ class DataPlaneClient:
     def __init__(self, target: str, timeout_s: float = 10.0, *, token: str | None = None,
                  tls_ca: str | Path | bytes | bool | None = None,
                  tls_server_name: str | None = None, max_idle: int = 8,
-                 rcvbuf: int | None = None, bank_client: BankClient | None = None):
+                 rcvbuf: int | None = None, bank_client: BankClient | None = None,
+                 grpc_fallback: bool = True):
         """`target`: "HOST:GRPC_PORT+DATAPLANE_PORT". `timeout_s`: the default deadline of a
         call. `max_idle`: pooled connections kept open. `rcvbuf`: SO_RCVBUF of data plane
         connections in bytes (None: RCVBUF; 0: the kernel's autotuning). `bank_client`: the
         gRPC client for everything but fetch (default: a BankClient on HOST:GRPC_PORT with the
-        same settings)."""
+        same settings). `grpc_fallback`: a fetch the data plane refuses with
+        RESOURCE_EXHAUSTED (its connection slots taken, e.g. by other peers) is asked of the
+        same server over gRPC within the same deadline, so a device is not left without
+        memory while gRPC, admitted separately, can serve it (counted in `fallbacks`)."""
         self.target = target
         self.grpc_target, self.host, self.port = parse_target(target)
         self.timeout_s = timeout_s
@@ -179,6 +184,8 @@ class DataPlaneClient:
         self._plans: dict[tuple, _Plan] = {}       # see _plan
         self._lock = threading.Lock()
         self._closed = False
+        self.grpc_fallback = grpc_fallback
+        self.fallbacks = 0
 
     # -- control: gRPC ------------------------------------------------------------------------
     def get_manifest(self, bank: str, version: str = "", *,
@@ -223,6 +230,14 @@ class DataPlaneClient:
         _in_flight.add(1)
         try:
             return self._fetch(plan, views, deadline, call)
+        except BankError as e:
+            remaining = deadline - time.monotonic()
+            if (e.code != "RESOURCE_EXHAUSTED" or not self.grpc_fallback or call.cancelled
+                    or remaining <= 0):
+                raise
+            self.fallbacks += 1
+            return self.grpc.fetch(bank, version, blocks, manifest, out=out,
+                                   timeout_s=remaining, on_call=on_call, encoding=encoding)
         finally:
             _in_flight.add(-1)
 

@@ -30,7 +30,7 @@ from membank.dataplane import MAGIC, PREFIX
 from membank.v1 import bank_pb2
 from services.bank_server.ingest import ingest
 from services.bank_server.store import acquire_env, release_env
-from services.model_client.bank_client import BankClient
+from services.model_client.bank_client import BankClient, BankError
 from services.model_client.dataplane_client import DataPlaneClient, dataplane_target
 from tests.conftest import run_bank_server
 
@@ -163,6 +163,26 @@ def test_one_peer_cannot_take_every_connection(lmdb_dir, tmp_path):
         assert seen.get("PERMISSION_DENIED", 0) >= 8, seen
         assert seen.get("RESOURCE_EXHAUSTED", 0) >= 1, seen       # over its per-peer share
 
+
+def test_a_device_refused_by_a_full_data_plane_is_served_over_grpc(lmdb_dir, tmp_path):
+    """Every data plane slot taken (here 1, by one idle attacker socket; in the field, peers from
+    many addresses): the device's fetch is refused RESOURCE_EXHAUSTED and asked again over the
+    same server's gRPC, admitted separately, so the device still answers with memory."""
+    with start(lmdb_dir, tmp_path / "log", "--dataplane-max-connections", "1",
+               "--no-admin") as (address, proc):
+        hog = attacker_socket(dp_addr(proc))
+        try:
+            target = dataplane_target(address, proc.dataplane_address)
+            with DataPlaneClient(target, timeout_s=10, grpc_fallback=False) as device:
+                m = device.get_manifest("test")
+                with pytest.raises(BankError) as e:
+                    device.fetch("test", "v1", [(1, 0), (2, 1)], m)
+                assert e.value.code == "RESOURCE_EXHAUSTED"
+            with DataPlaneClient(target, timeout_s=10) as device:
+                got = device.fetch("test", "v1", [(1, 0), (2, 1)], m)
+                assert sorted(got) == [(1, 0), (2, 1)] and device.fallbacks == 1
+        finally:
+            hog.close()
 
 def eof(sock) -> bool:
     """Whether the server has closed `sock` (without waiting)."""
