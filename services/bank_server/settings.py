@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from membank.secrets import read_secret
+from services.bank_server.store import MAX_READERS
 
 
 class BankServerSettings(BaseSettings):
@@ -28,8 +29,8 @@ class BankServerSettings(BaseSettings):
     redis_ttl_s: int = Field(default=3600, gt=0)
     max_workers: int = Field(default=4, ge=1)           # threads for blocking LMDB/Redis reads
     # non-health RPCs at once, server-wide (admission.py; health checks never count); beyond
-    # this: RESOURCE_EXHAUSTED; None: no server-wide cap
-    max_concurrent_rpcs: int | None = Field(default=256, ge=1)
+    # this: RESOURCE_EXHAUSTED (always capped: each stream may hold an LMDB reader slot)
+    max_concurrent_rpcs: int = Field(default=256, ge=1)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # -- storage: shards and cache tiers (services/bank_server/tiers.py, cache.py) -------------
@@ -114,6 +115,19 @@ class BankServerSettings(BaseSettings):
     admin_auth_fail_burst: int = Field(default=10, ge=1)       # beyond: 429 with Retry-After
     metrics_min_interval_s: float = Field(default=1.0, ge=0)   # /metrics collects at most this
     #                                                            often; scrapes between share it
+
+    @model_validator(mode="after")
+    def _readers_fit(self) -> "BankServerSettings":
+        # every FetchBlocks stream and data plane send holds an LMDB read transaction; past the
+        # store's reader slots reads fail (MDB_READERS_FULL) for everyone. A quarter of the
+        # slots stays for ingest, gc and a second server on the same directory.
+        held = self.max_concurrent_rpcs + self.dataplane_max_connections + self.max_workers
+        if held > MAX_READERS * 3 // 4:
+            raise ValueError(f"max_concurrent_rpcs + dataplane_max_connections + max_workers "
+                             f"must be at most {MAX_READERS * 3 // 4} (LMDB has {MAX_READERS} "
+                             f"reader slots), got {self.max_concurrent_rpcs} + "
+                             f"{self.dataplane_max_connections} + {self.max_workers}")
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "BankServerSettings":

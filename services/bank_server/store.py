@@ -73,6 +73,10 @@ from membank.blocks import checksum
 from membank.keys import SHARD_KEY, current_key, manifest_key, manifest_prefix, version_info_key
 from membank.manifest import Manifest
 
+# LMDB reader slots of a store directory, shared by every process that opens it (servers,
+# ingest, gc): each in-flight block read holds one (settings.py checks the server's caps fit)
+MAX_READERS = 512
+
 log = logging.getLogger(__name__)
 
 # values at least this large get an explicit MADV_WILLNEED (one big read instead of page faults)
@@ -206,7 +210,7 @@ def open_env(path: str | Path, map_size: int, *, readonly: bool,
         # blocks are MBs of contiguous overflow pages read whole: readahead (plus WILLNEED in
         # LMDBStore.read) turns a cold block into a few large reads instead of 4 KiB faults
         readahead=True,
-        max_readers=512,
+        max_readers=MAX_READERS,
         max_dbs=0,
         subdir=True,
     )

@@ -33,3 +33,13 @@ def test_invalid(monkeypatch):
     monkeypatch.delenv("MEMBANK_SERVER_PORT", raising=False)
     with pytest.raises(ValidationError):
         BankServerSettings.from_args(["--port", "70000"])
+
+
+def test_caps_must_leave_lmdb_reader_slots():
+    """Each in-flight FetchBlocks stream and data plane send holds one of LMDB's 512 reader
+    slots (shared with ingest and gc): caps that could take them all are refused at start."""
+    BankServerSettings.from_args(["--max-concurrent-rpcs", "300"])
+    with pytest.raises(ValidationError, match="reader slots"):
+        BankServerSettings.from_args(["--max-concurrent-rpcs", "400"])
+    with pytest.raises(ValidationError, match="reader slots"):
+        BankServerSettings.from_args(["--dataplane-max-connections", "380"])
