@@ -30,7 +30,11 @@ class Relay:
                         reader timestamps, a writer releases, so order and throughput are kept
                         and the round trip grows by 2 delay_s (fixed at construction)
       stall_p, stall_s  each server -> client chunk is held `stall_s` with probability `stall_p`
-      hold              while True, server -> client chunks wait (a hung server)
+      hold              while True, server -> client chunks wait (a hung server, or, seen from
+                        the server, a client that stops reading)
+      source_host       the address the upstream connections are made from (e.g. "127.0.0.2":
+                        a second loopback peer, so per-peer limits see another client than
+                        the tests' 127.0.0.1); None: the kernel's choice
     `stall_p`, `stall_s` and `hold` may change while it runs. Chunks are up to `chunk_bytes`
     (a stall per chunk: the chunk size sets how slow a stalled stream is). Counters:
     `connections`, `chunks` (server -> client), `stalls`. The end of a stream is passed on as
@@ -39,8 +43,9 @@ class Relay:
 
     def __init__(self, upstream: str, *, listen_host: str = "127.0.0.1", delay_s: float = 0.0,
                  stall_p: float = 0.0, stall_s: float = 0.0, hold: bool = False,
-                 chunk_bytes: int = 1 << 16, seed: int = 0):
+                 chunk_bytes: int = 1 << 16, seed: int = 0, source_host: str | None = None):
         self.upstream, self.delay_s, self.chunk_bytes = upstream, delay_s, chunk_bytes
+        self.source = (source_host, 0) if source_host else None
         self.stall_p, self.stall_s, self.hold = stall_p, stall_s, hold
         self.rng = random.Random(seed)
         self.connections = self.chunks = self.stalls = 0
@@ -60,7 +65,8 @@ class Relay:
                 return
             host, port = self.upstream.rsplit(":", 1)
             try:
-                server = socket.create_connection((host, int(port)), timeout=10)
+                server = socket.create_connection((host, int(port)), timeout=10,
+                                                  source_address=self.source)
                 server.settimeout(None)
             except OSError:
                 client.close()
