@@ -20,9 +20,10 @@ Legitimate clients, all from 127.0.0.1:
                target GRPC_PORT+DATAPLANE_PORT: manifest over gRPC, block bodies over the data
                plane) doing prompts in a loop: re-read the manifest when older than
                `--manifest-ttl-s` (as MemoryModel does), pick a random root-to-leaf path, fetch
-               its blocks (one request, every block verified). A prompt fails when anything
-               raises or a block is missing (a device answering without memory has failed);
-               fetch p50 / p99 are over the successful fetches.
+               its blocks (one request, every block verified); every `--device-churn` prompts
+               a device starts over with a new client (devices come and go: new connections).
+               A prompt fails when anything raises or a block is missing (a device answering
+               without memory has failed); fetch p50 / p99 are over the successful fetches.
   device HTTP  the device's HTTP server (services/model_client/http_server.py, the small model,
                its bank on the shard's data plane) asked POST /v1/generate in a loop; a prompt
                fails unless it answers 200 with memory attached.
@@ -33,7 +34,7 @@ token, as any device does (a device's token can be extracted), never the admin t
   1 grpc_watch     `--watch-streams` Health/Watch streams (no token needed) kept open
     grpc_pin       `--pin-fetches` FetchBlocks of 27.5 MB blocks, no deadline, never read
   2 dp_slots       `--dp-junk-conns` data plane connections, each sending a request with a
-                   wrong token every 0.5 s (reconnecting when closed)
+                   wrong token every 0.5 s (a closed one opened again within 20 ms)
   3 slow_readers   `--slow-readers` data plane fetches of level-1 blocks, each reading 16 bytes
                    every 2 s through a 4 KiB receive buffer
   4 admin_body     POST /v1/publish without a token, a `--admin-body-mb` JSON body, in a loop
@@ -98,6 +99,7 @@ class AbuseSettings:
     devices: int = 2
     think_s: float = 0.2                  # a device's pause between prompts
     manifest_ttl_s: float = 1.0
+    device_churn: int = 10                # a device opens a new bank client every N prompts
     device_timeout_s: float = 10.0        # a device's deadline per bank call
     device_http: bool = True
     http_timeout_s: float = 30.0          # a legitimate generate request's deadline
@@ -203,10 +205,15 @@ def device_loop(run: Run, s: AbuseSettings, target: str, token: str, seed: int) 
 
     rng = random.Random(seed)
     bank = open_bank(target, timeout_s=s.device_timeout_s, token=token)
-    manifest, read_at = None, 0.0
+    manifest, read_at, prompts = None, 0.0, 0
     try:
         while not run.stop_load.is_set():
             phase = run.phase
+            prompts += 1
+            if s.device_churn and prompts % s.device_churn == 0:
+                # devices come and go (wake-ups, network changes): a new client, new connections
+                bank.close()
+                bank = open_bank(target, timeout_s=s.device_timeout_s, token=token)
             try:
                 if manifest is None or time.monotonic() - read_at > s.manifest_ttl_s:
                     manifest, read_at = bank.get_manifest(BANK), time.monotonic()
@@ -411,8 +418,10 @@ def attack_dp_slots(t: Target, stop: threading.Event) -> None:
     token every 0.5 s; the answers are read and dropped; closed ones are opened again."""
     junk = _dp_request([[1, 0]], "not-the-token")
     socks: list[socket.socket] = []
+    next_junk = 0.0
     try:
         while not stop.is_set():
+            # a slot a device frees is taken within 20 ms
             while len(socks) < t.settings.dp_junk_conns and not stop.is_set():
                 try:
                     socks.append(attacker_socket(t.dataplane, 1.0))
@@ -420,16 +429,20 @@ def attack_dp_slots(t: Target, stop: threading.Event) -> None:
                 except OSError:
                     t.count("dp_slots", "connect_failed")
                     break
+            junk_now = time.monotonic() >= next_junk
+            if junk_now:
+                next_junk = time.monotonic() + 0.5
             for s in list(socks):
                 try:
                     s.settimeout(0.5)
-                    s.sendall(junk)
-                    t.count("dp_slots", "requests")
-                    _drain(s)
+                    if junk_now:
+                        s.sendall(junk)
+                        t.count("dp_slots", "requests")
+                    _drain(s)       # refused (server full): an error frame, then the close
                 except OSError:
                     socks.remove(s)
                     s.close()
-            stop.wait(0.5)
+            stop.wait(0.02)
     finally:
         _close(socks)
 
@@ -890,6 +903,9 @@ def parse_args(argv: list[str] | None) -> AbuseSettings:
     p.add_argument("--devices", type=int, default=d.devices)
     p.add_argument("--think-s", type=float, default=d.think_s)
     p.add_argument("--manifest-ttl-s", type=float, default=d.manifest_ttl_s)
+    p.add_argument("--device-churn", type=int, default=d.device_churn,
+                   help="a device opens a new bank client (new connections) every N prompts; "
+                        "0: one client for the whole run")
     p.add_argument("--device-timeout-s", type=float, default=d.device_timeout_s)
     p.add_argument("--no-device-http", dest="device_http", action="store_false")
     p.add_argument("--http-timeout-s", type=float, default=d.http_timeout_s)
@@ -920,6 +936,7 @@ def parse_args(argv: list[str] | None) -> AbuseSettings:
         phase_s=a.phase_s if a.phase_s is not None else (5.0 if a.quick else d.phase_s),
         warmup_s=a.warmup_s if a.warmup_s is not None else (1.0 if a.quick else d.warmup_s),
         devices=a.devices, think_s=a.think_s, manifest_ttl_s=a.manifest_ttl_s,
+        device_churn=a.device_churn,
         device_timeout_s=a.device_timeout_s, device_http=a.device_http,
         http_timeout_s=a.http_timeout_s, rate_limit_rps=a.rate_limit_rps,
         rate_limit_burst=a.rate_limit_burst, max_concurrent_rpcs=a.max_concurrent_rpcs,
