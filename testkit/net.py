@@ -30,9 +30,11 @@ class Relay:
                         reader timestamps, a writer releases, so order and throughput are kept
                         and the round trip grows by 2 delay_s (fixed at construction)
       stall_p, stall_s  each server -> client chunk is held `stall_s` with probability `stall_p`
-      hold              while True, server -> client chunks wait (a hung server, or a
-                        client that stopped reading)
-      source_host       the address the relay connects to the upstream from (another peer)
+      hold              while True, server -> client chunks wait (a hung server, or, seen from
+                        the server, a client that stops reading)
+      source_host       the address the upstream connections are made from (e.g. "127.0.0.2":
+                        a second loopback peer, so per-peer limits see another client than
+                        the tests' 127.0.0.1); None: the kernel's choice
     `stall_p`, `stall_s` and `hold` may change while it runs. Chunks are up to `chunk_bytes`
     (a stall per chunk: the chunk size sets how slow a stalled stream is). Counters:
     `connections`, `chunks` (server -> client), `stalls`. The end of a stream is passed on as

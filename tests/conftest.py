@@ -14,7 +14,6 @@ Run: `.venv/bin/python -m pytest -q tests/unit tests/integration`
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import select
 import subprocess
@@ -24,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from membank.config import get_preset
 from services.bank_server import launch
 from services.bank_server.cluster import LocalRedis
 from testkit.exports import synthetic_export
+from testkit.models import TINY_TEXTS, make_model_export  # noqa: F401 (fixtures and tests)
 from testkit.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,35 +115,8 @@ def redis_server(tmp_path):
 
 
 # -- a whole tiny model export (anchor + tokenizer + router + bank), no training ---------------
-TINY_TEXTS = ["The atomic number of Ruthenium is 44.", "Hydrogen is the lightest element.",
-              "Gold (Au) has atomic number 79.", "Ångström, café, naïve, 日本, Zürich."]
-
-
-def make_model_export(out: Path, seed: int = 0, preset: str = "tiny",
-                      max_seq_len: int | None = None) -> Path:
-    """A random-weight model exported like training does (bank "test", version "v1"; with
-    `tiny`, the same shapes as `tiny_export`): enough to load, route, fetch and decode in
-    seconds. `max_seq_len`: a longer context than the preset's (long generations)."""
-    from membank.nn.model import Transformer
-    from membank.router import Router
-    from training.export import export
-    from training.tokenizer import train_tokenizer
-
-    cfg = get_preset(preset)
-    if max_seq_len is not None:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
-                                                                 max_seq_len=max_seq_len))
-    torch.manual_seed(seed)
-    model = Transformer(cfg).eval()
-    out.mkdir(parents=True, exist_ok=True)
-    tok = out.parent / f"{out.name}-tokenizer.json"
-    train_tokenizer(TINY_TEXTS * 4, cfg.model.vocab_size, tok)
-    mc, k = cfg.memory, cfg.memory.branching
-    router = Router(k, mc.depth, 384, [torch.randn(k ** l, k, 384) for l in range(mc.depth)])
-    levels = [torch.randn(k ** l, *mc.block_shape(cfg.model, l)) * 0.02
-              for l in range(1, mc.depth + 1)]
-    export(out, cfg, model, levels, tok, router, bank_id="test", version="v1")
-    return out
+# the builder lives in testkit/models.py (benchmarks/abuse.py uses it too); imported here so that
+# tests keep `from tests.conftest import make_model_export, TINY_TEXTS`
 
 
 @pytest.fixture(scope="session")
