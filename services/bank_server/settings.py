@@ -74,8 +74,9 @@ class BankServerSettings(BaseSettings):
     dataplane_sndbuf_kb: int = Field(default=0, ge=0)          # SO_SNDBUF; 0: kernel autotuning
 
     # -- gRPC admission and stream limits (issue 16 point 1: admission.py, servicer.py) -------
-    # one client (IP) may hold this many of the max_concurrent_rpcs slots: it cannot take all
-    max_rpcs_per_peer: int | None = Field(default=64, ge=1)
+    # one client (IP) may hold this many of the max_concurrent_rpcs slots: it cannot take all;
+    # None: a quarter of max_concurrent_rpcs (64 of 256), so a lowered global cap lowers it too
+    max_rpcs_per_peer: int | None = Field(default=None, ge=1)
     # Health/Watch streams never end by themselves: few per client, a bounded number in all,
     # each ended (OK) after health_watch_max_s; Health/Check is never limited (the probe)
     max_health_watches_per_peer: int = Field(default=2, ge=0)
@@ -92,8 +93,9 @@ class BankServerSettings(BaseSettings):
     # -- one peer must not deny service to others (issue 16: data plane slots, slow readers,
     #    amplification; dataplane.py, fetchplan.py admit_bytes) --------------------------------
     # data plane connections one client address may hold (more: RESOURCE_EXHAUSTED, closed),
-    # within dataplane_max_connections: a single peer can take at most this share of the slots
-    dataplane_max_connections_per_peer: int = Field(default=8, ge=1)
+    # within dataplane_max_connections: a single peer can take at most this share of the slots;
+    # None: an eighth of dataplane_max_connections (8 of 64)
+    dataplane_max_connections_per_peer: int | None = Field(default=None, ge=1)
     # slowest send the data plane keeps up: an answer must be sent within
     # dataplane_send_timeout_s + its bytes at this rate, else the connection is dropped (a
     # client reading a few bytes at a time cannot hold a thread and an LMDB read snapshot)
@@ -115,6 +117,15 @@ class BankServerSettings(BaseSettings):
     admin_auth_fail_burst: int = Field(default=10, ge=1)       # beyond: 429 with Retry-After
     metrics_min_interval_s: float = Field(default=1.0, ge=0)   # /metrics collects at most this
     #                                                            often; scrapes between share it
+
+    @model_validator(mode="after")
+    def _per_peer_shares(self) -> "BankServerSettings":
+        # per-client caps follow the server-wide ones unless set: one peer never holds them all
+        if self.max_rpcs_per_peer is None:
+            self.max_rpcs_per_peer = max(1, self.max_concurrent_rpcs // 4)
+        if self.dataplane_max_connections_per_peer is None:
+            self.dataplane_max_connections_per_peer = max(1, self.dataplane_max_connections // 8)
+        return self
 
     @model_validator(mode="after")
     def _readers_fit(self) -> "BankServerSettings":

@@ -43,3 +43,13 @@ def test_caps_must_leave_lmdb_reader_slots():
         BankServerSettings.from_args(["--max-concurrent-rpcs", "400"])
     with pytest.raises(ValidationError, match="reader slots"):
         BankServerSettings.from_args(["--dataplane-max-connections", "380"])
+
+
+def test_per_client_caps_follow_the_server_wide_caps():
+    s = BankServerSettings.from_args([])
+    assert (s.max_rpcs_per_peer, s.dataplane_max_connections_per_peer) == (64, 8)
+    s = BankServerSettings.from_args(["--max-concurrent-rpcs", "8",
+                                      "--dataplane-max-connections", "4"])
+    assert (s.max_rpcs_per_peer, s.dataplane_max_connections_per_peer) == (2, 1)
+    s = BankServerSettings.from_args(["--max-concurrent-rpcs", "8", "--max-rpcs-per-peer", "8"])
+    assert s.max_rpcs_per_peer == 8
