@@ -524,8 +524,8 @@ def test_auth_and_tls(lmdb_dir, tmp_path, exported):
 # -- limits: connections, slowloris, idle, stale pooled connections --------------------------------
 def test_connection_limit_slowloris_idle_and_stale_connections(lmdb_dir, tmp_path, exported,
                                                                 monkeypatch):
-    flags = ["--dataplane-max-connections", "2", "--dataplane-request-timeout-s", "1",
-             "--dataplane-idle-timeout-s", "1", "--no-admin"]
+    flags = ["--dataplane-max-connections", "2", "--dataplane-max-connections-per-peer", "2",
+             "--dataplane-request-timeout-s", "1", "--dataplane-idle-timeout-s", "1", "--no-admin"]
     with start(lmdb_dir, tmp_path / "log", *flags) as (address, proc):
         srv = Server(address, proc)
         a = socket.create_connection(srv.dp_addr, timeout=10)
