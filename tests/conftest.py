@@ -29,6 +29,7 @@ from membank.config import get_preset
 from services.bank_server import launch
 from services.bank_server.cluster import LocalRedis
 from testkit.exports import synthetic_export
+from testkit.keys import signing_key
 from testkit.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,12 +64,20 @@ def big_export(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def lmdb_dir(tmp_path_factory, tiny_export, big_export) -> Path:
-    """One LMDB holding both banks, published."""
+    """One LMDB holding both banks, published, signed with the test key."""
     from services.bank_server.ingest import ingest
     path = tmp_path_factory.mktemp("lmdb") / "bank.lmdb"
-    ingest(tiny_export, path, progress=False, map_size=1 << 30)
-    ingest(big_export, path, progress=False, map_size=1 << 30)
+    # signed with the test operator's key (testkit/keys.py), as a real deployment signs
+    ingest(tiny_export, path, progress=False, map_size=1 << 30, signing_key=signing_key())
+    ingest(big_export, path, progress=False, map_size=1 << 30, signing_key=signing_key())
     return path
+
+
+@pytest.fixture(scope="session")
+def trusted_key_file(tmp_path_factory) -> Path:
+    """The test signing key's public half as a PEM file, for `--trusted-keys`."""
+    from testkit.keys import write_public_key
+    return write_public_key(tmp_path_factory.mktemp("keys") / "test.pub")
 
 
 # -- subprocesses ----------------------------------------------------------------------------
