@@ -169,6 +169,12 @@ def start_ingest_writing(export: Path, db: Path, *flags: str, timeout: float = 6
     raise RuntimeError("ingest did not start writing")
 
 
+def as_exported(manifest):
+    """`manifest` without what ingest adds to an export's (issue 16: every block's digest and
+    the signature), to compare a stored or served manifest with the export's."""
+    return manifest.model_copy(update={"digests": {}, "signature": None})
+
+
 class FakeEmbedder:
     """A stable 384-d unit vector per text: routing without loading MiniLM (different prompts
     may take different paths)."""

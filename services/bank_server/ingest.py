@@ -230,14 +230,12 @@ def ingest(export_dir: str | Path, lmdb_path: str | Path, *, version: str | None
     _check_shards(manifest, targets)
     # the router rides with the version (for the Route RPC); invisible until `current` switches
     store_router(lmdb_path, export_dir, manifest.bank, manifest.version, map_size=map_size)
-    only = set(shard_blocks(manifest, shard_id)) if shard_id is not None else None
     encodings = _encodings(encodings)
-    # the manifest lists every block's checksum in every encoding, and every shard must store
-    # the same manifest: with encodings, a shard's ingest reads and encodes every block (and
+    # the manifest lists every block's digest (and checksum in every encoding), and every shard
+    # must store the same (signed) manifest: a shard's ingest reads and hashes every block (and
     # stores, as always, only those placement gives it)
-    read = None if encodings else only
-    total = sum(manifest.block_nbytes(l) for l, _ in (read or manifest.blocks()))
-    blocks = iter_blocks(export_dir, manifest, read)
+    total = sum(manifest.block_nbytes(l) for l, _ in manifest.blocks())
+    blocks = iter_blocks(export_dir, manifest)
     return _write(manifest, blocks, targets, verify=True, publish=publish, progress=progress,
                   total_bytes=total, batch_bytes=batch_bytes, map_size=map_size, resume=resume,
                   source=str(export_dir), max_bytes_per_s=max_bytes_per_s, writemap=writemap,
