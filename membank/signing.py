@@ -74,6 +74,15 @@ def write_key_pair(out_dir: str | Path, name: str = "membank",
 
 
 def load_signing_key(path: str | Path) -> Ed25519PrivateKey:
+    """The private key in PEM file `path`, or in the one `*.key` file of directory `path` (a
+    keys volume whose file name carries the key id)."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob(f"*{PRIVATE_SUFFIX}"))
+        if len(found) != 1:
+            raise SignatureError(f"{path} holds {len(found)} *{PRIVATE_SUFFIX} files; name the "
+                                 f"signing key's file")
+        path = found[0]
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as e:

@@ -10,9 +10,18 @@ import pytest
 
 from membank.blocks import digest
 from membank.manifest import Manifest, canonical_json
-from membank.signing import (SignatureError, Trust, TrustedKeys, generate_key, key_id,
-                             load_public_key, load_signing_key, sign_manifest, verify_manifest,
-                             write_key_pair)
+from membank.signing import (
+    SignatureError,
+    Trust,
+    TrustedKeys,
+    generate_key,
+    key_id,
+    load_public_key,
+    load_signing_key,
+    sign_manifest,
+    verify_manifest,
+    write_key_pair,
+)
 from testkit.keys import signing_key
 
 
