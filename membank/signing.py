@@ -15,7 +15,7 @@ Keys: Ed25519 (the `cryptography` package). Private key: PKCS#8 PEM, unencrypted
 mode 0600 (`<name>-<key id>.key`); public key: SubjectPublicKeyInfo PEM (`<name>-<key id>.pub`).
 A key id is 16 hex digits of the SHA-256 of the raw 32-byte public key; a signature names the
 key id that made it, so a device can pin several keys at once (rotation: pin new + old, sign
-with new, unpin old; README "Signing keys").
+with new, unpin old; deploy/README.md "Signing keys").
 
 Policy (`Trust`): an unsigned manifest is refused unless `allow_unsigned` (development only;
 blocks are then checked against whatever the manifest lists); a signature by an unpinned key or

@@ -14,7 +14,9 @@
 The prompt is embedded and routed on the device; the bank only ever sees block ids. Fetched
 memory goes into room preallocated once, (1, L, n_mats, R, W), one slice of R per level, so a new
 prompt copies only the levels whose node changed and never reallocates. A block is attached only
-after its checksum matched the manifest (the Bank verifies it: services/model_client/bank.py).
+after its bytes matched the manifest's digest (the Bank verifies it: services/model_client/bank.py),
+and a manifest is used only when a key the device pins signed it (`trust`, membank/signing.py;
+otherwise the answer is anchor-only and says why).
 When no bank can be reached the model decodes anchor-only and says so in the result.
 
 `bank` is a target string or {shard id: target} (services/model_client/targets.py open_bank),
