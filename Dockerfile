@@ -67,11 +67,12 @@ FROM ${PYTHON_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     MEMBANK_SERVER_HOST=0.0.0.0 MEMBANK_SERVER_PORT=50051 MEMBANK_SERVER_LMDB_PATH=/data/bank
 # uid/gid 10001: fixed, so volumes and Kubernetes' runAsUser/fsGroup agree with the image.
-# /data/run (training output) and /data/bank (a shard's LMDB) are created here, owned by the
-# user, so that named volumes mounted there start out writable by it.
+# /data/run (training output), /data/bank (a shard's LMDB) and /data/keys (compose's signing key
+# pair, 0700) are created here, owned by the user, so that named volumes mounted there start
+# out writable by it.
 RUN groupadd --system --gid 10001 membank \
  && useradd --system --uid 10001 --gid membank --home-dir /home/membank --create-home membank \
- && mkdir -p /data/run /data/bank /app \
+ && mkdir -p /data/run /data/bank /data/keys /app && chmod 0700 /data/keys \
  && chown -R membank:membank /data /app
 WORKDIR /app
 USER 10001:10001

@@ -54,6 +54,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from benchmarks.linkemu import Link, LinkSpec, ProbeServer, probe, unavailable_reason
+from testkit.keys import signing_key, trust
 from testkit.stats import median
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,7 +116,8 @@ def build_paper_bank(lmdb: Path, bank: str, ranks: tuple[int, ...], branching: i
         [""] * (branching ** l if r else 0) for l, r in enumerate(ranks, 1)]})
     blocks = ((lv, n, block_bytes(seed, lv, n, skeleton.block_nbytes(lv)))
               for lv, n in skeleton.blocks())
-    return ingest_stream({None: lmdb}, header, blocks, progress=False, map_size=4 << 30)
+    return ingest_stream({None: lmdb}, header, blocks, progress=False, map_size=4 << 30,
+                         signing_key=signing_key())     # the device verifies as deployed
 
 
 # -- the device side (worker subprocess) --------------------------------------------------------
@@ -137,7 +139,7 @@ def worker(job: dict) -> dict:
         # -- 1. TTFT, demo-shaped model ----------------------------------------------------------
         big = 1 << 34   # the device cache never evicts in these scenarios
         model = MemoryModel.from_pretrained(job["export"], cache=DeviceCache(big),
-                                            manifest_ttl_s=3600)
+                                            manifest_ttl_s=3600, trust=trust())
         model.warmup()
         bank = stack.enter_context(open_bank(job["demo_bank"], timeout_s=600))
         bank.health(timeout_s=30)   # connect the channel
@@ -210,7 +212,8 @@ def paper_worker(job: dict, tokenizer, stack: ExitStack) -> dict:
         banks[name] = stack.enter_context(open_bank(addr, timeout_s=900))
         banks[name].health(timeout_s=30)
         m = banks[name].get_manifest(f"paper-{name}")
-        models[name] = MemoryModel(cfg, anchor, tokenizer, None, m, cache=None, manifest_ttl_s=3600)
+        models[name] = MemoryModel(cfg, anchor, tokenizer, None, m, cache=None, manifest_ttl_s=3600,
+                                   trust=trust())
         models[name].bank_view(banks[name]).manifest()   # read once: the load is blocks only
     PaperModels.hier = models["hier"]
     ids = tokenizer.encode(PROMPTS[0]).ids
@@ -520,7 +523,8 @@ def main(argv: list[str] | None = None) -> dict:
             # -- banks -------------------------------------------------------------------------
             export = (Path(args.export) if args.export
                       else build_demo_export(work / "export", args.preset))
-            ingest(export, work / "demo.lmdb", progress=False, map_size=1 << 30)
+            ingest(export, work / "demo.lmdb", progress=False, map_size=1 << 30,
+                   signing_key=signing_key())
             servers = {}
 
             def serve(name: str, lmdb: Path) -> str:

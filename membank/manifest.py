@@ -8,14 +8,24 @@ to the checksum listed here.
 checksum table, e.g. {"int8": [[xxh3 per node] per level]} (membank/quant.py); absent or empty:
 native blocks only. It is left out of the JSON when empty, so a native-only manifest stays
 readable by readers that forbid unknown fields.
+
+Trust (membank/signing.py): ingest lists a cryptographic digest of every block in every
+encoding (`digest_algo`, `digests`: {"native": table, "int8": table}, laid out as `checksums`)
+and signs the manifest with the operator's Ed25519 key (`signature`). The signature covers
+`signed_bytes()`: the canonical JSON (`canonical_json`) of the manifest without its signature
+and without fields at their defaults, so a field added later (with a default) leaves old
+signatures valid. The device pins the operator's public key(s) and checks a block against its
+signed digest (`block_check`); the xxh3 checksums stay the bank server's accident check.
+Left out of the JSON when absent, like `encodings`.
 """
 from __future__ import annotations
 
+import json
 from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from membank.blocks import CHECKSUM_ALGO, block_nbytes
+from membank.blocks import CHECKSUM_ALGO, DIGEST_ALGO, block_nbytes
 from membank.config import N_MATS
 from membank.placement import owners
 from membank.quant import NATIVE, encoded_nbytes, label
@@ -32,6 +42,37 @@ class BlockHeader(NamedTuple):
     nbytes: int
     dtype: str            # the bank dtype, or the encoding's name ("int8")
     shape: tuple[int, ...]
+
+
+def canonical_json(value) -> bytes:
+    """The one canonical JSON encoding (what a manifest signature covers): keys sorted, no
+    whitespace, ASCII only (non-ASCII as \\u escapes), UTF-8. Only strings, integers, booleans,
+    null, lists and string-keyed objects: floats are refused (their text is not canonical
+    across languages) and so are other key types."""
+    def check(v) -> None:
+        if isinstance(v, float):
+            raise ValueError(f"canonical JSON has no floats ({v!r})")
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise ValueError(f"canonical JSON keys are strings, not {k!r}")
+                check(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                check(x)
+    check(value)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")
+
+
+class ManifestSignature(BaseModel):
+    """An Ed25519 signature of `Manifest.signed_bytes()` by the key `key_id` (membank/signing.py
+    `key_id`: 16 hex digits of the SHA-256 of the raw public key), base64 (64 bytes)."""
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    algo: Literal["ed25519"] = "ed25519"
+    key_id: str = Field(pattern=r"^[0-9a-f]{16}$")
+    value: str = Field(pattern=r"^[A-Za-z0-9+/]{86}==$")
 
 
 class Manifest(BaseModel):
@@ -62,6 +103,11 @@ class Manifest(BaseModel):
     # encoding -> checksums[l-1][node] of every block in that encoding (same layout as
     # `checksums`); written by ingest together with the encoded blocks
     encodings: dict[Literal["int8"], list[list[str]]] = Field(default_factory=dict)
+    # cryptographic digest of every block per encoding ("native", "int8"), each table laid out as
+    # `checksums`; what the device checks a block against when the manifest is signed
+    digest_algo: Literal["blake3", "sha256"] = DIGEST_ALGO
+    digests: dict[Literal["native", "int8"], list[list[str]]] = Field(default_factory=dict)
+    signature: ManifestSignature | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":
@@ -81,6 +127,19 @@ class Manifest(BaseModel):
                     any(len(a) != len(b) for a, b in zip(table, self.checksums)):
                 raise ValueError(f"encodings[{enc!r}] must have one checksum per block, laid out "
                                  f"as checksums ({[len(c) for c in self.checksums]} per level)")
+        for enc, table in self.digests.items():
+            if enc != "native" and enc not in self.encodings:
+                raise ValueError(f"digests[{enc!r}] lists an encoding the version does not hold")
+            if len(table) != len(self.checksums) or \
+                    any(len(a) != len(b) for a, b in zip(table, self.checksums)):
+                raise ValueError(f"digests[{enc!r}] must have one digest per block, laid out "
+                                 f"as checksums ({[len(c) for c in self.checksums]} per level)")
+        if self.signature is not None and \
+                set(self.digests) != {"native", *self.encodings}:
+            # a signature vouches for block bytes only through digests: every encoding a device
+            # may fetch needs its table
+            raise ValueError("a signed manifest needs digests for native and every encoding "
+                             f"({['native', *sorted(self.encodings)]}), has {sorted(self.digests)}")
         if not self.shards or len(set(self.shards)) != len(self.shards):
             raise ValueError("shards must be a non-empty list of distinct ids")
         return self
@@ -136,6 +195,14 @@ class Manifest(BaseModel):
             return self.checksums[level - 1][node]
         return self.encodings[encoding][level - 1][node]
 
+    def block_check(self, level: int, node: int, encoding: str = NATIVE) -> tuple[str, str]:
+        """(hash algorithm, hex) a received block in `encoding` must hash to: its cryptographic
+        digest when the manifest lists one (always, when signed), else its xxh3 checksum."""
+        table = self.digests.get("native" if encoding == NATIVE else encoding)
+        if table is not None:
+            return self.digest_algo, table[level - 1][node]
+        return self.checksum_algo, self.checksum(level, node, encoding)
+
     def block_header(self, level: int, node: int, encoding: str = NATIVE) -> BlockHeader:
         """The header of a block this version holds in `encoding` (membank/fetch.py
         check_fetch says whether it does)."""
@@ -165,9 +232,29 @@ class Manifest(BaseModel):
 
     # -- serialisation --------------------------------------------------------------------
     def to_json(self) -> str:
-        # no "encodings" key when there are none: readers that forbid unknown fields still
-        # read a native-only manifest
-        return self.model_dump_json(exclude=None if self.encodings else {"encodings"})
+        # no "encodings" / digest / signature keys when there are none: readers that forbid
+        # unknown fields still read a native-only, unsigned manifest
+        exclude = set()
+        if not self.encodings:
+            exclude.add("encodings")
+        if not self.digests:
+            exclude |= {"digest_algo", "digests"}
+        if self.signature is None:
+            exclude.add("signature")
+        return self.model_dump_json(exclude=exclude or None)
+
+    def signed_bytes(self) -> bytes:
+        """What the signature covers: the canonical JSON of every field not at its default,
+        the signature left out, `format` always in (module docstring)."""
+        fields = self.model_dump(mode="json", exclude_defaults=True, exclude={"signature"})
+        fields["format"] = self.format
+        if self.digests:     # named even at its default: the digests mean nothing without it
+            fields["digest_algo"] = self.digest_algo
+        return canonical_json(fields)
+
+    def unsigned(self) -> "Manifest":
+        """This manifest without its signature (before changing and re-signing it)."""
+        return self.model_copy(update={"signature": None})
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Manifest":

@@ -2,7 +2,9 @@
 
     membank train    --config demo --out runs/demo          train anchor + bank, export
     membank merge    --out runs/merged runs/sub0 runs/sub1   merge frozen-anchor subtree jobs
-    membank ingest   runs/demo/export --lmdb runs/demo/lmdb  load blocks into a bank store
+    membank keygen   --out keys/                             the operator's signing key pair
+    membank ingest   runs/demo/export --lmdb runs/demo/lmdb --signing-key keys/K.key
+                                                             load blocks into a bank store
     membank serve    --lmdb runs/demo/lmdb --port 50051      run a bank shard (gRPC)
     membank generate "The atomic number of Ruthenium is" --bank localhost:50051
     membank chat     --bank localhost:50051                  a REPL: one prompt per line, streamed
@@ -50,9 +52,20 @@ def cmd_merge(args) -> None:
 
 
 def cmd_ingest(args) -> None:
+    from membank.signing import load_signing_key
     from services.bank_server.ingest import ingest
 
-    ingest(args.export, args.lmdb)
+    key = load_signing_key(args.signing_key) if args.signing_key else None
+    ingest(args.export, args.lmdb, signing_key=key)
+
+
+def cmd_keygen(args) -> None:
+    from membank.signing import key_id, load_public_key, write_key_pair
+
+    private, public = write_key_pair(args.out, args.name)
+    print(f"key id {key_id(load_public_key(public))}\n  private (0600, keep it with the "
+          f"operator; ingest --signing-key): {private}\n  public (pin it on devices: "
+          f"--trusted-keys / MEMBANK_CLIENT_TRUSTED_KEYS): {public}")
 
 
 def cmd_serve(args) -> None:
@@ -73,7 +86,9 @@ def cmd_generate(args) -> None:
     # shard=TARGET,...; bad syntax is a one-line ValueError before the model loads
     try:
         settings = DeviceSettings(bank=args.bank or [], bank_timeout_s=args.timeout, token=token,
-                                  tls_ca=args.tls_ca)
+                                  tls_ca=args.tls_ca, trusted_keys=args.trusted_keys or [],
+                                  allow_unsigned=args.allow_unsigned,
+                                  allow_insecure_token=args.allow_insecure_token)
     except ValidationError as e:
         err = e.errors()[0]
         flag = {"bank_timeout_s": "--timeout", "tls_ca": "--tls-ca", "token": "--token-file"}.get(
@@ -81,7 +96,8 @@ def cmd_generate(args) -> None:
         raise ValueError(f"{flag}: {err['msg'].removeprefix('Value error, ')}") from None
     bank = settings.open_bank()
     try:
-        model = MemoryModel.from_pretrained(args.model, encoding=args.encoding)
+        model = MemoryModel.from_pretrained(args.model, encoding=args.encoding,
+                                            trust=settings.trust())
         kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, stop=tuple(args.stop or ()), seed=args.seed)
         result = model.generate(args.prompt, bank=bank, use_memory=not args.no_memory, **kw)
@@ -227,7 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("ingest", help="ingest an export's blocks into an LMDB bank store")
     s.add_argument("export")
     s.add_argument("--lmdb", required=True)
+    s.add_argument("--signing-key", default=None,
+                   help="the operator's Ed25519 private key (membank keygen): sign the manifest")
     s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("keygen", help="write a new Ed25519 signing key pair (private key 0600)")
+    s.add_argument("--out", required=True, help="directory (created)")
+    s.add_argument("--name", default="membank", help="file name prefix (then the key id)")
+    s.set_defaults(func=cmd_keygen)
 
     s = sub.add_parser("serve", help="run a bank shard; flags are the bank server's own",
                        add_help=False)
@@ -252,6 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=5.0, help="bank deadline in seconds")
     s.add_argument("--token-file", default=None, help="file holding the bank's read token")
     s.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to verify a TLS bank")
+    s.add_argument("--trusted-keys", default=None,
+                   help="the operator's public keys (files or directories, comma separated): "
+                        "only manifests they signed are used")
+    s.add_argument("--allow-unsigned", action="store_true",
+                   help="development only: use unsigned manifests")
+    s.add_argument("--allow-insecure-token", action="store_true",
+                   help="send the token without TLS (default: a token without --tls-ca uses "
+                        "TLS with the system roots)")
     s.add_argument("--encoding", choices=["native", "int8"], default="native",
                    help="block encoding to fetch: int8 = per-row scales, dequantized here (the "
                         "bank must be ingested with --encodings int8, else native is fetched)")

@@ -1,9 +1,11 @@
 """`make demo`: the whole system end to end on embedded defaults (LMDB, no Redis).
 
 1. train the demo model (or reuse a cached run with the same inputs) and export it;
-2. ingest the export's blocks into a fresh LMDB store;
+2. make the operator's signing key pair once (`runs/demo/keys/`, as `membank keygen`), ingest
+   the export's blocks into a fresh LMDB store, signing the manifest;
 3. start a bank server subprocess on a free port (real gRPC over a real socket);
-4. answer a handful of prompts, each with and without memory, with the time of every step;
+4. answer a handful of prompts, each with and without memory, with the time of every step (the
+   device pins the demo's public key: it uses only manifests that key signed);
 5. stop the server it started.
 
 Run it as `membank demo` or `make demo`. Top floor, beside membank_cli/cli.py, which imports it
@@ -15,6 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
+from membank.signing import Trust, load_signing_key, write_key_pair
 from membank_cli.results import print_result
 from services.bank_server.ingest import ingest
 from services.bank_server.launch import run_bank_server
@@ -42,8 +45,13 @@ def run_demo(out_dir: str = "runs/demo", force: bool = False) -> None:
     print("== 2. ingest blocks into LMDB")
     lmdb_path = out / "lmdb"
     shutil.rmtree(lmdb_path, ignore_errors=True)
+    keys = out / "keys"
+    private = next(iter(sorted(keys.glob("*.key"))), None) if keys.is_dir() else None
+    if private is None:
+        private, _ = write_key_pair(keys, "demo")
+    print(f"signing with {private} (devices pin {private.with_suffix('.pub')})")
     t0 = time.perf_counter()
-    ingest(export_dir, lmdb_path)
+    ingest(export_dir, lmdb_path, signing_key=load_signing_key(private))
     print(f"ingested in {time.perf_counter() - t0:.2f}s")
 
     print("== 3. start the bank server")
@@ -54,7 +62,8 @@ def run_demo(out_dir: str = "runs/demo", force: bool = False) -> None:
         print(f"bank server pid {proc.pid} at {address}, data plane {proc.dataplane_address} "
               f"(device target {target}; log: {out / 'bank_server.log'})")
         print("== 4. prompts (greedy decoding; timings per step)")
-        model = MemoryModel.from_pretrained(export_dir)
+        model = MemoryModel.from_pretrained(export_dir,
+                                            trust=Trust.load([private.with_suffix(".pub")]))
         model.warmup()
         with open_bank(target) as bank:
             m = bank.get_manifest(model.bank_id)

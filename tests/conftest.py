@@ -28,6 +28,7 @@ from membank.config import get_preset
 from services.bank_server import launch
 from services.bank_server.cluster import LocalRedis
 from testkit.exports import synthetic_export
+from testkit.keys import signing_key
 from testkit.models import TINY_TEXTS, make_model_export  # noqa: F401 (fixtures and tests)
 from testkit.net import free_port
 
@@ -73,12 +74,20 @@ def wide_export(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def lmdb_dir(tmp_path_factory, tiny_export, big_export) -> Path:
-    """One LMDB holding both banks, published."""
+    """One LMDB holding both banks, published, signed with the test key."""
     from services.bank_server.ingest import ingest
     path = tmp_path_factory.mktemp("lmdb") / "bank.lmdb"
-    ingest(tiny_export, path, progress=False, map_size=1 << 30)
-    ingest(big_export, path, progress=False, map_size=1 << 30)
+    # signed with the test operator's key (testkit/keys.py), as a real deployment signs
+    ingest(tiny_export, path, progress=False, map_size=1 << 30, signing_key=signing_key())
+    ingest(big_export, path, progress=False, map_size=1 << 30, signing_key=signing_key())
     return path
+
+
+@pytest.fixture(scope="session")
+def trusted_key_file(tmp_path_factory) -> Path:
+    """The test signing key's public half as a PEM file, for `--trusted-keys`."""
+    from testkit.keys import write_public_key
+    return write_public_key(tmp_path_factory.mktemp("keys") / "test.pub")
 
 
 # -- subprocesses ----------------------------------------------------------------------------
@@ -145,6 +154,12 @@ def start_ingest_writing(export: Path, db: Path, *flags: str, timeout: float = 6
                 return proc, time.monotonic()
     proc.kill()
     raise RuntimeError("ingest did not start writing")
+
+
+def as_exported(manifest):
+    """`manifest` without what ingest adds to an export's (issue 16: every block's digest and
+    the signature), to compare a stored or served manifest with the export's."""
+    return manifest.model_copy(update={"digests": {}, "signature": None})
 
 
 class FakeEmbedder:

@@ -2,7 +2,7 @@
 
     python -m services.bank_server.ingest EXPORT_DIR --lmdb data/bank.lmdb \
         [--version V] [--no-publish] [--shard-id S] [--shards a,b,c] [--replication R]
-        [--placement-level P] [--encodings int8]
+        [--placement-level P] [--encodings int8] [--signing-key KEY.key]
 
 Publishing another version later (or rolling back) is services/bank_server/publish.py; deleting
 old versions is services/bank_server/gc.py.
@@ -25,6 +25,12 @@ Order of writes, so that a reader never sees a half-written version:
      a version without a manifest does not exist for the server, so a version with int8 blocks
      is visible only once all of them are written too;
   3. with publish, one transaction that points `c/{bank}` at the version (publish.py).
+Signing (issue 16; membank/signing.py): the manifest lists a BLAKE3 digest of every block in
+every encoding (`digests`, computed here as the blocks stream by, beside the xxh3 checksums the
+server keeps checking against accidents), and with a signing key (`--signing-key`, the
+operator's Ed25519 private key) it is signed before it is stored; devices pinning the public
+key refuse anything else. Without a key the version is stored unsigned (logged): devices refuse
+it unless they allow unsigned manifests.
 Killing ingest at any moment (kill -9) leaves the published version untouched: LMDB commits are
 atomic and durable, the new version's keys are new keys, and `current` moves last. A rerun
 skips the blocks already written (same key, same checksum) and completes the version.
@@ -55,10 +61,11 @@ from tqdm import tqdm
 
 from membank import quant
 from membank.artifacts import iter_blocks, load_manifest
-from membank.blocks import checksum
+from membank.blocks import checksum, digest
 from membank.keys import SHARD_KEY, block_key, manifest_key, tombstone_key, version_info_key
 from membank.manifest import Manifest
 from membank.placement import shard_blocks
+from membank.signing import SignatureError, load_signing_key, sign_manifest
 from services.bank_server.publish import PublishError, set_current
 from services.bank_server.router_store import store_router
 from services.bank_server.settings import LMDBSettings
@@ -124,7 +131,10 @@ class _Target:
             existing = txn.get(manifest_key(bank, ver))
             if existing is not None and Manifest.from_json(bytes(existing)) != manifest:
                 raise IngestError(_conflict(Manifest.from_json(bytes(existing)), manifest,
-                                            tuple(manifest.encodings), where=f" in {self.path}"))
+                                            tuple(manifest.encodings), where=f" in {self.path}")
+                                  or f"{bank} version {ver} already exists in {self.path} "
+                                     f"signed otherwise (or unsigned); versions are immutable, "
+                                     f"ingest under a new version to sign with another key")
             n = nbytes = 0
             encoded = {enc: 0 for enc in manifest.encodings}     # encoding -> bytes
             for level, node in shard_blocks(manifest, self.shard):
@@ -214,7 +224,8 @@ def _map_full_is_ingest_error(map_size: int):
 
 
 def _native_part(manifest: Manifest) -> Manifest:
-    return manifest.model_copy(update={"encodings": {}})
+    # digests and signature are made by every ingest from the bytes it writes (_write)
+    return manifest.model_copy(update={"encodings": {}, "digests": {}, "signature": None})
 
 
 def _conflict(existing: Manifest, manifest: Manifest, encodings: tuple[str, ...],
@@ -254,12 +265,14 @@ def ingest(export_dir: str | Path, lmdb_path: str | Path, *, version: str | None
            replication: int | None = None, placement_level: int | None = None,
            batch_bytes: int = 64 << 20, map_size: int = 64 << 30, progress: bool = True,
            resume: bool = True, max_bytes_per_s: float | None = None,
-           writemap: bool = False, encodings: tuple[str, ...] = ()) -> Manifest:
+           writemap: bool = False, encodings: tuple[str, ...] = (),
+           signing_key=None) -> Manifest:
     """Write the export's bank (or, with `shard_id`, the blocks that shard owns) into the LMDB
     at `lmdb_path`; return the stored manifest.
 
     `encodings` (e.g. ("int8",)): also store every block in these encodings (membank/quant.py),
-    in the same all-or-nothing version.
+    in the same all-or-nothing version. `signing_key` (an Ed25519 private key,
+    membank/signing.py): sign the stored manifest; None: store it unsigned.
 
     `version` overrides the export's manifest version (e.g. a deployment tag); `shards`,
     `replication` and `placement_level` override its placement (every shard's ingest must be
@@ -278,25 +291,25 @@ def ingest(export_dir: str | Path, lmdb_path: str | Path, *, version: str | None
     # the router rides with the version (for the Route RPC); invisible until `current` switches
     with _map_full_is_ingest_error(map_size):
         store_router(lmdb_path, export_dir, manifest.bank, manifest.version, map_size=map_size)
-    only = set(shard_blocks(manifest, shard_id)) if shard_id is not None else None
-    # the manifest lists every block's checksum in every encoding, and every shard must store
-    # the same manifest: with encodings, a shard's ingest reads and encodes every block (and
+    # the manifest lists every block's digest (and checksum in every encoding), and every shard
+    # must store the same (signed) manifest: a shard's ingest reads and hashes every block (and
     # stores, as always, only those placement gives it)
-    read = None if encodings else only
-    total = sum(manifest.block_nbytes(l) for l, _ in (read or manifest.blocks()))
-    blocks = iter_blocks(export_dir, manifest, read)
+    total = sum(manifest.block_nbytes(l) for l, _ in manifest.blocks())
+    blocks = iter_blocks(export_dir, manifest)
     with _map_full_is_ingest_error(map_size):
         return _write(manifest, blocks, targets, verify=True, publish=publish,
                       progress=progress, total_bytes=total, batch_bytes=batch_bytes,
                       map_size=map_size, resume=resume, source=str(export_dir),
-                      max_bytes_per_s=max_bytes_per_s, writemap=writemap, encodings=encodings)
+                      max_bytes_per_s=max_bytes_per_s, writemap=writemap, encodings=encodings,
+                      signing_key=signing_key)
 
 
 def ingest_stream(targets: Mapping[str | None, str | Path], header: Manifest | Mapping,
                   blocks: Iterable[tuple[int, int, object]], *, publish: bool = True,
                   batch_bytes: int = 64 << 20, map_size: int = 64 << 30, progress: bool = True,
                   resume: bool = True, max_bytes_per_s: float | None = None,
-                  writemap: bool = False, encodings: tuple[str, ...] = ()) -> Manifest:
+                  writemap: bool = False, encodings: tuple[str, ...] = (),
+                  signing_key=None) -> Manifest:
     """Streaming ingest: blocks from any iterable, written into one LMDB per shard in one pass.
 
     `targets` maps shard id -> LMDB path ({None: path}: one LMDB holding every block).
@@ -306,7 +319,8 @@ def ingest_stream(targets: Mapping[str | None, str | Path], header: Manifest | M
     the shards placement gives it (with its `encodings` copies, as for `ingest`).
     """
     fields = header.model_dump() if isinstance(header, Manifest) else dict(header)
-    fields.pop("encodings", None)    # computed here, like the checksums
+    for name in ("encodings", "digests", "signature"):
+        fields.pop(name, None)       # computed here, like the checksums
     fields["checksums"] = [[""] * ((fields["branching"] ** l) if r else 0)
                            for l, r in enumerate(fields["ranks"], start=1)]
     skeleton = Manifest.model_validate(fields)
@@ -316,15 +330,19 @@ def ingest_stream(targets: Mapping[str | None, str | Path], header: Manifest | M
         return _write(skeleton, blocks, targets, verify=False, publish=publish, progress=progress,
                       total_bytes=total, batch_bytes=batch_bytes, map_size=map_size, resume=resume,
                       source="stream", max_bytes_per_s=max_bytes_per_s, writemap=writemap,
-                      encodings=_encodings(encodings))
+                      encodings=_encodings(encodings), signing_key=signing_key)
 
 
 def _write(manifest: Manifest, blocks, targets, *, verify: bool, publish: bool, progress: bool,
            total_bytes: int, batch_bytes: int, map_size: int, resume: bool,
            source: str, max_bytes_per_s: float | None = None,
-           writemap: bool = False, encodings: tuple[str, ...] = ()) -> Manifest:
+           writemap: bool = False, encodings: tuple[str, ...] = (),
+           signing_key=None) -> Manifest:
     bank, ver = manifest.bank, manifest.version
     sums = [list(level) for level in manifest.checksums]
+    # "native" / encoding -> the cryptographic digests the signed manifest lists (issue 16)
+    digests = {e: [[""] * len(level) for level in manifest.checksums]
+               for e in ("native", *encodings)}
     # encoding -> checksums laid out as manifest.checksums, filled as the blocks stream by
     enc_sums = {e: [[""] * len(level) for level in manifest.checksums] for e in encodings}
     seen: set[tuple[int, int]] = set()
@@ -359,6 +377,7 @@ def _write(manifest: Manifest, blocks, targets, *, verify: bool, publish: bool, 
                                   f"manifest checksum {manifest.checksum(level, node)}; the "
                                   f"source is corrupt")
             sums[level - 1][node] = got
+            digests["native"][level - 1][node] = digest(data)
             owners = manifest.owners(level, node)
             key = block_key(bank, manifest.block_version, level, node)
             wanted = [shard for shard in opened if shard is None or shard in owners]
@@ -373,6 +392,7 @@ def _write(manifest: Manifest, blocks, targets, *, verify: bool, publish: bool, 
                     raise IngestError(f"block ({level}, {node}) of {source}: cannot encode "
                                       f"{enc}: {e}") from None
                 enc_sums[enc][level - 1][node] = esum = checksum(payload)
+                digests[enc][level - 1][node] = digest(payload)
                 ekey = block_key(bank, manifest.block_version, level, node, enc)
                 for shard in wanted:
                     opened[shard].put(ekey, payload, esum)
@@ -391,6 +411,12 @@ def _write(manifest: Manifest, blocks, targets, *, verify: bool, publish: bool, 
             manifest = Manifest.model_validate({**manifest.model_dump(), "checksums": sums})
         if encodings:
             manifest = Manifest.model_validate({**manifest.model_dump(), "encodings": enc_sums})
+        manifest = Manifest.model_validate({**manifest.model_dump(), "digests": digests})
+        if signing_key is not None:
+            manifest = sign_manifest(manifest, signing_key)
+        else:
+            log.warning("%s/%s is stored unsigned (no --signing-key): devices that pin keys "
+                        "refuse it", bank, ver)
         for target in opened.values():
             target.finish(manifest, publish)
         for shard, target in opened.items():
@@ -410,8 +436,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         _ingest_main(argv)
-    except (IngestError, PublishError, FileNotFoundError, ValueError, RuntimeError,
-            lmdb.Error) as e:
+    except (IngestError, PublishError, SignatureError, FileNotFoundError, ValueError,
+            RuntimeError, lmdb.Error) as e:
         print(f"ingest failed: {e}", file=sys.stderr)
         raise SystemExit(1)
 
@@ -447,10 +473,16 @@ def _ingest_main(argv: list[str]) -> None:
     p.add_argument("--writemap", action="store_true",
                    help="write through LMDB's writable map (sparse file of map size; see "
                         "store.open_env)")
+    p.add_argument("--signing-key", type=Path,
+                   help="the operator's Ed25519 private key (PEM, `membank keygen`): sign the "
+                        "stored manifest (devices pin the public key); without it the version "
+                        "is stored unsigned")
     args = p.parse_args(argv)
     # the servers' setting unless a flag says otherwise: both must map the same size
     map_size = (int(args.map_size_gb * (1 << 30)) if args.map_size_gb is not None
                 else LMDBSettings().map_size)
+    # read before any write: a bad key path fails the ingest up front
+    key = load_signing_key(args.signing_key) if args.signing_key else None
     m = ingest(args.export_dir, args.lmdb, version=args.version, publish=not args.no_publish,
                shard_id=args.shard_id,
                shards=args.shards.split(",") if args.shards else None,
@@ -458,7 +490,7 @@ def _ingest_main(argv: list[str]) -> None:
                batch_bytes=args.batch_mb << 20, map_size=map_size,
                progress=not args.no_progress,
                max_bytes_per_s=args.max_mb_s * 1e6 if args.max_mb_s else None,
-               writemap=args.writemap, encodings=args.encodings)
+               writemap=args.writemap, encodings=args.encodings, signing_key=key)
     print(f"ingested {m.bank} version {m.version} into {args.lmdb}"
           + (f" (shard {args.shard_id})" if args.shard_id else ""))
 

@@ -33,6 +33,7 @@ from membank.blocks import checksum
 from membank.keys import block_key, manifest_key
 from membank.manifest import Manifest
 from membank.placement import moves
+from membank.signing import load_signing_key, sign_manifest
 from services.bank_server.ingest import IngestError, _Target
 from services.bank_server.settings import LMDBSettings
 from services.bank_server.store import acquire_env, release_env
@@ -41,12 +42,14 @@ log = logging.getLogger(__name__)
 
 
 def replaced(manifest: Manifest, new_version: str, shards: list[str],
-             replication: int | None = None) -> Manifest:
-    """The manifest of `manifest` re-placed onto `shards`, sharing its blocks."""
-    return Manifest.model_validate({
+             replication: int | None = None, signing_key=None) -> Manifest:
+    """The manifest of `manifest` re-placed onto `shards`, sharing its blocks; signed with
+    `signing_key` (issue 16: the old signature no longer covers it), else unsigned."""
+    new = Manifest.model_validate({
         **manifest.model_dump(), "version": new_version, "shards": list(shards),
         "replication": replication or manifest.replication,
-        "shares_blocks_of": manifest.block_version})
+        "shares_blocks_of": manifest.block_version, "signature": None})
+    return sign_manifest(new, signing_key) if signing_key is not None else new
 
 
 def read_manifest(lmdbs: Mapping[str, str | Path], bank: str, version: str,
@@ -77,7 +80,7 @@ def read_manifest(lmdbs: Mapping[str, str | Path], bank: str, version: str,
 def rebalance(lmdbs: Mapping[str, str | Path], bank: str, version: str, new_version: str,
               shards: list[str], *, replication: int | None = None, publish: bool = True,
               dry_run: bool = False, batch_bytes: int = 64 << 20,
-              map_size: int = 64 << 30) -> dict:
+              map_size: int = 64 << 30, signing_key=None) -> dict:
     """Re-place (bank, version) as `new_version` onto `shards`; `lmdbs` maps every old and new
     shard id to its LMDB directory. Returns a report; `report["moves"]` lists every moved block
     as [level, node, old owners, receiving shards]."""
@@ -85,7 +88,7 @@ def rebalance(lmdbs: Mapping[str, str | Path], bank: str, version: str, new_vers
     missing = [s for s in set(old.shards) | set(shards) if s not in lmdbs]
     if missing:
         raise IngestError(f"no LMDB given for shard(s) {sorted(missing)}")
-    new = replaced(old, new_version, shards, replication)
+    new = replaced(old, new_version, shards, replication, signing_key)
     moved = moves(old, new)
     per_shard: dict[str, int] = {s: 0 for s in shards}
     for _, _, _, gained in moved:
@@ -166,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-publish", action="store_true")
     p.add_argument("--map-size-gb", type=float,
                    help="LMDB map size (default: the servers' MEMBANK_SERVER_MAP_SIZE_GB, 64)")
+    p.add_argument("--signing-key", help="the operator's Ed25519 private key: sign the re-placed "
+                                         "version's manifest (else it is stored unsigned)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -173,7 +178,9 @@ def main(argv: list[str] | None = None) -> None:
         report = rebalance(lmdbs, args.bank, args.version, args.new_version,
                            args.shards.split(","), replication=args.replication,
                            publish=not args.no_publish, dry_run=args.dry_run or args.list,
-                           map_size=_map_size(args.map_size_gb))
+                           map_size=_map_size(args.map_size_gb),
+                           signing_key=load_signing_key(args.signing_key)
+                           if args.signing_key else None)
     except (IngestError, ValueError) as e:
         print(f"rebalance failed: {e}", file=sys.stderr)
         raise SystemExit(1)

@@ -46,6 +46,14 @@ class BlockIntegrityError(BankError):
         super().__init__("DATA_LOSS", message)
 
 
+class UntrustedManifestError(BankError):
+    """The bank's manifest is unsigned, signed by a key the device does not pin, or its
+    signature does not verify (membank/signing.py): nothing of that version is attached."""
+
+    def __init__(self, message: str):
+        super().__init__("UNAUTHENTICATED", message)
+
+
 class Bank(Protocol):
     def get_manifest(self, bank: str, version: str = "") -> Manifest:
         """The manifest of `bank` at `version` ("": the published version), or BankError."""

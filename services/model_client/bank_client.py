@@ -7,8 +7,11 @@
 
 `fetch` asks for every block in ONE FetchBlocks call and reassembles the streamed chunks into
 one preallocated bytearray per block. A block is returned only when it is complete, its header
-agrees with the manifest, and its bytes hash to the MANIFEST's checksum (the header's checksum
-comes from the same server as the bytes, so it proves nothing on its own). Anything else raises
+agrees with the manifest, and its bytes hash to the MANIFEST's digest (`Manifest.block_check`:
+the signed BLAKE3 digest, or the xxh3 checksum of a manifest without digests; the header's
+checksum comes from the same server as the bytes, so it proves nothing on its own). Whether the
+manifest itself is trusted (signed by a pinned key) is the device's check, above the transports
+(cached_bank.py, membank/signing.py). Anything else raises
 BlockIntegrityError; server statuses raise BankError with the status name
 (services/model_client/bank.py).
 
@@ -21,6 +24,9 @@ code and message the server would answer, before any RPC.
 Security (both optional): `token=` sends `authorization: Bearer TOKEN` with every call (a
 server with auth on answers UNAUTHENTICATED without it); `tls_ca=` (a PEM path or bytes, or
 True for the system roots) connects over TLS and checks the server certificate against it.
+A token never travels in the clear (issue 16): with a token and no CA the client uses TLS with
+the system roots (`tls_for_token`); only `allow_insecure_token=True` (an explicit setting, for
+a loopback or test bank) sends it over a plaintext channel.
 
     BankClient("bank.example:50051", token=os.environ["MEMBANK_TOKEN"], tls_ca="ca.pem")
 """
@@ -32,7 +38,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from membank import quant, wire
-from membank.blocks import checksum_stream
+from membank.blocks import hasher
 from membank.fetch import FetchError, check_fetch
 from membank.manifest import Manifest
 from membank.v1 import bank_pb2
@@ -41,15 +47,28 @@ from services.model_client.bank import BankError, BlockIntegrityError
 _SERVICE = "membank.v1.BankService"
 
 
+def tls_for_token(tls_ca, token: str | None, allow_insecure_token: bool):
+    """The TLS setting a client with `token` must use: `tls_ca` when it names one; with a token
+    and no CA the system roots (True), so a token is never sent in cleartext, even when the
+    server happens to speak TLS; None (plaintext) only without a token or when
+    `allow_insecure_token` says so explicitly."""
+    if tls_ca is None or tls_ca is False:
+        return True if token and not allow_insecure_token else None
+    return tls_ca
+
+
 class BankClient:
     def __init__(self, target: str, timeout_s: float = 10.0, *,
                  max_receive_bytes: int = wire.CHUNK_BYTES + (64 << 10),
                  token: str | None = None, tls_ca: str | Path | bytes | bool | None = None,
-                 tls_server_name: str | None = None, channel_options: list | None = None):
+                 tls_server_name: str | None = None, channel_options: list | None = None,
+                 allow_insecure_token: bool = False):
         """`max_receive_bytes` bounds one message: a chunk (1 MiB + header) or a manifest.
         `tls_server_name` overrides the name checked in the server certificate;
-        `channel_options` are extra grpc channel arguments (they win over the defaults)."""
+        `channel_options` are extra grpc channel arguments (they win over the defaults);
+        `allow_insecure_token`: send `token` over a plaintext channel (never by default)."""
         self.target = target
+        tls_ca = tls_for_token(tls_ca, token, allow_insecure_token)
         self.timeout_s = timeout_s
         options = [("grpc.max_receive_message_length", max_receive_bytes),
                    # an 8 MiB initial HTTP/2 stream window: the server streams several 1 MiB
@@ -69,7 +88,8 @@ class BankClient:
                 options.append(("grpc.ssl_target_name_override", tls_server_name))
             self.channel = grpc.secure_channel(
                 target, grpc.ssl_channel_credentials(root_certificates=roots), options=options)
-        # plain metadata rather than call credentials: those are refused on insecure channels
+        # plain metadata rather than call credentials (refused on insecure channels): the token
+        # reaches a plaintext channel only with allow_insecure_token (tls_for_token above)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._call_kw = {"metadata": self._metadata} if token else {}
         self._get_manifest = self.channel.unary_unary(
@@ -162,8 +182,10 @@ class BankClient:
                 got = 0 if buf is None else received[i]
                 raise BlockIntegrityError(f"block ({level}, {node}) incomplete: {got} of "
                                           f"{manifest.block_nbytes(level, encoding)} bytes")
-            if hashers[i].hexdigest() != manifest.checksum(level, node, encoding):
-                raise BlockIntegrityError(f"block ({level}, {node}) fails its manifest checksum")
+            algo, want = manifest.block_check(level, node, encoding)
+            if hashers[i].hexdigest() != want:
+                raise BlockIntegrityError(f"block ({level}, {node}) fails its manifest {algo} "
+                                          f"hash")
             result[(level, node)] = buf.obj if isinstance(buf, memoryview) else buf
         return result
 
@@ -229,7 +251,8 @@ class BankClient:
                                      f"and {nbytes} bytes")
                 bufs[i] = view
             if hashers is not None:
-                hashers[i] = checksum_stream()
+                # the signed digest's algorithm, or xxh3 for a manifest without digests
+                hashers[i] = hasher(manifest.block_check(level, node, encoding)[0])
         buf = bufs[i]
         if buf is None:
             raise BlockIntegrityError(f"block ({level}, {node}): data before its header")

@@ -17,6 +17,11 @@ MemoryModel keeps one per bank it is given and asks it for a path's blocks; ever
   failed over: re-placed). When the re-read itself fails, the last manifest is kept (its blocks
   may be in the device cache: an offline device keeps its memory) and the next re-read waits
   another TTL, so a down bank costs one failed call per TTL.
+- Trust (issue 16, membank/signing.py): every manifest read is checked against the device's
+  `Trust` (pinned public keys, `allow_unsigned`) before anything of it is used; an unsigned,
+  mis-signed or unpinned manifest raises UntrustedManifestError (UNAUTHENTICATED, with the
+  reason), or, when a trusted manifest was read before, is logged and the trusted one kept.
+  The transports then check every block against the digests of that trusted manifest.
 - The device cache (device_cache.py) is asked before the bank, and holds what the bank sent.
 - The encoding: the one asked for, or native when the version was ingested without it (logged
   once per version; a fleet keeps its memory, at full precision, rather than decoding
@@ -32,7 +37,8 @@ from typing import Callable, Mapping
 
 from membank import quant
 from membank.manifest import Manifest
-from services.model_client.bank import Bank, BankError, Block
+from membank.signing import SignatureError, Trust
+from services.model_client.bank import Bank, BankError, Block, UntrustedManifestError
 from services.model_client.device_cache import DeviceCache
 
 log = logging.getLogger("membank.client")
@@ -58,17 +64,20 @@ class PathBlocks:
 class CachedBank:
     def __init__(self, bank: Bank, bank_id: str, *, cache: DeviceCache | None = None,
                  manifest_ttl_s: float = 5.0, encoding: str = "",
-                 check: Callable[[Manifest], None] | None = None):
+                 check: Callable[[Manifest], None] | None = None, trust: Trust | None = None):
         """`bank_id`: the bank's name in its manifests. `cache`: None, none (only the attached
         levels are reused). `encoding`: "" / "native" or "int8" (membank/quant.py).
         `check(manifest)` is called for every manifest that differs from the last one (a
-        ValueError there: the bank does not fit the model)."""
+        ValueError there: the bank does not fit the model). `trust`: the pinned keys and
+        whether unsigned manifests are allowed (None: no key pinned, nothing trusted)."""
         self.bank, self.bank_id, self.cache = bank, bank_id, cache
+        self.trust = trust if trust is not None else Trust()
         self.manifest_ttl_s = manifest_ttl_s
         self.encoding = quant.normalize(encoding)
         self.check = check
         self._manifest: tuple[Manifest, float] | None = None     # (manifest, monotonic time)
         self._fallback_warned: set[tuple[str, str]] = set()     # (bank, version) logged once
+        self._unsigned_warned: set[tuple[str, str]] = set()     # the same, allow_unsigned
 
     def manifest(self, *, refresh: bool = False) -> Manifest:
         """The bank's current manifest, read at most once per `manifest_ttl_s` (see the module
@@ -79,6 +88,8 @@ class CachedBank:
             return cached[0]
         try:
             manifest = self.bank.get_manifest(self.bank_id, version="")
+            if cached is None or manifest != cached[0]:    # an equal one verified already
+                self._verify(manifest)
         except BankError as e:
             if cached is None:
                 raise
@@ -90,6 +101,16 @@ class CachedBank:
             self.check(manifest)
         self._manifest = (manifest, now)
         return manifest
+
+    def _verify(self, manifest: Manifest) -> None:
+        try:
+            signed = self.trust.check(manifest)
+        except SignatureError as e:
+            raise UntrustedManifestError(str(e)) from None
+        if not signed and (manifest.bank, manifest.version) not in self._unsigned_warned:
+            self._unsigned_warned.add((manifest.bank, manifest.version))
+            log.warning("using the UNSIGNED manifest %s/%s (allow_unsigned is on)",
+                        manifest.bank, manifest.version)
 
     def fetch_path(self, path: list[int],
                    attached: Mapping[int, Attached] | None = None) -> PathBlocks:

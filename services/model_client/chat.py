@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
         params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, stop=tuple(args.stop or ()),
                                 seed=args.seed)
-        model = MemoryModel.from_pretrained(settings.export_dir, encoding=settings.encoding)
+        model = MemoryModel.from_pretrained(settings.export_dir, encoding=settings.encoding,
+                                            trust=settings.trust())
     except ValidationError as e:  # one line: the first bad setting and why
         err = e.errors()[0]
         p.exit(2, f"membank chat: error: {'.'.join(map(str, err['loc']))}: {err['msg']}\n")

@@ -47,12 +47,12 @@ from pathlib import Path
 from typing import Callable
 
 from membank import quant
-from membank.blocks import checksum_stream
+from membank.blocks import hasher
 from membank.dataplane import END, ERROR, HEADER, REQUEST, close_quietly, frame, read_frame, timeval
 from membank.fetch import FetchError, check_fetch
 from membank.manifest import Manifest
 from services.model_client.bank import CODES, BankError, BlockIntegrityError
-from services.model_client.bank_client import BankClient
+from services.model_client.bank_client import BankClient, tls_for_token
 
 # receive (MSG_WAITALL) and hash a block in pieces. A small piece frees socket buffer sooner,
 # so the server's copy into the socket overlaps this side's copy out of it (one large receive
@@ -90,12 +90,13 @@ def dataplane_target(grpc_address: str, dataplane: int | str) -> str:
 
 def dataplane_factory(*, token: str | None = None, tls_ca=None, tls_server_name: str | None = None,
                       timeout_s: float = 10.0, max_idle: int = 8,
-                      rcvbuf: int | None = None) -> Callable[[str], "DataPlaneClient"]:
+                      rcvbuf: int | None = None,
+                      allow_insecure_token: bool = False) -> Callable[[str], "DataPlaneClient"]:
     """A `client_factory` for ShardedFetcher: target -> DataPlaneClient with these settings."""
     def make(target: str) -> DataPlaneClient:
         return DataPlaneClient(target, timeout_s, token=token, tls_ca=tls_ca,
                                tls_server_name=tls_server_name, max_idle=max_idle,
-                               rcvbuf=rcvbuf)
+                               rcvbuf=rcvbuf, allow_insecure_token=allow_insecure_token)
     return make
 
 
@@ -161,7 +162,7 @@ class DataPlaneClient:
                  tls_ca: str | Path | bytes | bool | None = None,
                  tls_server_name: str | None = None, max_idle: int = 8,
                  rcvbuf: int | None = None, bank_client: BankClient | None = None,
-                 grpc_fallback: bool = True):
+                 grpc_fallback: bool = True, allow_insecure_token: bool = False):
         """`target`: "HOST:GRPC_PORT+DATAPLANE_PORT". `timeout_s`: the default deadline of a
         call. `max_idle`: pooled connections kept open. `rcvbuf`: SO_RCVBUF of data plane
         connections in bytes (None: RCVBUF; 0: the kernel's autotuning). `bank_client`: the
@@ -169,8 +170,11 @@ class DataPlaneClient:
         same settings). `grpc_fallback`: a fetch the data plane refuses with
         RESOURCE_EXHAUSTED (its connection slots taken, e.g. by other peers) is asked of the
         same server over gRPC within the same deadline, so a device is not left without
-        memory while gRPC, admitted separately, can serve it (counted in `fallbacks`)."""
+        memory while gRPC, admitted separately, can serve it (counted in `fallbacks`).
+        `allow_insecure_token`: send `token` without TLS (BankClient's `tls_for_token`: by
+        default a token with no CA means TLS with the system roots)."""
         self.target = target
+        tls_ca = tls_for_token(tls_ca, token, allow_insecure_token)
         self.grpc_target, self.host, self.port = parse_target(target)
         self.timeout_s = timeout_s
         self.max_idle = max_idle
@@ -179,7 +183,8 @@ class DataPlaneClient:
         self._tls = _client_context(tls_ca)
         self._server_hostname = tls_server_name or self.host
         self.grpc = bank_client or BankClient(self.grpc_target, timeout_s, token=token,
-                                              tls_ca=tls_ca, tls_server_name=tls_server_name)
+                                              tls_ca=tls_ca, tls_server_name=tls_server_name,
+                                              allow_insecure_token=allow_insecure_token)
         self._idle: list[socket.socket] = []
         self._plans: dict[tuple, _Plan] = {}       # see _plan
         self._lock = threading.Lock()
@@ -309,8 +314,10 @@ class DataPlaneClient:
                 view = memoryview(dest)
             else:
                 dest = view.obj
-            if self._recv_body(sock, view, deadline) != plan.checksums[i]:
-                raise BlockIntegrityError(f"block ({level}, {node}) fails its manifest checksum")
+            algo, want = plan.checks[i]
+            if self._recv_body(sock, view, deadline, algo) != want:
+                raise BlockIntegrityError(f"block ({level}, {node}) fails its manifest {algo} "
+                                          f"hash")
             result[(level, node)] = dest
         kind, payload = self._read_frame(sock, deadline)
         if kind == ERROR:
@@ -320,11 +327,12 @@ class DataPlaneClient:
                                       f"(expected the end frame)")
         return result
 
-    def _recv_body(self, sock, view: memoryview, deadline: _Deadline) -> str:
-        """Receive exactly len(view) bytes into view, hashing each piece as it completes."""
+    def _recv_body(self, sock, view: memoryview, deadline: _Deadline, algo: str) -> str:
+        """Receive exactly len(view) bytes into view, hashing each piece (with `algo`) as it
+        completes."""
         n, got, hashed = view.nbytes, 0, 0
         piece = PIECE_ALONE if _in_flight.value <= 1 else PIECE_BUSY
-        h = checksum_stream()
+        h = hasher(algo)
         # MSG_WAITALL: one system call per whole piece (plain sockets; TLS reads records)
         flags = 0 if self._tls else socket.MSG_WAITALL
         while got < n:
@@ -478,17 +486,18 @@ class DataPlaneClient:
 class _Plan:
     """One fetch's fixed part, made once per (manifest, blocks, encoding) by
     DataPlaneClient._plan: the request's JSON but for its deadline, and what every block's
-    header, size and checksum must be (the manifest's word, never the server's). FetchError
-    when the manifest refuses the fetch (membank/fetch.py check_fetch)."""
+    header, size and hash must be (the manifest's word, never the server's: the signed digest,
+    or the xxh3 checksum of a manifest without digests). FetchError when the manifest refuses
+    the fetch (membank/fetch.py check_fetch)."""
 
-    __slots__ = ("manifest", "ids", "nbytes", "checksums", "wants", "request", "end", "seen")
+    __slots__ = ("manifest", "ids", "nbytes", "checks", "wants", "request", "end", "seen")
 
     def __init__(self, manifest: Manifest, ids: tuple, encoding: str, token: str | None):
         check_fetch(manifest, ids, encoding)
         self.manifest, self.ids = manifest, ids
         self.wants = [manifest.block_header(level, node, encoding) for level, node in ids]
         self.nbytes = [w.nbytes for w in self.wants]
-        self.checksums = [w.checksum for w in self.wants]
+        self.checks = [manifest.block_check(level, node, encoding) for level, node in ids]
         request = {"bank": manifest.bank, "version": manifest.version,
                    "blocks": [list(b) for b in ids], "encoding": encoding}
         if token:

@@ -18,9 +18,11 @@ cache; a native block and its int8 payload are separate entries, each checked ag
 manifest checksum (an int8 payload is about 1/2 of a bfloat16 block and 1/4 of a float32 one,
 so the same budget holds 2-4x as many).
 
-Trust: an entry remembers the manifest checksum it was verified against; `get` returns it only
-when the asking manifest lists the same checksum (no rehash: the bytes never left this process).
-The disk tier is re-verified on every read back (xxh3 of the file against the manifest); a file
+Trust: an entry remembers the manifest hash it was verified against (`Manifest.block_check`: the
+signed digest, or the xxh3 checksum of an unsigned manifest without digests); `get` returns it
+only when the asking manifest lists the same hash (no rehash: the bytes never left this
+process). The disk tier is re-verified on every read back (the file hashed against the
+manifest: a file on disk is as untrusted as a byte from the network); a file
 of the wrong size or checksum is deleted and counted as `corrupt`, never returned. Files are
 written to a unique temporary name and renamed into place (atomic: a reader sees a whole file or
 none); no fsync, because a file torn by a power cut fails its checksum on read and is dropped.
@@ -44,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from membank import quant
-from membank.blocks import checksum
+from membank.blocks import digest
 from membank.manifest import Manifest
 
 log = logging.getLogger("membank.client.cache")
@@ -161,7 +163,8 @@ class DeviceCache:
         The returned buffer is shared with the cache: copy it, never modify it.
         """
         key = _key(manifest, level, node, encoding)
-        want = manifest.checksum(level, node, encoding)
+        # the signed digest when the manifest lists digests, else the xxh3 checksum
+        algo, want = manifest.block_check(level, node, encoding)
         with self._lock:
             st = self._level(level)
             entry = self._mem.levels.get(level, {}).get(key)
@@ -171,7 +174,7 @@ class DeviceCache:
                 return entry.data
             on_disk = self._disk is not None and key in self._disk.levels.get(level, {})
         if on_disk:
-            data = self._read_verified(key, manifest.block_nbytes(level, encoding), want)
+            data = self._read_verified(key, manifest.block_nbytes(level, encoding), algo, want)
             if data is not None:
                 with self._lock:
                     self._level(level).disk_hits += 1
@@ -190,9 +193,9 @@ class DeviceCache:
         and a block that does not match raises ValueError. Returns False when the block is
         larger than the budget."""
         key = _key(manifest, level, node, encoding)
-        want = manifest.checksum(level, node, encoding)
+        algo, want = manifest.block_check(level, node, encoding)
         nbytes = manifest.block_nbytes(level, encoding)
-        if len(data) != nbytes or (not verified and checksum(data) != want):
+        if len(data) != nbytes or (not verified and digest(data, algo) != want):
             raise ValueError(f"block ({level}, {node}) of {manifest.bank}/{manifest.version} does "
                              f"not match its manifest; not cached")
         with self._lock:
@@ -289,7 +292,7 @@ class DeviceCache:
         for path in self._shrink_disk():    # a smaller budget than last time
             _unlink(path)
 
-    def _read_verified(self, key: Key, nbytes: int, want: str) -> bytearray | None:
+    def _read_verified(self, key: Key, nbytes: int, algo: str, want: str) -> bytearray | None:
         path = self._path(key)
         try:
             with open(path, "rb") as f:
@@ -298,7 +301,7 @@ class DeviceCache:
                 extra = f.read(1)
         except OSError:
             got, extra, data = -1, b"", None
-        if got == nbytes and not extra and checksum(data) == want:
+        if got == nbytes and not extra and digest(data, algo) == want:
             return data
         log.warning("device cache: dropping %s (%s)", path.name,
                     "unreadable" if data is None else "wrong size" if got != nbytes or extra

@@ -268,7 +268,8 @@ def serve(settings: DeviceSettings) -> None:
     """Load the model, bind the port (0: a free one, printed), run uvicorn until stopped."""
     import uvicorn
 
-    model = MemoryModel.from_pretrained(settings.export_dir, encoding=settings.encoding)
+    model = MemoryModel.from_pretrained(settings.export_dir, encoding=settings.encoding,
+                                        trust=settings.trust())
     if settings.bank:
         _ = model.bank_id  # an export without manifest.json cannot name its bank: fail at start
     bank = settings.open_bank()

@@ -14,7 +14,9 @@
 The prompt is embedded and routed on the device; the bank only ever sees block ids. Fetched
 memory goes into room preallocated once, (1, L, n_mats, R, W), one slice of R per level, so a new
 prompt copies only the levels whose node changed and never reallocates. A block is attached only
-after its checksum matched the manifest (the Bank verifies it: services/model_client/bank.py).
+after its bytes matched the manifest's digest (the Bank verifies it: services/model_client/bank.py),
+and a manifest is used only when a key the device pins signed it (`trust`, membank/signing.py;
+otherwise the answer is anchor-only and says why).
 When no bank can be reached the model decodes anchor-only and says so in the result.
 
 `bank` is a target string or {shard id: target} (services/model_client/targets.py open_bank),
@@ -59,7 +61,8 @@ from membank.nn.embed import Embedder
 from membank.nn.model import Transformer
 from membank.nn.tensors import dequantize_into, tensor_from_buffer
 from membank.router import Router
-from services.model_client.bank import Bank, BankError
+from membank.signing import Trust
+from services.model_client.bank import Bank, BankError, BlockIntegrityError, UntrustedManifestError
 from services.model_client.cached_bank import Attached, CachedBank
 from services.model_client.detokenize import IncrementalDecoder
 from services.model_client.device_cache import DeviceCache
@@ -94,13 +97,16 @@ class MemoryModel:
     def __init__(self, config: Config, model: Transformer, tokenizer: Tokenizer, router: Router,
                  local_manifest: Manifest | None = None, embedder: Embedder | None = None, *,
                  bank: Bank | None = None, cache: DeviceCache | None = None,
-                 manifest_ttl_s: float = 5.0, encoding: str = ""):
+                 manifest_ttl_s: float = 5.0, encoding: str = "", trust: Trust | None = None):
         """`bank`: the Bank `generate` uses when given none (None: anchor only). `cache`,
-        `manifest_ttl_s`, `encoding`: the settings of the CachedBank kept for each bank
-        (services/model_client/cached_bank.py): the device block cache (None: only the
+        `manifest_ttl_s`, `encoding`, `trust`: the settings of the CachedBank kept for each
+        bank (services/model_client/cached_bank.py): the device block cache (None: only the
         attached levels are reused), how long a bank manifest is trusted before the next
-        prompt re-reads it, the block encoding to fetch ("" / "native" or "int8")."""
+        prompt re-reads it, the block encoding to fetch ("" / "native" or "int8"), the pinned
+        signing keys (membank/signing.py; None: nothing pinned, every manifest refused, so
+        every answer is anchor-only)."""
         self.encoding = quant.normalize(encoding)
+        self.trust = trust if trust is not None else Trust()
         self.config, self.model, self.tokenizer, self.router = config, model, tokenizer, router
         self.bank, self.cache, self.manifest_ttl_s = bank, cache, manifest_ttl_s
         self._view: CachedBank | None = None      # the CachedBank of the last bank used
@@ -120,7 +126,7 @@ class MemoryModel:
                         bank: str | Mapping[str, str] | Bank | None = None,
                         timeout_s: float = 10.0, token: str | None = None,
                         cache: DeviceCache | None = None, manifest_ttl_s: float = 5.0,
-                        encoding: str = "") -> "MemoryModel":
+                        encoding: str = "", trust: Trust | None = None) -> "MemoryModel":
         """The model of an export. `bank`: a target or {shard id: target}, opened with
         targets.open_bank (`timeout_s`, `token`), or a Bank; None: anchor only."""
         d = Path(export_dir)
@@ -141,7 +147,7 @@ class MemoryModel:
             bank = open_bank(bank, timeout_s=timeout_s, token=token)
         return cls(config, model, Tokenizer.from_file(str(d / artifacts.TOKENIZER)), router,
                    manifest, embedder, bank=bank, cache=cache, manifest_ttl_s=manifest_ttl_s,
-                   encoding=encoding)
+                   encoding=encoding, trust=trust)
 
     # -- routing -----------------------------------------------------------------------------
     def warmup(self) -> None:
@@ -190,7 +196,7 @@ class MemoryModel:
         if self._view is None or self._view.bank is not bank:
             self._view = CachedBank(bank, self.bank_id, cache=self.cache,
                                     manifest_ttl_s=self.manifest_ttl_s, encoding=self.encoding,
-                                    check=self.check_compatible)
+                                    check=self.check_compatible, trust=self.trust)
         return self._view
 
     def fetch_path(self, bank: Bank, path: list[int], result: GenerateResult) -> None:
@@ -272,8 +278,11 @@ class MemoryModel:
         result.path = self.route(prompt, t)
         try:
             self.fetch_path(bank, result.path, result)
-        except BankError as e:  # unreachable or failing bank: the device keeps working
-            result.anchor_only_reason = f"bank unavailable: {e}"
+        except BankError as e:  # unreachable, failing or untrusted bank: the device keeps working
+            what = ("untrusted manifest" if isinstance(e, UntrustedManifestError) else
+                    "block failed verification" if isinstance(e, BlockIntegrityError) else
+                    "bank unavailable")
+            result.anchor_only_reason = f"{what}: {e}"
             log.warning("decoding anchor-only: %s", result.anchor_only_reason)
             return None
         result.memory = True

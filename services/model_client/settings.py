@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from membank.secrets import read_secret
+from membank.signing import Trust
 from services.model_client.bank import Bank
 from services.model_client.targets import check_target, open_bank
 
@@ -60,6 +61,27 @@ class DeviceSettings(BaseSettings):
     max_body_bytes: int = Field(default=256 << 10, ge=1024)  # more: 413 (a max prompt, escaped,
     #                                                          fits many times)
 
+    # -- trust (issue 16: signed manifests, tokens never in the clear) -------------------------
+    # the operator's public keys (PEM files, or directories of *.pub), comma separated: a
+    # manifest is used only when one of them signed it (membank/signing.py); pin new + old
+    # while rotating. None pinned and allow_unsigned off: every answer is anchor-only
+    trusted_keys: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    # development only: use unsigned manifests (a signed one must still verify)
+    allow_unsigned: bool = False
+    # send the token over a plaintext channel; off: a token without tls_ca means TLS with the
+    # system roots (services/model_client/bank_client.py tls_for_token)
+    allow_insecure_token: bool = False
+
+    @field_validator("trusted_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v):
+        return [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
+
+    def trust(self) -> Trust:
+        """The manifest trust policy (reads the pinned key files; SignatureError, a ValueError
+        with one line, when one cannot be read)."""
+        return Trust.load(self.trusted_keys, allow_unsigned=self.allow_unsigned)
+
     @field_validator("bank", mode="before")
     @classmethod
     def _split_targets(cls, v):
@@ -103,7 +125,8 @@ class DeviceSettings(BaseSettings):
         target's client, or a ShardedFetcher for "shard=TARGET" targets; token, TLS CA and
         timeout go to either."""
         return open_bank(self.bank_targets(), timeout_s=self.bank_timeout_s, tls_ca=self.tls_ca,
-                         token=self.token.get_secret_value() if self.token else None)
+                         token=self.token.get_secret_value() if self.token else None,
+                         allow_insecure_token=self.allow_insecure_token)
 
     def connection_limits(self):
         """The HTTP server's per-connection limits (membank/http_limits.py)."""
@@ -150,6 +173,13 @@ def add_arguments(p: argparse.ArgumentParser, serve: bool = True) -> None:
                         "(per-row scales, dequantized here; the bank must be ingested with "
                         "--encodings int8, else native blocks are fetched)")
     p.add_argument("--log-level", type=str.upper)
+    p.add_argument("--trusted-keys", help="the operator's public key files or directories "
+                   "(comma separated; `membank keygen`): only manifests they signed are used")
+    p.add_argument("--allow-unsigned", action="store_true", default=None,
+                   help="development only: use unsigned manifests")
+    p.add_argument("--allow-insecure-token", action="store_true", default=None,
+                   help="send the token without TLS (default: a token without --tls-ca uses "
+                        "TLS with the system roots)")
     if not serve:
         return
     p.add_argument("--host")

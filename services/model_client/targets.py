@@ -66,31 +66,36 @@ def check_target(target: str) -> str:
 
 
 def make_client(target: str, timeout_s: float = 10.0, *, token: str | None = None,
-                tls_ca: TLSCA = None, tls_server_name: str | None = None) -> Client:
+                tls_ca: TLSCA = None, tls_server_name: str | None = None,
+                allow_insecure_token: bool = False) -> Client:
     """A DataPlaneClient for "HOST:PORT+DATAPLANE_PORT", a BankClient for "HOST:PORT", with the
-    same deadline, token and TLS settings either way."""
+    same deadline, token and TLS settings either way (a token without a CA: TLS with the
+    system roots unless `allow_insecure_token`; bank_client.tls_for_token)."""
     check_target(target)
+    kw = dict(token=token, tls_ca=tls_ca, tls_server_name=tls_server_name,
+              allow_insecure_token=allow_insecure_token)
     if is_dataplane(target):
-        return DataPlaneClient(target, timeout_s, token=token, tls_ca=tls_ca,
-                               tls_server_name=tls_server_name)
-    return BankClient(target, timeout_s, token=token, tls_ca=tls_ca,
-                      tls_server_name=tls_server_name)
+        return DataPlaneClient(target, timeout_s, **kw)
+    return BankClient(target, timeout_s, **kw)
 
 
 def client_factory(*, timeout_s: float = 10.0, token: str | None = None, tls_ca: TLSCA = None,
-                   tls_server_name: str | None = None) -> Callable[[str], Client]:
+                   tls_server_name: str | None = None,
+                   allow_insecure_token: bool = False) -> Callable[[str], Client]:
     """`target -> client` with these settings (ShardedFetcher's `client_factory`): shards may
     mix both forms."""
     def make(target: str) -> Client:
         return make_client(target, timeout_s, token=token, tls_ca=tls_ca,
-                           tls_server_name=tls_server_name)
+                           tls_server_name=tls_server_name,
+                           allow_insecure_token=allow_insecure_token)
     return make
 
 
 def open_bank(targets: str | Mapping[str, str] | None, *, timeout_s: float = 10.0,
               token: str | None = None, tls_ca: TLSCA = None,
               tls_server_name: str | None = None,
-              policy: FetchPolicy | None = None) -> Bank | None:
+              policy: FetchPolicy | None = None, allow_insecure_token: bool = False
+              ) -> Bank | None:
     """The device's bank: None (anchor only) for no target; for one target the client
     `make_client` picks; for {shard id: target} a ShardedFetcher whose shards' clients come
     from `client_factory` with these settings. `timeout_s` is a single client's deadline per
@@ -100,11 +105,12 @@ def open_bank(targets: str | Mapping[str, str] | None, *, timeout_s: float = 10.
         return None
     if isinstance(targets, str):
         return make_client(targets, timeout_s, token=token, tls_ca=tls_ca,
-                           tls_server_name=tls_server_name)
+                           tls_server_name=tls_server_name,
+                           allow_insecure_token=allow_insecure_token)
     for target in targets.values():
         check_target(target)
     policy = policy or FetchPolicy(deadline_s=timeout_s,
                                    attempt_timeout_s=min(timeout_s, FetchPolicy.attempt_timeout_s))
     return ShardedFetcher(targets, policy, client_factory=client_factory(
         timeout_s=policy.attempt_timeout_s, token=token, tls_ca=tls_ca,
-        tls_server_name=tls_server_name))
+        tls_server_name=tls_server_name, allow_insecure_token=allow_insecure_token))

@@ -43,10 +43,11 @@ def test_compose_shards_expose_and_publish_the_dataplane_port():
         dp = env["MEMBANK_SERVER_DATAPLANE_PORT"]
         assert dp != env["MEMBANK_SERVER_PORT"], name
         assert dp in s["expose"], name
+        # "127.0.0.1:HOST:CONTAINER" (published on loopback only, issue 16)
         published = [p.split(":") for p in s["ports"] if p.rsplit(":", 1)[-1] == dp]
         assert len(published) == 1, (name, s["ports"])
-        host_ports.append(published[0][0])
-    every_host_port = [p.split(":")[0] for s in shards.values() for p in s["ports"]]
+        host_ports.append(published[0][-2])
+    every_host_port = [p.split(":")[-2] for s in shards.values() for p in s["ports"]]
     assert len(every_host_port) == len(set(every_host_port)), every_host_port
     entry = services["generate"]["entrypoint"]
     target = entry[entry.index("--bank") + 1]

@@ -196,9 +196,13 @@ def test_statefulset_shards_probe_grpc_and_claim_volumes():
     pod = spec["template"]["spec"]
     (server,) = [c for c in pod["containers"] if c["name"] == "bank-server"]
     port = next(p["containerPort"] for p in server["ports"] if p["name"] == "grpc")
+    assert port == 50051
+    # TLS on the gRPC port (kubelet's gRPC probes are plaintext): the in-container health
+    # probe, which takes port and TLS from the server's own settings
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-        assert server[probe]["grpc"]["port"] == port, probe
-    assert server["readinessProbe"]["grpc"]["service"] == "membank.v1.BankService"
+        assert server[probe]["exec"]["command"][:3] == [
+            "python", "-m", "services.bank_server.healthcheck"], probe
+    assert "--service" not in server["readinessProbe"]["exec"]["command"]   # the bank service
     assert server["resources"]["requests"]["cpu"] and server["resources"]["requests"]["memory"]
     claims = {t["metadata"]["name"] for t in spec["volumeClaimTemplates"]}
     assert {m["name"] for m in server["volumeMounts"]} & claims
@@ -275,3 +279,54 @@ def test_dev_overlay_topology_matches_its_replicas():
     assert 1 <= int(topo["MEMBANK_REPLICATION"]) <= replicas
     (pdb,) = objects("PodDisruptionBudget")
     assert pdb["spec"]["maxUnavailable"] < int(topo["MEMBANK_REPLICATION"])
+
+
+# -- issue 16: TLS, tokens and the signing key -----------------------------------------------------
+def test_shards_serve_tls_with_token_secrets_and_ingest_signs():
+    secrets = {d["metadata"]["name"]: d for d in objects("Secret")}
+    assert secrets["membank-tls"]["type"] == "kubernetes.io/tls"
+    assert {"read-token", "admin-token"} <= set(secrets["membank-tokens"]["stringData"])
+    assert "signing.key" in secrets["membank-signing-key"]["stringData"]
+    (sts,) = objects("StatefulSet", "membank-shard")
+    pod = sts["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (server,) = [c for c in pod["containers"] if c["name"] == "bank-server"]
+    env = {e["name"]: e for e in server["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in server["volumeMounts"]}
+    assert volumes["tls"]["secret"]["secretName"] == "membank-tls"
+    assert env["MEMBANK_SERVER_TLS_CERT"]["value"] == f"{mounts['tls']}/tls.crt"
+    assert env["MEMBANK_SERVER_TLS_KEY"]["value"] == f"{mounts['tls']}/tls.key"
+    for name, key in (("MEMBANK_SERVER_AUTH_TOKEN", "read-token"),
+                      ("MEMBANK_SERVER_ADMIN_TOKEN", "admin-token")):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "membank-tokens", "key": key}
+    assert "signing-key" not in mounts           # the server never sees the private key
+    # every ingest signs with the mounted key
+    (init,) = pod["initContainers"]
+    ingests = [(init, volumes)]
+    for job in objects("Job"):
+        spec = job["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        ingests.append((container, {v["name"]: v for v in spec["volumes"]}))
+    for container, vols in ingests:
+        script = " ".join(container["args"])
+        keys = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["signing-key"]
+        assert f"--signing-key {keys}/signing.key" in script
+        assert vols["signing-key"]["secret"]["secretName"] == "membank-signing-key"
+    # every Secret a pod names is shipped
+    named = {v["secret"]["secretName"] for v in volumes.values() if "secret" in v}
+    named |= {e["valueFrom"]["secretKeyRef"]["name"] for e in env.values() if "valueFrom" in e
+              and "secretKeyRef" in e["valueFrom"]}
+    assert named <= set(secrets)
+
+
+def test_compose_publishes_on_loopback_only_and_signs():
+    services = compose()["services"]
+    for name, s in services.items():
+        for p in s.get("ports", []):
+            assert p.startswith("127.0.0.1:"), (name, p)
+    for n in (0, 1):
+        cmd = services[f"ingest-{n}"]["command"]
+        assert cmd[cmd.index("--signing-key") + 1] == "/data/keys"
+        assert services[f"ingest-{n}"]["depends_on"]["keygen"]["condition"] \
+            == "service_completed_successfully"
+    assert "--trusted-keys" in services["generate"]["entrypoint"]

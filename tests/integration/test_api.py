@@ -26,12 +26,13 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from membank.artifacts import ROUTER, iter_blocks, load_manifest
+from membank.manifest import Manifest
 from membank.router import Router
 from membank.v1 import bank_pb2
 from services.bank_server.ingest import ingest
 from services.bank_server.router_store import router_key
 from services.model_client.bank_client import BankClient, BankError
-from tests.conftest import run_bank_server
+from tests.conftest import as_exported, run_bank_server
 
 pytestmark = pytest.mark.integration
 
@@ -240,7 +241,7 @@ def test_admin_http_endpoints(open_server, tiny_export, big_export):
     assert stats["limits"]["max_blocks_per_request"] == 64 and stats["ready"]
 
     status, body, _ = http(admin, "/v1/manifest/test")
-    assert status == 200 and json.loads(body) == json.loads(load_manifest(tiny_export).to_json())
+    assert status == 200 and as_exported(Manifest.from_json(body)) == load_manifest(tiny_export)
     status, body, _ = http(admin, "/v1/manifest/test/v2")
     assert status == 200 and json.loads(body)["version"] == "v2"
     assert http(admin, "/v1/manifest/nope")[0] == 404
@@ -271,11 +272,14 @@ def test_token_auth_on_reads(secured_server):
             call(bank_pb2.GetManifestRequest(bank="test"), timeout=5,
                  metadata=(("authorization", READ_TOKEN),))          # no "Bearer "
         assert err.value.code() == code.UNAUTHENTICATED
-    with BankClient(address, token="wrong") as c, pytest.raises(BankError) as e:
+    # this server is plaintext on loopback: a client sends it a token only when told to
+    # (allow_insecure_token; by default a token means TLS: test_token_never_in_the_clear below)
+    with BankClient(address, token="wrong", allow_insecure_token=True) as c, \
+            pytest.raises(BankError) as e:
         c.fetch("test", "v1", [(1, 0)], load_manifest_from(admin, "test", READ_TOKEN))
     assert e.value.code == "PERMISSION_DENIED"
     for token in (READ_TOKEN, ADMIN_TOKEN):
-        with BankClient(address, token=token) as c:
+        with BankClient(address, token=token, allow_insecure_token=True) as c:
             m = c.get_manifest("test")
             assert len(c.fetch("test", "v1", [(1, 0), (2, 3)], m)) == 2
     # probes need no token
@@ -316,7 +320,7 @@ def test_publish_over_grpc_and_http(secured_server):
         assert rpc_code(address, method, bank_pb2.PublishRequest(bank=bank, version=version),
                         bank_pb2.PublishResponse, token=ADMIN_TOKEN) == code.INVALID_ARGUMENT
 
-    with BankClient(address, token=READ_TOKEN) as c:
+    with BankClient(address, token=READ_TOKEN, allow_insecure_token=True) as c:   # plaintext
         assert c.get_manifest("test").version == "v1"
         resp = publish(address, "test", "v2", token=ADMIN_TOKEN)
         assert (resp.bank, resp.version, resp.previous) == ("test", "v2", "v1")
@@ -382,7 +386,7 @@ def test_tls(api_lmdb, tmp_path, tiny_export):
         port = address.rsplit(":", 1)[1]
         with BankClient(f"localhost:{port}", tls_ca=cert, token=READ_TOKEN) as c:
             m = c.get_manifest("test")
-            assert m == load_manifest(tiny_export)
+            assert as_exported(m) == load_manifest(tiny_export)
             got = c.fetch("test", "v1", list(m.blocks()), m)
             want = {(l, n): d for l, n, d in iter_blocks(tiny_export, m)}
             assert {k: bytes(v) for k, v in got.items()} == {k: bytes(v) for k, v in want.items()}

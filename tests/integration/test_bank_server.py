@@ -15,6 +15,8 @@ from membank.blocks import checksum
 from membank.keys import block_key
 from membank.v1 import bank_pb2
 from services.model_client.bank_client import BankClient, BankError, BlockIntegrityError
+from testkit.keys import trust
+from tests.conftest import as_exported
 
 pytestmark = pytest.mark.integration
 
@@ -50,9 +52,10 @@ def assert_same(got: dict, want: dict, manifest):
 
 # -- happy paths -------------------------------------------------------------------------------
 def test_get_manifest_round_trip(client, tiny_export, big_export):
-    assert client.get_manifest("test") == load_manifest(tiny_export)
-    assert client.get_manifest("test", "v1") == load_manifest(tiny_export)
-    assert client.get_manifest("big") == load_manifest(big_export)
+    assert as_exported(client.get_manifest("test")) == load_manifest(tiny_export)
+    assert as_exported(client.get_manifest("test", "v1")) == load_manifest(tiny_export)
+    assert as_exported(client.get_manifest("big")) == load_manifest(big_export)
+    assert trust().check(client.get_manifest("big"))        # signed with the test key
 
 
 def test_fetch_every_block_in_one_call(client, tiny_blocks):

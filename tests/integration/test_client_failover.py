@@ -24,6 +24,7 @@ from services.model_client.device_cache import DeviceCache
 from services.model_client.fetcher import FetchPolicy
 from services.model_client.memory_model import MemoryModel
 from services.model_client.targets import open_bank
+from testkit.keys import signing_key, trust
 from testkit.net import Relay, free_port
 from tests.conftest import FakeEmbedder, run_bank_server
 
@@ -39,7 +40,7 @@ def shard_lmdbs(tiny_model_export, tmp_path_factory):
     paths = {s: root / s for s in SHARDS}
     for s in SHARDS:
         ingest(tiny_model_export, paths[s], shard_id=s, shards=SHARDS, replication=2,
-               placement_level=1, progress=False, map_size=1 << 30)
+               placement_level=1, progress=False, map_size=1 << 30, signing_key=signing_key())
     return paths
 
 
@@ -78,7 +79,7 @@ def path_and_owners(model, manifest):
 
 @pytest.fixture
 def model(tiny_model_export):
-    return MemoryModel.from_pretrained(tiny_model_export, embedder=FakeEmbedder())
+    return MemoryModel.from_pretrained(tiny_model_export, embedder=FakeEmbedder(), trust=trust())
 
 
 def test_a_killed_shard_fails_over_to_its_replica(shard_lmdbs, tmp_path, model, exported):
@@ -168,7 +169,8 @@ def test_model_reads_the_manifest_once_per_ttl_and_reuses_cached_blocks(servers,
                                                                         tmp_path, exported):
     cache_dir = tmp_path / "cache"
     model = MemoryModel.from_pretrained(tiny_model_export, embedder=FakeEmbedder(),
-                                        cache=DeviceCache(1 << 20, cache_dir), manifest_ttl_s=3600)
+                                        cache=DeviceCache(1 << 20, cache_dir), manifest_ttl_s=3600,
+                                        trust=trust())
     with open_bank(servers) as f:
         reads = []
         real = f.get_manifest
@@ -182,7 +184,7 @@ def test_model_reads_the_manifest_once_per_ttl_and_reuses_cached_blocks(servers,
         assert len(reads) == 1 and f.stats()["rpcs"] == 1
         # a restarted device: memory empty, the disk cache has the path (re-verified on read)
         fresh = MemoryModel.from_pretrained(tiny_model_export, embedder=FakeEmbedder(),
-                                            cache=DeviceCache(1 << 20, cache_dir))
+                                            cache=DeviceCache(1 << 20, cache_dir), trust=trust())
         third = fresh.generate(PROMPT, bank=f, max_new_tokens=2)
         assert third.memory and third.fetched_blocks == [] and third.cached_blocks == blocks
         assert f.stats()["rpcs"] == 1 and fresh.cache.level_stats()[1].disk_hits == 1

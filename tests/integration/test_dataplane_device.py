@@ -30,6 +30,7 @@ from services.model_client.dataplane_client import DataPlaneClient, dataplane_ta
 from services.model_client.fetcher import FetchPolicy, ShardedFetcher
 from services.model_client.memory_model import MemoryModel
 from services.model_client.targets import client_factory, make_client, open_bank
+from testkit.keys import signing_key, trust
 from tests.conftest import FakeEmbedder, run_bank_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -58,7 +59,8 @@ def served(tiny_model_export, tmp_path_factory):
     """Bank "test" v1 with native and int8 blocks, served with --dataplane-port 0."""
     tmp = tmp_path_factory.mktemp("dp-device")
     db = tmp / "bank.lmdb"
-    m = ingest(tiny_model_export, db, encodings=("int8",), progress=False, map_size=1 << 30)
+    m = ingest(tiny_model_export, db, encodings=("int8",), progress=False, map_size=1 << 30,
+               signing_key=signing_key())
     assert m.has_encoding("int8")
     with run_bank_server(db, "--dataplane-port", "0", log_path=tmp / "server.log") \
             as (address, proc):
@@ -105,7 +107,7 @@ def test_memory_model_over_the_dataplane_attaches_the_same_memory(served, tiny_m
     results = {}
     for name, target in (("grpc", served.grpc), ("dataplane", served.dataplane)):
         model = MemoryModel.from_pretrained(tiny_model_export, embedder=FakeEmbedder(),
-                                            encoding=encoding)
+                                            encoding=encoding, trust=trust())
         before = served.rpcs()
         with make_client(target) as bank:
             runs = [model.generate(p, bank=bank, max_new_tokens=3) for p in PROMPTS]
@@ -127,11 +129,13 @@ def test_memory_model_over_the_dataplane_attaches_the_same_memory(served, tiny_m
     assert torch.equal(grpc_mem, dp_mem)        # the attached weights, bit for bit
 
 
-def test_cli_generate_takes_a_dataplane_target(served, tiny_model_export, capsys):
+def test_cli_generate_takes_a_dataplane_target(served, tiny_model_export, capsys,
+                                               trusted_key_file):
     from membank_cli.cli import main
     before = served.rpcs()
     main(["generate", "Gold is", "--model", str(tiny_model_export), "--bank", served.dataplane,
-          "--max-new-tokens", "1", "--json"])
+          "--max-new-tokens", "1", "--json",
+          "--trusted-keys", str(trusted_key_file)])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     used = delta(before, served.rpcs())
     assert out["memory"] and out["fetched_blocks"], out
@@ -176,7 +180,7 @@ def test_local_cluster_with_dataplane_serves_a_load_loop_with_no_error(tiny_expo
 
 
 def test_cli_generate_takes_named_shards_and_fetches_through_the_sharded_fetcher(
-        served, tiny_model_export, capsys):
+        served, tiny_model_export, capsys, trusted_key_file):
     """`--bank shard=TARGET,...` builds the ShardedFetcher (as chat and device-serve do), not
     one gRPC client for the whole string (which answered without memory)."""
     from membank_cli.cli import main
@@ -184,7 +188,8 @@ def test_cli_generate_takes_named_shards_and_fetches_through_the_sharded_fetcher
     owner = m.owners(*next(iter(m.blocks())))[0]
     # a second shard no block lives on: never asked
     main(["generate", "Gold is", "--model", str(tiny_model_export), "--bank",
-          f"{owner}={served.dataplane},spare=127.0.0.1:1", "--max-new-tokens", "1", "--json"])
+          f"{owner}={served.dataplane},spare=127.0.0.1:1", "--max-new-tokens", "1", "--json",
+          "--trusted-keys", str(trusted_key_file)])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["memory"] and out["fetched_blocks"], out
 

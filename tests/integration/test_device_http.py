@@ -190,9 +190,10 @@ def test_openapi_docs_are_served(device):
 # -- with a bank: routing needs the MiniLM embedder (seconds to load) ---------------------------
 @pytest.mark.slow
 def test_memory_from_a_real_bank_and_anchor_only_when_unreachable(tiny_model_export, bank_server,
-                                                                 tmp_path):
-    with run_device_server(tiny_model_export, "--bank", bank_server,
-                           log_path=tmp_path / "a.log") as a:
+                                                                 tmp_path, trusted_key_file):
+    # the session's bank is signed with the test key; the device pins it
+    with run_device_server(tiny_model_export, "--bank", bank_server, "--trusted-keys",
+                           str(trusted_key_file), log_path=tmp_path / "a.log") as a:
         health = json.loads(http(a, "/v1/health")[1])
         assert health["bank"] == {"configured": True, "targets": [bank_server], "reachable": True,
                                   "error": None}

@@ -47,6 +47,7 @@ from services.model_client.fetcher import ShardedFetcher
 from services.model_client.memory_model import MemoryModel
 from services.model_client.targets import client_factory
 from testkit.exports import synthetic_export
+from testkit.keys import signing_key, trust
 from tests.conftest import REPO, FakeEmbedder, start_ingest_writing
 
 pytestmark = pytest.mark.integration
@@ -59,10 +60,13 @@ def int8_lmdb(tiny_model_export, tmp_path_factory) -> Path:
     """Bank "test": "vnative" (native only), "vbad" (int8, its int8 block (2, 1) then
     corrupted on disk) and "v1" (int8, published last: current)."""
     db = tmp_path_factory.mktemp("int8") / "bank.lmdb"
-    ingest(tiny_model_export, db, version="vnative", progress=False, map_size=MAP)
+    key = signing_key()      # the test operator's (testkit/keys.py): devices pin it
+    ingest(tiny_model_export, db, version="vnative", progress=False, map_size=MAP,
+           signing_key=key)
     ingest(tiny_model_export, db, version="vbad", encodings=INT8, publish=False,
-           progress=False, map_size=MAP)
-    m = ingest(tiny_model_export, db, version="v1", encodings=INT8, progress=False, map_size=MAP)
+           progress=False, map_size=MAP, signing_key=key)
+    m = ingest(tiny_model_export, db, version="v1", encodings=INT8, progress=False, map_size=MAP,
+               signing_key=key)
     assert m.encodings and m.version == "v1"
     env = lmdb.open(str(db), map_size=MAP)
     key = block_key("test", "vbad", 2, 1, "int8")
@@ -136,9 +140,10 @@ def test_int8_over_grpc_verified_and_never_mixed_with_native(served, native_bloc
                                                   m.block_nbytes(1, "int8"))
 
 
-def test_memory_model_attaches_dequantized_int8(served, tiny_model_export, native_blocks):
+def test_memory_model_attaches_dequantized_int8(served, tiny_model_export, native_blocks,
+                                                trusted_key_file):
     model = MemoryModel.from_pretrained(tiny_model_export, embedder=FakeEmbedder(),
-                                        encoding="int8")
+                                        encoding="int8", trust=trust())
     with ShardedFetcher(served, client_factory=client_factory()) as bank:   # one address
         r = model.generate("The atomic number of Ruthenium is", bank=bank, max_new_tokens=2)
     assert r.memory and r.encoding == "int8", r.anchor_only_reason
@@ -153,7 +158,8 @@ def test_memory_model_attaches_dequantized_int8(served, tiny_model_export, nativ
     # the CLI flag reaches the model the same way
     from membank_cli.cli import main
     main(["generate", "Gold is", "--model", str(tiny_model_export), "--bank", served,
-          "--encoding", "int8", "--max-new-tokens", "1", "--json"])
+          "--encoding", "int8", "--max-new-tokens", "1", "--json",
+          "--trusted-keys", str(trusted_key_file)])
 
 
 def test_corrupted_int8_block_is_data_loss(served):
@@ -177,7 +183,7 @@ def test_missing_and_unknown_encodings(served):
     # a client holding a manifest that (wrongly) lists int8 gets the server's NOT_FOUND
     with BankClient(served) as c:
         plain = c.get_manifest("test", "vnative")
-        forged = plain.model_validate({**plain.model_dump(),
+        forged = plain.model_validate({**plain.model_dump(), "signature": None,
                                        "encodings": {"int8": plain.checksums}})
         with pytest.raises(BankError) as err:
             c.fetch("test", "vnative", [(1, 0)], forged, encoding="int8")

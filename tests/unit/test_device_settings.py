@@ -51,3 +51,32 @@ def test_block_encoding_from_environment_or_flag(monkeypatch):
         DeviceSettings.from_args([])
     with pytest.raises(SystemExit):        # argparse: not one of the choices
         DeviceSettings.from_args(["--encoding", "int4"])
+
+
+# -- issue 16: pinned keys, unsigned manifests, tokens without TLS ----------------------------
+def test_trust_settings_from_environment_and_flags(monkeypatch, tmp_path):
+    from membank.signing import SignatureError, key_id
+    from testkit.keys import signing_key, write_public_key
+    pub = write_public_key(tmp_path / "op.pub")
+    monkeypatch.setenv("MEMBANK_CLIENT_TRUSTED_KEYS", f"{pub}, {tmp_path}")
+    s = DeviceSettings.from_args([])
+    assert s.trusted_keys == [pub, tmp_path] and not s.allow_unsigned
+    assert not s.allow_insecure_token
+    trust = s.trust()
+    assert set(trust.keys.keys) == {key_id(signing_key().public_key())}
+    assert not trust.allow_unsigned
+    flags = DeviceSettings.from_args(["--allow-unsigned", "--allow-insecure-token",
+                                      "--trusted-keys", str(pub)])
+    assert flags.allow_unsigned and flags.allow_insecure_token and flags.trust().allow_unsigned
+    # a key file that is not one: a one-line error when the device starts, not at a prompt
+    (tmp_path / "bad.pub").write_text("not a key")
+    with pytest.raises(SignatureError, match="cannot read public key"):
+        DeviceSettings(trusted_keys=[tmp_path / "bad.pub"]).trust()
+
+
+def test_device_server_refuses_a_bad_pinned_key_in_one_line(tmp_path, tiny_model_export):
+    from services.model_client.http_server import main
+    (tmp_path / "bad.pub").write_text("not a key")
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tiny_model_export), "--trusted-keys", str(tmp_path / "bad.pub")])
+    assert str(e.value).startswith("membank device: error: cannot read public key")

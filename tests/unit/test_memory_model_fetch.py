@@ -11,6 +11,7 @@ from membank.artifacts import iter_blocks, load_manifest
 from services.model_client.bank_client import BankError
 from services.model_client.device_cache import DeviceCache
 from services.model_client.memory_model import GenerateResult, MemoryModel
+from testkit.keys import trust
 from tests.conftest import ConstantEmbedder
 
 
@@ -41,8 +42,10 @@ class FakeBank:
 def setup(tiny_model_export):
     m = load_manifest(tiny_model_export)
     blocks = {(l, n): d for l, n, d in iter_blocks(tiny_model_export, m)}
+    # the fake bank serves the export's unsigned manifest: trust is tests/unit/test_signing.py's
     model = MemoryModel.from_pretrained(tiny_model_export, embedder=ConstantEmbedder(),
-                                        cache=DeviceCache(1 << 20), manifest_ttl_s=3600)
+                                        cache=DeviceCache(1 << 20), manifest_ttl_s=3600,
+                                        trust=trust(allow_unsigned=True))
     return model, FakeBank(m, blocks), m
 
 

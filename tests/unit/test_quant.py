@@ -16,6 +16,7 @@ from membank.blocks import checksum
 from membank.keys import block_key, parse_block_key, parse_block_key_encoding
 from membank.manifest import Manifest
 from membank.nn.tensors import dequantize_into, roundtrip, tensor_from_buffer, tensor_to_bytes
+from membank.signing import Trust
 from services.model_client.bank_client import BankError
 from services.model_client.device_cache import DeviceCache, file_name, parse_file_name
 from services.model_client.memory_model import GenerateResult, MemoryModel
@@ -215,6 +216,10 @@ def test_device_cache_keeps_native_and_int8_apart(tmp_path):
 
 
 # -- MemoryModel attaching int8 blocks (fake bank, no sockets) -------------------------------------
+# the fake bank's manifests are unsigned (signing: tests/unit/test_signing.py)
+UNSIGNED_OK = Trust(allow_unsigned=True)
+
+
 class Int8Bank:
     """Serves a manifest with (or without) int8 payloads made from the export's blocks."""
 
@@ -257,7 +262,7 @@ def test_memory_model_dequantizes_int8_blocks_into_its_room(int8_setup):
     bank = Int8Bank(m, blocks)
     cache = DeviceCache(1 << 20)
     model = MemoryModel.from_pretrained(export, embedder=ConstantEmbedder(), cache=cache,
-                                        encoding="int8")
+                                        encoding="int8", trust=UNSIGNED_OK)
     r = fetch_path(model, bank, [1, 0])
     assert r.encoding == "int8" and bank.calls == [(m.path_blocks([1, 0]), "int8")]
     assert r.fetched_bytes == sum(m.block_nbytes(l, "int8") for l, _ in m.path_blocks([1, 0]))
@@ -272,7 +277,8 @@ def test_memory_model_dequantizes_int8_blocks_into_its_room(int8_setup):
     r = fetch_path(model, bank, [1, 0])
     assert r.fetched_blocks == [] and len(r.cached_blocks) == 2 and len(bank.calls) == 1
     # a native model next to it attaches different (full precision) weights for the same path
-    native_model = MemoryModel.from_pretrained(export, embedder=ConstantEmbedder())
+    native_model = MemoryModel.from_pretrained(export, embedder=ConstantEmbedder(),
+                                               trust=UNSIGNED_OK)
     fetch_path(native_model, bank, [1, 0])
     assert bank.calls[-1][1] == "" and not torch.equal(native_model.mem, model.mem)
     assert (native_model.mem - model.mem).abs().max() < 0.02 / 127 * 6
@@ -281,7 +287,8 @@ def test_memory_model_dequantizes_int8_blocks_into_its_room(int8_setup):
 def test_a_version_without_int8_is_fetched_native_and_logged_once(int8_setup, caplog):
     export, m, blocks = int8_setup
     bank = Int8Bank(m, blocks, with_int8=False)
-    model = MemoryModel.from_pretrained(export, embedder=ConstantEmbedder(), encoding="int8")
+    model = MemoryModel.from_pretrained(export, embedder=ConstantEmbedder(), encoding="int8",
+                                        trust=UNSIGNED_OK)
     with caplog.at_level(logging.WARNING, logger="membank.client"):
         r = fetch_path(model, bank, [0, 1])
         fetch_path(model, bank, [1, 1])

@@ -78,7 +78,8 @@ def test_token_tls_and_timeout_reach_either_client_the_same_way(monkeypatch):
     monkeypatch.setattr(targets, "DataPlaneClient", Recorder("dp", made))
     make = client_factory(timeout_s=3.0, token="T", tls_ca="ca.pem", tls_server_name="bank")
     assert [make("a:1"), make("b:1+2")] == ["grpc", "dp"]
-    kw = {"token": "T", "tls_ca": "ca.pem", "tls_server_name": "bank"}
+    kw = {"token": "T", "tls_ca": "ca.pem", "tls_server_name": "bank",
+          "allow_insecure_token": False}
     assert made == [("grpc", "a:1", 3.0, kw), ("dp", "b:1+2", 3.0, kw)]
 
 
