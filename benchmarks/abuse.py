@@ -15,6 +15,10 @@ rate limit on, the caps small enough to reach from one machine (`--max-concurren
 `--dataplane-max-connections`); everything else at its default. Shard RSS (VmRSS), open fds and
 threads are sampled from /proc/PID every 0.2 s; the table shows each phase's maximum.
 
+Both banks are signed with the test operator's key (testkit/keys.py); the device HTTP server pins
+it. Everything runs on loopback without TLS, so the devices send their token in the clear by
+explicit permission (`allow_insecure_token`), as a device never does by default.
+
 Legitimate clients, all from 127.0.0.1:
   devices      `--devices` threads, each with the product's device bank (targets.py `open_bank`,
                target GRPC_PORT+DATAPLANE_PORT: manifest over gRPC, block bodies over the data
@@ -141,16 +145,18 @@ def build_shard_data(lmdb: Path, work: Path, blocks: str, seed: int):
     from benchmarks.paper_scale import block_bytes
     from membank.manifest import Manifest
     from services.bank_server.ingest import ingest, ingest_stream
+    from testkit.keys import signing_key
     from testkit.models import make_model_export
 
     header = bank_header(blocks)
     skeleton = Manifest.model_validate({**header, "checksums": [
         [""] * (header["branching"] ** l if r else 0) for l, r in enumerate(header["ranks"], 1)]})
+    # both banks signed with the test operator's key; the device HTTP server pins it
     manifest = ingest_stream({None: lmdb}, header, (
         (l, n, block_bytes(seed, l, n, skeleton.block_nbytes(l))) for l, n in skeleton.blocks()),
-        progress=False)
+        progress=False, signing_key=signing_key())
     export = make_model_export(work / "model" / "export", seed=seed)
-    ingest(export, lmdb, progress=False)
+    ingest(export, lmdb, progress=False, signing_key=signing_key())
     return manifest, export
 
 
@@ -204,7 +210,8 @@ def device_loop(run: Run, s: AbuseSettings, target: str, token: str, seed: int) 
     from services.model_client.targets import open_bank
 
     rng = random.Random(seed)
-    bank = open_bank(target, timeout_s=s.device_timeout_s, token=token)
+    bank = open_bank(target, timeout_s=s.device_timeout_s, token=token,
+                     allow_insecure_token=True)
     manifest, read_at, prompts = None, 0.0, 0
     try:
         while not run.stop_load.is_set():
@@ -213,7 +220,8 @@ def device_loop(run: Run, s: AbuseSettings, target: str, token: str, seed: int) 
             if s.device_churn and prompts % s.device_churn == 0:
                 # devices come and go (wake-ups, network changes): a new client, new connections
                 bank.close()
-                bank = open_bank(target, timeout_s=s.device_timeout_s, token=token)
+                bank = open_bank(target, timeout_s=s.device_timeout_s, token=token,
+                                 allow_insecure_token=True)
             try:
                 if manifest is None or time.monotonic() - read_at > s.manifest_ttl_s:
                     manifest, read_at = bank.get_manifest(BANK), time.monotonic()
@@ -771,6 +779,7 @@ def main(argv: list[str] | None = None) -> dict:
     s = parse_args(argv)
     from services.bank_server import launch
     from services.model_client.dataplane_client import dataplane_target
+    from testkit.keys import write_public_key
     from testkit.models import run_device_server
 
     work = Path(tempfile.mkdtemp(prefix="membank-abuse-", dir=s.dir))
@@ -801,6 +810,8 @@ def main(argv: list[str] | None = None) -> dict:
             if s.device_http:
                 device_address, _ = stack.enter_context(run_device_server(
                     export, "--bank", target, "--token-file", str(work / "read.token"),
+                    "--allow-insecure-token",
+                    "--trusted-keys", str(write_public_key(work / "operator.pub")),
                     "--timeout", str(s.device_timeout_s), "--max-tokens", "40",
                     "--log-level", "WARNING", log_path=work / "device.log"))
             sampler = Sampler(proc.pid, run)

@@ -225,8 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
             # in-process LRU hits
             lru = LRUCache(Never(), max_bytes=2 * sizes[label] * args.blocks,
                            max_item_bytes=sizes[label])
-            for key, data, _ in blocks[label]:
-                lru._insert(key, data)
+            for key, data, want in blocks[label]:
+                lru._insert(key, data, want.checksum)   # as verified against the manifest
             run("lru", label, read_view(lru), args.reps)
     finally:
         if redis_srv is not None:

@@ -148,7 +148,8 @@ def test_one_peer_cannot_take_every_connection(lmdb_dir, tmp_path):
         attacker.start()
         try:
             target = dataplane_target(address, proc.dataplane_address)
-            with DataPlaneClient(target, timeout_s=10, token="r-token") as device:
+            with DataPlaneClient(target, timeout_s=10, token="r-token",
+                                 allow_insecure_token=True) as device:
                 m = device.get_manifest("test")
                 for _ in range(6):
                     got = device.fetch("test", "v1", [(1, 0), (2, 1)], m)
@@ -225,7 +226,8 @@ def test_per_peer_cap_message_and_refusals_close(lmdb_dir, tmp_path):
                 assert closed(s), code
         # the device, from another address, has its own budget and its own connections
         target = dataplane_target(address, proc.dataplane_address)
-        with DataPlaneClient(target, timeout_s=10, token="r-token") as device:
+        with DataPlaneClient(target, timeout_s=10, token="r-token",
+                             allow_insecure_token=True) as device:
             m = device.get_manifest("test")
             assert len(device.fetch("test", "v1", [(1, 1)], m)) == 1
 
