@@ -6,8 +6,6 @@ Run: .venv/bin/pytest -q tests/integration/test_device_http.py   (-m "not slow":
 from __future__ import annotations
 
 import json
-import os
-import select
 import socket
 import subprocess
 import sys
@@ -20,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from services.bank_server.launch import stop
-from services.model_client.http_server import LISTENING
+from testkit.models import run_device_server as start_device_server
 from testkit.net import free_port
 from tests.conftest import REPO
 
@@ -30,26 +27,10 @@ pytestmark = pytest.mark.integration
 
 @contextmanager
 def run_device_server(export: Path, *extra: str, log_path: Path, timeout: float = 60.0):
-    """`python -m services.model_client.http_server` on port 0; yield "host:port" once it
-    listens."""
-    cmd = [sys.executable, "-m", "services.model_client.http_server", "--model", str(export),
-           "--port", "0", "--max-tokens", "40", *extra]
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=log, bufsize=0,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        deadline, line = time.monotonic() + timeout, b""
-        while not line.startswith(LISTENING.encode()):
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"device server did not start ({proc.poll()}): "
-                                   f"{log_path.read_text()[-2000:]}")
-            if select.select([proc.stdout], [], [], 0.5)[0]:
-                line = proc.stdout.readline()
-        yield line.decode().strip()[len(LISTENING):]
-    finally:
-        stop(proc)
-        proc.stdout.close()
-        log.close()
+    """testkit's device server with at most 40 new tokens; yield its "host:port"."""
+    with start_device_server(export, "--max-tokens", "40", *extra, log_path=log_path,
+                             timeout=timeout) as (address, _):
+        yield address
 
 
 def http(address: str, path: str, body: bytes | dict | None = None) -> tuple[int, bytes, dict]:

@@ -33,6 +33,7 @@ from services.model_client.bank_client import BankClient, BankError, BlockIntegr
 from services.model_client.dataplane_client import DataPlaneClient, dataplane_target
 from testkit.exports import synthetic_export
 from tests.conftest import as_exported
+from tests.integration.test_ingest import dump
 
 pytestmark = pytest.mark.integration
 MAP = 1 << 30
@@ -41,14 +42,6 @@ MAP = 1 << 30
 def blocks_of(export_dir) -> dict[tuple[int, int], bytes]:
     m = load_manifest(export_dir)
     return {(l, n): bytes(d) for l, n, d in iter_blocks(export_dir, m)}
-
-
-def dump(path) -> dict[bytes, bytes]:
-    env = lmdb.open(str(path), readonly=True, lock=False)
-    with env.begin() as txn:
-        out = {bytes(k): bytes(v) for k, v in txn.cursor()}
-    env.close()
-    return out
 
 
 @pytest.fixture(scope="module")
