@@ -44,8 +44,12 @@ RUN python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python
 
 # -- build-device: the same with torch (CPU) and the `train` extra (includes `device`) ----------
 FROM venv AS build-device
-# torch first, from the CPU index, so that resolving the project never pulls a CUDA build
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# torch first, the CPU build, so that resolving the project never pulls a CUDA build: the CPU
+# wheel put in deploy/wheels/ when there is one (`make compose-images` copies the one the host's
+# pip installs from), else the CPU index
+COPY deploy/wheels/ /wheels/
+RUN if ls /wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then pip install /wheels/torch-2.13.0+cpu-*.whl; \
+    else pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; fi
 COPY pyproject.toml ./
 RUN mkdir -p membank services training \
  && touch membank/__init__.py services/__init__.py training/__init__.py \
@@ -67,12 +71,12 @@ FROM ${PYTHON_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
     MEMBANK_SERVER_HOST=0.0.0.0 MEMBANK_SERVER_PORT=50051 MEMBANK_SERVER_LMDB_PATH=/data/bank
 # uid/gid 10001: fixed, so volumes and Kubernetes' runAsUser/fsGroup agree with the image.
-# /data/run (training output), /data/bank (a shard's LMDB) and /data/keys (compose's signing key
-# pair, 0700) are created here, owned by the user, so that named volumes mounted there start
-# out writable by it.
+# /data/run (training output), /data/bank (a shard's LMDB), /data/keys (compose's signing key
+# pair, 0700) and /data/tls (compose's certificate and tokens, 0700) are created here, owned by
+# the user, so that named volumes mounted there start out writable by it.
 RUN groupadd --system --gid 10001 membank \
  && useradd --system --uid 10001 --gid membank --home-dir /home/membank --create-home membank \
- && mkdir -p /data/run /data/bank /data/keys /app && chmod 0700 /data/keys \
+ && mkdir -p /data/run /data/bank /data/keys /data/tls /app && chmod 0700 /data/keys /data/tls \
  && chown -R membank:membank /data /app
 WORKDIR /app
 USER 10001:10001

@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 STUBS  := membank/v1/bank_pb2.py membank/v1/bank_pb2_grpc.py
 
-.PHONY: install stubs lint test test-fast demo loadtest validate-deploy eval-longtail eval-scaling clean
+.PHONY: install stubs lint test test-fast demo loadtest validate-deploy compose-up compose-test \
+        compose-down eval-longtail eval-scaling clean
 
 install: $(STAMP)
 
@@ -46,6 +47,20 @@ loadtest: $(STAMP) $(STUBS)
 # schema checks of deploy/ and docker-compose.yml (offline; no cluster, no Docker engine)
 validate-deploy: $(STAMP)
 	$(PY) -m pytest -q tests/deploy/test_manifests.py tests/deploy/test_dataplane_deploy.py
+
+# the compose stack for real (deploy/README.md, "docker compose"): as root, installs Docker and
+# debootstrap from Debian's packages when missing, starts dockerd, builds base images when no
+# registry answers, builds the images, brings the stack up and answers prompts; `make test`
+# stays Docker-free
+compose-up: $(STAMP) $(STUBS)
+	PY=$(PY) deploy/compose.sh up
+
+# faults and runbooks against the running stack: deploy/compose-results.{json,md,png}
+compose-test: $(STAMP) $(STUBS)
+	$(PY) deploy/compose_test.py
+
+compose-down:
+	deploy/compose.sh down
 
 clean:
 	rm -rf $(STUBS) membank/v1/bank_pb2.pyi runs .pytest_cache

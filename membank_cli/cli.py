@@ -3,6 +3,7 @@
     membank train    --config demo --out runs/demo          train anchor + bank, export
     membank merge    --out runs/merged runs/sub0 runs/sub1   merge frozen-anchor subtree jobs
     membank keygen   --out keys/                             the operator's signing key pair
+    membank dev-secrets --out tls/ --names shard-0,localhost  TLS cert + tokens, one-host stacks
     membank ingest   runs/demo/export --lmdb runs/demo/lmdb --signing-key keys/K.key
                                                              load blocks into a bank store
     membank serve    --lmdb runs/demo/lmdb --port 50051      run a bank shard (gRPC)
@@ -66,6 +67,15 @@ def cmd_keygen(args) -> None:
     print(f"key id {key_id(load_public_key(public))}\n  private (0600, keep it with the "
           f"operator; ingest --signing-key): {private}\n  public (pin it on devices: "
           f"--trusted-keys / MEMBANK_CLIENT_TRUSTED_KEYS): {public}")
+
+
+def cmd_dev_secrets(args) -> None:
+    from membank.secrets import write_dev_secrets
+
+    names = [n.strip() for n in args.names.split(",") if n.strip()]
+    paths = write_dev_secrets(args.out, names)
+    print(f"TLS certificate (self-signed; devices pass it as --tls-ca) {paths['tls.crt']}, key "
+          f"{paths['tls.key']}; tokens {paths['read-token']}, {paths['admin-token']}")
 
 
 def cmd_serve(args) -> None:
@@ -251,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="directory (created)")
     s.add_argument("--name", default="membank", help="file name prefix (then the key id)")
     s.set_defaults(func=cmd_keygen)
+
+    s = sub.add_parser("dev-secrets", help="a self-signed TLS certificate and read/admin "
+                       "tokens for a one-host stack (docker-compose.yml); kept if present")
+    s.add_argument("--out", required=True, help="directory (created)")
+    s.add_argument("--names", default="localhost,127.0.0.1",
+                   help="comma-separated DNS names and IP addresses the certificate names")
+    s.set_defaults(func=cmd_dev_secrets)
 
     s = sub.add_parser("serve", help="run a bank shard; flags are the bank server's own",
                        add_help=False)

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+import lmdb
+
 from membank.blocks import checksum
 from membank.keys import (
     SHARD_KEY,
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         report = gc(args.lmdb, args.bank, keep=args.keep, dry_run=args.dry_run,
                     orphans=args.orphans, grace_s=args.grace_s,
                     map_size=_map_size(args.map_size_gb))
-    except (GCError, ValueError) as e:
+    except (GCError, ValueError, lmdb.Error) as e:
         print(f"gc failed: {e}", file=sys.stderr)
         raise SystemExit(1)
     print(json.dumps(report))

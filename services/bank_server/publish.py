@@ -20,6 +20,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import lmdb
+
 from membank.keys import NAME, current_key, manifest_key, tombstone_key, valid_name
 from services.bank_server.store import acquire_env, release_env
 
@@ -114,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     except PublishError as e:
         print(f"publish: {e}", file=sys.stderr)
         return 3 if e.kind == "gone" else 2
+    except lmdb.Error as e:
+        print(f"publish: {e}", file=sys.stderr)
+        return 2
     print(previous)   # stdout: the previous version, for the caller
     print(f"published {args.bank} version {args.version} in {args.lmdb}"
           + (f" (was {previous})" if previous else ""), file=sys.stderr)

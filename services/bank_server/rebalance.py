@@ -29,6 +29,8 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
+import lmdb
+
 from membank.blocks import checksum
 from membank.keys import block_key, manifest_key
 from membank.manifest import Manifest
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
                            map_size=_map_size(args.map_size_gb),
                            signing_key=load_signing_key(args.signing_key)
                            if args.signing_key else None)
-    except (IngestError, ValueError) as e:
+    except (IngestError, ValueError, lmdb.Error) as e:
         print(f"rebalance failed: {e}", file=sys.stderr)
         raise SystemExit(1)
     if args.list:

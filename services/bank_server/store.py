@@ -199,21 +199,38 @@ def open_env(path: str | Path, map_size: int, *, readonly: bool,
     """
     if not readonly:
         Path(path).mkdir(parents=True, exist_ok=True)
-    return lmdb.open(
-        str(path),
-        map_size=map_size,
-        readonly=readonly,
-        writemap=writemap and not readonly,
-        # readers never take the write lock; the lock file only tracks reader slots, so a
-        # writer (ingest) and any number of servers can share the same directory
-        lock=True,
-        # blocks are MBs of contiguous overflow pages read whole: readahead (plus WILLNEED in
-        # LMDBStore.read) turns a cold block into a few large reads instead of 4 KiB faults
-        readahead=True,
-        max_readers=MAX_READERS,
-        max_dbs=0,
-        subdir=True,
-    )
+    # LMDB marks a live reader by locking the lock file at its PID. Two processes with the same
+    # PID number in different PID namespaces (a server and an ingest job, each PID 1 in its own
+    # container) cannot both have it open: the second fails at its first transaction (py-lmdb's
+    # open runs one) with EAGAIN. Say what to do, rather than "Resource temporarily unavailable".
+    try:
+        env = lmdb.open(
+            str(path),
+            map_size=map_size,
+            readonly=readonly,
+            writemap=writemap and not readonly,
+            # readers never take the write lock; the lock file only tracks reader slots, so a
+            # writer (ingest) and any number of servers can share the same directory
+            lock=True,
+            # blocks are MBs of contiguous overflow pages read whole: readahead (plus WILLNEED in
+            # LMDBStore.read) turns a cold block into a few large reads instead of 4 KiB faults
+            readahead=True,
+            max_readers=MAX_READERS,
+            max_dbs=0,
+            subdir=True,
+        )
+        env.begin(write=not readonly).abort()    # the transaction this process will need
+    except lmdb.LockError as e:
+        raise StoreLockedError(
+            f"{path}: {e}: a process with this PID number in another PID namespace (e.g. PID 1 "
+            f"of another container) has this LMDB open; run the server under an init "
+            f"(compose `init: true`, Kubernetes `shareProcessNamespace: true`) or run this "
+            f"inside its container (deploy/README.md, \"PID namespaces\")") from None
+    return env
+
+
+class StoreLockedError(lmdb.LockError):
+    """The LMDB is held by a process whose PID clashes with ours (open_env)."""
 
 
 _ENVS: dict[str, list] = {}          # realpath -> [env, readonly, refcount]

@@ -85,6 +85,9 @@ class GenerateResponse(BaseModel):
     memory: bool = Field(description="true when fetched memory was attached")
     anchor_only_reason: str | None = None
     path: list[int] | None = None
+    version: str = Field("", description="the bank version whose manifest fetched the path")
+    level_versions: list[str] = Field([], description="the block version attached at each "
+                                      "level of the path (one value: the path is one version)")
     fetched_blocks: list[tuple[int, int]] = []
     fetched_bytes: int = 0
     timings_ms: dict[str, float] = Field(

@@ -80,6 +80,10 @@ class GenerateResult:
     memory: bool                           # True when fetched memory was attached
     anchor_only_reason: str | None = None  # why memory was not used, if it was not
     path: list[int] | None = None
+    version: str = ""                      # the bank version whose manifest fetched the path
+    # the block version attached at each level of the path, level 1 first: one value unless a
+    # path mixed versions (which CachedBank rules out; the compose test counts it)
+    level_versions: list[str] = field(default_factory=list)
     fetched_blocks: list[tuple[int, int]] = field(default_factory=list)
     fetched_bytes: int = 0
     cached_blocks: list[tuple[int, int]] = field(default_factory=list)  # from the device cache
@@ -207,6 +211,9 @@ class MemoryModel:
         got = self.bank_view(bank).fetch_path(path, self.attached)
         t1 = time.perf_counter()
         self.attach(got.manifest, got.blocks, got.encoding)
+        result.version = got.manifest.version
+        result.level_versions = [self.attached[lv][1] for lv in range(1, len(path) + 1)
+                                 if lv in self.attached]
         result.encoding = quant.label(got.encoding)
         result.cached_blocks, result.fetched_blocks = got.cached, got.fetched
         result.fetched_bytes = got.fetched_bytes

@@ -149,8 +149,12 @@ def test_compose_shards_have_own_volume_healthcheck_and_ingest_job():
     seen_volumes, shard_lists = set(), set()
     for name, s in shards.items():
         n = SHARD.match(name).group(1)
-        vols = [v for v in volume_names(s) if v in c["volumes"]]
+        # its own data volume; `tls` (certificate and tokens, read-only) is shared by design
+        vols = [v for v in volume_names(s) if v in c["volumes"] and v != "tls"]
         assert vols == [f"shard-{n}-data"], (name, vols)
+        assert "tls:/data/tls:ro" in s["volumes"]
+        # not PID 1: a job opening the same LMDB from its own container is PID 1 (store.open_env)
+        assert s["init"] is True
         assert not seen_volumes & set(vols), f"{name} shares a volume"
         seen_volumes |= set(vols)
         test = s["healthcheck"]["test"]

@@ -5,13 +5,10 @@ Run: .venv/bin/python -m pytest -q tests/integration/test_api.py
 """
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import shutil
 import signal
 import ssl
-import subprocess
 import threading
 import time
 import urllib.error
@@ -28,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from membank.artifacts import ROUTER, iter_blocks, load_manifest
 from membank.manifest import Manifest
 from membank.router import Router
+from membank.secrets import self_signed_cert
 from membank.v1 import bank_pb2
 from services.bank_server.ingest import ingest
 from services.bank_server.router_store import router_key
@@ -347,36 +345,10 @@ def test_publish_over_grpc_and_http(secured_server):
 # -- TLS ---------------------------------------------------------------------------------------
 def self_signed(tmp: Path) -> tuple[Path, Path]:
     """A self-signed certificate for localhost / 127.0.0.1: (cert.pem, key.pem)."""
-    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-    except ImportError:
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                        "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
-                        "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                        "-keyout", str(key_path), "-out", str(cert_path)],
-                       check=True, capture_output=True)
-        return cert_path, key_path
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
+    cert, key = self_signed_cert(["localhost", "127.0.0.1"], days=1)
+    (tmp / "cert.pem").write_bytes(cert)
+    (tmp / "key.pem").write_bytes(key)
+    return tmp / "cert.pem", tmp / "key.pem"
 
 
 def test_tls(api_lmdb, tmp_path, tiny_export):
