@@ -98,8 +98,9 @@ def admin(shard: str, path: str, *, body: dict | None = None, timeout: float = 2
     req = urllib.request.Request(f"https://localhost:{ADMIN[shard]}{path}",
                                  data=json.dumps(body).encode() if body else None,
                                  headers={"Content-Type": "application/json"})
-    if body is not None:
-        req.add_header("Authorization", f"Bearer {(TLS / 'admin-token').read_text().strip()}")
+    # reads with the read token, publish with the admin token
+    token = TLS / ("admin-token" if body is not None else "read-token")
+    req.add_header("Authorization", f"Bearer {token.read_text().strip()}")
     try:
         with urllib.request.urlopen(req, timeout=timeout, context=tls_context()) as r:
             return r.status, r.read()
@@ -300,7 +301,7 @@ def add_shard_2(old: str, new: str) -> str:
             "demo", new)
     compose("up", "-d", "--no-deps", "shard-2")
     moved = json.loads(out.splitlines()[-1]) if out else {}
-    return f"rebalance {old} -> {new}: {moved.get('copied_bytes', '?')} bytes copied"
+    return f"rebalance {old} -> {new}: {moved.get('bytes_copied', 0) / 1e6:.1f} MB copied"
 
 
 def recreate(service: str) -> str:
@@ -432,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     c = {s: cid(s) for s in ("shard-0", "shard-1", "redis")}
     net = next(iter(json.loads(inspect(c["shard-1"], "{{json .NetworkSettings.Networks}}"))))
     v0 = current_version("shard-0")
+    if not v0:
+        raise RuntimeError("shard-0 names no current version of bank demo")
     v1, v2 = f"{v0}-next", f"{v0}-next-s3"
     rows = [
         run_scenario(load, "steady", "no fault", lambda: None, hold_s=hold),
@@ -456,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                      lambda: recreate("shard-0"), hold_s=0, shard="shard-0"),
     ]
     load.stop()
+    load.model.close()
     served = {s: current_version(s) for s in ("shard-0", "shard-1", "shard-2")}
     shard2_fetches = admin("shard-2", "/metrics")[1].decode().count('method="FetchBlocks"')
     checks.append({"check": "every shard serves the rebalanced version",
