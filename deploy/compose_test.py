@@ -461,11 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     load.stop()
     load.model.close()
     served = {s: current_version(s) for s in ("shard-0", "shard-1", "shard-2")}
-    shard2_fetches = admin("shard-2", "/metrics")[1].decode().count('method="FetchBlocks"')
+    metrics = admin("shard-2", "/metrics")[1].decode().splitlines()
+    shard2_fetches = sum(float(ln.rsplit(" ", 1)[1]) for ln in metrics
+                         if ln.startswith("membank_rpc_total{") and 'code="OK"' in ln
+                         and ('"FetchBlocks"' in ln or '"DataPlaneFetch"' in ln))
     checks.append({"check": "every shard serves the rebalanced version",
                    "ok": set(served.values()) == {v2}, "got": str(served)})
     checks.append({"check": "shard-2 answered fetches", "ok": shard2_fetches > 0,
-                   "got": f"{shard2_fetches} FetchBlocks series"})
+                   "got": f"{shard2_fetches:.0f} fetches answered OK (gRPC + data plane)"})
     failed_checks = [c for c in checks if not c["ok"]]
     failed_prompts = sum(r.failed for r in rows)
     mixed = sum(r.mixed for r in rows)
