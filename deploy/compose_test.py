@@ -309,7 +309,8 @@ def recreate(service: str) -> str:
     before = inspect(ingest, "{{.State.FinishedAt}}") if ingest else ""
     compose("rm", "-s", "-f", service)
     compose("up", "-d", "--no-deps", service)
-    after = inspect(cid("ingest-0"), "{{.State.FinishedAt}}") if cid("ingest-0") else ""
+    # --no-deps: ingest-0's container is the same one; had it run again, it finished later
+    after = inspect(ingest, "{{.State.FinishedAt}}") if ingest else ""
     if before != after:
         raise RuntimeError("ingest-0 ran again")
     return "container removed and created again on its volume; ingest-0 not rerun"

@@ -21,7 +21,7 @@ HOLD = ("import sys, time; from services.bank_server.store import open_env; "
         "time.sleep(60)")
 
 
-def pid1(*argv: str, **kw) -> list[str]:
+def pid1(*argv: str) -> list[str]:
     return ["unshare", "--pid", "--fork", "--kill-child", sys.executable, *argv]
 
 
