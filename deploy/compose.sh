@@ -87,7 +87,7 @@ copy_torch_wheel() {
 
 build_images() {
     . "./$ENV_FILE"
-    for target in bank-server model-client; do
+    for target in bank-server model-client loadtest; do
         say "building membank/$target:dev"
         docker build -q --network host --build-arg PYTHON_IMAGE="$PYTHON_IMAGE" \
             --target "$target" -t "membank/$target:dev" . >"$STATE/build-$target.log" 2>&1 \

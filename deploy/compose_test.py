@@ -11,7 +11,8 @@ compose-up`), or
    shard off the network, pause a shard, restart Redis, publish a new version (two phases),
    add a shard with the rebalance runbook, recreate a shard's container on its volume. For
    each: prompts, failed prompts (an error or an answer without memory), paths that mixed
-   versions, time to recovery (the shard ready again after the fault ends).
+   versions, time to recovery (the shard ready again after the fault ends);
+4. the `load` profile: headless locust in its container, over TLS with the read token.
 
 Writes deploy/compose-results.{json,md,png}, puts the table into deploy/README.md between its
 markers, prints one JSON line, and exits 1 when a check fails. State left behind: the stack
@@ -54,20 +55,21 @@ BEGIN, END = "<!-- compose-test:begin -->", "<!-- compose-test:end -->"
 
 
 # -- Docker and Compose ---------------------------------------------------------------------------
-def sh(*cmd: str, check: bool = True, timeout: float = 600) -> str:
+def sh(*cmd: str, check: bool = True, timeout: float = 600, merge: bool = False) -> str:
+    """stdout (`merge`: with stderr) of `cmd`; RuntimeError when it fails and `check`."""
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {r.stderr.strip()[-400:]}")
-    return r.stdout.strip()
+    return (r.stdout + r.stderr if merge else r.stdout).strip()
 
 
-def compose(*args: str, check: bool = True, timeout: float = 600) -> str:
+def compose(*args: str, check: bool = True, timeout: float = 600, merge: bool = False) -> str:
     v2 = subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
     base = ["docker", "compose"] if v2 else ["docker-compose"]
     env = STATE / "compose.env"
     if env.exists():
         base += ["--env-file", str(env)]
-    return sh(*base, *FILES, *args, check=check, timeout=timeout)
+    return sh(*base, *FILES, *args, check=check, timeout=timeout, merge=merge)
 
 
 def cid(service: str) -> str:
@@ -374,6 +376,22 @@ def check_limits() -> list[dict]:
     return rows
 
 
+def run_locust(seconds: float) -> dict:
+    """The compose file's `load` profile as an engineer runs it: headless locust in its own
+    container, over TLS with the read token, against all three shards."""
+    hosts = ",".join(f"{s}={s}:50051" for s in ADMIN)
+    out = compose("--profile", "load", "run", "--rm", "--no-deps", "locust-master",
+                  "--headless", "-u", "4", "-r", "4", "-t", f"{max(5, int(seconds))}s",
+                  "--host", hosts, "--only-summary", check=False, timeout=180, merge=True)
+    # the request table's "Aggregated" line: name, requests, "failures(percent)", ... (the
+    # percentile table's has no percent sign)
+    agg = [ln.split() for ln in out.splitlines() if ln.strip().startswith("Aggregated")]
+    agg = [a for a in agg if len(a) > 2 and "%)" in a[2]]
+    reqs, fails = (int(agg[-1][1]), int(agg[-1][2].split("(")[0])) if agg else (0, -1)
+    return {"check": "locust (profile load) over TLS + token", "ok": reqs > 0 and fails == 0,
+            "got": f"{reqs} requests, {fails} failures" if agg else out.strip()[-200:]}
+
+
 # -- report ------------------------------------------------------------------------------------
 def table(rows: list[Row]) -> str:
     out = ["| scenario | what was done | prompts | failed | mixed versions | recovery (s) | "
@@ -466,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     shard2_fetches = sum(float(ln.rsplit(" ", 1)[1]) for ln in metrics
                          if ln.startswith("membank_rpc_total{") and 'code="OK"' in ln
                          and ('"FetchBlocks"' in ln or '"DataPlaneFetch"' in ln))
+    checks.append(run_locust(hold))
     checks.append({"check": "every shard serves the rebalanced version",
                    "ok": set(served.values()) == {v2}, "got": str(served)})
     checks.append({"check": "shard-2 answered fetches", "ok": shard2_fetches > 0,

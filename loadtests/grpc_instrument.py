@@ -102,8 +102,9 @@ class InstrumentedBankClient(BankClient):
     BankClient fail here, loudly, instead of silently sending uninstrumented calls.
     """
 
-    def __init__(self, target: str, report: Report, timeout_s: float = 10.0):
-        super().__init__(target, timeout_s)
+    def __init__(self, target: str, report: Report, timeout_s: float = 10.0, **client_kw):
+        """`client_kw`: BankClient's keywords (token, tls_ca, tls_server_name, ...)."""
+        super().__init__(target, timeout_s, **client_kw)
         assert hasattr(self, "_get_manifest") and hasattr(self, "_fetch_blocks"), \
             "BankClient internals changed: update loadtests/grpc_instrument.py"
         channel = grpc.intercept_channel(self.channel, ReportingInterceptor(report))

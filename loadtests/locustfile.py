@@ -24,6 +24,10 @@ the device's planner sends it (services/model_client/fetcher.py `plan_groups`). 
   MEMBANK_LOADTEST_WAIT_S     think time between prompts per user (0: closed loop)
   MEMBANK_LOADTEST_MANIFEST_S seconds between manifest re-reads (10)
   MEMBANK_LOADTEST_SEED       seed of leaf ranks and of each user's choices (0)
+  MEMBANK_LOADTEST_TLS_CA     PEM file of the CA (or self-signed certificate) the shards' TLS
+                              certificate is checked against; unset: plaintext gRPC
+  MEMBANK_LOADTEST_TLS_SERVER_NAME  name checked in the certificate instead of the host's
+  MEMBANK_LOADTEST_TOKEN_FILE file holding the read token (sent only over TLS)
 """
 from __future__ import annotations
 
@@ -55,6 +59,12 @@ CACHE_BLOCKS = int(os.environ.get("MEMBANK_LOADTEST_CACHE", "4"))
 WAIT_S = float(os.environ.get("MEMBANK_LOADTEST_WAIT_S", "0"))
 MANIFEST_S = float(os.environ.get("MEMBANK_LOADTEST_MANIFEST_S", "10"))
 SEED = int(os.environ.get("MEMBANK_LOADTEST_SEED", "0"))
+TLS_CA = os.environ.get("MEMBANK_LOADTEST_TLS_CA") or None
+TLS_SERVER_NAME = os.environ.get("MEMBANK_LOADTEST_TLS_SERVER_NAME") or None
+TOKEN_FILE = os.environ.get("MEMBANK_LOADTEST_TOKEN_FILE") or None
+# BankClient refuses a token without TLS (services/model_client/bank_client.py tls_for_token)
+CLIENT_KW = {"tls_ca": TLS_CA, "tls_server_name": TLS_SERVER_NAME,
+             "token": Path(TOKEN_FILE).read_text().strip() if TOKEN_FILE else None}
 
 _user_ids = itertools.count()
 _device_totals = {"hits": 0, "misses": 0, "prompts": 0, "fetched_bytes": 0}
@@ -68,10 +78,11 @@ class BankDevice(User):
         spec = self.host or "127.0.0.1:50051"
         report = self.environment.events.request.fire
         first = spec.split(",")[0].split("=")[-1].strip()
-        with InstrumentedBankClient(first, report) as probe:   # the shard ids, from the manifest
+        with InstrumentedBankClient(first, report, **CLIENT_KW) as probe:   # the shard ids
             shard_ids = probe.get_manifest(BANK).shards
         self.bank = ShardedBank(parse_targets(spec, shard_ids),
-                                client=lambda addr, t: InstrumentedBankClient(addr, report, t))
+                                client=lambda addr, t: InstrumentedBankClient(addr, report, t,
+                                                                              **CLIENT_KW))
         self.rng = random.Random(SEED * 1_000_003 + self.user_id)
         self.cache = DeviceCache(CACHE_BLOCKS)
         self.manifest = None

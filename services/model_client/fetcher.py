@@ -146,6 +146,7 @@ class FetchStats:
     integrity_errors: int = 0    # DATA_LOSS or BlockIntegrityError from a replica
     wrong_shard: int = 0         # FAILED_PRECONDITION from a replica
     cancelled: int = 0           # losing hedges cancelled
+    manifest_hedges: int = 0     # GetManifest calls to another shard while one was slow
     errors: dict[str, int] = field(default_factory=dict)   # status code name -> count
     bytes: int = 0               # verified block bytes returned
     blocks: int = 0
@@ -222,6 +223,7 @@ class ShardedFetcher:
                                                       for s in self.targets}
         self._down_until: dict[str, float] = {}
         self.latency = LatencyTracker(self.policy.latency_window)
+        self.manifest_latency = LatencyTracker(self.policy.latency_window)    # GetManifest
         self._rng = rng or random.Random()
         self._pool = ThreadPoolExecutor(self.policy.max_workers, thread_name_prefix="membank-rpc")
         # group drivers wait on attempts: a pool of their own, so they never starve the RPCs
@@ -233,25 +235,58 @@ class ShardedFetcher:
 
     # -- public API --------------------------------------------------------------------------
     def get_manifest(self, bank: str, version: str = "") -> Manifest:
-        """The manifest from the first shard that answers (up ones first; failover on retryable
-        errors; one round, within `deadline_s`)."""
+        """The manifest from the first shard that answers, within `deadline_s`: up shards
+        first; another shard is asked at once when one fails with a retryable error, and after
+        the hedge delay when one is slow (a stalled shard, e.g. `docker pause`, answers nothing
+        and would hold every prompt for `attempt_timeout_s`). A slow loser is not cancelled:
+        its call ends at its own timeout, on a pool thread."""
         deadline = time.monotonic() + self.policy.deadline_s
+        pending = self._order(list(self.targets))
+        running: dict[Future, tuple[str, float]] = {}      # future -> (shard, start)
         last: BankError | None = None
-        for shard in self._order(list(self.targets)):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+
+        def launch() -> None:
+            shard = pending.pop(0)
+            timeout_s = min(self.policy.attempt_timeout_s, max(0.001, deadline - time.monotonic()))
+            f = self._pool.submit(self._client(shard).get_manifest, bank, version,
+                                  timeout_s=timeout_s)
+            running[f] = (shard, time.monotonic())
+
+        launch()
+        hedge_at = time.monotonic() + self._hedge_delay(0, self.manifest_latency)
+        while running:
+            now = time.monotonic()
+            if now >= deadline:
                 break
-            try:
-                m = self._client(shard).get_manifest(
-                    bank, version, timeout_s=min(self.policy.attempt_timeout_s, remaining))
-                self._mark_up(shard)
-                return m
-            except BankError as e:
-                self._count_error(shard, e)
-                if e.code not in RETRYABLE:
-                    raise
-                last = e
-        raise last or BankError("DEADLINE_EXCEEDED", "no time left for GetManifest")
+            can_hedge = self.policy.hedge and pending
+            until = min(deadline, hedge_at) if can_hedge else deadline
+            done, _ = wait(list(running), timeout=max(0.0, until - now),
+                           return_when=FIRST_COMPLETED)
+            if not done:
+                if can_hedge and time.monotonic() >= hedge_at:
+                    self._count("manifest_hedges")
+                    launch()
+                    hedge_at = time.monotonic() + self._hedge_delay(0, self.manifest_latency)
+                continue
+            for f in done:
+                shard, started = running.pop(f)
+                err = f.exception()
+                if err is None:
+                    self.manifest_latency.add(0, time.monotonic() - started)
+                    self._mark_up(shard)
+                    return f.result()
+                if not isinstance(err, BankError):
+                    raise err
+                self._count_error(shard, err)
+                if err.code not in RETRYABLE:
+                    raise err
+                if err.code == "UNAVAILABLE":
+                    self._mark_down(shard)
+                last = err
+            if pending and not running:
+                launch()
+        raise last or BankError("DEADLINE_EXCEEDED",
+                                f"no shard answered GetManifest within {self.policy.deadline_s} s")
 
     def fetch(self, bank: str, version: str, blocks: list[Block],
               manifest: Manifest, *, encoding: str = "") -> dict[Block, bytearray]:
@@ -462,9 +497,9 @@ class ShardedFetcher:
                                            timeout_s=timeout_s, on_call=a.on_call, **extra)
 
     # -- helpers -----------------------------------------------------------------------------
-    def _hedge_delay(self, nbytes: int) -> float:
+    def _hedge_delay(self, nbytes: int, tracker: LatencyTracker | None = None) -> float:
         p = self.policy
-        q = self.latency.quantile(nbytes, p.hedge_quantile, p.hedge_min_samples)
+        q = (tracker or self.latency).quantile(nbytes, p.hedge_quantile, p.hedge_min_samples)
         return min(p.attempt_timeout_s, max(p.hedge_min_s, p.hedge_initial_s if q is None else q))
 
     def _client(self, shard: str) -> Bank:

@@ -5,6 +5,7 @@ Run: .venv/bin/pytest -q tests/unit/test_fetcher.py
 """
 import random
 import threading
+import time
 
 import pytest
 
@@ -66,8 +67,14 @@ class FakeShard:
         return {(lv, n): bytearray(data(lv, n)) for lv, n in blocks}
 
     def get_manifest(self, bank, version="", *, timeout_s=None):
+        self.manifest_calls = getattr(self, "manifest_calls", 0) + 1
         if self.modes[0] == "unavailable":
             raise BankError("UNAVAILABLE", "down")
+        if self.modes[0] == "hang":         # a paused shard: nothing until the deadline
+            threading.Event().wait(timeout_s)
+            raise BankError("DEADLINE_EXCEEDED", "deadline")
+        if self.modes[0] == "not_found":
+            raise BankError("NOT_FOUND", "no such bank")
         return M
 
     def close(self):
@@ -212,6 +219,33 @@ def test_hedge_delay_follows_observed_latency():
     assert f._hedge_delay(nbytes) == 0.04                  # p95 of what was seen
     assert f._hedge_delay(nbytes * 64) == 0.5              # another size bucket
     f.close()
+
+
+def test_a_stalled_shard_costs_a_manifest_read_the_hedge_delay_not_its_timeout():
+    f, shards = fetcher({"s0": ["hang"]}, hedge_initial_s=0.05, attempt_timeout_s=3.0)
+    with f:
+        t0 = time.monotonic()
+        assert f.get_manifest("b") == M
+        assert time.monotonic() - t0 < 1.0            # not the 3 s of the stalled call
+        assert f.stats()["manifest_hedges"] == 1 and shards["s1"].manifest_calls == 1
+    f, _ = fetcher({"s0": ["hang"]}, hedge=False, attempt_timeout_s=0.3)
+    with f:                                           # without hedging: after its timeout
+        t0 = time.monotonic()
+        assert f.get_manifest("b") == M
+        assert time.monotonic() - t0 >= 0.3
+
+
+def test_manifest_errors_that_another_shard_would_repeat_are_raised_at_once():
+    f, shards = fetcher({s: ["not_found"] for s in SHARDS})
+    with f, pytest.raises(BankError) as e:
+        f.get_manifest("b")
+    assert e.value.code == "NOT_FOUND"
+    assert sum(getattr(s, "manifest_calls", 0) for s in shards.values()) == 1
+    f, _ = fetcher({s: ["hang"] for s in SHARDS}, hedge_initial_s=0.01, deadline_s=0.3,
+                   attempt_timeout_s=0.2)
+    with f, pytest.raises(BankError) as e:           # every shard stalled: the deadline
+        f.get_manifest("b")
+    assert e.value.code == "DEADLINE_EXCEEDED"
 
 
 def test_manifest_from_the_first_shard_that_answers_and_missing_targets():
