@@ -105,6 +105,7 @@ COPY --from=build-server /opt/venv /opt/venv
 USER root
 RUN pip install "locust>=2.20"
 COPY loadtests /app/loadtests
+COPY testkit /app/testkit
 USER 10001:10001
 EXPOSE 8089 5557
 ENTRYPOINT ["locust", "-f", "/app/loadtests/locustfile.py"]

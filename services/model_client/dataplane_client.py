@@ -436,7 +436,14 @@ class DataPlaneClient:
             if self.rcvbuf:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
             if self._tls is not None:
-                sock = self._tls.wrap_socket(sock, server_hostname=self._server_hostname)
+                # cancellable during the handshake too: a stalled server (e.g. docker pause)
+                # accepts the connection in its kernel but never answers the ClientHello, and
+                # a hedged fetch must not hold its thread until the deadline (wrap_socket
+                # detaches `sock`: the wrapped one is what cancel() must shut)
+                sock = self._tls.wrap_socket(sock, server_hostname=self._server_hostname,
+                                             do_handshake_on_connect=False)
+                call.attach(sock)
+                sock.do_handshake()
             else:
                 sock.settimeout(None)      # blocking; deadlines via SO_RCVTIMEO (_timeout)
         except socket.timeout:
@@ -444,6 +451,8 @@ class DataPlaneClient:
             raise BankError("DEADLINE_EXCEEDED", "TLS handshake timed out") from None
         except (OSError, ssl.SSLError) as e:
             close_quietly(sock)
+            if call.cancelled:
+                raise BankError("CANCELLED", "fetch cancelled") from None
             raise BankError("UNAVAILABLE",
                             f"data plane {self.host}:{self.port}: TLS failed: {e}") from None
         call.attach(sock)

@@ -25,7 +25,9 @@ How a fetch runs:
   3. per group, the replicas are the shards that own every block of it, best first. The first
      replica gets the RPC; if it has not answered after the hedge delay (the running p95 of
      observed latencies for requests of that size, `FetchPolicy.hedge_*`) the same request goes to
-     the next replica, and the first good answer wins (the other call is cancelled);
+     the next replica, and the first good answer wins (the other call is cancelled, and the
+     replica it went to is tried last for `down_s`, as a down one: a stalled shard costs one
+     hedge delay, not one per prompt). GetManifest is hedged the same way;
   4. a replica that fails is replaced at once by the next one (failover):
        UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED   retryable; UNAVAILABLE also marks
                                                               the shard down for `down_s`
@@ -147,6 +149,7 @@ class FetchStats:
     wrong_shard: int = 0         # FAILED_PRECONDITION from a replica
     cancelled: int = 0           # losing hedges cancelled
     manifest_hedges: int = 0     # GetManifest calls to another shard while one was slow
+    slow_marks: int = 0          # replicas outrun by a hedge: tried last for down_s
     errors: dict[str, int] = field(default_factory=dict)   # status code name -> count
     bytes: int = 0               # verified block bytes returned
     blocks: int = 0
@@ -274,6 +277,7 @@ class ShardedFetcher:
                 if err is None:
                     self.manifest_latency.add(0, time.monotonic() - started)
                     self._mark_up(shard)
+                    self._mark_slow(s for s, _ in running.values())
                     return f.result()
                 if not isinstance(err, BankError):
                     raise err
@@ -454,6 +458,7 @@ class ShardedFetcher:
                         self._mark_up(a.shard)
                         if a.hedge:
                             self._count("hedge_wins")
+                            self._mark_slow(a.shard for a in running.values())
                         with self._lock:
                             self._stats.bytes += sum(len(v) for v in result.values())
                             self._stats.blocks += len(result)
@@ -516,6 +521,13 @@ class ShardedFetcher:
 
     def _mark_down(self, shard: str) -> None:
         self._down_until[shard] = time.monotonic() + self.policy.down_s
+
+    def _mark_slow(self, shards) -> None:
+        """Replicas still silent when another one answered first: tried last for `down_s`, as
+        a down one, so a stalled shard costs one hedge delay, not one per request."""
+        for shard in shards:
+            self._count("slow_marks")
+            self._mark_down(shard)
 
     def _mark_up(self, shard: str) -> None:
         self._down_until.pop(shard, None)

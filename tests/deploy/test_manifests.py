@@ -248,6 +248,27 @@ def test_dockerfile_is_slim_non_root_with_stubs_and_healthcheck():
     assert {".venv", ".git", "runs/"} <= set(ignored)
 
 
+def test_the_loadtest_image_holds_every_module_locust_imports():
+    """The loadtest target copies loadtests/ beside the installed project: every first-party
+    top-level package the locust files import must be installed (pyproject) or copied."""
+    import ast
+
+    text = (REPO / "Dockerfile").read_text()
+    stage = text.split("AS loadtest", 1)[1].split("\nFROM ", 1)[0]
+    copied = set(re.findall(r"^COPY (?!--from)(\S+) /app/", stage, re.M))
+    installed = {"membank", "membank_cli", "services", "training"}     # pyproject's packages
+    first_party = {p.name for p in REPO.iterdir() if p.is_dir() and any(p.glob("*.py"))}
+    imported = set()
+    for f in (REPO / "loadtests").glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+    imported &= first_party      # (locust puts loadtests/ on sys.path: `device` is a sibling)
+    assert imported and imported <= installed | copied, imported - installed - copied
+
+
 def test_shards_know_their_id_expose_admin_and_ingest_their_placement():
     (sts,) = objects("StatefulSet", "membank-shard")
     pod = sts["spec"]["template"]["spec"]

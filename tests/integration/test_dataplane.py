@@ -332,6 +332,29 @@ def test_cancel_from_another_thread_stops_the_fetch(server):
         relay.close()
 
 
+def test_cancel_during_the_tls_handshake_of_a_stalled_server(server, client, tmp_path):
+    """A paused server (docker pause) accepts connections in its kernel and answers nothing:
+    a hedged fetch's cancel must end the TLS handshake at once, not at the deadline."""
+    cert, _ = self_signed(tmp_path)
+    m = client.get_manifest("test")
+    stalled = socket.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(8)                       # never accept()ed: the kernel completes the connect
+    calls = []
+    try:
+        with DataPlaneClient(f"127.0.0.1:1+{stalled.getsockname()[1]}", tls_ca=cert,
+                             token="t", timeout_s=30) as c:
+            timer = threading.Timer(0.3, lambda: calls[0].cancel())
+            timer.start()
+            t0 = time.monotonic()
+            with pytest.raises(BankError) as e:
+                c.fetch("test", "v1", [(1, 0)], m, on_call=calls.append)
+            timer.join()
+            assert e.value.code == "CANCELLED" and time.monotonic() - t0 < 5
+    finally:
+        stalled.close()
+
+
 # -- bad input: README's table -----------------------------------------------------------------
 ROWS = [
     # (row, request payload, code, words in the message)

@@ -199,6 +199,12 @@ def test_slow_primary_is_hedged_and_the_loser_cancelled():
         st = f.stats()
         assert (st["hedges"], st["hedge_wins"], st["cancelled"]) == (1, 1, 1)
         assert shards[SECONDARY].calls == [PATH]
+        # the outrun primary is tried last for down_s: the next fetch asks the secondary first
+        # and needs no hedge (a stalled shard costs one hedge delay, not one per prompt)
+        f.fetch("b", "v1", PATH, M)
+        st = f.stats()
+        assert (st["hedges"], st["slow_marks"], st["down"]) == (1, 1, [PRIMARY])
+        assert shards[SECONDARY].calls == [PATH, PATH] and len(shards[PRIMARY].calls) == 1
 
 
 def test_no_hedge_when_disabled_and_the_deadline_holds():
@@ -228,6 +234,7 @@ def test_a_stalled_shard_costs_a_manifest_read_the_hedge_delay_not_its_timeout()
         assert f.get_manifest("b") == M
         assert time.monotonic() - t0 < 1.0            # not the 3 s of the stalled call
         assert f.stats()["manifest_hedges"] == 1 and shards["s1"].manifest_calls == 1
+        assert f.get_manifest("b") == M and shards["s0"].manifest_calls == 1   # s0 tried last
     f, _ = fetcher({"s0": ["hang"]}, hedge=False, attempt_timeout_s=0.3)
     with f:                                           # without hedging: after its timeout
         t0 = time.monotonic()
