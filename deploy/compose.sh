@@ -157,11 +157,19 @@ case "${1:-}" in
         if docker info >/dev/null 2>&1; then
             compose --profile client --profile load -f docker-compose.yml \
                 -f deploy/compose-shard-2.yml down -v --remove-orphans >/dev/null 2>&1 || true
+            # what Compose made carries its project label: none of it may be left
+            label=label=com.docker.compose.project=membank
+            left="$(docker ps -aq --filter $label) $(docker network ls -q --filter $label)"
+            left="$left $(docker volume ls -q --filter $label)"
+            [ -z "$(echo "$left" | tr -d ' ')" ] || die "left behind after down:$left"
         fi
         if [ -f "$STATE/dockerd.pid" ]; then
             kill "$(cat "$STATE/dockerd.pid")" 2>/dev/null || true
             for _ in $(seq 30); do kill -0 "$(cat "$STATE/dockerd.pid")" 2>/dev/null || break; sleep 1; done
             rm -f "$STATE/dockerd.pid"
+            # the containerd and shims that dockerd ran stop with it
+            for _ in $(seq 10); do pgrep -f 'containerd-shim|/var/run/docker/containerd' >/dev/null || break; sleep 1; done
+            pgrep -af 'containerd-shim|/var/run/docker/containerd' && die "processes left behind"
         fi
         rm -rf "$STATE/host"
         say "down: no membank containers, networks or volumes left"

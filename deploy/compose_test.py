@@ -74,7 +74,7 @@ def compose(*args: str, check: bool = True, timeout: float = 600, merge: bool = 
 
 def cid(service: str) -> str:
     """The service's container id ("" when it has none)."""
-    ids = compose("ps", "-q", service, check=False).splitlines()
+    ids = compose("ps", "-a", "-q", service, check=False).splitlines()   # -a: exited jobs (v2)
     return ids[0] if ids else ""
 
 
@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                      lambda: publish_new_version(v1), hold_s=hold),
         run_scenario(load, "add shard-2", "rebalance runbook (deploy/README.md)",
                      lambda: add_shard_2(v1, v2), hold_s=hold, shard="shard-2"),
-        run_scenario(load, "recreate shard-0", "docker-compose rm -sf + up -d --no-deps",
+        run_scenario(load, "recreate shard-0", "compose rm -sf, then up -d --no-deps",
                      lambda: recreate("shard-0"), hold_s=0, shard="shard-0"),
     ]
     load.stop()
