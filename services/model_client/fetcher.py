@@ -458,7 +458,7 @@ class ShardedFetcher:
                         self._mark_up(a.shard)
                         if a.hedge:
                             self._count("hedge_wins")
-                            self._mark_slow(a.shard for a in running.values())
+                            self._mark_slow(other.shard for other in running.values())
                         with self._lock:
                             self._stats.bytes += sum(len(v) for v in result.values())
                             self._stats.blocks += len(result)
