@@ -45,7 +45,7 @@ RUN python -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python
 # -- build-device: the same with torch (CPU) and the `train` extra (includes `device`) ----------
 FROM venv AS build-device
 # torch first, the CPU build, so that resolving the project never pulls a CUDA build: the CPU
-# wheel put in deploy/wheels/ when there is one (`make compose-images` copies the one the host's
+# wheel put in deploy/wheels/ when there is one (`make compose-up` copies the one the host's
 # pip installs from), else the CPU index
 COPY deploy/wheels/ /wheels/
 RUN if ls /wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then pip install /wheels/torch-2.13.0+cpu-*.whl; \

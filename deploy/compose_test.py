@@ -267,6 +267,16 @@ def current_version(shard: str) -> str:
     return json.loads(body)["version"] if status == 200 else ""
 
 
+def publish_on(*shards: str, version: str) -> None:
+    """Phase two of a publish: each running shard's admin HTTP (admin token) makes `version`
+    of bank demo current."""
+    for shard in shards:
+        status, body = admin(shard, "/v1/publish", body={"bank": "demo", "version": version},
+                             timeout=30)
+        if status != 200:
+            raise RuntimeError(f"publish on {shard}: {status} {body[:200]!r}")
+
+
 def publish_new_version(version: str) -> str:
     """Two phases (deploy/README.md, "Publish a new bank version"): ingest unpublished on every
     shard, then publish on every shard (admin HTTP)."""
@@ -274,11 +284,7 @@ def publish_new_version(version: str) -> str:
         compose("run", "--rm", "--no-deps", f"ingest-{n}", *SHARD_CMD, "--shard-id",
                 f"shard-{n}", "--shards", "shard-0,shard-1", "--version", version,
                 "--no-publish")
-    for shard in ("shard-0", "shard-1"):
-        status, body = admin(shard, "/v1/publish", body={"bank": "demo", "version": version},
-                             timeout=30)
-        if status != 200:
-            raise RuntimeError(f"publish on {shard}: {status} {body[:200]!r}")
+    publish_on("shard-0", "shard-1", version=version)
     return f"ingest --no-publish x2, then publish {version} x2"
 
 
@@ -293,11 +299,7 @@ def add_shard_2(old: str, new: str) -> str:
                   "--new-version", new, "--shards", "shard-0,shard-1,shard-2",
                   "--replication", "2", "--no-publish", "--signing-key", "/data/keys",
                   "--lmdb", "shard-0=/s0", "--lmdb", "shard-1=/s1", "--lmdb", "shard-2=/s2")
-    for shard in ("shard-0", "shard-1"):
-        status, body = admin(shard, "/v1/publish", body={"bank": "demo", "version": new},
-                             timeout=30)
-        if status != 200:
-            raise RuntimeError(f"publish on {shard}: {status} {body[:200]!r}")
+    publish_on("shard-0", "shard-1", version=new)
     compose("run", "--rm", "--no-deps", "-v", "membank_shard-2-data:/s2", "--entrypoint",
             "python", "ingest-0", "-m", "services.bank_server.publish", "--lmdb", "/s2",
             "demo", new)

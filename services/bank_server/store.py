@@ -204,7 +204,7 @@ def open_env(path: str | Path, map_size: int, *, readonly: bool,
     # container) cannot both have it open: the second fails at its first transaction (py-lmdb's
     # open runs one) with EAGAIN. Say what to do, rather than "Resource temporarily unavailable".
     try:
-        env = lmdb.open(
+        return lmdb.open(
             str(path),
             map_size=map_size,
             readonly=readonly,
@@ -219,14 +219,12 @@ def open_env(path: str | Path, map_size: int, *, readonly: bool,
             max_dbs=0,
             subdir=True,
         )
-        env.begin(write=not readonly).abort()    # the transaction this process will need
     except lmdb.LockError as e:
         raise StoreLockedError(
             f"{path}: {e}: a process with this PID number in another PID namespace (e.g. PID 1 "
             f"of another container) has this LMDB open; run the server under an init "
             f"(compose `init: true`, Kubernetes `shareProcessNamespace: true`) or run this "
             f"inside its container (deploy/README.md, \"PID namespaces\")") from None
-    return env
 
 
 class StoreLockedError(lmdb.LockError):
