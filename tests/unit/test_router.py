@@ -290,6 +290,23 @@ def test_most_random_rows_never_take_the_exact_path(monkeypatch):
     assert np.array_equal(paths, reference_paths(router, emb))
 
 
+def test_exact_sq_dist_sums_left_to_right_on_both_paths():
+    """Few pairs take cumsum, many the slab of one vector add per dimension: the same bits,
+    and the same as a sequential float64 sum written out."""
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((1500, 384)).astype(np.float32)
+    b = (rng.standard_normal((1500, 384)) * 0.3).astype(np.float32)
+    sq = np.square(b.astype(np.float64) - a.astype(np.float64))
+    want = np.cumsum(sq, axis=-1)[:, -1]
+    assert np.array_equal(router_module.exact_sq_dist(a, b), want)        # slab path
+    for i in range(0, 1500, 97):                                          # cumsum path
+        assert np.array_equal(router_module.exact_sq_dist(a[i:i + 1], b[i:i + 1]), want[i:i + 1])
+    acc = 0.0
+    for term in sq[7]:
+        acc += float(term)
+    assert router_module.exact_sq_dist(a, b)[7] == acc
+
+
 def near_tie_case(seed=0):
     """Centroids one float32 ulp apart: float32 distances cannot order them, float64 can."""
     rng = np.random.default_rng(seed)
