@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.routing [--n 100000] [--shapes 4x2,16x2,8x3,16x4] [--repeats 2]
                                            [--texts 512] [--threads 2] [--index-docs 25000]
+                                           [--static FILE]
 
 route only     n random unit vectors (384-d), a router of k x depth with random centroids of
                norm 0.5 (like k-means centroids of unit vectors); `old` is the previous
@@ -14,6 +15,8 @@ embed + route  --texts element documents embedded with MiniLM (batched) and rout
 
 nearest-document  the rule that routes a query to its nearest training document's path, over an
                index of --index-docs documents: batched rows/s and one query at a time.
+device prompt  one prompt at a time, embed + nearest-document route, MiniLM vs the static table
+               distilled from it (membank/nn/static_embed.py; --static FILE, built if missing).
 
 Also counts paths where the old float32 rule and the new exact rule differ (near-ties the old
 rule's float32 sum got wrong or right by luck). Ends with one JSON line of the figures.
@@ -112,6 +115,44 @@ def embed_and_route(n_texts: int) -> dict:
             "one_prompt_embed_route_ms": 1e3 * float(np.median(one))}
 
 
+def device_prompt(static_file: str, n_docs: int, n_prompts: int = 64) -> dict:
+    """One device prompt at a time, embed + nearest-document route over an index of n_docs
+    documents, with MiniLM and with the static table distilled from it (built into
+    static_file if missing): median ms per prompt and the static / MiniLM ratio. The index
+    holds random unit vectors of each embedder's width (routing cost does not depend on what
+    they say); the prompts are the long-tail probe templates over element names."""
+    from membank.nn.embed import Embedder
+    from membank.nn.static_embed import StaticEmbedder, build
+    from training.data import build_documents
+
+    names = sorted({d.subject for d in build_documents()})
+    templates = ["The atomic number of {} is", "The city served by {} is",
+                 "{} is a city in the country of", "The ISO 639-3 code of {} is"]
+    prompts = [templates[i % len(templates)].format(n) for i, n in enumerate(names)][:n_prompts]
+    rng = np.random.default_rng(3)
+    out = {"index_documents": n_docs, "prompts": len(prompts)}
+    for label, emb in (("minilm", Embedder()), ("static", StaticEmbedder.load(build(static_file)))):
+        docs = rng.standard_normal((n_docs, emb.dim)).astype(np.float32)
+        docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+        tree = random_router(16, 2, dim=emb.dim)
+        router = tree.with_index(docs, tree.route(docs))
+        router.route(emb.encode(prompts[:2]))          # load the model, warm the caches
+        embed_ms, total_ms = [], []
+        for p in prompts:
+            t0 = time.perf_counter()
+            v = emb.encode([p])
+            t1 = time.perf_counter()
+            router.route(v)
+            t2 = time.perf_counter()
+            embed_ms.append(1e3 * (t1 - t0))
+            total_ms.append(1e3 * (t2 - t0))
+        out[label] = {"embedder": emb.name, "dim": emb.dim,
+                      "embed_ms": float(np.median(embed_ms)),
+                      "embed_route_ms": float(np.median(total_ms))}
+    out["static_over_minilm"] = out["static"]["embed_route_ms"] / out["minilm"]["embed_route_ms"]
+    return out
+
+
 def nearest_document(n_docs: int, n: int, repeats: int) -> dict:
     """The nearest-document rule over an index of n_docs random unit documents (k=16, depth 2):
     batched rows/s, and one query at a time (a device's prompt) in ms, next to centroid descent."""
@@ -142,6 +183,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--index-docs", type=int, default=25_000,
                     help="documents in the nearest-document index (0 skips it)")
+    ap.add_argument("--static", default="runs/static-embedder/static-embedder.safetensors",
+                    help="the static embedder for the device-prompt rows (built if missing); "
+                         "'' skips them")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -166,6 +210,15 @@ def main() -> None:
               f"new {er['embed_route_new_per_s']:.1f}/s "
               f"(new/old {er['embed_route_new_per_s'] / er['embed_route_old_per_s']:.3f}x); "
               f"one prompt embed + route {er['one_prompt_embed_route_ms']:.1f} ms")
+    if args.static and args.index_docs:
+        dp = device_prompt(args.static, args.index_docs)
+        figures["device_prompt"] = dp
+        for label in ("minilm", "static"):
+            r = dp[label]
+            print(f"device prompt, {label} ({r['dim']}-d): embed {r['embed_ms']:.2f} ms, "
+                  f"embed + nearest-document route over {dp['index_documents']:,} documents "
+                  f"{r['embed_route_ms']:.2f} ms (median of {dp['prompts']})")
+        print(f"static / MiniLM per prompt: {dp['static_over_minilm']:.3f}x")
     print(json.dumps(figures))
 
 

@@ -39,6 +39,7 @@ TOKENIZER = "tokenizer.json"
 ROUTER = "router.safetensors"
 MANIFEST = "manifest.json"
 GENERIC = "generic.safetensors"
+STATIC_EMBEDDER = "static-embedder.safetensors"   # only when the router was built with it
 
 # the safetensors header's names of the bank dtypes
 _ST_DTYPES = {"float32": "F32", "bfloat16": "BF16"}

@@ -22,10 +22,13 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from membank.config import PRESETS, Config, get_preset
 from membank.router import ROUTINGS, Routing
 
+Embedders = Literal["minilm", "static"]
+EMBEDDERS: tuple[Embedders, ...] = typing.get_args(Embedders)
 PHASES = ("anchor", "cotrain", "frozen")  # run in this order; a phase with 0 steps is skipped
 
 
@@ -38,6 +41,9 @@ class TrainConfig:
     # how a query finds its path (membank/router.py): "centroid" descent (the paper's rule) or
     # "nearest-document" (the path of its nearest training document; the router indexes them)
     routing: Routing = "centroid"
+    # what embeds documents and prompts (membank/nn/embed.py): MiniLM (the paper's), or the
+    # static table distilled from it (membank/nn/static_embed.py), built into the run directory
+    embedder: Embedders = "minilm"
     seed: int = 0
     batch_size: int = 16              # global batch (split over data-parallel ranks)
     seq_len: int = 128
@@ -102,6 +108,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {', '.join(ROUTINGS)}, got {self.routing!r}")
+        if self.embedder not in EMBEDDERS:
+            raise ValueError(f"embedder must be one of {', '.join(EMBEDDERS)}, "
+                             f"got {self.embedder!r}")
         if not 0 <= self.generic_prob < 1:
             raise ValueError(f"generic_prob must be in [0, 1), got {self.generic_prob}")
         if not (0 <= self.no_memory_prob < 1 and self.generic_prob + self.no_memory_prob < 1):

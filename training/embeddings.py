@@ -50,7 +50,7 @@ class EmbeddingStore:
 
     def __init__(self, root: str | Path, embedder: Embedder):
         self.dir = Path(root) / embedder.name
-        self.dim = embedder.dim
+        self.name, self.dim = embedder.name, embedder.dim
         self._rows: dict[bytes, tuple[int, int]] = {}     # key -> (part, row)
         self._parts: list[np.ndarray] = []
         for keys_path in sorted(self.dir.glob("part-*.key.npy")):
@@ -137,7 +137,8 @@ def embed_corpus(texts: Iterable[str], path: str | Path, *, embedder: Embedder |
         while batch := list(islice(it, batch_size)):
             if row + len(batch) > count:
                 raise ValueError(f"got more than the {count} texts announced")
-            out[row:row + len(batch)] = (store.encode(batch, embedder) if store is not None
+            out[row:row + len(batch)] = (store.encode(batch, embedder)
+                                         if store is not None and store.name == embedder.name
                                          else embedder.encode(batch, batch_size=64))
             row += len(batch)
             bar.update(len(batch))

@@ -384,6 +384,7 @@ class Probing:
     tokenizer: object
     eos: int
     seq_len: int
+    embedder: object             # what embedded the documents, so also the prompts
 
 
 def variant_table(depth: int, routing: str, rag: bool, have_home: bool) -> dict[str, tuple]:
@@ -411,10 +412,7 @@ def evaluate(models: dict, p: Probing, ec: EvalConfig, log=print,
              names: tuple[str, ...] | None = None) -> dict:
     """Probe every model variant on every domain's prompts; perplexity and diagnostics.
     names: only these variants, and no training-phrasing check (training/scaling.py)."""
-    from membank.nn.embed import Embedder
-
-    mix, router, tok, eos = p.mix, p.router, p.tokenizer, p.eos
-    embedder = Embedder()
+    mix, router, tok, eos, embedder = p.mix, p.router, p.tokenizer, p.eos, p.embedder
     mentions = name_counts([s for probe in mix.probes.values() for s in probe.subjects], mix.texts)
     rows = []
     for name, probe in mix.probes.items():
@@ -710,6 +708,7 @@ def prepare_seed(out: Path, ec: EvalConfig, seed: int, user_domains: list[Domain
 
 
 def probing_for(out: Path, s: Seed) -> Probing:
+    from membank.nn.static_embed import embedder_for
     from training.tokenizer import EOS, load_tokenizer
 
     tok = load_tokenizer(s.data.tokenizer_path)
@@ -717,7 +716,7 @@ def probing_for(out: Path, s: Seed) -> Probing:
     # the training documents' own paths: the tree's, whatever rule queries use
     doc_nodes = s.data.router.node_ids(s.data.router.route(doc_emb, routing="centroid"))
     return Probing(s.mix, s.data.router, doc_emb, doc_nodes, tok, tok.token_to_id(EOS),
-                   s.tc.seq_len)
+                   s.tc.seq_len, embedder_for(s.data.router.embedder, out))
 
 
 def _run_one(out: Path, ec: EvalConfig, seed: int, user_domains: list[DomainFiles], store, log,

@@ -16,6 +16,7 @@ from membank.config import Config
 from membank.manifest import Manifest
 from membank.nn.memory import MemoryBank
 from membank.nn.model import Transformer
+from membank.nn.static_embed import is_static
 from membank.nn.tensors import save_tensors_atomic, write_bank
 from membank.router import Router
 
@@ -31,9 +32,11 @@ def anchor_state(model: Transformer) -> dict:
 def export(export_dir: str | Path, config: Config, model: Transformer,
            bank: MemoryBank | list[torch.Tensor], tokenizer_path: str | Path, router: Router, *,
            bank_id: str, version: str, generic: torch.Tensor | None = None,
-           shards: list[str] | None = None, replication: int = 1) -> Manifest:
+           shards: list[str] | None = None, replication: int = 1,
+           run_dir: str | Path | None = None) -> Manifest:
     """Write the export; `bank` is a MemoryBank or its level tensors (k^l, L, n, r_l, W), and
-    `generic` the fetch-sized generic memory (1, L, n, R, W) when one was trained."""
+    `generic` the fetch-sized generic memory (1, L, n, R, W) when one was trained. A router
+    built with the static embedder takes its table along, from run_dir (the training run)."""
     out = Path(export_dir)
     (out / artifacts.MANIFEST).unlink(missing_ok=True)  # mark incomplete while rewriting
     out.mkdir(parents=True, exist_ok=True)
@@ -42,6 +45,13 @@ def export(export_dir: str | Path, config: Config, model: Transformer,
     save_tensors_atomic(anchor_state(model), out / artifacts.ANCHOR)
     shutil.copyfile(tokenizer_path, out / artifacts.TOKENIZER)
     router.save(out / artifacts.ROUTER)
+    if is_static(router.embedder):          # the device must embed prompts with the same table
+        if run_dir is None:
+            raise ValueError(f"the router was built with {router.embedder}: export needs the "
+                             f"run directory that holds {artifacts.STATIC_EMBEDDER}")
+        shutil.copyfile(Path(run_dir) / artifacts.STATIC_EMBEDDER, out / artifacts.STATIC_EMBEDDER)
+    else:
+        (out / artifacts.STATIC_EMBEDDER).unlink(missing_ok=True)
     if generic is not None:
         save_tensors_atomic({"generic": generic.detach().float()}, out / artifacts.GENERIC)
     else:

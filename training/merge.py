@@ -114,5 +114,5 @@ def _export(tensors: dict[str, torch.Tensor], state: dict, export_dir: Path, run
     train = state["train"]
     export(export_dir, config, model, levels, run_dir / artifacts.TOKENIZER,
            Router.load(run_dir / artifacts.ROUTER), bank_id=train["bank"], version=train["version"],
-           generic=tensors.get("generic"))
+           generic=tensors.get("generic"), run_dir=run_dir)
     return export_dir

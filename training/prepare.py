@@ -36,6 +36,7 @@ from training.distributed import Dist
 from training.packing import Packed, pack
 
 DATA_FILES = (artifacts.TOKENIZER, artifacts.ROUTER, "data/packed.safetensors", "data/meta.json")
+# and artifacts.STATIC_EMBEDDER when the run embeds with the static table
 
 
 @dataclass
@@ -53,7 +54,8 @@ class Data:
 def data_key(tc: TrainConfig, config: Config) -> dict:
     return {"corpus": file_sha256(tc.corpus) if tc.corpus else "elements", "seed": tc.seed,
             "vocab_size": config.model.vocab_size, "branching": config.memory.branching,
-            "depth": config.memory.depth, "seq_len": tc.seq_len, "routing": tc.routing, "code": 1}
+            "depth": config.memory.depth, "seq_len": tc.seq_len, "routing": tc.routing,
+            **({"embedder": tc.embedder} if tc.embedder != "minilm" else {}), "code": 1}
 
 
 def prepare_data(out: Path, tc: TrainConfig, config: Config, *, dist: Dist = Dist(),
@@ -64,7 +66,8 @@ def prepare_data(out: Path, tc: TrainConfig, config: Config, *, dist: Dist = Dis
     key = data_key(tc, config)
     if dist.is_main and _key(out) != key:
         if source is not None and _key(source) == key:
-            for name in DATA_FILES:
+            for name in DATA_FILES + ((artifacts.STATIC_EMBEDDER,)
+                                      if tc.embedder == "static" else ()):
                 (out / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source / name, out / name)
             log(f"data: copied from {source}")
@@ -93,7 +96,7 @@ def build_data(out: Path, tc: TrainConfig, config: Config, key: dict, log=print,
     tokenizer trains from a stream, documents are tokenised in batches into one int32 array,
     embedded in batches into the on-disk memmap cache, clustered and packed.
     """
-    from membank.nn.embed import Embedder
+    from membank.nn.static_embed import run_embedder
     from training.cluster import build_router
     from training.data import build_documents, iter_jsonl_corpus
     from training.embeddings import embed_corpus, is_cached, texts_fingerprint
@@ -120,7 +123,7 @@ def build_data(out: Path, tc: TrainConfig, config: Config, key: dict, log=print,
         f"(tokenizer + tokenising {time.perf_counter() - t0:.1f}s)")
 
     t0 = time.perf_counter()
-    embedder, emb_path = Embedder(), out / "embeddings.npy"
+    embedder, emb_path = run_embedder(tc.embedder, out), out / "embeddings.npy"
     cached = is_cached(emb_path, embedder, n_docs, texts_sha)
     emb = embed_corpus(texts(), emb_path, embedder=embedder, count=n_docs, fingerprint=texts_sha,
                        store=store)  # memmap
@@ -129,7 +132,7 @@ def build_data(out: Path, tc: TrainConfig, config: Config, key: dict, log=print,
         f"in {dt:.1f}s ({n_docs / max(dt, 1e-9):.1f} documents/s), cached in {emb_path}"))
     t0 = time.perf_counter()
     mc = config.memory
-    router = build_router(emb, mc.branching, mc.depth, seed=tc.seed)
+    router = build_router(emb, mc.branching, mc.depth, seed=tc.seed, embedder=embedder.name)
     paths = np.concatenate([router.route(np.array(emb[i:i + _ROUTE_ROWS]))
                             for i in range(0, n_docs, _ROUTE_ROWS)])
     if tc.routing == "nearest-document":   # queries will take their nearest document's path

@@ -449,7 +449,8 @@ def run(out_dir: str | Path, tc: TrainConfig, *, reuse: bool = True, resume: boo
         save_loss_curve(trainer.losses, out / "loss.png", title=f"{tc.preset} ({out.name})")
         if tc.subtree is None:
             export(export_dir, config, trainer.model, trainer.bank, data.tokenizer_path,
-                   data.router, bank_id=tc.bank, version=tc.version, generic=trainer.generic)
+                   data.router, bank_id=tc.bank, version=tc.version, generic=trainer.generic,
+                   run_dir=data.tokenizer_path.parent)
             result = export_dir
         stamp.write_text(json.dumps({"fingerprint": tc.fingerprint(), "train": tc.to_dict(),
                                      "data": data.meta,

@@ -5,6 +5,8 @@
     posthoc.py   FFN memories hooked onto a frozen Hugging Face Llama-family model
     decode.py    batched greedy decoding with a KV cache
     embed.py     the MiniLM text embedder (sentence-transformers, hence torch)
+    static_embed.py  a static embedder distilled from MiniLM (a table and a tokenizer; its
+                 runtime is torch-free), and which embedder a run or a router uses
     tensors.py   blocks and export files as tensors: buffer <-> tensor, int8 decoded into a
                  tensor, the export's safetensors writers
 

@@ -59,6 +59,7 @@ from membank.manifest import Manifest
 from membank.nn.decode import decode_steps
 from membank.nn.embed import Embedder
 from membank.nn.model import Transformer
+from membank.nn.static_embed import embedder_for
 from membank.nn.tensors import dequantize_into, tensor_from_buffer
 from membank.router import Router
 from membank.signing import Trust
@@ -146,6 +147,8 @@ class MemoryModel:
                              f"unexpected {unexpected}")
         model.eval()
         router = Router.load(d / artifacts.ROUTER)
+        if embedder is None:             # the one the tree was built with: MiniLM or static
+            embedder = embedder_for(router.embedder, d)
         manifest = artifacts.load_manifest(d) if (d / artifacts.MANIFEST).exists() else None
         if isinstance(bank, (str, Mapping)):
             bank = open_bank(bank, timeout_s=timeout_s, token=token)

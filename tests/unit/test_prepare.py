@@ -88,3 +88,26 @@ def test_doc_tokens_hold_one_array_and_index_like_lists():
     dt = DocTokens.encode(FakeTokenizer(), iter(["0", "1", "2", "3"]), 4, batch_size=3)
     assert dt.ids.dtype == np.int32 and dt.n_tokens == 6 and len(dt) == 4
     assert [dt[i] for i in range(4)] == tok_lists
+
+
+def test_a_static_embedder_run_routes_with_its_own_table(tmp_path):
+    """embedder=static: the run's table embeds the documents, the router records its name, and
+    a run that copies this run's data copies the table too."""
+    from membank import artifacts
+    from membank.nn.static_embed import StaticEmbedder, distil
+
+    corpus = write_corpus(tmp_path / "c.jsonl")
+    run = tmp_path / "run"
+    run.mkdir()
+    # a small table placed first (build() keeps a valid file): the whole vocabulary takes a minute
+    (run / artifacts.STATIC_EMBEDDER).write_bytes(distil(dim=16, progress=False, max_tokens=3000))
+    table = StaticEmbedder.load(run / artifacts.STATIC_EMBEDDER)
+    tc = load_train_config("tiny", [f"corpus={corpus}", "embedder=static"])
+    data = prepare_data(run, tc, tc.model_config(), **QUIET)
+    assert data.router.embedder == table.name and data.router.dim == 16
+    emb = np.load(run / "embeddings.npy", mmap_mode="r")
+    assert np.array_equal(emb, table.encode(list(iter_jsonl_corpus(corpus))))
+    copy = prepare_data(tmp_path / "copy", tc, tc.model_config(), source=run, **QUIET)
+    assert copy.router.embedder == table.name
+    assert (tmp_path / "copy" / artifacts.STATIC_EMBEDDER).read_bytes() == \
+        (run / artifacts.STATIC_EMBEDDER).read_bytes()
