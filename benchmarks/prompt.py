@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.prompt --quick     # < 1 min: demo model, loopback + 20/100
     .venv/bin/python -m benchmarks.prompt             # full: + 80/20, paper 160M shapes, Zipf
+    .venv/bin/python -m benchmarks.prompt --quick --static FILE   # route with a static embedder
 
 What runs where: the bank servers are subprocesses in the default namespace (loopback); the
 device side runs as a subprocess (`--worker`) on loopback, or inside an emulated link's network
@@ -72,10 +73,12 @@ PAPER_K, FLAT_RANK = 4, 336
 
 
 # -- building (orchestrator) -------------------------------------------------------------------
-def build_demo_export(out: Path, preset: str, seed: int = 0) -> Path:
-    """A random-weight model exported as training does (anchor, tokenizer, router, bank)."""
+def build_demo_export(out: Path, preset: str, seed: int = 0, static: str | None = None) -> Path:
+    """A random-weight model exported as training does (anchor, tokenizer, router, bank);
+    with `static` (a static embedder file, built if missing) its tree is of that embedder."""
     import torch
 
+    from membank import artifacts
     from membank.config import get_preset
     from membank.nn.model import Transformer
     from membank.router import Router
@@ -89,10 +92,18 @@ def build_demo_export(out: Path, preset: str, seed: int = 0) -> Path:
     tok = out.parent / "tokenizer.json"
     train_tokenizer(PROMPTS * 8, cfg.model.vocab_size, tok)
     mc, k = cfg.memory, cfg.memory.branching
-    router = Router(k, mc.depth, 384, [torch.randn(k ** l, k, 384) for l in range(mc.depth)])
+    dim, name = 384, "all-MiniLM-L6-v2"
+    if static:
+        from membank.nn.static_embed import StaticEmbedder, build
+
+        shutil.copyfile(build(static), out.parent / artifacts.STATIC_EMBEDDER)
+        emb = StaticEmbedder.load(out.parent / artifacts.STATIC_EMBEDDER)
+        dim, name = emb.dim, emb.name
+    router = Router(k, mc.depth, dim, [torch.randn(k ** l, k, dim) for l in range(mc.depth)],
+                    embedder=name)
     levels = [torch.randn(k ** l, *mc.block_shape(cfg.model, l)) * 0.02
               for l in range(1, mc.depth + 1)]
-    export(out, cfg, model, levels, tok, router, bank_id="demo", version="v1")
+    export(out, cfg, model, levels, tok, router, bank_id="demo", version="v1", run_dir=out.parent)
     return out
 
 
@@ -473,6 +484,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="round-robin passes over the links (default 2; 1 with --quick)")
     ap.add_argument("--export", help="a model export to use instead of a random-weight one")
     ap.add_argument("--preset", default="demo", help="preset of the random-weight model")
+    ap.add_argument("--static", metavar="FILE", default=None,
+                    help="route the random-weight model with this static embedder (built if "
+                         "missing; membank/nn/static_embed.py) instead of MiniLM")
     ap.add_argument("--threads", type=int, default=2, help="torch threads on the device")
     ap.add_argument("--plot", default=None, help="PNG path (default results/prompt.png, "
                                                   "results/prompt-quick.png with --quick)")
@@ -515,6 +529,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     report: dict = {"benchmark": "prompt", "quick": quick, "reps": reps,
                     "demo_preset": args.export or args.preset, "cpus": os.cpu_count(),
+                    "static_embedder": None if args.export else args.static,
                     "loadavg_start": [round(x, 2) for x in os.getloadavg()], "links": {}}
     work = Path(tempfile.mkdtemp(prefix="membank-prompt-", dir=args.dir))
     t_start = time.perf_counter()
@@ -522,7 +537,7 @@ def main(argv: list[str] | None = None) -> dict:
         with ExitStack() as stack:
             # -- banks -------------------------------------------------------------------------
             export = (Path(args.export) if args.export
-                      else build_demo_export(work / "export", args.preset))
+                      else build_demo_export(work / "export", args.preset, static=args.static))
             ingest(export, work / "demo.lmdb", progress=False, map_size=1 << 30,
                    signing_key=signing_key())
             servers = {}
