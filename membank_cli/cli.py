@@ -172,6 +172,10 @@ def cmd_eval(args) -> None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         ec.threads = args.threads
+    if args.jobs is not None:
+        if args.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+        ec.jobs = args.jobs
     domains = [DomainFiles.parse(spec) for spec in args.domain or []]
     run_eval(args.out or f"runs/eval-{args.preset}", ec, domains=domains, results=args.results,
              preset=args.preset)
@@ -345,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: the preset's, 2); a run reproduces bit for bit at "
                         "the same thread count")
+    s.add_argument("--jobs", type=int, default=None,
+                   help="seeds trained at once, each in its own process with threads/jobs "
+                        "threads (default 1: one after the other, in this process)")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("eval-scaling",

@@ -43,12 +43,17 @@ of its own (corpus draw, tree, training) under OUT/seed-S; results pool every se
 give each seed's too (the plot's whiskers). A seed's run is deterministic (fixed threads, seeded
 data order and initialisation, embeddings independent of batching): rerun, it gives the same
 answers bit for bit. Training runs checkpoint: a rerun of the same command reuses them;
-`reuse_only` re-probes finished checkpoints and refuses to train.
+`reuse_only` re-probes finished checkpoints and refuses to train. With `jobs` > 1 the seeds'
+data is prepared here, their training runs in `jobs` child processes at once (`python -m
+training.evaluate --train-seed JOB.json`, log in OUT/seed-S/train.log), then every seed is
+probed here from its checkpoints; a seed's training then reproduces at its child's thread count.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +106,9 @@ class EvalConfig:
     corpus: dict = field(default_factory=dict)  # LongTailConfig fields: the built-in domains
     max_new_tokens: int = 8      # greedy tokens generated per probe prompt
     threads: int = 2             # torch threads, fixed so that a run is deterministic
+    jobs: int = 1                # seeds trained at once, each in its own process with
+                                 # max(1, threads // jobs) threads (small models use one core
+                                 # far better than two); probing stays in this process
     seeds: tuple[int, ...] = (0,)  # one whole run per seed (corpus draw, tree, training)
     rag: bool = True             # the RAG rows (anchor+rag, fetched+rag)
 
@@ -656,6 +664,9 @@ def run_eval(out_dir: str | Path, ec: EvalConfig, *, domains: list[DomainFiles] 
                              f"without reuse_only to train them")
     torch.set_num_threads(ec.threads)
     store = EmbeddingStore(Path(out_dir) / "embeddings", Embedder())
+    if ec.jobs > 1 and len(ec.seeds) > 1 and not reuse_only:
+        train_in_children(dirs, ec, domains, store, log)
+        reuse_only = True                # the children trained every seed: probe only
     runs = []
     for seed, run_dir in zip(ec.seeds, dirs):
         log(f"-- seed {seed} ({run_dir})")
@@ -669,6 +680,62 @@ def run_eval(out_dir: str | Path, ec: EvalConfig, *, domains: list[DomainFiles] 
     log(report.markdown(result))
     log(f"results: {results_path} (+ .md, .png); total {result['timings_s']['total']:.0f} s")
     return result
+
+
+def train_in_children(dirs: list[Path], ec: EvalConfig, domains: list[DomainFiles], store,
+                      log) -> None:
+    """Prepare every seed's data here (the embedding store is not shared across processes),
+    then train the seeds in ec.jobs child processes at a time; ValueError with the log's tail if
+    one fails."""
+    child_ec = dataclasses.replace(ec, jobs=1, threads=max(1, ec.threads // ec.jobs))
+    for seed, run_dir in zip(ec.seeds, dirs):
+        prepare_seed(run_dir, ec, seed, domains, store, log)
+    log(f"training {len(ec.seeds)} seeds, {ec.jobs} at a time, {child_ec.threads} thread(s) each")
+    pending, running = list(zip(ec.seeds, dirs)), []
+    with tqdm(total=len(pending), desc="seeds trained", unit="seed", disable=None) as bar:
+        while pending or running:
+            while pending and len(running) < ec.jobs:
+                seed, run_dir = pending.pop(0)
+                job = run_dir / "train-job.json"
+                artifacts.atomic_write_bytes(job, json.dumps(
+                    {"eval": dataclasses.asdict(child_ec), "seed": seed, "run_dir": str(run_dir),
+                     "domains": [[str(d.corpus), str(d.probe),
+                                  str(d.heldout) if d.heldout else None] for d in domains]}
+                ).encode())
+                with open(run_dir / "train.log", "wb") as logf:
+                    proc = subprocess.Popen([sys.executable, "-m", "training.evaluate",
+                                             "--train-seed", str(job)],
+                                            stdout=logf, stderr=subprocess.STDOUT)
+                running.append((seed, run_dir, proc, time.perf_counter()))
+            time.sleep(0.5)
+            for item in [r for r in running if r[2].poll() is not None]:
+                seed, run_dir, proc, t0 = item
+                running.remove(item)
+                if proc.returncode != 0:
+                    for _, _, other, _ in running:
+                        other.terminate()
+                    tail = (run_dir / "train.log").read_text(errors="replace")[-2000:]
+                    raise ValueError(f"seed {seed}: training failed (exit {proc.returncode}); "
+                                     f"{run_dir / 'train.log'} ends:\n{tail}")
+                log(f"seed {seed}: trained in {time.perf_counter() - t0:.0f} s")
+                bar.update(1)
+
+
+def _train_seed_job(job_path: Path) -> None:
+    """The child of train_in_children: one seed's three training runs, nothing probed."""
+    job = json.loads(Path(job_path).read_text())
+    fields = job["eval"]                 # JSON turned the tuples into lists: back to tuples
+    corpus = {k: tuple(v) if isinstance(v, list) else v for k, v in fields["corpus"].items()}
+    ec = EvalConfig(**{**fields, "seeds": tuple(fields["seeds"]), "corpus": corpus})
+    domains = [DomainFiles(Path(c), Path(p), Path(h) if h else None)
+               for c, p, h in job["domains"]]
+    torch.set_num_threads(ec.threads)
+    run_dir = Path(job["run_dir"])
+    s = prepare_seed(run_dir, ec, job["seed"], domains, None, print)
+    trained = train_models(run_dir, s.tc, s.data, log=print)
+    # the parent only re-loads the checkpoints: these are the training times it reports
+    artifacts.atomic_write_bytes(run_dir / "train-timings.json",
+                                 json.dumps(trained["timings"]).encode())
 
 
 @dataclass
@@ -725,6 +792,8 @@ def _run_one(out: Path, ec: EvalConfig, seed: int, user_domains: list[DomainFile
     t_start = time.perf_counter()
     s = prepare_seed(out, ec, seed, user_domains, store, log)
     trained = train_models(out, s.tc, s.data, log=log, reuse_only=reuse_only)
+    if reuse_only and (out / "train-timings.json").is_file():     # trained by a child (jobs)
+        trained["timings"] = json.loads((out / "train-timings.json").read_text())
     log(f"seed {seed}: training in {sum(trained['timings'].values()):.0f} s "
         + ", ".join(f"{k} {v:.0f} s" for k, v in trained["timings"].items()))
     models = {k: trained[k] for k in ("memory", "anchor", "dense")}
@@ -745,3 +814,11 @@ def _run_one(out: Path, ec: EvalConfig, seed: int, user_domains: list[DomainFile
             "dense_added_neurons": trained["dense_added_neurons"],
             "timings": {"data": s.seconds, **trained["timings"], "eval": t_eval,
                         "total": time.perf_counter() - t_start}}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--train-seed":
+        _train_seed_job(Path(sys.argv[2]))
+    else:
+        sys.exit("usage: python -m training.evaluate --train-seed JOB.json "
+                 "(run by `membank eval --jobs N`)")

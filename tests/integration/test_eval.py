@@ -18,7 +18,7 @@ def answers(run_dir) -> list[dict]:
 def test_eval_smoke_writes_json_table_and_plot_and_reproduces(tmp_path):
     results = tmp_path / "out" / "longtail.json"
     main(["eval", "--preset", "smoke", "--out", str(tmp_path / "run"), "--results", str(results),
-          "--seeds", "0,1"])
+          "--seeds", "0,1", "--threads", "1"])
     r = json.loads(results.read_text())
     # two seeds: two whole runs over five built-in domains, pooled, and each seed's own table
     assert r["seeds"] == [0, 1] and len(r["domains"]) == 5
@@ -61,20 +61,22 @@ def test_eval_smoke_writes_json_table_and_plot_and_reproduces(tmp_path):
 
     # a rerun reuses every trained model (checkpoints) and gives the same answers
     main(["eval", "--preset", "smoke", "--out", str(tmp_path / "run"),
-          "--results", str(tmp_path / "again.json"), "--seeds", "0,1"])
+          "--results", str(tmp_path / "again.json"), "--seeds", "0,1", "--threads", "1"])
     assert [x["fetched"] for x in answers(tmp_path / "run")] == [x["fetched"] for x in rows]
-    # a fresh run of seed 0 elsewhere (nothing shared, not even embeddings) gives the same bits:
-    # every answer of every variant, the losses, the perplexities
+    # a fresh run elsewhere (nothing shared, not even embeddings), its two seeds trained at once
+    # in child processes of 2 / 2 = 1 thread each, gives the same bits: every answer of every
+    # variant, the losses, the perplexities
     main(["eval", "--preset", "smoke", "--out", str(tmp_path / "fresh"),
-          "--results", str(tmp_path / "fresh.json"), "--seeds", "0"])
-    seed0 = [{k: v for k, v in x.items() if k != "seed"} for x in rows if x["seed"] == 0]
-    assert [{k: v for k, v in x.items() if k != "seed"}
-            for x in answers(tmp_path / "fresh")] == seed0
+          "--results", str(tmp_path / "fresh.json"), "--seeds", "0,1", "--threads", "2",
+          "--jobs", "2"])
+    assert answers(tmp_path / "fresh") == rows
     fresh = json.loads((tmp_path / "fresh.json").read_text())
-    assert fresh["per_seed"][0]["accuracy_overall"] == r["per_seed"][0]["accuracy_overall"]
+    assert fresh["per_seed"] == r["per_seed"] and fresh["perplexity"] == r["perplexity"]
     loss = lambda run: json.loads(  # noqa: E731
         (run / "memory" / "cotrain-end" / "state.json").read_text())["losses"]
-    assert loss(tmp_path / "fresh") == loss(tmp_path / "run" / "seed-0")
+    for seed in (0, 1):
+        assert loss(tmp_path / "fresh" / f"seed-{seed}") == loss(tmp_path / "run" / f"seed-{seed}")
+    assert (tmp_path / "fresh" / "seed-1" / "train.log").is_file()
 
     # re-probing finished checkpoints only: the same answers; nothing to reuse: refused at once
     from training.evaluate import eval_preset, run_eval
