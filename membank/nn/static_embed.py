@@ -45,22 +45,27 @@ class StaticEmbedder:
         from tokenizers import Tokenizer
 
         self.table = np.ascontiguousarray(table, dtype=np.float32)       # (V, dim)
+        self._tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+        if self.table.ndim != 2 or len(self.table) < self._tok.get_vocab_size():
+            raise ValueError(f"static embedder table {self.table.shape} does not cover its "
+                             f"tokenizer's {self._tok.get_vocab_size()} tokens")
         self.dim = self.table.shape[1]
         self.name = name
-        self._tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
         self._tok.no_truncation()
         self._tok.no_padding()
 
     @classmethod
     def load(cls, path: str | Path) -> "StaticEmbedder":
+        from safetensors import SafetensorError
         from safetensors.numpy import load
 
         raw = Path(path).read_bytes()
         try:
-            meta = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]).get("__metadata__", {})
             tensors = load(raw)
-        except (ValueError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a static embedder file ({e})") from None
+            meta = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]).get("__metadata__", {})
+        except (SafetensorError, ValueError, AttributeError) as e:   # JSON errors are ValueErrors
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{path}: not a static embedder file ({why})") from None
         if meta.get("format") != FORMAT or set(tensors) != {"table", "tokenizer"}:
             raise ValueError(f"{path}: not a static embedder file (format "
                              f"{meta.get('format')!r}, tensors {sorted(tensors)})")

@@ -51,9 +51,10 @@ def test_load_refuses_what_is_not_a_static_embedder(tmp_path, table_file):
 
     router_file = tmp_path / "router.safetensors"
     Router(2, 1, 4, [np.ones((1, 2, 4), np.float32)]).save(router_file)
-    for bad in (router_file, tmp_path / "junk"):
-        if not bad.exists():
-            bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    (tmp_path / "junk").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    (tmp_path / "short").write_bytes(b"\xff\x00")
+    (tmp_path / "list").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00[1,2]   ")
+    for bad in (router_file, tmp_path / "junk", tmp_path / "short", tmp_path / "list"):
         with pytest.raises(ValueError, match="not a static embedder"):
             StaticEmbedder.load(bad)
 
