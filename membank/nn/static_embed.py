@@ -45,7 +45,11 @@ class StaticEmbedder:
         from tokenizers import Tokenizer
 
         self.table = np.ascontiguousarray(table, dtype=np.float32)       # (V, dim)
-        self._tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+        try:
+            self._tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+        except Exception as e:           # tokenizers raises a bare Exception on bad JSON
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"static embedder: its tokenizer does not load ({why})") from None
         if self.table.ndim != 2 or len(self.table) < self._tok.get_vocab_size():
             raise ValueError(f"static embedder table {self.table.shape} does not cover its "
                              f"tokenizer's {self._tok.get_vocab_size()} tokens")

@@ -59,6 +59,18 @@ def test_load_refuses_what_is_not_a_static_embedder(tmp_path, table_file):
             StaticEmbedder.load(bad)
 
 
+def test_a_table_with_a_broken_tokenizer_is_refused(tmp_path, table_file):
+    from safetensors.numpy import save
+
+    emb = StaticEmbedder.load(table_file)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(save({"table": emb.table.astype(np.float16),
+                          "tokenizer": np.frombuffer(b'{"not": "a tokenizer"}', dtype=np.uint8)},
+                         metadata={"format": "membank.static-embedder/1"}))
+    with pytest.raises(ValueError, match="tokenizer does not load"):
+        StaticEmbedder.load(bad)
+
+
 def test_embedder_for_finds_the_very_table_the_router_was_built_with(tmp_path, table_file):
     assert isinstance(embedder_for("all-MiniLM-L6-v2", tmp_path), Embedder)
     name = StaticEmbedder.load(table_file).name
