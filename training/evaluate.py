@@ -692,9 +692,20 @@ def train_in_children(dirs: list[Path], ec: EvalConfig, domains: list[DomainFile
         prepare_seed(run_dir, ec, seed, domains, store, log)
     log(f"training {len(ec.seeds)} seeds, {ec.jobs} at a time, {child_ec.threads} thread(s) each")
     pending, running = list(zip(ec.seeds, dirs)), []
+    try:
+        _run_children(pending, running, child_ec, domains, ec.jobs, log)
+    finally:                             # an error or Ctrl-C here: no child outlives us
+        for _, _, proc, _ in running:
+            proc.terminate()
+        for _, _, proc, _ in running:
+            proc.wait()
+
+
+def _run_children(pending: list, running: list, child_ec: EvalConfig,
+                  domains: list[DomainFiles], jobs: int, log) -> None:
     with tqdm(total=len(pending), desc="seeds trained", unit="seed", disable=None) as bar:
         while pending or running:
-            while pending and len(running) < ec.jobs:
+            while pending and len(running) < jobs:
                 seed, run_dir = pending.pop(0)
                 job = run_dir / "train-job.json"
                 artifacts.atomic_write_bytes(job, json.dumps(
@@ -711,9 +722,7 @@ def train_in_children(dirs: list[Path], ec: EvalConfig, domains: list[DomainFile
             for item in [r for r in running if r[2].poll() is not None]:
                 seed, run_dir, proc, t0 = item
                 running.remove(item)
-                if proc.returncode != 0:
-                    for _, _, other, _ in running:
-                        other.terminate()
+                if proc.returncode != 0:         # the caller stops the others
                     tail = (run_dir / "train.log").read_text(errors="replace")[-2000:]
                     raise ValueError(f"seed {seed}: training failed (exit {proc.returncode}); "
                                      f"{run_dir / 'train.log'} ends:\n{tail}")

@@ -151,3 +151,21 @@ def test_eval_scaling_smoke(tmp_path):
     assert results.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # every grid point starts from the one pretrained anchor
     assert (tmp_path / "run" / "seed-0" / "pretrain" / "anchor-end").is_dir()
+
+
+def test_a_seed_whose_training_fails_is_reported_with_its_log(tmp_path):
+    """--jobs: a child that fails surfaces as one ValueError naming its seed and log tail."""
+    from training.evaluate import DomainFiles, _run_children, eval_preset
+
+    ec = eval_preset("smoke")
+    dirs = [tmp_path / "seed-0", tmp_path / "seed-1"]
+    for d in dirs:
+        d.mkdir()
+    missing = [DomainFiles(tmp_path / "gone.jsonl", tmp_path / "gone.json")]
+    running: list = []
+    with pytest.raises(ValueError, match=r"seed \d: training failed .*train.log ends"):
+        _run_children(list(zip((0, 1), dirs)), running, ec, missing, 2, log=lambda *a: None)
+    for _, _, proc, _ in running:        # what train_in_children's finally does
+        proc.terminate()
+        proc.wait()
+    assert any("gone.jsonl" in (d / "train.log").read_text() for d in dirs)
