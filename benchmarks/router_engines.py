@@ -27,18 +27,13 @@ BASELINE_COMMIT = "0c22e8a"          # the last torch router (before issue 15's 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def rows(n: int) -> np.ndarray:
-    x = np.random.default_rng(1).standard_normal((n, 384)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 def child(engine: str, k: int, depth: int, n: int, repeats: int, threads: int,
           baseline: Path, out: Path) -> None:
     """Route in this process with one engine; write the paths and print the best time."""
     import torch
     torch.set_num_threads(threads)
-    from benchmarks.routing import random_router
-    tree, x = random_router(k, depth), rows(n)
+    from benchmarks.routing import random_router, unit_rows
+    tree, x = random_router(k, depth), unit_rows(np.random.default_rng(1), n)
     if engine == "torch":
         sys.path.insert(0, str(baseline.parent))
         import torch_router_baseline as old  # the file written by fetch_baseline

@@ -52,6 +52,12 @@ def old_route(router: Router, emb) -> np.ndarray:
     return torch.stack(children, dim=1).numpy()
 
 
+def unit_rows(rng: np.random.Generator, n: int, dim: int = 384) -> np.ndarray:
+    """(n, dim) float32 random unit vectors: routed rows, or a document index."""
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
 def random_router(k: int, depth: int, dim: int = 384, seed: int = 0) -> Router:
     g = torch.Generator().manual_seed(seed)
     cs = [torch.nn.functional.normalize(torch.randn(k ** l, k, dim, generator=g), dim=-1) * 0.5
@@ -66,8 +72,7 @@ def best_time(fn, arg) -> tuple[float, torch.Tensor]:
 
 
 def route_only(n: int, shapes: list[tuple[int, int]], repeats: int) -> list[dict]:
-    x = np.random.default_rng(1).standard_normal((n, 384)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = unit_rows(np.random.default_rng(1), n)
     xt = torch.from_numpy(x)
     rows = []
     for k, depth in shapes:
@@ -132,8 +137,7 @@ def device_prompt(static_file: str, n_docs: int, n_prompts: int = 64) -> dict:
     rng = np.random.default_rng(3)
     out = {"index_documents": n_docs, "prompts": len(prompts)}
     for label, emb in (("minilm", Embedder()), ("static", StaticEmbedder.load(build(static_file)))):
-        docs = rng.standard_normal((n_docs, emb.dim)).astype(np.float32)
-        docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+        docs = unit_rows(rng, n_docs, emb.dim)
         tree = random_router(16, 2, dim=emb.dim)
         router = tree.with_index(docs, tree.route(docs))
         router.route(emb.encode(prompts[:2]))          # load the model, warm the caches
@@ -157,12 +161,10 @@ def nearest_document(n_docs: int, n: int, repeats: int) -> dict:
     """The nearest-document rule over an index of n_docs random unit documents (k=16, depth 2):
     batched rows/s, and one query at a time (a device's prompt) in ms, next to centroid descent."""
     rng = np.random.default_rng(2)
-    docs = rng.standard_normal((n_docs, 384)).astype(np.float32)
-    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+    docs = unit_rows(rng, n_docs)
     tree = random_router(16, 2)
     router = tree.with_index(docs, tree.route(docs))
-    x = rng.standard_normal((n, 384)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = unit_rows(rng, n)
     router.route(x[:64])
     batch = min(best_time(router.route, x)[0] for _ in range(repeats))
     one, one_centroid = [], []

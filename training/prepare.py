@@ -55,6 +55,7 @@ def data_key(tc: TrainConfig, config: Config) -> dict:
     return {"corpus": file_sha256(tc.corpus) if tc.corpus else "elements", "seed": tc.seed,
             "vocab_size": config.model.vocab_size, "branching": config.memory.branching,
             "depth": config.memory.depth, "seq_len": tc.seq_len, "routing": tc.routing,
+            # MiniLM runs keep the key (and the prepared data) they had before the option
             **({"embedder": tc.embedder} if tc.embedder != "minilm" else {}), "code": 1}
 
 
