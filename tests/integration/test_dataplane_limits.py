@@ -211,6 +211,15 @@ def test_per_peer_cap_message_and_refusals_close(lmdb_dir, tmp_path):
             assert "per client" in end[1]["message"] and "limit 2" in end[1]["message"]
         a.close()
         b.close()
+        # the server notices those two closes on its next idle poll (dataplane._POLL_S): until
+        # then a new connection from this address is still over the cap
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with attacker_socket(addr) as s:     # refused at once, or accepted and silent
+                if not select.select([s], [], [], 0.3)[0]:
+                    break
+                read_answer(s)
+            time.sleep(0.05)
         for payload, code in (({"bank": "test", "blocks": [[1, 0]]}, "UNAUTHENTICATED"),
                               ({"bank": "test", "blocks": [[1, 0]], "token": "x"},
                                "PERMISSION_DENIED"),
