@@ -62,6 +62,7 @@ from membank.dataplane import (
 )
 from membank.fetch import FetchError
 from services.bank_server.fetchplan import FetchPlan, admit_bytes, plan_fetch, read_block
+from services.bank_server.peers import LocalSlots
 from services.bank_server.security import RateLimiter, token_matches
 from services.bank_server.store import BlockStore, LMDBStore, StoreUnavailable
 
@@ -109,11 +110,13 @@ class DataPlaneServer:
     def __init__(self, settings, store: LMDBStore, blocks: BlockStore, *, metrics=None,
                  limiter: RateLimiter | None = None, byte_limiter: RateLimiter | None = None,
                  auth_token: str | None = None, admin_token: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None):
+                 ssl_context: ssl.SSLContext | None = None, slots=None):
         """`settings`: BankServerSettings (dataplane_*, max_request_bytes,
         max_blocks_per_request, shard_id, host). Tokens: the read token (None: auth off) and the
         admin token (accepted too). `limiter` (requests/s) and `byte_limiter` (block bytes/s):
-        the gRPC server's, so a client's budgets are one over both transports."""
+        the gRPC server's, so a client's budgets are one over both transports. `slots`: the
+        connection caps (peers.py): this process's own by default, a shard's shared table in
+        a data-plane worker (workers.py)."""
         self.s = settings
         self.store, self.blocks = store, blocks
         self.metrics = metrics
@@ -125,19 +128,18 @@ class DataPlaneServer:
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._conns: set[_Conn] = set()
-        self._per_peer: dict[str, int] = {}              # open connections by client address
+        self.slots = slots or LocalSlots(settings.dataplane_max_connections,
+                                         settings.dataplane_max_connections_per_peer)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)     # notified when a connection ends
         self._draining = False
         self._plans: dict[tuple, _Prepared] = {}       # see _prepare
 
     # -- lifecycle --------------------------------------------------------------------------
-    def start(self) -> int:
-        """Bind and start accepting; the bound port (the OS's pick when dataplane_port is 0)."""
-        host = self.s.host
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._listener = socket.create_server((host, self.s.dataplane_port), family=family,
-                                              backlog=128)
+    def start(self, listener: socket.socket | None = None) -> int:
+        """Bind and start accepting; the bound port (the OS's pick when dataplane_port is 0).
+        `listener`: accept on this bound socket instead (a worker: the one its server bound)."""
+        self._listener = listener if listener is not None else bind(self.s)
         self._listener.settimeout(_POLL_S)   # the accept loop sees stop() within this
         self.port = self._listener.getsockname()[1]
         self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True,
@@ -185,33 +187,25 @@ class DataPlaneServer:
             except socket.timeout:
                 continue
             except OSError as e:      # EMFILE and the like: do not spin, do not die
-                log.warning("data plane accept failed: %s", e)
+                if not self._draining:  # (a shared listener shut by the server: draining)
+                    log.warning("data plane accept failed: %s", e)
                 time.sleep(0.05)
                 continue
             sock.settimeout(None)
+            full = self.slots.acquire(peer[0])
             with self._lock:
-                # the global cap bounds threads and fds; the per-peer cap keeps one client
-                # from taking them all (a device elsewhere still gets a slot)
-                full = self._full(peer[0])
-                if not full and not self._draining:
+                draining = self._draining
+                if not full and not draining:
                     conn = _Conn(sock, peer)
                     self._conns.add(conn)
-                    self._per_peer[conn.host] = self._per_peer.get(conn.host, 0) + 1
-            if full or self._draining:
+            if full or draining:
+                if not full:
+                    self.slots.release(peer[0])
                 self._refuse(sock, full)
                 continue
             conn.thread = threading.Thread(target=self._serve, args=(conn,), daemon=True,
                                            name=f"dataplane-{peer[1]}")
             conn.thread.start()
-
-    def _full(self, host: str) -> str:
-        """Why a new connection from `host` is over a limit ("" when it is not); locked."""
-        if len(self._conns) >= self.s.dataplane_max_connections:
-            return f"too many data plane connections (limit {self.s.dataplane_max_connections})"
-        if self._per_peer.get(host, 0) >= self.s.dataplane_max_connections_per_peer:
-            return (f"too many data plane connections from {host} (limit "
-                    f"{self.s.dataplane_max_connections_per_peer} per client)")
-        return ""
 
     def _refuse(self, sock: socket.socket, full: str) -> None:
         """Over a connection limit: say so (plain TCP; a TLS client just sees the close)."""
@@ -265,11 +259,9 @@ class DataPlaneServer:
             log.exception("data plane connection %s failed", conn.peer)
         finally:
             close_quietly(conn.sock)
+            self.slots.release(conn.host)
             with self._lock:
                 self._conns.discard(conn)
-                left = self._per_peer.pop(conn.host, 1) - 1
-                if left > 0:
-                    self._per_peer[conn.host] = left
                 self._idle.notify_all()
 
     def _read_request(self, conn: _Conn) -> bytes | None:
@@ -472,6 +464,15 @@ class DataPlaneServer:
 
 
 # -- socket helpers ----------------------------------------------------------------------------
+def bind(settings) -> socket.socket:
+    """The data plane's listening socket on settings.host:dataplane_port. Not SO_REUSEPORT: a
+    second server on the same port fails here instead of sharing it (a shard's workers share
+    this one socket, inherited: workers.py)."""
+    host = settings.host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, settings.dataplane_port), family=family, backlog=128)
+
+
 def _fill(conn: _Conn, got: int, need: int, deadline: float) -> int:
     """Receive into conn.buf until it holds at least `need` bytes (growing it to fit); the
     count it holds. FetchError DEADLINE_EXCEEDED past `deadline`; ConnectionError when the

@@ -17,6 +17,12 @@ Families (one private registry per server, so tests can run several in one proce
   membank_tier_<stat>{tier}                  whatever each storage tier's `stats()` reports
                                              (hits, misses, bytes, residency, ...), at scrape time
 plus the standard process_* families.
+
+A shard with data plane worker processes (workers.py): each worker records into
+prometheus_client's multiprocess files in `worker_dir`; the server's /metrics and /v1/stats add
+them to its own numbers (same name and labels: summed), so the shard reports as one. There the
+JSON's per-level p50/p99 are the histogram's bucket bounds (the recent latencies stay in each
+process), and the tier and process_* families are the server process's own.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable, Iterable
 
 from prometheus_client import (
@@ -38,6 +45,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # from a cached 1.7 MB block on loopback to a cold 27.5 MB one under load (BENCHMARKS.md)
@@ -105,15 +113,21 @@ class _TierCollector:
 
 
 class ServerMetrics:
-    def __init__(self, tier_sources: Callable[[], Iterable] = lambda: ()):
+    def __init__(self, tier_sources: Callable[[], Iterable] = lambda: (),
+                 worker_dir: Path | None = None):
+        """`worker_dir`: the data plane workers' multiprocess directory (None: no workers)."""
         self.started = time.time()
         self.tier_sources = tier_sources
+        self.workers = (MultiProcessCollector(None, path=str(worker_dir))
+                        if worker_dir is not None else None)
         self.registry = r = CollectorRegistry()
         self._rpc_total = Counter("membank_rpc", "RPCs by method and final gRPC status code",
                                   ["method", "code"], registry=r)
         self._rpc_seconds = Histogram("membank_rpc_seconds", "RPC latency", ["method"],
                                       buckets=_BUCKETS, registry=r)
-        self._in_flight = Gauge("membank_rpc_in_flight", "RPCs running now", registry=r)
+        # livesum: in a worker (multiprocess mode) the sum over live processes; else ignored
+        self._in_flight = Gauge("membank_rpc_in_flight", "RPCs running now", registry=r,
+                                multiprocess_mode="livesum")
         self._block_seconds = Histogram("membank_fetch_block_seconds",
                                         "read + verify + send of one block, by tree level",
                                         ["level"], buckets=_BUCKETS, registry=r)
@@ -155,9 +169,34 @@ class ServerMetrics:
 
     # -- reading ----------------------------------------------------------------------------
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.workers is None:
+            return generate_latest(self.registry)
+        return generate_latest(_Families(self._merged()))
+
+    def _merged(self) -> list:
+        """This process's families with the workers' added: equal names and labels summed
+        (counters, histogram buckets and sums, the live in-flight gauge)."""
+        out: dict = {}
+        for fam in [*self.registry.collect(), *self.workers.collect()]:
+            have = out.get(fam.name)
+            if have is None:
+                out[fam.name] = fam
+                continue
+            where = {(x.name, tuple(sorted(x.labels.items()))): i
+                     for i, x in enumerate(have.samples)}
+            for x in fam.samples:
+                i = where.get((x.name, tuple(sorted(x.labels.items()))))
+                if i is None:
+                    have.samples.append(x)
+                else:
+                    have.samples[i] = have.samples[i]._replace(
+                        value=have.samples[i].value + x.value)
+        return list(out.values())
 
     def snapshot(self) -> dict:
+        if self.workers is not None:
+            return {"uptime_s": round(time.time() - self.started, 3),
+                    **_counts(self._merged()), "tiers": collect_tier_stats(self.tier_sources())}
         with self._lock:
             rpcs: dict[str, dict[str, int]] = defaultdict(dict)
             for (method, code), n in sorted(self._rpcs.items()):
@@ -226,6 +265,54 @@ class Scrapes:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _Families:
+    """What generate_latest reads: anything with collect()."""
+
+    def __init__(self, families: list):
+        self.families = families
+
+    def collect(self):
+        return self.families
+
+
+def _counts(families: list) -> dict:
+    """snapshot()'s in_flight, rpcs and fetch_by_level from (merged) metric families."""
+    rpcs: dict[str, dict[str, int]] = defaultdict(dict)
+    levels: dict[str, dict] = defaultdict(lambda: {"blocks": 0, "bytes": 0, "seconds": 0.0})
+    buckets: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    in_flight = 0
+    for fam in families:
+        for x in fam.samples:
+            if x.name == "membank_rpc_total":
+                rpcs[x.labels["method"]][x.labels["code"]] = int(x.value)
+            elif x.name == "membank_rpc_in_flight":
+                in_flight += int(x.value)
+            elif x.name == "membank_block_bytes_sent_total":
+                levels[x.labels["level"]]["bytes"] += int(x.value)
+            elif x.name == "membank_fetch_block_seconds_count":
+                levels[x.labels["level"]]["blocks"] += int(x.value)
+            elif x.name == "membank_fetch_block_seconds_sum":
+                levels[x.labels["level"]]["seconds"] += x.value
+            elif x.name == "membank_fetch_block_seconds_bucket":
+                buckets[x.labels["level"]].append((float(x.labels["le"]), x.value))
+    for level, s in levels.items():
+        cumulative = sorted(buckets[level])
+        s.update(mean_ms=1e3 * s["seconds"] / max(1, s["blocks"]),
+                 p50_ms=1e3 * _bucket_bound(cumulative, 0.50 * s["blocks"]),
+                 p99_ms=1e3 * _bucket_bound(cumulative, 0.99 * s["blocks"]))
+    return {"in_flight": in_flight,
+            "rpcs": {m: dict(sorted(c.items())) for m, c in sorted(rpcs.items())},
+            "fetch_by_level": {k: levels[k] for k in sorted(levels, key=int)}}
+
+
+def _bucket_bound(cumulative: list[tuple[float, float]], rank: float) -> float:
+    """The smallest finite bucket bound holding `rank` observations (0.0 when none)."""
+    finite = [le for le, n in cumulative if n >= rank and le != float("inf")]
+    if rank <= 0 or not cumulative:
+        return 0.0
+    return finite[0] if finite else _BUCKETS[-1]
 
 
 def _pct(sorted_values: list[float], q: float) -> float:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import inspect
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -302,3 +303,14 @@ def _watch(inner, owner: GuardInterceptor):
             if release is not None:
                 release()
     return behavior
+
+
+def server_ssl_context(settings) -> ssl.SSLContext | None:
+    """The data plane's TLS context from BankServerSettings: gRPC's certificate and key, or
+    None without them."""
+    if settings.tls_cert is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return ctx

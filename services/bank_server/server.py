@@ -14,16 +14,15 @@ One process, one event loop: grpc.aio serves the gRPC API (BankService: GetManif
 FetchBlocks, Route; BankAdmin: Publish; health; reflection) and uvicorn the admin HTTP API
 (admin.py), behind one interceptor for auth, rate limits and metrics (security.py). The data
 plane (dataplane.py) runs on threads of its own beside them, over the same store and tiers,
-with the same token, TLS certificate, rate limiter and metrics.
+with the same token, TLS certificate, rate limiter and metrics; with `--workers N` it runs in N
+processes of its own instead (workers.py), the limits and metrics still the shard's as a whole.
 Settings: services/bank_server/settings.py (env MEMBANK_SERVER_*, flags override).
 """
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import signal
-import ssl
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -35,46 +34,32 @@ from services.bank_server.admission import Admission
 from services.bank_server.control import ADMIN_SERVICE_NAME, add_control_services
 from services.bank_server.dataplane import DataPlaneServer
 from services.bank_server.metrics import ServerMetrics
+from services.bank_server.peers import build_limiters
 from services.bank_server.publish import publish
 from services.bank_server.readiness import Readiness
-from services.bank_server.security import GuardInterceptor, RateLimiter
+from services.bank_server.security import GuardInterceptor, server_ssl_context
 from services.bank_server.servicer import SERVICE_NAME, add_bank_service
 from services.bank_server.settings import BankServerSettings
-from services.bank_server.store import BlockStore, LMDBStore
+from services.bank_server.store import LMDBStore, tune_malloc
+from services.bank_server.tiers import build_block_store, tiers
+from services.bank_server.workers import DataPlaneWorkers, split_lru
 
 log = logging.getLogger("membank.bank_server")
 # how often health re-checks that the LMDB can be read (issue 16: a map grown by ingest)
 STORE_CHECK_INTERVAL_S = 1.0
 
 
-def tune_malloc() -> None:
-    """Keep multi-MB block buffers on the heap instead of a fresh mmap per allocation.
-
-    glibc serves allocations above M_MMAP_THRESHOLD with their own mmap, which the kernel
-    zero-fills page by page on first touch and unmaps on free, so every block read would pay
-    its page faults again. Raising the mmap threshold to 64 MiB (above the paper's largest
-    27.5 MB block; older glibc caps it at 32 MiB, so fall back to that) and the trim threshold
-    well above it lets freed block buffers be reused. Not glibc (musl, macOS): nothing to do.
-    """
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(M_MMAP_THRESHOLD, 64 << 20) or libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        ok = libc.mallopt(M_TRIM_THRESHOLD, 256 << 20) and ok
-    except (OSError, AttributeError):
-        return
-    if not ok:
-        log.debug("mallopt refused the thresholds; keeping glibc defaults")
-
-
-def build_block_store(settings: BankServerSettings, store: LMDBStore) -> BlockStore:
-    """[LRU ->] [Redis ->] LMDB, as the settings ask (services/bank_server/tiers.py)."""
-    from services.bank_server.tiers import build_block_store as build_tiers
-    return build_tiers(settings, store)
-
-
 async def serve(settings: BankServerSettings) -> None:
     """Run the server until SIGTERM/SIGINT."""
+    workers = DataPlaneWorkers(settings) if settings.workers > 1 else None
+    try:
+        await _serve(split_lru(settings), workers)
+    finally:
+        if workers is not None:
+            workers.close()
+
+
+async def _serve(settings: BankServerSettings, workers: DataPlaneWorkers | None) -> None:
     loop = asyncio.get_running_loop()
     # before anything serves: the data plane's threads answer as soon as they start, so a
     # SIGTERM right after the first answer must already find the graceful handler (it did not
@@ -92,10 +77,12 @@ async def serve(settings: BankServerSettings) -> None:
                          f"{store.shard_id!r}, not {settings.shard_id!r}")
     blocks = build_block_store(settings, store)
 
-    metrics = ServerMetrics(tier_sources=lambda: (blocks, store))
+    metrics = ServerMetrics(tier_sources=lambda: (blocks, store),
+                            worker_dir=workers.metrics_dir if workers is not None else None)
     auth_token, admin_token = _secret(settings.auth_token), _secret(settings.admin_token)
-    limiter = (RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
-               if settings.rate_limit_rps else None)
+    # requests/s and block bytes/s per client, one budget over gRPC and the data plane (and
+    # over every process of the shard: peers.py)
+    limiter, byte_limiter = workers.limiters() if workers is not None else build_limiters(settings)
     # no `maximum_concurrent_rpcs` for grpc itself: it would count health checks too, and a
     # client holding the slots would fail the liveness probe; the interceptor admits instead,
     # per client and in all, health apart (admission.py)
@@ -103,9 +90,6 @@ async def serve(settings: BankServerSettings) -> None:
                           max_rpcs_per_peer=settings.max_rpcs_per_peer,
                           max_watches=settings.max_health_watches,
                           max_watches_per_peer=settings.max_health_watches_per_peer)
-    # block bytes/s per client, one budget over FetchBlocks and the data plane (issue 16)
-    byte_limiter = (RateLimiter(settings.rate_limit_mb_s * 1e6, settings.rate_limit_burst_mb * 1e6)
-                    if settings.rate_limit_mb_s else None)
     server = grpc.aio.server(
         interceptors=[GuardInterceptor(auth_token=auth_token, admin_token=admin_token,
                                        limiter=limiter, metrics=metrics, admission=admission,
@@ -166,7 +150,17 @@ async def serve(settings: BankServerSettings) -> None:
         print(f"membank bank_server admin on {settings.host}:{sock.getsockname()[1]}", flush=True)
 
     dataplane = None
-    if settings.dataplane_port is not None:
+    if workers is not None:
+        try:
+            dp_port = await asyncio.to_thread(workers.start)
+        except OSError as e:
+            raise SystemExit(f"could not bind the data plane port {settings.host}:"
+                             f"{settings.dataplane_port}: {e.strerror}") from None
+        except RuntimeError as e:
+            raise SystemExit(f"bank_server: {e}") from None
+        log.info("data plane: %d worker processes", settings.workers)
+        print(f"membank bank_server dataplane on {settings.host}:{dp_port}", flush=True)
+    elif settings.dataplane_port is not None:
         dataplane = DataPlaneServer(settings, store, blocks, metrics=metrics, limiter=limiter,
                                     byte_limiter=byte_limiter,
                                     auth_token=auth_token, admin_token=admin_token,
@@ -197,10 +191,11 @@ async def serve(settings: BankServerSettings) -> None:
     drains = [server.stop(grace=grace)]
     if dataplane is not None:
         drains.append(asyncio.to_thread(dataplane.stop, grace))
+    if workers is not None:
+        drains.append(asyncio.to_thread(workers.stop, grace))
     await asyncio.gather(*drains)
     if admin is not None:
         await admin.stop()
-    from services.bank_server.tiers import tiers
     for tier in tiers(blocks)[:-1]:          # the caches in front of the store
         log.info("%s tier: %s", tier.name, tier.stats())
         tier.close()
@@ -237,16 +232,6 @@ async def watch_store(store: LMDBStore, health_servicer) -> None:
                 await health_servicer.set(service, status)
 
 
-def server_ssl_context(settings: BankServerSettings) -> ssl.SSLContext | None:
-    """The data plane's TLS context: gRPC's certificate and key, or None without them."""
-    if settings.tls_cert is None:
-        return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
-    return ctx
-
-
 def limits(settings: BankServerSettings) -> dict:
     """The limits in force, as reported by /v1/stats (README: "Limits")."""
     from membank import wire
@@ -265,6 +250,7 @@ def limits(settings: BankServerSettings) -> dict:
         "tls": settings.tls_cert is not None,
         "dataplane": settings.dataplane_port is not None,
         "dataplane_max_connections": settings.dataplane_max_connections,
+        "workers": settings.workers,
         # issue 16: per-peer slots, minimum send rate, byte rate limit
         "dataplane_max_connections_per_peer": settings.dataplane_max_connections_per_peer,
         "dataplane_min_send_rate_mb_s": settings.dataplane_min_send_rate_mb_s,

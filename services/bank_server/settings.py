@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from membank.secrets import read_secret
+from services.bank_server.peers import MAX_WORKERS
 from services.bank_server.store import MAX_READERS
 
 
@@ -72,6 +73,10 @@ class BankServerSettings(BaseSettings):
     #                                                             the TLS handshake) by then
     dataplane_send_timeout_s: float = Field(default=30, gt=0)  # a client taking no bytes: dropped
     dataplane_sndbuf_kb: int = Field(default=0, ge=0)          # SO_SNDBUF; 0: kernel autotuning
+    # data plane processes (workers.py): 1 serves it on threads of the server process; N > 1
+    # starts N worker processes on the one listening socket (limits, cache budget and metrics
+    # stay the shard's as a whole). Needs dataplane_port.
+    workers: int = Field(default=1, ge=1, le=MAX_WORKERS)
 
     # -- gRPC admission and stream limits (issue 16 point 1: admission.py, servicer.py) -------
     # one client (IP) may hold this many of the max_concurrent_rpcs slots: it cannot take all;
@@ -138,6 +143,12 @@ class BankServerSettings(BaseSettings):
                              f"must be at most {MAX_READERS * 3 // 4} (LMDB has {MAX_READERS} "
                              f"reader slots), got {self.max_concurrent_rpcs} + "
                              f"{self.dataplane_max_connections} + {self.max_workers}")
+        return self
+
+    @model_validator(mode="after")
+    def _workers_serve_the_dataplane(self) -> "BankServerSettings":
+        if self.workers > 1 and self.dataplane_port is None:
+            raise ValueError("workers > 1 serve the data plane: set dataplane_port too")
         return self
 
     @model_validator(mode="after")
@@ -215,6 +226,8 @@ class BankServerSettings(BaseSettings):
         p.add_argument("--dataplane-request-timeout-s", type=float)
         p.add_argument("--dataplane-send-timeout-s", type=float)
         p.add_argument("--dataplane-sndbuf-kb", type=int)
+        p.add_argument("--workers", type=int, help="data plane worker processes sharing its "
+                       "port (1: threads of this process)")
         # gRPC admission and stream limits (issue 16 point 1)
         p.add_argument("--max-rpcs-per-peer", type=int,
                        help="non-health RPCs one client IP may hold at once")

@@ -743,10 +743,11 @@ def wide(wide_export, tmp_path_factory):
     return path, {n: bytes(d) for _, n, d in iter_blocks(wide_export, m)}
 
 
-def test_sigterm_drains_an_in_flight_fetch(wide, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])     # 2: in worker processes (workers.py)
+def test_sigterm_drains_an_in_flight_fetch(wide, tmp_path, workers):
     wide_lmdb, want = wide
     n_blocks = 24                          # 42 MiB of level-1 "wide" blocks: far over any buffer
-    with start(wide_lmdb, tmp_path / "log", "--shutdown-grace-s", "20",
+    with start(wide_lmdb, tmp_path / "log", "--shutdown-grace-s", "20", "--workers", workers,
                "--no-admin") as (address, proc):
         srv = Server(address, proc)
         idle = socket.create_connection(srv.dp_addr, timeout=10)      # kept alive, idle
