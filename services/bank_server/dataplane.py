@@ -192,7 +192,12 @@ class DataPlaneServer:
                 time.sleep(0.05)
                 continue
             sock.settimeout(None)
-            full = self.slots.acquire(peer[0])
+            try:
+                full = self.slots.acquire(peer[0])
+            except OSError as e:      # the shared table's lock failed: refuse, keep accepting
+                log.warning("data plane: connection slots unavailable: %s", e)
+                self._refuse(sock, "connection slots unavailable")
+                continue
             with self._lock:
                 draining = self._draining
                 if not full and not draining:
@@ -205,7 +210,15 @@ class DataPlaneServer:
                 continue
             conn.thread = threading.Thread(target=self._serve, args=(conn,), daemon=True,
                                            name=f"dataplane-{peer[1]}")
-            conn.thread.start()
+            try:
+                conn.thread.start()
+            except RuntimeError as e:  # no thread to be had: this connection only is refused
+                log.warning("data plane: cannot start a connection thread: %s", e)
+                with self._lock:
+                    self._conns.discard(conn)
+                    self._idle.notify_all()
+                self.slots.release(peer[0])
+                self._refuse(sock, "server busy")
 
     def _refuse(self, sock: socket.socket, full: str) -> None:
         """Over a connection limit: say so (plain TCP; a TLS client just sees the close)."""

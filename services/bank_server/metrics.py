@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import re
+import struct
 import threading
 import time
 from collections import defaultdict, deque
@@ -47,6 +49,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 
+log = logging.getLogger("membank.bank_server.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # from a cached 1.7 MB block on loopback to a cold 27.5 MB one under load (BENCHMARKS.md)
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -171,13 +174,18 @@ class ServerMetrics:
     def render(self) -> bytes:
         if self.workers is None:
             return generate_latest(self.registry)
-        return generate_latest(_Families(self._merged()))
+        return generate_latest(_Families(self._merged(self.registry.collect())))
 
-    def _merged(self) -> list:
-        """This process's families with the workers' added: equal names and labels summed
-        (counters, histogram buckets and sums, the live in-flight gauge)."""
+    def _merged(self, own) -> list:
+        """`own` families of this process with the workers' added: equal names and labels
+        summed (counters, histogram buckets and sums, the live in-flight gauge)."""
+        try:
+            theirs = list(self.workers.collect())
+        except (struct.error, OSError, ValueError) as e:   # a worker's file just created
+            log.warning("worker metrics unreadable this time: %s", e)
+            theirs = []
         out: dict = {}
-        for fam in [*self.registry.collect(), *self.workers.collect()]:
+        for fam in [*own, *theirs]:
             have = out.get(fam.name)
             if have is None:
                 out[fam.name] = fam
@@ -195,8 +203,10 @@ class ServerMetrics:
 
     def snapshot(self) -> dict:
         if self.workers is not None:
+            own = [f for m in (self._rpc_total, self._in_flight, self._block_seconds,
+                               self._bytes_sent) for f in m.collect()]
             return {"uptime_s": round(time.time() - self.started, 3),
-                    **_counts(self._merged()), "tiers": collect_tier_stats(self.tier_sources())}
+                    **_counts(self._merged(own)), "tiers": collect_tier_stats(self.tier_sources())}
         with self._lock:
             rpcs: dict[str, dict[str, int]] = defaultdict(dict)
             for (method, code), n in sorted(self._rpcs.items()):

@@ -12,15 +12,20 @@ process of the shard maps (the server creates it in a private directory), one ro
     req, req_t       f64, f64     the request token bucket and when it was last refilled
     bytes, bytes_t   f64, f64     the block-byte token bucket, the same way (NaN: full)
     conns     i32[MAX_WORKERS]    open data plane connections, per worker process
-and before the rows `totals` i32[MAX_WORKERS]: each worker's open connections.
+and before the rows `totals` i32[MAX_WORKERS] (each worker's open connections) and the salt.
 
-A client's row is looked for in a window of WINDOW rows from its hash; when the window holds
-neither its row nor a free one, the window's least recently seen row without connections is
-reused (a client dropped that way starts again with full buckets, as RateLimiter's LRU does:
-that only ever errs towards admitting). Every change is made under a POSIX record lock on the
-file (fcntl.lockf: the kernel releases it when its holder dies) and a thread lock (record locks
-do not exclude the threads of one process). Connections are counted per worker so that the
-server can clear what a dead worker held before it starts a new one.
+A client's row is looked for in a window of WINDOW rows from its hash (keyed with a random
+salt that the server writes into the file, so no client can pick addresses that crowd
+another's window); when the window holds neither its row nor a free one, the window's least
+recently seen row without connections is reused (a client dropped that way starts again with
+full buckets, as RateLimiter's LRU does). A window whose every row holds open connections
+(only as many rows as connections can, at most dataplane_max_connections of 16384) leaves a
+new client without a row: refused, by the slots and the limiters alike (fail closed; with the
+salt, no one can aim for that). Every change is made under a POSIX record lock on the file
+(fcntl.lockf: the kernel releases it when its holder dies) and a thread lock (record locks do
+not exclude the threads of one process); a take costs about 20 us against RateLimiter's 1 us.
+Connections are counted per worker so that the server can clear what a dead worker held
+before it starts a new one.
 
     table = PeerTable.create(path, rows=16384)         # the server process
     table = PeerTable.open(path)                       # each worker
@@ -50,12 +55,8 @@ MAX_WORKERS = 32        # data plane processes per shard (settings.workers is ch
 WINDOW = 32             # rows a client's row may sit in, from its hash
 _ROW = np.dtype([("key", "<u8"), ("seen", "<f8"), ("req", "<f8"), ("req_t", "<f8"),
                  ("bytes", "<f8"), ("bytes_t", "<f8"), ("conns", "<i4", (MAX_WORKERS,))])
-_HEADER = 4 * MAX_WORKERS   # totals: i32 per worker
-
-
-def _key_hash(key: str) -> int:
-    """A hash every process agrees on (Python's str hash is salted per process); never 0."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") | 1
+_SALT = 16                                  # bytes of the hash key, after the totals
+_HEADER = 4 * MAX_WORKERS + 64              # totals: i32 per worker; the salt, padded
 
 
 class PeerTable:
@@ -72,6 +73,7 @@ class PeerTable:
         self.totals = np.frombuffer(self._map, dtype="<i4", count=MAX_WORKERS)
         self.rows = np.frombuffer(self._map, dtype=_ROW, offset=_HEADER, count=n)
         self._keys = self.rows["key"]
+        self._salt = bytes(self._map[4 * MAX_WORKERS:4 * MAX_WORKERS + _SALT])
         self._thread_lock = threading.Lock()
 
     @classmethod
@@ -79,6 +81,7 @@ class PeerTable:
         """A new, zeroed table file (refuses an existing one: it may be another shard's)."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         os.ftruncate(fd, _HEADER + max(rows, WINDOW) * _ROW.itemsize)   # zero-filled
+        os.pwrite(fd, os.urandom(_SALT), 4 * MAX_WORKERS)
         return cls(path, fd)
 
     @classmethod
@@ -87,7 +90,7 @@ class PeerTable:
 
     def close(self) -> None:
         # the numpy views must go before the map can close
-        self.totals = self.rows = self._keys = None
+        self.totals = self.rows = self._keys = None   # type: ignore[assignment]
         try:
             self._map.close()
         except BufferError:       # a view still alive somewhere: the OS unmaps at exit
@@ -106,7 +109,10 @@ class PeerTable:
     def row(self, key: str, now: float) -> int | None:
         """The index of `key`'s row, taking one if it has none; None when its window is all
         clients with open connections. Call it locked."""
-        h = _key_hash(key)
+        # a hash every process agrees on (Python's own is salted per process), keyed with the
+        # table's salt; never 0 (a free row)
+        h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8, key=self._salt)
+                           .digest(), "little") | 1
         start = h % (len(self._keys) - WINDOW + 1)
         window = self._keys[start:start + WINDOW]
         hit = np.flatnonzero(window == h)
@@ -149,8 +155,8 @@ class SharedRateLimiter:
         rows = self.table.rows
         with self.table.locked():
             i = self.table.row(key, now)
-            if i is None:            # no row to count in: admit (as a dropped LRU client)
-                return 0.0
+            if i is None:            # no row to count in: refused (fail closed), retry soon
+                return max(1.0 / self.rate, 0.1)
             tokens = float(rows[self._tokens][i])
             last = float(rows[self._t][i])
             tokens = self.burst if math.isnan(tokens) else min(

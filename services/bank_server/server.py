@@ -152,7 +152,7 @@ async def _serve(settings: BankServerSettings, workers: DataPlaneWorkers | None)
     dataplane = None
     if workers is not None:
         try:
-            dp_port = await asyncio.to_thread(workers.start)
+            dp_port = await asyncio.to_thread(workers.start, store.reader_check)
         except OSError as e:
             raise SystemExit(f"could not bind the data plane port {settings.host}:"
                              f"{settings.dataplane_port}: {e.strerror}") from None

@@ -529,6 +529,11 @@ class LMDBStore:
         with self._txn() as txn:
             return txn.id()
 
+    def reader_check(self) -> int:
+        """Free the reader slots of processes that died holding them (a killed data plane
+        worker: LMDB frees them only when asked); how many were freed."""
+        return self.env.reader_check()
+
     def get(self, key: bytes) -> bytes | None:
         """A copy of the value (valid after the transaction), or None."""
         with self._txn() as txn:

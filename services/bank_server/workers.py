@@ -19,8 +19,11 @@ exactly as the in-process data plane does. What holds for the shard as a whole:
   gauges are the server process's own tiers;
 - SIGTERM: the server signals every worker and shuts the shared listener (no new connections
   anywhere); each worker drains as dataplane.stop(grace) does; the server waits for them;
-- a worker that dies is started again, after its connection counts are cleared; a worker ends
-  with its server (PR_SET_PDEATHSIG, and a check of its parent), so none outlives it.
+- a worker that dies is started again, after its connection counts are cleared and LMDB's
+  reader table is checked (a killed process leaves its read slots taken until someone runs
+  mdb_reader_check); a worker ends with its server (PR_SET_PDEATHSIG, which follows the thread
+  that started it: the supervisor lives as long as the server; and a check of its parent once
+  a second), so none outlives it.
 The table and the metrics files live in a private temporary directory, removed at exit.
 """
 from __future__ import annotations
@@ -69,7 +72,11 @@ def split_lru(settings: BankServerSettings) -> BankServerSettings:
     """The settings one block-serving process of a shard uses: its share of the LRU budget."""
     if settings.workers == 1 or not settings.lru_mb:
         return settings
-    return settings.model_copy(update={"lru_mb": settings.lru_mb / (settings.workers + 1)})
+    share = settings.lru_mb / (settings.workers + 1)
+    # the largest block one LRU keeps stays what the whole budget would keep (a quarter of
+    # it, unless set), as far as a share can hold it: the hot 27.5 MB blocks stay cacheable
+    item = settings.lru_max_item_mb or settings.lru_mb / 4
+    return settings.model_copy(update={"lru_mb": share, "lru_max_item_mb": min(share, item)})
 
 
 class DataPlaneWorkers:
@@ -77,31 +84,39 @@ class DataPlaneWorkers:
 
         workers = DataPlaneWorkers(settings)                # before the limiters are built
         limiter, byte_limiter = workers.limiters()
-        port = workers.start()                               # blocks until every one is ready
+        port = workers.start(on_exit=store.reader_check)     # blocks until every one is ready
         ...
         workers.stop(grace)                                  # drain (blocking)
+        workers.close()                                      # after everything else drained
     """
 
     def __init__(self, settings: BankServerSettings):
         self.s = settings
         self.room = Path(tempfile.mkdtemp(prefix="membank-shard-"))
-        self.metrics_dir = self.room / "metrics"
-        self.metrics_dir.mkdir()
-        self.table = PeerTable.create(self.room / "peers")
+        try:
+            self.metrics_dir = self.room / "metrics"
+            self.metrics_dir.mkdir()
+            self.table: PeerTable | None = PeerTable.create(self.room / "peers")
+        except BaseException:
+            shutil.rmtree(self.room, ignore_errors=True)
+            raise
         self.listener: socket.socket | None = None
         self.procs: list[subprocess.Popen | None] = [None] * settings.workers
         self.restarts = 0
         self._stopping = threading.Event()
+        self._lock = threading.Lock()      # spawning vs stopping: a worker is never missed
         self._supervisor: threading.Thread | None = None
+        self._on_exit = None
 
     def limiters(self):
         """The requests/s and block bytes/s limiters, shared with every worker (peers.py)."""
         return build_limiters(self.s, self.table)
 
-    def start(self) -> int:
-        """Bind, start every worker and wait until each accepts; the bound port."""
+    def start(self, on_exit=None) -> int:
+        """Bind, start every worker and wait until each accepts; the bound port. `on_exit()` is
+        called after a worker died, before it is started again (LMDBStore.reader_check)."""
+        self._on_exit = on_exit
         self.listener = bind(self.s)
-        os.set_inheritable(self.listener.fileno(), True)
         for i in range(self.s.workers):
             self.procs[i] = self._spawn(i)
         for i, proc in enumerate(self.procs):
@@ -114,8 +129,9 @@ class DataPlaneWorkers:
     def stop(self, grace: float) -> None:
         """Drain every worker (SIGTERM: each runs dataplane.stop(grace)); kill what is left
         after grace + 5 s; remove the room. Blocking."""
-        self._stopping.set()
-        live = [p for p in self.procs if p is not None and p.poll() is None]
+        with self._lock:          # no worker is being started once this holds
+            self._stopping.set()
+            live = [p for p in self.procs if p is not None and p.poll() is None]
         for p in live:
             p.send_signal(signal.SIGTERM)
         if self.listener is not None:
@@ -133,11 +149,14 @@ class DataPlaneWorkers:
                 p.wait()
         if self._supervisor is not None:
             self._supervisor.join(2.0)
-        self.close()
 
     def close(self) -> None:
-        """Without a drain (start failed, or after stop): kill workers, free everything."""
-        self._stopping.set()
+        """Free everything (after stop, once gRPC drained too: its limiters use the table), or
+        without a drain when the start failed: workers still alive are killed."""
+        with self._lock:
+            self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(5.0)
         for p in self.procs:
             if p is not None and p.poll() is None:
                 p.kill()
@@ -180,25 +199,33 @@ class DataPlaneWorkers:
                                f"{proc.returncode}; its error is above)")
 
     def _supervise(self) -> None:
-        """Start again any worker that exits while the shard is not stopping."""
-        from prometheus_client import multiprocess
+        """Start again any worker that exits while the shard is not stopping. Never dies of an
+        error: the workers it started end with it (PR_SET_PDEATHSIG follows this thread)."""
         while not self._stopping.wait(0.2):
             for i, proc in enumerate(self.procs):
-                if proc is None or proc.poll() is None or self._stopping.is_set():
+                if proc is None or proc.poll() is None:
                     continue
-                log.error("data plane worker %d (pid %d) exited with %s; starting it again",
-                          i, proc.pid, proc.returncode)
-                multiprocess.mark_process_dead(proc.pid, str(self.metrics_dir))
-                self.table.clear_worker(i)
-                self.restarts += 1
-                time.sleep(_RESTART_PAUSE_S)
-                if self._stopping.is_set():
-                    return
                 try:
-                    self.procs[i] = self._spawn(i)
-                    self._wait_ready(i, self.procs[i])
-                except (OSError, RuntimeError) as e:
-                    log.error("data plane worker %d: %s", i, e)
+                    self._restart(i, proc)
+                except Exception:
+                    log.exception("data plane worker %d: restart failed; trying again", i)
+
+    def _restart(self, i: int, proc: subprocess.Popen) -> None:
+        from prometheus_client import multiprocess
+        log.error("data plane worker %d (pid %d) exited with %s; starting it again",
+                  i, proc.pid, proc.returncode)
+        multiprocess.mark_process_dead(proc.pid, str(self.metrics_dir))
+        self.table.clear_worker(i)
+        if self._on_exit is not None:
+            self._on_exit()
+        self.restarts += 1
+        if self._stopping.wait(_RESTART_PAUSE_S):
+            return
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self.procs[i] = self._spawn(i)
+        self._wait_ready(i, self.procs[i])
 
 
 # -- the worker's side ---------------------------------------------------------------------------

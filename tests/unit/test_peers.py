@@ -98,3 +98,34 @@ def test_workers_need_the_data_plane():
     assert BankServerSettings(workers=2, dataplane_port=0).workers == 2
     with pytest.raises(ValueError):
         BankServerSettings(workers=33, dataplane_port=0)
+
+
+def test_windows_are_salted_per_table_and_a_full_window_fails_closed(tmp_path):
+    """No client can compute another's window (the salt differs per table); a window whose
+    every row holds connections refuses a newcomer on slots and limiters alike."""
+    a = PeerTable.create(tmp_path / "a", rows=4096)
+    b = PeerTable.create(tmp_path / "b", rows=4096)
+    where_a = [a.row(f"peer:10.0.0.{i}", 1.0) // WINDOW for i in range(20)]
+    where_b = [b.row(f"peer:10.0.0.{i}", 1.0) // WINDOW for i in range(20)]
+    assert where_a != where_b
+    a.close()
+    b.close()
+    t = PeerTable.create(tmp_path / "one", rows=WINDOW)
+    slots = SharedSlots(t, 0, max_connections=10**6, max_per_peer=1)
+    for i in range(WINDOW):
+        assert slots.acquire(f"h{i}") == ""
+    assert slots.acquire("late") == "too many data plane clients at once"
+    assert SharedRateLimiter(t, "req", rate=2.0, burst=5).take("peer:late", now=1.0) > 0
+    slots.release("h0")
+    assert slots.acquire("late") == ""
+    t.close()
+
+
+def test_split_lru_keeps_the_largest_cacheable_block():
+    from services.bank_server.workers import split_lru
+    s = split_lru(BankServerSettings(workers=3, dataplane_port=0, lru_mb=400))
+    assert (s.lru_mb, s.lru_max_item_mb) == (100, 100)         # a quarter of 400 fits a share
+    s = split_lru(BankServerSettings(workers=7, dataplane_port=0, lru_mb=400))
+    assert (s.lru_mb, s.lru_max_item_mb) == (50, 50)
+    one = BankServerSettings(lru_mb=400)
+    assert split_lru(one) is one
