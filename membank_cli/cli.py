@@ -107,7 +107,7 @@ def cmd_generate(args) -> None:
     bank = settings.open_bank()
     try:
         model = MemoryModel.from_pretrained(args.model, encoding=args.encoding,
-                                            trust=settings.trust())
+                                            trust=settings.trust(), dtype=args.dtype)
         kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, stop=tuple(args.stop or ()), seed=args.seed)
         result = model.generate(args.prompt, bank=bank, use_memory=not args.no_memory, **kw)
@@ -307,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--encoding", choices=["native", "int8"], default="native",
                    help="block encoding to fetch: int8 = per-row scales, dequantized here (the "
                         "bank must be ingested with --encodings int8, else native is fetched)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the model's and the memory room's dtype (bfloat16 halves them, and a "
+                        "bfloat16 bank's blocks land in the room uncopied)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=cmd_generate)
 

@@ -38,7 +38,8 @@ def decode_steps(model: Transformer, ids: torch.Tensor, mem: torch.Tensor | None
     steps = min(max_new_tokens, model.cfg.max_seq_len - ids.shape[1])
     if steps <= 0:
         return
-    cache = KVCache.empty(model.cfg, ids.shape[0], ids.shape[1] + steps)
+    dtype = model.tok_emb.weight.dtype           # keys and values in the model's dtype
+    cache = KVCache.empty(model.cfg, ids.shape[0], ids.shape[1] + steps, dtype=dtype)
     t0 = time.perf_counter()
     logits = model(ids, mem=mem, cache=cache)[:, -1]                 # (B, V)
     if timings is not None:

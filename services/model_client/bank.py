@@ -10,6 +10,12 @@ DataPlaneClient (block bodies over raw TCP, dataplane_client.py) and ShardedFetc
 shards: placement, hedging, failover; fetcher.py). `targets.open_bank` picks one for a target
 string. A fetch returns every block verified against the manifest's checksums, or raises.
 
+`out={(level, node): dest}` (every implementation) receives a block straight into the caller's
+memory: `dest` is a writable buffer of the block's size, or a `Scatter` of pieces filled in order
+(MemoryModel passes its preallocated room, so a block lands in place: no buffer, no copy). The
+fetch returns `dest` itself for that block. Until the fetch returns, `dest` holds unverified
+bytes: after an error its content is undefined, and nothing else may use it meanwhile.
+
 Every failure is a `BankError` whose `code` is a gRPC status *name* ("NOT_FOUND",
 "UNAVAILABLE", ...): the codes of the README's bad-input table, the same names the bank server
 raises (`membank.fetch.FetchError`, which BankError extends), so code above the transports
@@ -17,7 +23,8 @@ never imports grpc.
 """
 from __future__ import annotations
 
-from typing import Protocol
+import bisect
+from typing import Iterable, Protocol
 
 from membank.fetch import FetchError
 from membank.manifest import Manifest
@@ -54,15 +61,64 @@ class UntrustedManifestError(BankError):
         super().__init__("UNAUTHENTICATED", message)
 
 
+class Scatter:
+    """One block's destination in pieces: writable byte views filled in order, the block's
+    bytes split across them (MemoryModel: a level's slice of the room is (L, n, r, W) inside
+    (L, n, R, W), so one contiguous piece per (layer, matrix)). len() is the block's size."""
+
+    __slots__ = ("pieces", "nbytes", "_starts")
+
+    def __init__(self, pieces: Iterable):
+        self.pieces = [memoryview(p).cast("B") for p in pieces]
+        if any(p.readonly for p in self.pieces):
+            raise ValueError("a Scatter piece must be writable")
+        self._starts, n = [], 0            # byte offset of each piece in the block
+        for p in self.pieces:
+            self._starts.append(n)
+            n += p.nbytes
+        self.nbytes = n
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def write(self, offset: int, data) -> None:
+        """Copy `data` to the block's bytes [offset, offset + len(data)), across pieces."""
+        data = memoryview(data).cast("B")
+        if offset < 0 or offset + data.nbytes > self.nbytes:
+            raise ValueError(f"{data.nbytes} bytes at {offset} do not fit {self.nbytes}")
+        i = bisect.bisect_right(self._starts, offset) - 1
+        done = 0
+        while done < data.nbytes:
+            piece, at = self.pieces[i], offset + done - self._starts[i]
+            k = min(piece.nbytes - at, data.nbytes - done)
+            piece[at:at + k] = data[done:done + k]
+            done += k
+            i += 1
+
+    def tobytes(self) -> bytes:
+        return b"".join(self.pieces)
+
+
+def destination(dest, nbytes: int, block: Block) -> "memoryview | Scatter":
+    """`out`'s entry for `block` as a writable byte view or a Scatter, checked to hold exactly
+    `nbytes` (ValueError otherwise, before any I/O)."""
+    if not isinstance(dest, Scatter):
+        dest = memoryview(dest).cast("B")
+    if dest.nbytes != nbytes or (isinstance(dest, memoryview) and dest.readonly):
+        raise ValueError(f"out buffer for block {block} must be writable and {nbytes} bytes")
+    return dest
+
+
 class Bank(Protocol):
     def get_manifest(self, bank: str, version: str = "") -> Manifest:
         """The manifest of `bank` at `version` ("": the published version), or BankError."""
         ...
 
     def fetch(self, bank: str, version: str, blocks: list[Block], manifest: Manifest, *,
-              encoding: str = "") -> dict[Block, bytearray]:
+              encoding: str = "", out: dict | None = None) -> dict[Block, bytearray]:
         """Every block of `blocks`, each verified against `manifest` (its checksums in
-        `encoding`: "" native or "int8"), or BankError."""
+        `encoding`: "" native or "int8"), or BankError. `out`: destinations to receive
+        blocks into (module docstring)."""
         ...
 
     def health(self, timeout_s: float = 1.0) -> bool:

@@ -42,7 +42,7 @@ from membank.blocks import hasher
 from membank.fetch import FetchError, check_fetch
 from membank.manifest import Manifest
 from membank.v1 import bank_pb2
-from services.model_client.bank import BankError, BlockIntegrityError
+from services.model_client.bank import BankError, BlockIntegrityError, Scatter, destination
 
 _SERVICE = "membank.v1.BankService"
 
@@ -136,7 +136,8 @@ class BankClient:
         `manifest` must be the manifest of that version (its checksums are what is trusted);
         an empty `version` means the manifest's version.
         `out` (optional) maps (level, node) to a writable buffer of the block's size (a
-        bytearray, a memoryview, a numpy/torch uint8 view, ...): chunks are copied straight into
+        bytearray, a memoryview, a numpy/torch uint8 view, ...) or a Scatter of pieces
+        (services/model_client/bank.py): chunks are copied straight into
         it and it is what is returned, so a caller that reuses buffers allocates nothing. On an
         error the content of those buffers is undefined (never verified).
         `timeout_s` overrides the client's deadline for this call; `on_call(call)` is given the
@@ -241,15 +242,10 @@ class BankClient:
                 raise BlockIntegrityError(f"block ({level}, {node}) header {got} does not match "
                                           f"the manifest {tuple(want)}")
             dest = None if out is None else out.get((level, node))
-            if dest is None:
-                # the one allocation per block; chunks are copied straight into it
-                bufs[i] = bytearray(nbytes)
-            else:
-                view = memoryview(dest).cast("B")
-                if view.readonly or view.nbytes != nbytes:
-                    raise ValueError(f"out buffer for block ({level}, {node}) must be writable "
-                                     f"and {nbytes} bytes")
-                bufs[i] = view
+            # the one allocation per block, or the caller's buffer / Scatter; chunks are
+            # copied straight into it
+            bufs[i] = (bytearray(nbytes) if dest is None
+                       else destination(dest, nbytes, (level, node)))
             if hashers is not None:
                 # the signed digest's algorithm, or xxh3 for a manifest without digests
                 hashers[i] = hasher(manifest.block_check(level, node, encoding)[0])
@@ -262,7 +258,10 @@ class BankClient:
             raise BlockIntegrityError(f"block ({level}, {node}): chunk at offset {start} with "
                                       f"{n} bytes does not follow byte {received[i]} "
                                       f"of {len(buf)}")
-        buf[start:start + n] = data
+        if isinstance(buf, Scatter):
+            buf.write(start, data)
+        else:
+            buf[start:start + n] = data
         if hashers is not None:
             hashers[i].update(data)
         received[i] += n

@@ -23,6 +23,10 @@ MemoryModel keeps one per bank it is given and asks it for a path's blocks; ever
   reason), or, when a trusted manifest was read before, is logged and the trusted one kept.
   The transports then check every block against the digests of that trusted manifest.
 - The device cache (device_cache.py) is asked before the bank, and holds what the bank sent.
+- In place: without a device cache, `fetch_path(..., dest=)` lets the caller name where each
+  fetched block goes (MemoryModel: its slice of the room, a bank.Scatter), so the bank receives
+  it there and nothing is copied afterwards (`PathBlocks.in_place`). With a cache the bytes go
+  to the cache and are copied into the room, as the cache must own them.
 - The encoding: the one asked for, or native when the version was ingested without it (logged
   once per version; a fleet keeps its memory, at full precision, rather than decoding
   anchor-only because a publish forgot int8).
@@ -47,6 +51,8 @@ log = logging.getLogger("membank.client")
 # other shards keeps its block version (Manifest.block_version), so its blocks stay attached,
 # and a dequantized int8 block is not the native one, hence the encoding
 Attached = tuple[str, str, int, str]
+# where the caller wants a block received: (manifest, block, encoding) -> buffer / Scatter / None
+Dest = Callable[[Manifest, Block, str], object]
 STALE = ("NOT_FOUND", "FAILED_PRECONDITION")      # the manifest may be older than the bank's
 
 
@@ -58,6 +64,7 @@ class PathBlocks:
     blocks: dict[Block, bytearray] = field(default_factory=dict)
     cached: list[Block] = field(default_factory=list)     # from the device cache
     fetched: list[Block] = field(default_factory=list)    # from the bank
+    in_place: set[Block] = field(default_factory=set)     # received into the caller's `dest`
     fetched_bytes: int = 0
 
 
@@ -112,25 +119,27 @@ class CachedBank:
             log.warning("using the UNSIGNED manifest %s/%s (allow_unsigned is on)",
                         manifest.bank, manifest.version)
 
-    def fetch_path(self, path: list[int],
-                   attached: Mapping[int, Attached] | None = None) -> PathBlocks:
+    def fetch_path(self, path: list[int], attached: Mapping[int, Attached] | None = None,
+                   dest: Dest | None = None) -> PathBlocks:
         """The blocks of `path` whose level does not hold them already (`attached`: level ->
         what its room holds): the device cache's, then one fetch for the rest; BankError when
-        the bank cannot give them, after one re-read of a stale manifest."""
+        the bank cannot give them, after one re-read of a stale manifest. `dest(manifest,
+        block, encoding)`: where to receive a block to be fetched (a buffer or Scatter), or
+        None; asked only without a device cache, right before the fetch."""
         attached = attached or {}
         refresh = bool(getattr(self.bank, "placement_mismatch", False))
         if refresh:
             self.bank.placement_mismatch = False
         manifest = self.manifest(refresh=refresh)
         try:
-            return self._gather(manifest, path, attached)
+            return self._gather(manifest, path, attached, dest)
         except BankError as e:
             if e.code not in STALE:
                 raise
             fresh = self.manifest(refresh=True)      # the version moved on: once more
             if fresh == manifest:
                 raise
-            return self._gather(fresh, path, attached)
+            return self._gather(fresh, path, attached, dest)
 
     def encoding_for(self, manifest: Manifest) -> str:
         """The encoding to fetch from this version: ours, or native when it lacks it."""
@@ -145,8 +154,8 @@ class CachedBank:
     def close(self) -> None:
         self.bank.close()
 
-    def _gather(self, manifest: Manifest, path: list[int],
-                attached: Mapping[int, Attached]) -> PathBlocks:
+    def _gather(self, manifest: Manifest, path: list[int], attached: Mapping[int, Attached],
+                dest: Dest | None = None) -> PathBlocks:
         enc = self.encoding_for(manifest)
         out = PathBlocks(manifest, enc)
         need = [(lv, n) for lv, n in manifest.path_blocks(path)
@@ -160,7 +169,12 @@ class CachedBank:
         out.fetched = [b for b in need if b not in out.blocks]
         # `encoding` only when not native, so banks without encodings (fakes, other transports)
         # keep working for native blocks
-        extra = {"encoding": enc} if enc else {}
+        extra: dict = {"encoding": enc} if enc else {}
+        if dest is not None and self.cache is None and out.fetched:
+            into = {b: d for b in out.fetched if (d := dest(manifest, b, enc)) is not None}
+            if into:
+                extra["out"] = into
+                out.in_place = set(into)
         fetched = self.bank.fetch(manifest.bank, manifest.version, out.fetched, manifest,
                                   **extra) if out.fetched else {}
         if self.cache is not None:

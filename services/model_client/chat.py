@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
                                 top_k=args.top_k, top_p=args.top_p, stop=tuple(args.stop or ()),
                                 seed=args.seed)
         model = MemoryModel.from_pretrained(settings.export_dir, encoding=settings.encoding,
-                                            trust=settings.trust())
+                                            trust=settings.trust(), dtype=settings.dtype)
     except ValidationError as e:  # one line: the first bad setting and why
         err = e.errors()[0]
         p.exit(2, f"membank chat: error: {'.'.join(map(str, err['loc']))}: {err['msg']}\n")

@@ -19,7 +19,8 @@ only `fetch` uses the data plane (protocol: proto/membank/v1/dataplane.md, spoke
 membank/dataplane.py as the server does).
 
 `fetch` has BankClient.fetch's signature and guarantees: one request for every block; each
-block received straight into its buffer (`out[(level, node)]`, else one new bytearray) with
+block received straight into its buffer (`out[(level, node)]`, a buffer or a Scatter of pieces,
+else one new bytearray) with
 `recv_into`, hashed piece by piece while the next piece arrives, and returned only when its
 header agrees with the MANIFEST and its bytes hash to the manifest's checksum; otherwise
 BlockIntegrityError. An error frame raises BankError with that gRPC status code (except
@@ -51,7 +52,7 @@ from membank.blocks import hasher
 from membank.dataplane import END, ERROR, HEADER, REQUEST, close_quietly, frame, read_frame, timeval
 from membank.fetch import FetchError, check_fetch
 from membank.manifest import Manifest
-from services.model_client.bank import CODES, BankError, BlockIntegrityError
+from services.model_client.bank import CODES, BankError, BlockIntegrityError, Scatter, destination
 from services.model_client.bank_client import BankClient, tls_for_token
 
 # receive (MSG_WAITALL) and hash a block in pieces. A small piece frees socket buffer sooner,
@@ -211,8 +212,9 @@ class DataPlaneClient:
         """Fetch `blocks` [(level, node), ...] of bank/version in one request, verified.
 
         As BankClient.fetch: `manifest` is what is trusted ("" version = the manifest's);
-        `out` maps (level, node) to a writable buffer of the block's size, received into
-        directly and returned (its content is undefined after an error); `timeout_s` overrides
+        `out` maps (level, node) to a writable buffer of the block's size or a Scatter
+        (services/model_client/bank.py), received into directly and returned (its content is
+        undefined after an error); `timeout_s` overrides
         the deadline; `on_call(call)` gets an object whose `cancel()` stops this fetch
         (BankError CANCELLED). `encoding`: "" / "native" or "int8" (membank/quant.py), as
         BankClient's. As BankClient, arguments the manifest refuses (membank/fetch.py
@@ -311,11 +313,13 @@ class DataPlaneClient:
             view = views[i]
             if view is None:
                 dest = bytearray(plan.nbytes[i])      # the one allocation per block
-                view = memoryview(dest)
+                pieces = [memoryview(dest)]
+            elif isinstance(view, Scatter):
+                dest, pieces = view, view.pieces
             else:
-                dest = view.obj
+                dest, pieces = view.obj, [view]
             algo, want = plan.checks[i]
-            if self._recv_body(sock, view, deadline, algo) != want:
+            if self._recv_body(sock, pieces, deadline, algo) != want:
                 raise BlockIntegrityError(f"block ({level}, {node}) fails its manifest {algo} "
                                           f"hash")
             result[(level, node)] = dest
@@ -327,23 +331,24 @@ class DataPlaneClient:
                                       f"(expected the end frame)")
         return result
 
-    def _recv_body(self, sock, view: memoryview, deadline: _Deadline, algo: str) -> str:
-        """Receive exactly len(view) bytes into view, hashing each piece (with `algo`) as it
-        completes."""
-        n, got, hashed = view.nbytes, 0, 0
-        piece = PIECE_ALONE if _in_flight.value <= 1 else PIECE_BUSY
+    def _recv_body(self, sock, views: list[memoryview], deadline: _Deadline, algo: str) -> str:
+        """Receive a block into `views` in order (one buffer, or a Scatter's pieces), filling
+        each exactly, hashing (with `algo`) each received step as it completes; the digest."""
+        step = PIECE_ALONE if _in_flight.value <= 1 else PIECE_BUSY
         h = hasher(algo)
-        # MSG_WAITALL: one system call per whole piece (plain sockets; TLS reads records)
+        # MSG_WAITALL: one system call per whole step (plain sockets; TLS reads records)
         flags = 0 if self._tls else socket.MSG_WAITALL
-        while got < n:
-            self._timeout(sock, deadline)
-            k = sock.recv_into(view[got:], min(piece, n - got), flags)
-            if k == 0:
-                raise EOFError("connection closed inside a block")
-            got += k
-            if got - hashed >= piece or got == n:
-                h.update(view[hashed:got])
-                hashed = got
+        for view in views:
+            n, got, hashed = view.nbytes, 0, 0
+            while got < n:
+                self._timeout(sock, deadline)
+                k = sock.recv_into(view[got:], min(step, n - got), flags)
+                if k == 0:
+                    raise EOFError("connection closed inside a block")
+                got += k
+                if got - hashed >= step or got == n:
+                    h.update(view[hashed:got])
+                    hashed = got
         return h.hexdigest()
 
     def _read_frame(self, sock, deadline: _Deadline) -> tuple[bytes, bytes]:
@@ -541,19 +546,15 @@ class _Plan:
 
 
 def _out_views(plan: _Plan, out: dict | None) -> list:
-    """Per requested block: a writable byte view of the caller's buffer, or None."""
+    """Per requested block: a writable byte view of the caller's buffer, its Scatter, or
+    None (ValueError for a destination of the wrong size)."""
     views: list = [None] * len(plan.ids)
     if not out:
         return views
     for i, key in enumerate(plan.ids):
         dest = out.get(key)
-        if dest is None:
-            continue
-        view = memoryview(dest).cast("B")
-        if view.readonly or view.nbytes != plan.nbytes[i]:
-            raise ValueError(f"out buffer for block {key} must be writable "
-                             f"and {plan.nbytes[i]} bytes")
-        views[i] = view
+        if dest is not None:
+            views[i] = destination(dest, plan.nbytes[i], key)
     return views
 
 

@@ -41,6 +41,11 @@ How a fetch runs:
      when every replica of a round failed with a retryable error, the next round starts after an
      exponential backoff with full jitter, up to `max_rounds` rounds, all within `deadline_s`.
 A fetch either returns every block, each verified against the manifest, or raises BankError.
+With `out` (destinations the caller owns, e.g. the model's room: bank.py), one attempt at a time
+receives into them; a hedge or failover that starts while that attempt still runs receives into
+its own buffers, and if it wins, the first is cancelled and waited for before the winner's bytes
+are copied in. No call still writing into `out` outlives the fetch, so a failed fetch cannot
+scribble over the next prompt's memory.
 Run its tests:
     .venv/bin/pytest -q tests/unit/test_fetcher.py tests/integration/test_client_failover.py
 """
@@ -58,7 +63,7 @@ from typing import Callable, Collection, Mapping
 from membank import quant
 from membank.fetch import FetchError, check_fetch
 from membank.manifest import Manifest
-from services.model_client.bank import Bank, BankError, BlockIntegrityError
+from services.model_client.bank import Bank, BankError, BlockIntegrityError, Scatter, destination
 
 log = logging.getLogger("membank.client.fetcher")
 
@@ -187,6 +192,7 @@ class _Attempt:
         self.shard, self.hedge = shard, hedge
         self.started = time.monotonic()
         self.future: Future | None = None
+        self.out: dict | None = None     # the caller's destinations, when this attempt has them
         self._lock = threading.Lock()
         self._call = None
         self.cancelled = False
@@ -293,10 +299,13 @@ class ShardedFetcher:
                                 f"no shard answered GetManifest within {self.policy.deadline_s} s")
 
     def fetch(self, bank: str, version: str, blocks: list[Block],
-              manifest: Manifest, *, encoding: str = "") -> dict[Block, bytearray]:
+              manifest: Manifest, *, encoding: str = "",
+              out: dict | None = None) -> dict[Block, bytearray]:
         """Every block of `blocks`, each verified against `manifest`, or BankError.
         `encoding`: "" (native) or "int8" (payloads checked against the manifest's int8
-        checksums; NOT_FOUND at once, no RPC, when the version has no int8 blocks)."""
+        checksums; NOT_FOUND at once, no RPC, when the version has no int8 blocks).
+        `out`: (level, node) -> a buffer or Scatter to receive that block into (the module
+        docstring says how hedges share it); returned for that block."""
         version = version or manifest.version
         if bank != manifest.bank or version != manifest.version:
             raise ValueError(f"manifest is {manifest.bank}/{manifest.version}, "
@@ -308,12 +317,16 @@ class ShardedFetcher:
             raise BankError(e.code, e.message) from None
         if not blocks:
             return {}
+        if out:             # ValueError before any I/O, as the single-server clients
+            out = {(int(l), int(n)): destination(out[(l, n)],
+                                                 manifest.block_nbytes(int(l), encoding), (l, n))
+                   for l, n in blocks if out.get((l, n)) is not None}
         deadline = time.monotonic() + self.policy.deadline_s
         groups = self.plan(manifest, blocks)
         if len(groups) == 1:
-            return self._fetch_group(manifest, groups[0], deadline, frozenset(), encoding)
+            return self._fetch_group(manifest, groups[0], deadline, frozenset(), encoding, out)
         futures = [self._groups.submit(self._fetch_group, manifest, g, deadline, frozenset(),
-                                       encoding)
+                                       encoding, out)
                    for g in groups]
         out: dict[Block, bytearray] = {}
         errors = []
@@ -368,7 +381,8 @@ class ShardedFetcher:
 
     # -- one group ---------------------------------------------------------------------------
     def _fetch_group(self, manifest: Manifest, group: Group, deadline: float,
-                     avoid: frozenset[str], encoding: str = "") -> dict[Block, bytearray]:
+                     avoid: frozenset[str], encoding: str = "",
+                     out: dict | None = None) -> dict[Block, bytearray]:
         nbytes = sum(manifest.block_nbytes(l, encoding) for l, _ in group.blocks)
         excluded: set[str] = set()      # replicas that must not be asked again for this group
         last: BankError | None = None
@@ -385,7 +399,7 @@ class ShardedFetcher:
                 break
             try:
                 return self._race(manifest, group.blocks, replicas, nbytes, deadline, excluded,
-                                  encoding)
+                                  encoding, out)
             except _RoundFailed as e:
                 last = e.error
                 if e.fatal:
@@ -400,10 +414,10 @@ class ShardedFetcher:
                 split = []      # some block has no other owner: retry these replicas instead
             if split:
                 self._count("failovers")
-                out: dict[Block, bytearray] = {}
+                got: dict[Block, bytearray] = {}
                 for g in split:
-                    out.update(self._fetch_group(manifest, g, deadline, tried, encoding))
-                return out
+                    got.update(self._fetch_group(manifest, g, deadline, tried, encoding, out))
+                return got
             if time.monotonic() >= deadline:
                 break
         if last is None:
@@ -415,16 +429,22 @@ class ShardedFetcher:
         log.warning("fetch of %s failed on %s: %s", group.blocks, group.replicas, last)
         raise last
 
-    def _race(self, manifest, blocks, replicas, nbytes, deadline, excluded, encoding=""):
+    def _race(self, manifest, blocks, replicas, nbytes, deadline, excluded, encoding="",
+              out=None):
         """One round: first replica, a hedge after the hedge delay, failover on errors."""
         pending = list(replicas)
         running: dict[Future, _Attempt] = {}
         hedged = False
         last: BankError | None = None
+        mine = {b: out[b] for b in blocks if b in out} if out else {}   # this group's
+        owner: list[_Attempt] = []      # the attempts given `mine` (one running at a time)
 
         def launch(hedge: bool) -> None:
             shard = pending.pop(0)
             a = _Attempt(shard, hedge)
+            if mine and (not owner or owner[-1].future.done()):
+                a.out = mine
+                owner.append(a)
             remaining = max(0.001, deadline - time.monotonic())
             a.future = self._pool.submit(self._attempt, a, manifest, blocks,
                                          min(self.policy.attempt_timeout_s, remaining), encoding)
@@ -462,6 +482,16 @@ class ShardedFetcher:
                         with self._lock:
                             self._stats.bytes += sum(len(v) for v in result.values())
                             self._stats.blocks += len(result)
+                        if mine and a.out is None:
+                            # a hedge won into its own buffers: the attempt writing into
+                            # `mine` must stop before they are copied in
+                            self._settle(running, owner, deadline)
+                            for b, dest in mine.items():
+                                if isinstance(dest, Scatter):
+                                    dest.write(0, result[b])
+                                else:
+                                    dest[:] = result[b]
+                            result = {**result, **{b: _returned(d) for b, d in mine.items()}}
                         return result
                     if not isinstance(err, BankError):
                         raise err
@@ -484,9 +514,26 @@ class ShardedFetcher:
                         launch(False)
             raise _RoundFailed(last, fatal=False)
         finally:
-            for a in running.values():     # the losers of a race, or everyone on a fatal error
-                a.cancel()
-                self._count("cancelled")
+            self._settle(running, owner, deadline)
+
+    def _settle(self, running: dict, owner: list, deadline: float) -> None:
+        """Cancel the attempts still running (the losers of a race, or everyone on a fatal
+        error) and wait for the one writing into the caller's `out`, so that none writes there
+        after this fetch has answered."""
+        for a in running.values():
+            a.cancel()
+            self._count("cancelled")
+        running.clear()
+        for a in owner:
+            if a.future.done():
+                continue
+            # cancelled: its socket is shut (data plane) or its call cancelled (gRPC), so it
+            # ends at once; the bound only guards against a client that ignores cancel
+            done, _ = wait([a.future], timeout=max(1.0, deadline - time.monotonic()))
+            if not done:
+                log.error("a cancelled fetch into the caller's buffers did not stop")
+                raise _RoundFailed(BankError("INTERNAL", "a cancelled fetch did not stop"),
+                                   fatal=True)
 
     def _attempt(self, a: _Attempt, manifest: Manifest, blocks, timeout_s: float,
                  encoding: str = ""):
@@ -498,6 +545,8 @@ class ShardedFetcher:
         # `encoding` only when not native: per-shard clients built by a `client_factory`
         # (other transports, test fakes) need not know about encodings to fetch native blocks
         extra = {"encoding": encoding} if encoding else {}
+        if a.out:
+            extra["out"] = a.out
         return self._client(a.shard).fetch(manifest.bank, manifest.version, blocks, manifest,
                                            timeout_s=timeout_s, on_call=a.on_call, **extra)
 
@@ -547,3 +596,9 @@ class _RoundFailed(Exception):
         super().__init__(str(error))
         self.error = error or BankError("UNAVAILABLE", "no replica answered")
         self.fatal = fatal
+
+
+def _returned(dest):
+    """What a fetch returns for a block received into `dest` (a Scatter, or the buffer behind a
+    byte view), as the single-server clients do."""
+    return dest.obj if isinstance(dest, memoryview) else dest

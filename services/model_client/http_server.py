@@ -272,7 +272,7 @@ def serve(settings: DeviceSettings) -> None:
     import uvicorn
 
     model = MemoryModel.from_pretrained(settings.export_dir, encoding=settings.encoding,
-                                        trust=settings.trust())
+                                        trust=settings.trust(), dtype=settings.dtype)
     if settings.bank:
         _ = model.bank_id  # an export without manifest.json cannot name its bank: fail at start
     bank = settings.open_bank()

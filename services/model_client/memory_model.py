@@ -12,9 +12,14 @@
     print(stream.result.timings_ms)   # embed route fetch attach prefill decode ttft (ms)
 
 The prompt is embedded and routed on the device; the bank only ever sees block ids. Fetched
-memory goes into room preallocated once, (1, L, n_mats, R, W), one slice of R per level, so a new
-prompt copies only the levels whose node changed and never reallocates. A block is attached only
-after its bytes matched the manifest's digest (the Bank verifies it: services/model_client/bank.py),
+memory goes into room preallocated once, (1, L, n_mats, R, W) in the model's dtype, one slice of
+R per level, so a new prompt fetches only the levels whose node changed and never reallocates.
+When the bank's dtype is the room's (e.g. `dtype="bfloat16"` for a bfloat16 bank) and there is no
+device cache, a block is received straight into its slice (one piece per layer and matrix: a
+bank.Scatter), so attaching it copies nothing; otherwise it is received into a buffer and copied
+(converted, or dequantized for int8) into its slice. A level is detached before anything is
+written into its slice, and attached only after its bytes matched the manifest's digest (the
+Bank verifies it while receiving: services/model_client/bank.py),
 and a manifest is used only when a key the device pins signed it (`trust`, membank/signing.py;
 otherwise the answer is anchor-only and says why).
 When no bank can be reached the model decodes anchor-only and says so in the result.
@@ -45,6 +50,7 @@ was published without `--encodings int8`; a warning is logged once per version a
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,10 +66,17 @@ from membank.nn.decode import decode_steps
 from membank.nn.embed import Embedder
 from membank.nn.model import Transformer
 from membank.nn.static_embed import embedder_for
-from membank.nn.tensors import dequantize_into, tensor_from_buffer
+from membank.nn.tensors import dequantize_into, tensor_from_buffer, torch_dtype
 from membank.router import Router
 from membank.signing import Trust
-from services.model_client.bank import Bank, BankError, BlockIntegrityError, UntrustedManifestError
+from services.model_client.bank import (
+    Bank,
+    BankError,
+    Block,
+    BlockIntegrityError,
+    Scatter,
+    UntrustedManifestError,
+)
 from services.model_client.cached_bank import Attached, CachedBank
 from services.model_client.detokenize import IncrementalDecoder
 from services.model_client.device_cache import DeviceCache
@@ -119,10 +132,11 @@ class MemoryModel:
         self.embedder = embedder or Embedder()
         self.eos = tokenizer.token_to_id(EOS)
         mc, c = config.memory, config.model
-        # preallocated room for a whole path, (1, L, n_mats, R, W) (FFN memories: (1, L, 3, R, C));
-        # level l owns rows [offset_l, offset_l + r_l)
-        self.mem = torch.zeros(mc.mem_shape(c))
+        # preallocated room for a whole path, (1, L, n_mats, R, W) (FFN memories: (1, L, 3, R, C)),
+        # in the model's dtype; level l owns rows [offset_l, offset_l + r_l)
+        self.mem = torch.zeros(mc.mem_shape(c), dtype=next(model.parameters()).dtype)
         self.offsets = [sum(mc.ranks[:i]) for i in range(mc.depth)]
+        self._scatters: dict[int, Scatter] = {}   # level -> its slice as receivable pieces
         # level -> what its slice of self.mem holds (cached_bank.Attached)
         self.attached: dict[int, Attached] = {}
 
@@ -131,9 +145,11 @@ class MemoryModel:
                         bank: str | Mapping[str, str] | Bank | None = None,
                         timeout_s: float = 10.0, token: str | None = None,
                         cache: DeviceCache | None = None, manifest_ttl_s: float = 5.0,
-                        encoding: str = "", trust: Trust | None = None) -> "MemoryModel":
+                        encoding: str = "", trust: Trust | None = None,
+                        dtype: str = "float32") -> "MemoryModel":
         """The model of an export. `bank`: a target or {shard id: target}, opened with
-        targets.open_bank (`timeout_s`, `token`), or a Bank; None: anchor only."""
+        targets.open_bank (`timeout_s`, `token`), or a Bank; None: anchor only. `dtype`
+        ("float32" or "bfloat16"): the anchor's weights and the memory room."""
         d = Path(export_dir)
         config = artifacts.load_config(d)
         model = Transformer(config)
@@ -145,7 +161,7 @@ class MemoryModel:
         if missing or unexpected:
             raise ValueError(f"anchor weights do not match the config: missing {missing}, "
                              f"unexpected {unexpected}")
-        model.eval()
+        model.to(torch_dtype(dtype)).eval()
         router = Router.load(d / artifacts.ROUTER)
         if embedder is None:             # the one the tree was built with: MiniLM or static
             embedder = embedder_for(router.embedder, d)
@@ -183,11 +199,15 @@ class MemoryModel:
                              f"does not fit this model {want}")
 
     def attach(self, manifest: Manifest, blocks: dict[tuple[int, int], bytearray],
-               encoding: str = "") -> None:
+               encoding: str = "", in_place: frozenset | set = frozenset()) -> None:
         """Copy verified blocks (in `encoding`) into the preallocated memory, level by level;
         int8 payloads are dequantized straight into their slice, in the model's dtype. A block
-        is checked whole (size, scales) before its slice is written."""
+        is checked whole (size, scales) before its slice is written. Blocks in `in_place` were
+        received into their slice already (_room_dest): they are only marked attached."""
         for (level, node), buf in blocks.items():
+            if (level, node) in in_place:
+                self.attached[level] = (manifest.bank, manifest.block_version, node, encoding)
+                continue
             shape = manifest.block_shape(level)                              # (L, n, r, W)
             off, r = self.offsets[level - 1], manifest.ranks[level - 1]
             room = self.mem[0, :, :, off:off + r]
@@ -197,6 +217,26 @@ class MemoryModel:
             else:
                 room.copy_(tensor_from_buffer(buf, shape, manifest.dtype))
             self.attached[level] = (manifest.bank, manifest.block_version, node, encoding)
+
+    def _room_dest(self, manifest: Manifest, block: Block, encoding: str) -> Scatter | None:
+        """Where to receive `block`: its level's slice of the room as a Scatter, when the
+        bytes can land there as they are (native encoding, the room's dtype, little-endian
+        host); else None (received into a buffer, then copied). The level is detached here:
+        its slice is about to hold bytes that are not verified yet."""
+        level = block[0]
+        if (encoding != quant.NATIVE or sys.byteorder != "little"
+                or torch_dtype(manifest.dtype) != self.mem.dtype):
+            return None
+        self.attached.pop(level, None)
+        scatter = self._scatters.get(level)
+        if scatter is None:
+            off, r = self.offsets[level - 1], manifest.ranks[level - 1]
+            room = self.mem[0, :, :, off:off + r]           # (L, n, r, W), strided in R
+            # one contiguous (r, W) piece per (layer, matrix), in the block's byte order
+            scatter = Scatter(piece.view(torch.uint8).numpy()
+                              for per_layer in room for piece in per_layer)
+            self._scatters[level] = scatter
+        return scatter
 
     def bank_view(self, bank: Bank) -> CachedBank:
         """The CachedBank of `bank` (made on first use; another bank replaces it)."""
@@ -211,9 +251,9 @@ class MemoryModel:
         fetch for the rest (one RPC per shard with a ShardedFetcher); BankError when the bank
         cannot give them (the attached levels are then untouched)."""
         t0 = time.perf_counter()
-        got = self.bank_view(bank).fetch_path(path, self.attached)
+        got = self.bank_view(bank).fetch_path(path, self.attached, dest=self._room_dest)
         t1 = time.perf_counter()
-        self.attach(got.manifest, got.blocks, got.encoding)
+        self.attach(got.manifest, got.blocks, got.encoding, got.in_place)
         result.version = got.manifest.version
         result.level_versions = [self.attached[lv][1] for lv in range(1, len(path) + 1)
                                  if lv in self.attached]

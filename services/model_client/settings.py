@@ -40,6 +40,9 @@ class DeviceSettings(BaseSettings):
     # (1/4 of float32), dequantized on the device; a bank version without int8 blocks is
     # fetched native (logged)
     encoding: Literal["native", "int8"] = "native"
+    # the anchor's weights and the memory room: bfloat16 halves both, and blocks of a bfloat16
+    # bank are then received straight into the room (no copy at attach)
+    dtype: Literal["float32", "bfloat16"] = "float32"
     host: str = "127.0.0.1"                             # a device API: loopback by default
     port: int = Field(default=8000, ge=0, le=65535)     # 0: a free port (printed at start-up)
     # request limits: beyond them the HTTP API answers 422 (the model's context still caps
@@ -172,6 +175,9 @@ def add_arguments(p: argparse.ArgumentParser, serve: bool = True) -> None:
                    help="block encoding to fetch: native (the bank dtype, default) or int8 "
                         "(per-row scales, dequantized here; the bank must be ingested with "
                         "--encodings int8, else native blocks are fetched)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="the model's and the memory room's dtype (default float32; bfloat16 "
+                        "halves them, and a bfloat16 bank's blocks land in the room uncopied)")
     p.add_argument("--log-level", type=str.upper)
     p.add_argument("--trusted-keys", help="the operator's public key files or directories "
                    "(comma separated; `membank keygen`): only manifests they signed are used")

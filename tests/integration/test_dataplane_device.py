@@ -27,6 +27,7 @@ from membank.artifacts import load_manifest
 from services.bank_server.cluster import run_local_cluster
 from services.bank_server.ingest import ingest
 from services.model_client.dataplane_client import DataPlaneClient, dataplane_target
+from services.model_client.device_cache import DeviceCache
 from services.model_client.fetcher import FetchPolicy, ShardedFetcher
 from services.model_client.memory_model import MemoryModel
 from services.model_client.targets import client_factory, make_client, open_bank
@@ -105,14 +106,18 @@ def test_dataplane_target_fetches_the_same_blocks_as_grpc(served, encoding):
 def test_memory_model_over_the_dataplane_attaches_the_same_memory(served, tiny_model_export,
                                                                   encoding):
     results = {}
-    for name, target in (("grpc", served.grpc), ("dataplane", served.dataplane)):
+    # without a device cache native blocks are received into the room in place (bank.Scatter);
+    # with one they are received into buffers the cache keeps and copied: the same memory
+    for name, target, cache in (("grpc", served.grpc, None),
+                                ("dataplane", served.dataplane, None),
+                                ("copied", served.dataplane, DeviceCache(1 << 24))):
         model = MemoryModel.from_pretrained(tiny_model_export, embedder=FakeEmbedder(),
-                                            encoding=encoding, trust=trust())
+                                            encoding=encoding, trust=trust(), cache=cache)
         before = served.rpcs()
         with make_client(target) as bank:
             runs = [model.generate(p, bank=bank, max_new_tokens=3) for p in PROMPTS]
         used = delta(before, served.rpcs())
-        if name == "dataplane":
+        if name != "grpc":
             assert "FetchBlocks" not in used and used.get("DataPlaneFetch", 0) >= 1, used
         else:
             assert "DataPlaneFetch" not in used and used.get("FetchBlocks", 0) >= 1, used
@@ -127,6 +132,7 @@ def test_memory_model_over_the_dataplane_attaches_the_same_memory(served, tiny_m
         fetched += len(b.fetched_blocks)
     assert fetched > 0
     assert torch.equal(grpc_mem, dp_mem)        # the attached weights, bit for bit
+    assert torch.equal(dp_mem, results["copied"][1])
 
 
 def test_cli_generate_takes_a_dataplane_target(served, tiny_model_export, capsys,

@@ -45,18 +45,22 @@ class FakeShard:
     def __init__(self, name, modes=("ok",)):
         self.name, self.modes, self.calls = name, list(modes), []
 
-    def fetch(self, bank, version, blocks, manifest, *, timeout_s=None, on_call=None):
+    def fetch(self, bank, version, blocks, manifest, *, timeout_s=None, on_call=None, out=None):
         mode = self.modes[min(len(self.calls), len(self.modes) - 1)]
         self.calls.append(list(blocks))
+        self.outs = getattr(self, "outs", []) + [out]
         call = FakeCall()
         if on_call:
             on_call(call)
         for lv, n in blocks:
             assert self.name in manifest.owners(lv, n), "asked a shard that does not own it"
-        if mode == "hang":     # answers only when cancelled or at its deadline
-            if call.cancelled.wait(timeout_s):
-                raise BankError("CANCELLED", "cancelled")
-            raise BankError("DEADLINE_EXCEEDED", "deadline")
+        if mode in ("hang", "hang-scribble"):  # answers only when cancelled or at its deadline
+            cancelled = call.cancelled.wait(timeout_s)
+            if mode == "hang-scribble":   # a receive still landing bytes after the cancel
+                time.sleep(0.2)
+                for dest in (out or {}).values():
+                    dest[:] = b"\xff" * len(dest)
+            raise BankError("CANCELLED" if cancelled else "DEADLINE_EXCEEDED", "stopped")
         errors = {"unavailable": BankError("UNAVAILABLE", "down"),
                   "data_loss": BankError("DATA_LOSS", "corrupt on disk"),
                   "corrupt": BlockIntegrityError("fails its manifest checksum"),
@@ -64,7 +68,11 @@ class FakeShard:
                   "not_found": BankError("NOT_FOUND", "unknown version")}
         if mode in errors:
             raise errors[mode]
-        return {(lv, n): bytearray(data(lv, n)) for lv, n in blocks}
+        got = {(lv, n): bytearray(data(lv, n)) for lv, n in blocks}
+        for b, dest in (out or {}).items():
+            dest[:] = got[b]
+            got[b] = dest.obj
+        return got
 
     def get_manifest(self, bank, version="", *, timeout_s=None):
         self.manifest_calls = getattr(self, "manifest_calls", 0) + 1
@@ -205,6 +213,44 @@ def test_slow_primary_is_hedged_and_the_loser_cancelled():
         st = f.stats()
         assert (st["hedges"], st["slow_marks"], st["down"]) == (1, 1, [PRIMARY])
         assert shards[SECONDARY].calls == [PATH, PATH] and len(shards[PRIMARY].calls) == 1
+
+
+def test_out_is_filled_by_one_attempt_and_a_winning_hedge_is_copied_in_after_the_loser_stopped():
+    # the primary receives into the caller's buffers and stalls; the hedge gets its own; when
+    # the hedge wins, the primary is cancelled AND waited for (it still writes 0.2 s after the
+    # cancel) before the hedge's bytes are copied in: nothing lands in `out` after the answer
+    f, shards = fetcher({PRIMARY: ["hang-scribble"]}, hedge_initial_s=0.01)
+    out = {b: bytearray(len(data(*b))) for b in PATH}
+    with f:
+        got = f.fetch("b", "v1", PATH, M, out=out)
+        assert all(got[b] is out[b] for b in PATH)
+        assert shards[PRIMARY].outs[0] is not None and shards[SECONDARY].outs == [None]
+        time.sleep(0.3)
+        assert {b: bytes(v) for b, v in out.items()} == {b: data(*b) for b in PATH}
+        # no hedge needed: the one attempt receives into `out` itself
+        out2 = {b: bytearray(len(data(*b))) for b in PATH}
+        got = f.fetch("b", "v1", PATH, M, out=out2)
+        assert all(got[b] is out2[b] and bytes(out2[b]) == data(*b) for b in PATH)
+        assert shards[SECONDARY].outs[-1] is not None
+
+
+def test_a_failed_fetch_into_out_returns_only_after_every_writer_stopped():
+    f, shards = fetcher({PRIMARY: ["hang-scribble"], SECONDARY: ["hang"]}, hedge_initial_s=0.01,
+                        deadline_s=0.3, attempt_timeout_s=0.3)
+    out = {b: bytearray(len(data(*b))) for b in PATH}
+    with f, pytest.raises(BankError):
+        f.fetch("b", "v1", PATH, M, out=out)
+    scribbled = {b: bytes(v) for b, v in out.items()}
+    assert all(v == b"\xff" * len(v) for v in scribbled.values())   # done before the raise
+    time.sleep(0.3)
+    assert {b: bytes(v) for b, v in out.items()} == scribbled
+
+
+def test_out_of_the_wrong_size_is_refused_before_any_rpc():
+    f, shards = fetcher({})
+    with f, pytest.raises(ValueError, match="writable and"):
+        f.fetch("b", "v1", PATH, M, out={PATH[0]: bytearray(1)})
+    assert all(not s.calls for s in shards.values())
 
 
 def test_no_hedge_when_disabled_and_the_deadline_holds():

@@ -221,3 +221,20 @@ def test_config_cli_prints_params_and_sizes(capsys):
     out = capsys.readouterr().out
     assert "163,510,016" in out and "4,624,220,160" in out and "18,063,360" in out
     assert "35x3x256x512" in out and "13,762,560" in out
+
+
+def test_ffn_memory_at_batch_one_equals_the_batched_maths():
+    # the device's path (one sequence, one memory: plain matmuls) against the bmm maths the
+    # batched path runs: the same float32 bits, and bfloat16 within its rounding
+    import torch.nn.functional as F
+
+    from membank.nn.memory import ffn_memory
+    torch.manual_seed(0)
+    for T, R, C in ((1, 72, 96), (5, 144, 96), (9, 336, 512)):
+        x, mem = torch.randn(1, T, C), torch.randn(1, 3, R, C) * 0.05
+        w1, w2, w3 = mem.unbind(1)                                  # (1, R, C) each
+        ref = torch.bmm(F.silu(torch.bmm(x, w1.transpose(1, 2)))
+                        * torch.bmm(x, w2.transpose(1, 2)), w3)
+        assert torch.equal(ffn_memory(x, mem), ref)
+        half = ffn_memory(x.bfloat16(), mem.bfloat16()).float()
+        assert torch.allclose(half, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())

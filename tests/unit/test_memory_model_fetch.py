@@ -1,14 +1,17 @@
 """MemoryModel.fetch_path (its CachedBank, services/model_client/cached_bank.py): manifest read
 once per TTL, re-read when the version is gone, kept when the bank is down (cached blocks still
-used), and only missing levels fetched.
+used), and only missing levels fetched; without a device cache blocks land in the room in place
+(bank.Scatter), a block failing verification there is never attached, and a room of another
+dtype gets them converted.
 
 A fake bank (no sockets); the model is the random-weight `tiny` export (tests/conftest.py).
 Run: .venv/bin/python -m pytest -q tests/unit/test_memory_model_fetch.py
 """
 import pytest
+import torch
 
 from membank.artifacts import iter_blocks, load_manifest
-from services.model_client.bank_client import BankError
+from services.model_client.bank_client import BankError, BlockIntegrityError
 from services.model_client.device_cache import DeviceCache
 from services.model_client.memory_model import GenerateResult, MemoryModel
 from testkit.keys import trust
@@ -88,3 +91,86 @@ def test_a_down_bank_keeps_the_manifest_and_the_cached_blocks(setup):
     with pytest.raises(BankError):              # a block it never saw: the fetch fails
         fetch(model, bank, [1, 0])
     assert model.attached[2] == ("test", "v1", m.path_blocks([1, 1])[1][1], "")   # untouched
+
+
+class InPlaceBank(FakeBank):
+    """FakeBank that receives into the caller's `out` destinations, as the real clients do;
+    `corrupt`: write garbage there, then fail verification."""
+
+    def __init__(self, manifest, blocks):
+        super().__init__(manifest, blocks)
+        self.corrupt, self.outs = False, []
+
+    def fetch(self, bank, version, blocks, manifest, *, out=None):
+        got = super().fetch(bank, version, blocks, manifest)
+        self.outs.append(dict(out or {}))
+        for b, dest in (out or {}).items():
+            dest.write(0, bytes(len(got[b])) if self.corrupt else got[b])
+            got[b] = dest
+        if self.corrupt:
+            raise BlockIntegrityError(f"block {blocks[0]} fails its manifest hash")
+        return got
+
+
+def room_of(model, m, path):
+    """The room's slices of `path`'s levels, as the blocks' bytes."""
+    parts = []
+    for level, _ in m.path_blocks(path):
+        off, r = model.offsets[level - 1], m.ranks[level - 1]
+        parts.append(model.mem[0, :, :, off:off + r].contiguous().view(torch.uint8).numpy()
+                     .tobytes())
+    return parts
+
+
+def plain_model(export, **kw):
+    return MemoryModel.from_pretrained(export, embedder=ConstantEmbedder(), manifest_ttl_s=3600,
+                                       trust=trust(allow_unsigned=True), **kw)
+
+
+def test_without_a_cache_blocks_are_received_into_the_room_in_place(tiny_model_export, setup):
+    copied, _, m = setup                          # with a device cache: received, then copied
+    blocks = {(l, n): d for l, n, d in iter_blocks(tiny_model_export, m)}
+    bank = InPlaceBank(m, blocks)
+    model = plain_model(tiny_model_export)
+    for path in ([1, 1], [1, 0], [0, 2]):
+        r = fetch(model, bank, path)
+        fetch(copied, FakeBank(m, blocks), path)
+        assert r.fetched_blocks and set(bank.outs[-1]) == set(r.fetched_blocks)
+        assert room_of(model, m, path) == [blocks[b] for b in m.path_blocks(path)]
+        assert torch.equal(model.mem, copied.mem)
+    assert model.attached == copied.attached
+
+
+def test_a_block_that_fails_verification_in_place_is_never_attached(tiny_model_export):
+    m = load_manifest(tiny_model_export)
+    blocks = {(l, n): d for l, n, d in iter_blocks(tiny_model_export, m)}
+    bank = InPlaceBank(m, blocks)
+    model = plain_model(tiny_model_export, bank=bank)
+    fetch(model, bank, [1, 1])
+    bank.corrupt = True
+    r = model.generate("p", max_new_tokens=1)          # ConstantEmbedder: routes to one path
+    assert not r.memory and r.anchor_only_reason.startswith("block failed verification")
+    changed = bank.outs[-1]
+    assert changed and not {lv for lv, _ in changed} & set(model.attached)   # detached
+    bank.corrupt = False
+    r = model.generate("p", max_new_tokens=1)
+    assert r.memory and set(r.fetched_blocks) == set(changed)              # fetched again
+    assert room_of(model, m, r.path) == [blocks[b] for b in m.path_blocks(r.path)]
+
+
+def test_a_room_of_another_dtype_gets_blocks_converted_not_in_place(tiny_model_export):
+    m = load_manifest(tiny_model_export)
+    assert m.dtype == "float32"
+    blocks = {(l, n): d for l, n, d in iter_blocks(tiny_model_export, m)}
+    bank = InPlaceBank(m, blocks)
+    model = plain_model(tiny_model_export, dtype="bfloat16")
+    assert model.mem.dtype == torch.bfloat16
+    fetch(model, bank, [1, 1])
+    assert bank.outs[-1] == {}                          # no destination offered
+    for level, node in m.path_blocks([1, 1]):
+        off, r = model.offsets[level - 1], m.ranks[level - 1]
+        want = torch.frombuffer(bytearray(blocks[(level, node)]), dtype=torch.float32)
+        assert torch.equal(model.mem[0, :, :, off:off + r].reshape(-1),
+                           want.to(torch.bfloat16))
+    r = model.generate("The atomic number of", bank=bank, max_new_tokens=3)
+    assert r.memory and r.new_tokens > 0               # a bfloat16 model decodes

@@ -238,10 +238,14 @@ class Int8Bank:
     def get_manifest(self, bank, version=""):
         return self.manifest
 
-    def fetch(self, bank, version, blocks, manifest, encoding=""):
+    def fetch(self, bank, version, blocks, manifest, encoding="", out=None):
         self.calls.append((list(blocks), encoding))
         src = self.payloads if encoding == "int8" else self.blocks
-        return {b: bytearray(src[b]) for b in blocks}
+        got = {b: bytearray(src[b]) for b in blocks}
+        for b, dest in (out or {}).items():      # received in place, as the real clients do
+            dest.write(0, got[b])
+            got[b] = dest
+        return got
 
 
 @pytest.fixture
