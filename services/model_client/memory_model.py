@@ -85,6 +85,7 @@ from services.model_client.targets import open_bank
 
 log = logging.getLogger("membank.client")
 EOS = "<|endoftext|>"
+DTYPES = ("float32", "bfloat16")        # what a device may run the anchor and its room in
 
 
 @dataclass
@@ -150,6 +151,8 @@ class MemoryModel:
         """The model of an export. `bank`: a target or {shard id: target}, opened with
         targets.open_bank (`timeout_s`, `token`), or a Bank; None: anchor only. `dtype`
         ("float32" or "bfloat16"): the anchor's weights and the memory room."""
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         d = Path(export_dir)
         config = artifacts.load_config(d)
         model = Transformer(config)

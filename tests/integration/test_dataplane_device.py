@@ -135,12 +135,13 @@ def test_memory_model_over_the_dataplane_attaches_the_same_memory(served, tiny_m
     assert torch.equal(dp_mem, results["copied"][1])
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cli_generate_takes_a_dataplane_target(served, tiny_model_export, capsys,
-                                               trusted_key_file):
+                                               trusted_key_file, dtype):
     from membank_cli.cli import main
     before = served.rpcs()
     main(["generate", "Gold is", "--model", str(tiny_model_export), "--bank", served.dataplane,
-          "--max-new-tokens", "1", "--json",
+          "--max-new-tokens", "1", "--json", "--dtype", dtype,
           "--trusted-keys", str(trusted_key_file)])
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     used = delta(before, served.rpcs())

@@ -174,3 +174,8 @@ def test_a_room_of_another_dtype_gets_blocks_converted_not_in_place(tiny_model_e
                            want.to(torch.bfloat16))
     r = model.generate("The atomic number of", bank=bank, max_new_tokens=3)
     assert r.memory and r.new_tokens > 0               # a bfloat16 model decodes
+
+
+def test_an_unknown_dtype_is_one_clear_error(tiny_model_export):
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, not 'float16'"):
+        plain_model(tiny_model_export, dtype="float16")
