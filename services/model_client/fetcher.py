@@ -328,16 +328,16 @@ class ShardedFetcher:
         futures = [self._groups.submit(self._fetch_group, manifest, g, deadline, frozenset(),
                                        encoding, out)
                    for g in groups]
-        out: dict[Block, bytearray] = {}
+        got: dict[Block, bytearray] = {}
         errors = []
         for f in futures:   # every group finishes by the deadline; wait for all of them
             try:
-                out.update(f.result())
+                got.update(f.result())
             except BankError as e:
                 errors.append(e)
         if errors:
             raise errors[0]
-        return out
+        return got
 
     def plan(self, manifest: Manifest, blocks: list[Block],
              avoid: frozenset[str] = frozenset()) -> list[Group]:
