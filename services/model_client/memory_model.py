@@ -252,7 +252,8 @@ class MemoryModel:
     def fetch_path(self, bank: Bank, path: list[int], result: GenerateResult) -> None:
         """Attach the path's blocks that are not attached yet: from the device cache, then one
         fetch for the rest (one RPC per shard with a ShardedFetcher); BankError when the bank
-        cannot give them (the attached levels are then untouched)."""
+        cannot give them (levels it was not fetching stay attached; a level it was receiving
+        in place is left detached, and fetched again by the next prompt)."""
         t0 = time.perf_counter()
         got = self.bank_view(bank).fetch_path(path, self.attached, dest=self._room_dest)
         t1 = time.perf_counter()
