@@ -64,11 +64,14 @@ class UntrustedManifestError(BankError):
 class Scatter:
     """One block's destination in pieces: writable byte views filled in order, the block's
     bytes split across them (MemoryModel: a level's slice of the room is (L, n, r, W) inside
-    (L, n, R, W), so one contiguous piece per (layer, matrix)). len() is the block's size."""
+    (L, n, R, W), so one contiguous piece per (layer, matrix)). len() is the block's size.
+    `result`: what a fetch returns for the block (the Scatter itself, or the one buffer it
+    wraps: `destination`)."""
 
-    __slots__ = ("pieces", "nbytes", "_starts")
+    __slots__ = ("pieces", "nbytes", "result", "_starts")
 
-    def __init__(self, pieces: Iterable):
+    def __init__(self, pieces: Iterable, result=None):
+        self.result = self if result is None else result
         self.pieces = [memoryview(p).cast("B") for p in pieces]
         if any(p.readonly for p in self.pieces):
             raise ValueError("a Scatter piece must be writable")
@@ -99,12 +102,17 @@ class Scatter:
         return b"".join(self.pieces)
 
 
-def destination(dest, nbytes: int, block: Block) -> "memoryview | Scatter":
-    """`out`'s entry for `block` as a writable byte view or a Scatter, checked to hold exactly
+def destination(dest, nbytes: int, block: Block) -> Scatter:
+    """Where a transport receives `block`: `out`'s entry for it (a buffer or a Scatter; None:
+    a new bytearray, the one allocation per block) as a Scatter, checked to hold exactly
     `nbytes` (ValueError otherwise, before any I/O)."""
+    if dest is None:
+        dest = bytearray(nbytes)
     if not isinstance(dest, Scatter):
-        dest = memoryview(dest).cast("B")
-    if dest.nbytes != nbytes or (isinstance(dest, memoryview) and dest.readonly):
+        if memoryview(dest).readonly:
+            raise ValueError(f"out buffer for block {block} must be writable and {nbytes} bytes")
+        dest = Scatter([dest], result=dest)
+    if dest.nbytes != nbytes:
         raise ValueError(f"out buffer for block {block} must be writable and {nbytes} bytes")
     return dest
 

@@ -42,7 +42,7 @@ from membank.blocks import hasher
 from membank.fetch import FetchError, check_fetch
 from membank.manifest import Manifest
 from membank.v1 import bank_pb2
-from services.model_client.bank import BankError, BlockIntegrityError, Scatter, destination
+from services.model_client.bank import BankError, BlockIntegrityError, destination
 
 _SERVICE = "membank.v1.BankService"
 
@@ -187,7 +187,7 @@ class BankClient:
             if hashers[i].hexdigest() != want:
                 raise BlockIntegrityError(f"block ({level}, {node}) fails its manifest {algo} "
                                           f"hash")
-            result[(level, node)] = buf.obj if isinstance(buf, memoryview) else buf
+            result[(level, node)] = buf.result
         return result
 
     def route(self, bank: str, embedding,
@@ -242,10 +242,8 @@ class BankClient:
                 raise BlockIntegrityError(f"block ({level}, {node}) header {got} does not match "
                                           f"the manifest {tuple(want)}")
             dest = None if out is None else out.get((level, node))
-            # the one allocation per block, or the caller's buffer / Scatter; chunks are
-            # copied straight into it
-            bufs[i] = (bytearray(nbytes) if dest is None
-                       else destination(dest, nbytes, (level, node)))
+            # the caller's buffer / Scatter, else one new buffer; chunks are copied into it
+            bufs[i] = destination(dest, nbytes, (level, node))
             if hashers is not None:
                 # the signed digest's algorithm, or xxh3 for a manifest without digests
                 hashers[i] = hasher(manifest.block_check(level, node, encoding)[0])
@@ -258,10 +256,7 @@ class BankClient:
             raise BlockIntegrityError(f"block ({level}, {node}): chunk at offset {start} with "
                                       f"{n} bytes does not follow byte {received[i]} "
                                       f"of {len(buf)}")
-        if isinstance(buf, Scatter):
-            buf.write(start, data)
-        else:
-            buf[start:start + n] = data
+        buf.write(start, data)
         if hashers is not None:
             hashers[i].update(data)
         received[i] += n

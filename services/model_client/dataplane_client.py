@@ -52,7 +52,7 @@ from membank.blocks import hasher
 from membank.dataplane import END, ERROR, HEADER, REQUEST, close_quietly, frame, read_frame, timeval
 from membank.fetch import FetchError, check_fetch
 from membank.manifest import Manifest
-from services.model_client.bank import CODES, BankError, BlockIntegrityError, Scatter, destination
+from services.model_client.bank import CODES, BankError, BlockIntegrityError, destination
 from services.model_client.bank_client import BankClient, tls_for_token
 
 # receive (MSG_WAITALL) and hash a block in pieces. A small piece frees socket buffer sooner,
@@ -310,19 +310,12 @@ class DataPlaneClient:
                 raise BlockIntegrityError(f"unexpected frame {kind!r} where the header of block "
                                           f"({level}, {node}) belongs")
             plan.check_header(i, payload)
-            view = views[i]
-            if view is None:
-                dest = bytearray(plan.nbytes[i])      # the one allocation per block
-                pieces = [memoryview(dest)]
-            elif isinstance(view, Scatter):
-                dest, pieces = view, view.pieces
-            else:
-                dest, pieces = view.obj, [view]
+            dest = views[i] or destination(None, plan.nbytes[i], (level, node))
             algo, want = plan.checks[i]
-            if self._recv_body(sock, pieces, deadline, algo) != want:
+            if self._recv_body(sock, dest.pieces, deadline, algo) != want:
                 raise BlockIntegrityError(f"block ({level}, {node}) fails its manifest {algo} "
                                           f"hash")
-            result[(level, node)] = dest
+            result[(level, node)] = dest.result
         kind, payload = self._read_frame(sock, deadline)
         if kind == ERROR:
             raise _ServerError(*_error_fields(payload))
@@ -332,8 +325,8 @@ class DataPlaneClient:
         return result
 
     def _recv_body(self, sock, views: list[memoryview], deadline: _Deadline, algo: str) -> str:
-        """Receive a block into `views` in order (one buffer, or a Scatter's pieces), filling
-        each exactly, hashing (with `algo`) each received step as it completes; the digest."""
+        """Receive a block into `views` in order (a Scatter's pieces), filling each exactly,
+        hashing (with `algo`) each received step as it completes; the digest."""
         step = PIECE_ALONE if _in_flight.value <= 1 else PIECE_BUSY
         h = hasher(algo)
         # MSG_WAITALL: one system call per whole step (plain sockets; TLS reads records)
@@ -546,8 +539,8 @@ class _Plan:
 
 
 def _out_views(plan: _Plan, out: dict | None) -> list:
-    """Per requested block: a writable byte view of the caller's buffer, its Scatter, or
-    None (ValueError for a destination of the wrong size)."""
+    """Per requested block: the caller's destination as a Scatter, or None (ValueError for a
+    destination of the wrong size)."""
     views: list = [None] * len(plan.ids)
     if not out:
         return views

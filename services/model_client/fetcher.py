@@ -63,7 +63,7 @@ from typing import Callable, Collection, Mapping
 from membank import quant
 from membank.fetch import FetchError, check_fetch
 from membank.manifest import Manifest
-from services.model_client.bank import Bank, BankError, BlockIntegrityError, Scatter, destination
+from services.model_client.bank import Bank, BankError, BlockIntegrityError, destination
 
 log = logging.getLogger("membank.client.fetcher")
 
@@ -487,11 +487,8 @@ class ShardedFetcher:
                             # `mine` must stop before they are copied in
                             self._settle(running, owner, deadline)
                             for b, dest in mine.items():
-                                if isinstance(dest, Scatter):
-                                    dest.write(0, result[b])
-                                else:
-                                    dest[:] = result[b]
-                            result = {**result, **{b: _returned(d) for b, d in mine.items()}}
+                                dest.write(0, result[b])
+                            result = {**result, **{b: d.result for b, d in mine.items()}}
                         return result
                     if not isinstance(err, BankError):
                         raise err
@@ -596,9 +593,3 @@ class _RoundFailed(Exception):
         super().__init__(str(error))
         self.error = error or BankError("UNAVAILABLE", "no replica answered")
         self.fatal = fatal
-
-
-def _returned(dest):
-    """What a fetch returns for a block received into `dest` (a Scatter, or the buffer behind a
-    byte view), as the single-server clients do."""
-    return dest.obj if isinstance(dest, memoryview) else dest

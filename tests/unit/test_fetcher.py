@@ -59,7 +59,7 @@ class FakeShard:
             if mode == "hang-scribble":   # a receive still landing bytes after the cancel
                 time.sleep(0.2)
                 for dest in (out or {}).values():
-                    dest[:] = b"\xff" * len(dest)
+                    dest.write(0, b"\xff" * len(dest))
             raise BankError("CANCELLED" if cancelled else "DEADLINE_EXCEEDED", "stopped")
         errors = {"unavailable": BankError("UNAVAILABLE", "down"),
                   "data_loss": BankError("DATA_LOSS", "corrupt on disk"),
@@ -69,9 +69,9 @@ class FakeShard:
         if mode in errors:
             raise errors[mode]
         got = {(lv, n): bytearray(data(lv, n)) for lv, n in blocks}
-        for b, dest in (out or {}).items():
-            dest[:] = got[b]
-            got[b] = dest.obj
+        for b, dest in (out or {}).items():     # a bank.Scatter, as the real clients get
+            dest.write(0, got[b])
+            got[b] = dest.result
         return got
 
     def get_manifest(self, bank, version="", *, timeout_s=None):
