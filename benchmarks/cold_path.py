@@ -59,13 +59,13 @@ def serve_raw(lmdb_path: str) -> None:
     """Request: one byte. Reply: u64 length + the path's blocks, concatenated."""
     import lmdb
 
-    from membank.keys import block_key, manifest_key
+    from membank.keys import manifest_key
     from membank.manifest import Manifest
 
     env = lmdb.open(lmdb_path, readonly=True, lock=False, map_size=4 << 30)
     with env.begin() as txn:
         m = Manifest.from_json(bytes(txn.get(manifest_key(BANK, "v1"))))
-        data = b"".join(bytes(txn.get(block_key(BANK, m.block_version, lv, n)))
+        data = b"".join(bytes(txn.get(m.storage_key(lv, n)))
                         for lv, n in m.path_blocks(PATH))
     env.close()
     srv = socket.create_server(("127.0.0.1", 0))

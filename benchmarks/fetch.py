@@ -98,11 +98,14 @@ def read_blocks(lmdb_path: Path, manifest) -> dict[tuple[int, int], bytes]:
     """Every block's bytes, straight from the LMDB the bank server serves."""
     import lmdb
 
-    from membank.keys import block_key
+    from membank.keys import manifest_key
+    from membank.manifest import Manifest
     env = lmdb.open(str(lmdb_path), readonly=True, lock=False, map_size=1 << 30)
     try:
         with env.begin() as txn:
-            return {(l, n): bytes(txn.get(block_key(BANK, manifest.block_version, l, n)))
+            # the stored manifest: it knows where ingest put each block (by content)
+            stored = Manifest.from_json(bytes(txn.get(manifest_key(BANK, manifest.version))))
+            return {(l, n): bytes(txn.get(stored.storage_key(l, n)))
                     for l, n in manifest.blocks()}
     finally:
         env.close()

@@ -36,7 +36,6 @@ import torch
 
 from membank import quant
 from membank.config import get_preset
-from membank.keys import block_key
 from membank.nn.tensors import dequantize_into, tensor_from_buffer, tensor_to_bytes
 from services.bank_server import launch
 from services.bank_server.ingest import ingest_stream
@@ -109,12 +108,12 @@ def serve_and_fetch(preset: str, work: Path, reps: int, seed: int) -> dict:
     errors = {}
     with LMDBStore(db, MAP) as store:
         for level, node in m.blocks():
-            payload = store.get(block_key(m.bank, m.version, level, node, "int8"))
+            payload = store.get(m.storage_key(level, node, "int8"))
             assert len(payload) == m.block_nbytes(level, "int8") == \
                 quant.encoded_nbytes(m.block_shape(level), "int8", m.dtype)
             if node == 0:
                 native = tensor_from_buffer(
-                    bytearray(store.get(block_key(m.bank, m.version, level, 0))),
+                    bytearray(store.get(m.storage_key(level, 0))),
                     m.block_shape(level), m.dtype).float()
                 deq = torch.from_numpy(quant.dequantize(payload, m.block_shape(level)))
                 errors[level] = float((deq - native).norm() / native.norm())

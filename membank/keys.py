@@ -8,6 +8,12 @@
     b/{bank}/{version}/{level}/{node}/{encoding}
                                       -> the same block in another encoding, e.g. `int8`
                                          (membank/quant.py; checksum: manifest.encodings)
+    h/{bank}/{algo}-{digest}          -> block bytes stored by content (`block_store`
+                                         "content", every ingest since issue 18): the key is
+                                         the block's cryptographic digest in its encoding
+                                         (manifest.digests), under its bank, so a version that
+                                         leaves a block unchanged shares its one copy, and no
+                                         other bank's block can stand in for it
     x/shard                           -> the shard id this LMDB was ingested for (absent: all)
     t/{bank}/{version}                -> JSON {"manifest_checksum", "collected_at"}: a version gc
                                          deleted; its name is never ingested or published again
@@ -64,6 +70,16 @@ def block_key(bank: str, version: str, level: int, node: int, encoding: str = ""
     """The key of a block; `encoding` "" is the native block, else e.g. "int8"."""
     base = f"b/{bank}/{version}/{level}/{node}"
     return (f"{base}/{encoding}" if encoding else base).encode()
+
+
+def content_key(bank: str, content: str) -> bytes:
+    """The key of a block stored by content: `content` is `Manifest.content_id` ("blake3-<hex>")."""
+    return f"h/{bank}/{content}".encode()
+
+
+def content_prefix(bank: str) -> bytes:
+    """Prefix of every content-addressed block key of a bank."""
+    return f"h/{bank}/".encode()
 
 
 def parse_block_key(key: bytes) -> tuple[str, str, int, int]:

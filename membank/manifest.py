@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from membank.blocks import CHECKSUM_ALGO, DIGEST_ALGO, block_nbytes
 from membank.config import N_MATS
+from membank.keys import block_key, content_key
 from membank.placement import owners
 from membank.quant import NATIVE, encoded_nbytes, label
 
@@ -107,6 +108,13 @@ class Manifest(BaseModel):
     # `checksums`; what the device checks a block against when the manifest is signed
     digest_algo: Literal["blake3", "sha256"] = DIGEST_ALGO
     digests: dict[Literal["native", "int8"], list[list[str]]] = Field(default_factory=dict)
+    # where the bank server stores the blocks (membank/keys.py): "content", under their digest
+    # (a block a later version leaves unchanged is stored, cached and fetched once), or
+    # "version", under (version, level, node) as every ingest before content addressing did
+    block_store: Literal["version", "content"] = "version"
+    # the anchor these blocks were trained with: `anchor_id` of its weights file (membank/
+    # artifacts.py); a device whose anchor differs refuses the version (None: not recorded)
+    anchor: str | None = Field(default=None, pattern=r"^(blake3|sha256)-[0-9a-f]{64}$")
     signature: ManifestSignature | None = None
 
     @model_validator(mode="after")
@@ -140,6 +148,9 @@ class Manifest(BaseModel):
             # may fetch needs its table
             raise ValueError("a signed manifest needs digests for native and every encoding "
                              f"({['native', *sorted(self.encodings)]}), has {sorted(self.digests)}")
+        if self.block_store == "content" and set(self.digests) != {"native", *self.encodings}:
+            raise ValueError("blocks stored by content need digests for native and every "
+                             f"encoding, has {sorted(self.digests)}")
         if not self.shards or len(set(self.shards)) != len(self.shards):
             raise ValueError("shards must be a non-empty list of distinct ids")
         return self
@@ -203,6 +214,26 @@ class Manifest(BaseModel):
             return self.digest_algo, table[level - 1][node]
         return self.checksum_algo, self.checksum(level, node, encoding)
 
+    def content_id(self, level: int, node: int, encoding: str = NATIVE) -> str:
+        """What a block in `encoding` is, by content: "{algo}-{hex}" of `block_check`. Two
+        versions of a bank that list the same id hold the same bytes there, so the device cache
+        and the attached levels keep a block across a publish that left it unchanged."""
+        return "-".join(self.block_check(level, node, encoding))
+
+    def storage_key(self, level: int, node: int, encoding: str = NATIVE) -> bytes:
+        """The LMDB / Redis key of a block in `encoding` (membank/keys.py): its content key
+        when the version is stored by content, else its versioned key."""
+        if self.block_store == "content":
+            return content_key(self.bank, self.content_id(level, node, encoding))
+        return block_key(self.bank, self.block_version, level, node, encoding)
+
+    def storage_keys(self, blocks=None) -> set[bytes]:
+        """The storage keys of `blocks` [(level, node)] (None: every block), in every encoding
+        the version holds (what gc must keep for it)."""
+        blocks = self.blocks() if blocks is None else blocks
+        return {self.storage_key(level, node, enc)
+                for level, node in blocks for enc in (NATIVE, *self.encodings)}
+
     def block_header(self, level: int, node: int, encoding: str = NATIVE) -> BlockHeader:
         """The header of a block this version holds in `encoding` (membank/fetch.py
         check_fetch says whether it does)."""
@@ -241,6 +272,10 @@ class Manifest(BaseModel):
             exclude |= {"digest_algo", "digests"}
         if self.signature is None:
             exclude.add("signature")
+        if self.anchor is None:      # like encodings: old readers forbid unknown fields
+            exclude.add("anchor")
+        if self.block_store == "version":
+            exclude.add("block_store")
         return self.model_dump_json(exclude=exclude or None)
 
     def signed_bytes(self) -> bytes:

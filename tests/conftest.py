@@ -158,8 +158,10 @@ def start_ingest_writing(export: Path, db: Path, *flags: str, timeout: float = 6
 
 def as_exported(manifest):
     """`manifest` without what ingest adds to an export's (issue 16: every block's digest and
-    the signature), to compare a stored or served manifest with the export's."""
-    return manifest.model_copy(update={"digests": {}, "signature": None})
+    the signature; issue 18: the storage layout), to compare a stored or served manifest with
+    the export's."""
+    return manifest.model_copy(update={"digests": {}, "signature": None,
+                                       "block_store": "version"})
 
 
 class FakeEmbedder:

@@ -9,17 +9,20 @@ A single Redis (`redis://`, `rediss://`, `unix://`) or a Redis Cluster (`cluster
 node's URL; `redis.cluster.RedisCluster` follows the slots). hiredis parses replies when
 installed (it is a dependency: `redis[hiredis]`).
 
-Block keys are immutable and versioned (membank/keys.py; gc's tombstones keep a collected
-version's name from ever being ingested again), so a cached block needs no invalidation; the TTL
+Block keys are immutable: named by content (their digest: a block two versions share is one
+entry) or, for versions stored before content addressing, by version (membank/keys.py; gc's
+tombstones keep a collected version's name from ever being ingested again), so a cached block
+needs no invalidation; the TTL
 and Redis's own `maxmemory` bound memory. Should a key's content change anyway (a name reused
 behind the tombstone's back), the entry is still never served as valid: every hit is checked
 against the checksum of the manifest the server holds now (Integrity, below), and the server
 re-reads a manifest whose stored bytes changed (store.py). Run Redis with
     maxmemory <bytes>  and  maxmemory-policy allkeys-lru
 (`maxmemory_bytes=` applies both with CONFIG SET at start-up, best effort; otherwise a Redis
-without a maxmemory policy that evicts is logged as a warning). Only block keys (`b/...`) go
-through Redis: `current` is mutable and manifests are cached in-process by the store. Blocks
-larger than `max_item_bytes` are never cached in Redis (an operator choice, see README).
+without a maxmemory policy that evicts is logged as a warning). Only block keys (`b/...`,
+`h/...`) go through Redis: `current` is mutable and manifests are cached in-process by the
+store. Blocks larger than `max_item_bytes` are never cached in Redis (an operator choice, see
+README).
 
 Integrity: with `expect`, a Redis value that fails its size or checksum is deleted, counted as
 `corrupt`, and the block is read from the inner store, so a corrupt cache entry never becomes
@@ -53,7 +56,7 @@ from services.bank_server.store import BlockStore, Expect, read_from
 
 log = logging.getLogger(__name__)
 
-_BLOCK_PREFIX = b"b/"
+_BLOCK_PREFIXES = (b"b/", b"h/")      # versioned and content-addressed block keys
 # errors that mean Redis is unusable (trip the breaker); others (e.g. OOM on SET) do not
 _OUTAGE = (redis.ConnectionError, redis.TimeoutError, OSError)   # (and anything unexpected)
 
@@ -164,7 +167,7 @@ class RedisCachedStore:
     @contextmanager
     def read(self, key: bytes, expect: Expect | None = None) -> Iterator:
         key = bytes(key)
-        if not key.startswith(_BLOCK_PREFIX):
+        if not key.startswith(_BLOCK_PREFIXES):
             with read_from(self.inner, key, expect) as buf:
                 yield buf
             return

@@ -43,7 +43,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 from membank import quant
 from membank.fetch import FetchError, check_fetch
-from membank.keys import block_key, valid_name
+from membank.keys import valid_name
 from membank.manifest import BlockHeader, Manifest
 from services.bank_server.store import (
     BlockStore,
@@ -139,7 +139,7 @@ def plan_fetch(store: LMDBStore, bank: str, version: str, blocks: Sequence[tuple
         header = manifest.block_header(level, node, encoding)
         expect = Expect(header.nbytes, header.checksum)
         # the encoding is part of the key: every tier caches native and int8 blocks apart
-        key = block_key(manifest.bank, manifest.block_version, level, node, encoding)
+        key = manifest.storage_key(level, node, encoding)
         planned.append(PlannedBlock(index, level, node, key, expect, header))
     return FetchPlan(manifest, planned, encoding)
 

@@ -8,8 +8,9 @@ manifests (and routers) in one transaction (servers answer NOT_FOUND for them fr
 leaving a tombstone `t/{bank}/{version}` for each (membank/keys.py) so that the name is never
 ingested or published again: a server, a Redis tier or a device that cached the old version
 by its name must never meet other content under it. Then their blocks in batches; blocks
-shared with a kept version (rebalance) and, on a shard, blocks the shard no longer owns under
-any kept version are handled too. `orphans=True` also deletes blocks of
+shared with a kept version (rebalance; for versions stored by content, every block whose digest
+a kept version lists: one copy serves every version that lists it) stay, and on a shard, blocks
+the shard no longer owns under any kept version go. `orphans=True` also deletes blocks of
 versions that never completed (a killed ingest nobody reran; do not run it while an ingest is
 writing: that ingest would then fail its completeness check, never publish half a version).
 LMDB reuses the freed pages for later versions; the file does not shrink (`mdb_copy -c`).
@@ -29,8 +30,10 @@ import lmdb
 from membank.blocks import checksum
 from membank.keys import (
     SHARD_KEY,
+    content_prefix,
     current_key,
     manifest_key,
+    manifest_prefix,
     parse_block_key,
     tombstone_key,
     version_info_key,
@@ -77,19 +80,50 @@ def gc(lmdb_path: str | Path, bank: str, *, keep: int = 2, dry_run: bool = False
             for v in versions:
                 raw_manifests[v] = txn.get(manifest_key(bank, v))
                 manifests[v] = Manifest.from_json(raw_manifests[v])
-        complete_bvs = {m.block_version for m in manifests.values()}
-        kept_bvs = {manifests[v].block_version for v in kept}
-        # blocks a kept version needs on this LMDB: (block version, level, node)
-        needed = set()
+        content_pre = content_prefix(bank)
+        versioned = {v: m for v, m in manifests.items() if m.block_store == "version"}
+        complete_bvs = {m.block_version for m in versioned.values()}
+        kept_bvs = {versioned[v].block_version for v in kept if v in versioned}
+        # blocks a kept version needs on this LMDB: (block version, level, node) of versions
+        # stored by version, storage keys of those stored by content
+        needed, needed_content = set(), set()
         for v in kept:
             m = manifests[v]
-            needed.update((m.block_version, l, n) for l, n in shard_blocks(m, shard))
+            if m.block_store == "version":
+                needed.update((m.block_version, l, n) for l, n in shard_blocks(m, shard))
+            else:
+                needed_content |= m.storage_keys(shard_blocks(m, shard))
+        # content keys some complete version lists: a key no manifest lists is an orphan (a
+        # killed ingest's, or one being written now), deleted only with `orphans`
+        listed_content = set()
+        for m in manifests.values():
+            if m.block_store == "content":
+                listed_content |= m.storage_keys()
 
         def doomed_block(key: bytes) -> bool:
+            if key.startswith(content_pre):
+                return key not in needed_content and (key in listed_content or orphans)
             _, bv, level, node = parse_block_key(key)
             if bv in kept_bvs:
                 return (bv, level, node) not in needed       # moved off this shard
             return bv in complete_bvs or orphans
+
+        def newly_needed(txn) -> set[bytes]:
+            """Content keys of versions ingested since the manifests were read: an ingest
+            that completed meanwhile may share a block this gc was about to delete (its
+            completeness check and these deletes are serialised by LMDB's write lock, so one
+            of the two sees the other)."""
+            out, cur = set(), txn.cursor()
+            pre = manifest_prefix(bank)
+            if cur.set_range(pre):
+                for k, raw in cur:
+                    if not bytes(k).startswith(pre):
+                        break
+                    if bytes(k)[len(pre):].decode() not in manifests:
+                        m = Manifest.from_json(bytes(raw))
+                        if m.block_store == "content":
+                            out |= m.storage_keys(shard_blocks(m, shard))
+            return out
 
         report = {"kept": sorted(kept), "deleted": doomed, "blocks_deleted": 0,
                   "bytes_freed": 0, "orphan_versions": [], "dry_run": dry_run}
@@ -108,38 +142,12 @@ def gc(lmdb_path: str | Path, bank: str, *, keep: int = 2, dry_run: bool = False
                         "collected_at": now_s}).encode())
             if grace_s > 0:
                 time.sleep(grace_s)
-        # then the blocks, in batches, scanning the bank's block keys in order
-        prefix = f"b/{bank}/".encode()
+        # then the blocks, in batches, scanning the bank's block keys in order: versioned, then
+        # by content
         orphan_bvs: set[str] = set()
-        start = prefix
-        while True:
-            batch: list[tuple[bytes, int]] = []
-            with env.begin(buffers=True) as txn:
-                cur = txn.cursor()
-                if not cur.set_range(start):
-                    break
-                last = None
-                for k, v in cur:
-                    k = bytes(k)
-                    if not k.startswith(prefix):
-                        break
-                    last = k
-                    bv = parse_block_key(k)[1]
-                    if bv not in complete_bvs:
-                        orphan_bvs.add(bv)
-                    if doomed_block(k):
-                        batch.append((k, len(v)))
-                        if len(batch) >= batch_keys:
-                            break
-            report["blocks_deleted"] += len(batch)
-            report["bytes_freed"] += sum(n for _, n in batch)
-            if batch and not dry_run:
-                with env.begin(write=True) as txn:
-                    for k, _ in batch:
-                        txn.delete(k)
-            if last is None or len(batch) < batch_keys:
-                break
-            start = last + b"\x00"      # resume after the last key seen
+        for prefix in (f"b/{bank}/".encode(), content_pre):
+            _collect(env, prefix, doomed_block, newly_needed, orphan_bvs, complete_bvs, report,
+                     batch_keys=batch_keys, dry_run=dry_run)
         report["orphan_versions"] = sorted(orphan_bvs)
     finally:
         release_env(env)
@@ -147,6 +155,47 @@ def gc(lmdb_path: str | Path, bank: str, *, keep: int = 2, dry_run: bool = False
              report["kept"], report["deleted"], report["blocks_deleted"],
              report["bytes_freed"] / 1e6, " (dry run)" if dry_run else "")
     return report
+
+
+def _collect(env, prefix: bytes, doomed_block, newly_needed, orphan_bvs: set[str],
+             complete_bvs: set[str], report: dict, *, batch_keys: int, dry_run: bool) -> None:
+    """Delete the doomed blocks under `prefix`, in batches of `batch_keys` (one write
+    transaction each, so a server's readers are never held up long)."""
+    content = prefix.startswith(b"h/")
+    start = prefix
+    while True:
+        batch: list[tuple[bytes, int]] = []
+        with env.begin(buffers=True) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(start):
+                break
+            last = None
+            for k, v in cur:
+                k = bytes(k)
+                if not k.startswith(prefix):
+                    break
+                last = k
+                if not content:
+                    bv = parse_block_key(k)[1]
+                    if bv not in complete_bvs:
+                        orphan_bvs.add(bv)
+                if doomed_block(k):
+                    batch.append((k, len(v)))
+                    if len(batch) >= batch_keys:
+                        break
+        full = len(batch) >= batch_keys
+        if batch and not dry_run:
+            with env.begin(write=True) as txn:
+                if content:
+                    keep = newly_needed(txn)
+                    batch = [(k, n) for k, n in batch if k not in keep]
+                for k, _ in batch:
+                    txn.delete(k)
+        report["blocks_deleted"] += len(batch)
+        report["bytes_freed"] += sum(n for _, n in batch)
+        if last is None or not full:
+            break
+        start = last + b"\x00"      # resume after the last key seen
 
 
 def _map_size(gb: float | None) -> int:

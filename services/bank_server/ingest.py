@@ -13,11 +13,14 @@ bytes) (`ingest_stream`: generators, other stores, the paper-scale benchmark), w
 LMDB per shard in one pass.
 
 Order of writes, so that a reader never sees a half-written version:
-  1. every block under its versioned key `b/{bank}/{version}/{level}/{node}`, in batched write
-     transactions (each block checked against its manifest checksum first; `--shard-id`: only
-     the blocks placement gives that shard); with `--encodings int8`, beside it the block's
-     int8 payload (membank/quant.py, made here once, never per request) under
-     `b/{bank}/{version}/{level}/{node}/int8`, its checksum computed on the way;
+  1. every block under its content key `h/{bank}/blake3-{digest}` (membank/keys.py), in
+     batched write transactions (each block checked against its manifest checksum first;
+     `--shard-id`: only the blocks placement gives that shard); with `--encodings int8`,
+     beside it the block's int8 payload (membank/quant.py, made here once, never per request)
+     under its own digest. A key that is there already is not written again: a block an
+     earlier version left unchanged (continued training touches only the blocks it fetched)
+     costs nothing to publish (`report`: bytes written vs shared). A version stored before
+     content addressing keeps its versioned keys `b/{bank}/{version}/{level}/{node}[/int8]`;
   2. one transaction that checks every block the shard owns is present with the right size
      (in every encoding), then writes the manifest `m/{bank}/{version}` (with every block's
      checksum, and per encoding the encoded blocks' checksums in `encodings`: the server
@@ -32,7 +35,7 @@ operator's Ed25519 private key) it is signed before it is stored; devices pinnin
 key refuse anything else. Without a key the version is stored unsigned (logged): devices refuse
 it unless they allow unsigned manifests.
 Killing ingest at any moment (kill -9) leaves the published version untouched: LMDB commits are
-atomic and durable, the new version's keys are new keys, and `current` moves last. A rerun
+atomic and durable, the new version's manifest is a new key, and `current` moves last. A rerun
 skips the blocks already written (same key, same checksum) and completes the version.
 Versions are immutable: re-ingesting the same version with the same content is a no-op; a
 different manifest under an existing version is refused, and so is a different set of
@@ -54,7 +57,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Literal, Mapping
 
 import lmdb
 from tqdm import tqdm
@@ -62,7 +65,14 @@ from tqdm import tqdm
 from membank import quant
 from membank.artifacts import iter_blocks, load_manifest
 from membank.blocks import checksum, digest
-from membank.keys import SHARD_KEY, block_key, manifest_key, tombstone_key, version_info_key
+from membank.keys import (
+    SHARD_KEY,
+    block_key,
+    content_key,
+    manifest_key,
+    tombstone_key,
+    version_info_key,
+)
 from membank.manifest import Manifest
 from membank.placement import shard_blocks
 from membank.signing import SignatureError, load_signing_key, sign_manifest
@@ -72,6 +82,7 @@ from services.bank_server.settings import LMDBSettings
 from services.bank_server.store import acquire_env, release_env
 
 log = logging.getLogger(__name__)
+BlockStore = Literal["content", "version"]        # Manifest.block_store
 
 
 class IngestError(RuntimeError):
@@ -90,7 +101,7 @@ class _Target:
         self.pending = 0
         self.batch_bytes = batch_bytes
         self.resume = resume
-        self.written = self.skipped = self.bytes = 0
+        self.written = self.skipped = self.bytes = self.skipped_bytes = 0
         with self.env.begin(write=True) as txn:
             marker = txn.get(SHARD_KEY)
             marker = marker.decode() if marker is not None else None
@@ -115,7 +126,9 @@ class _Target:
                     have = txn.get(key)
                     if have is not None and len(have) == memoryview(data).nbytes \
                             and checksum(have) == want:
-                        self.skipped += 1       # written by an earlier (killed) run
+                        # stored by an earlier version (content keys) or killed run
+                        self.skipped += 1
+                        self.skipped_bytes += len(have)
                         continue
                 txn.put(key, data)
                 self.written += 1
@@ -139,7 +152,7 @@ class _Target:
             encoded = {enc: 0 for enc in manifest.encodings}     # encoding -> bytes
             for level, node in shard_blocks(manifest, self.shard):
                 for enc in ("", *manifest.encodings):
-                    buf = txn.get(block_key(bank, manifest.block_version, level, node, enc))
+                    buf = txn.get(manifest.storage_key(level, node, enc))
                     if buf is None or len(buf) != manifest.block_nbytes(level, enc):
                         raise IngestError(
                             f"block ({level}, {node}){' ' + enc if enc else ''} of {bank}/{ver} "
@@ -224,8 +237,10 @@ def _map_full_is_ingest_error(map_size: int):
 
 
 def _native_part(manifest: Manifest) -> Manifest:
-    # digests and signature are made by every ingest from the bytes it writes (_write)
-    return manifest.model_copy(update={"encodings": {}, "digests": {}, "signature": None})
+    # digests, signature and the storage layout are made by every ingest from the bytes it
+    # writes (_write)
+    return manifest.model_copy(update={"encodings": {}, "digests": {}, "signature": None,
+                                       "block_store": "version"})
 
 
 def _conflict(existing: Manifest, manifest: Manifest, encodings: tuple[str, ...],
@@ -266,13 +281,18 @@ def ingest(export_dir: str | Path, lmdb_path: str | Path, *, version: str | None
            batch_bytes: int = 64 << 20, map_size: int = 64 << 30, progress: bool = True,
            resume: bool = True, max_bytes_per_s: float | None = None,
            writemap: bool = False, encodings: tuple[str, ...] = (),
-           signing_key=None) -> Manifest:
+           signing_key=None, report: dict | None = None,
+           block_store: BlockStore = "content") -> Manifest:
     """Write the export's bank (or, with `shard_id`, the blocks that shard owns) into the LMDB
     at `lmdb_path`; return the stored manifest.
 
     `encodings` (e.g. ("int8",)): also store every block in these encodings (membank/quant.py),
     in the same all-or-nothing version. `signing_key` (an Ed25519 private key,
-    membank/signing.py): sign the stored manifest; None: store it unsigned.
+    membank/signing.py): sign the stored manifest; None: store it unsigned. `report`: filled
+    per shard with the blocks and bytes written, and those shared with versions already stored
+    (content addressing: a block an earlier version holds is not written again).
+    `block_store` "version": the layout of ingests before content addressing (for tests of
+    LMDBs written then; a version that exists already keeps its layout).
 
     `version` overrides the export's manifest version (e.g. a deployment tag); `shards`,
     `replication` and `placement_level` override its placement (every shard's ingest must be
@@ -301,7 +321,7 @@ def ingest(export_dir: str | Path, lmdb_path: str | Path, *, version: str | None
                       progress=progress, total_bytes=total, batch_bytes=batch_bytes,
                       map_size=map_size, resume=resume, source=str(export_dir),
                       max_bytes_per_s=max_bytes_per_s, writemap=writemap, encodings=encodings,
-                      signing_key=signing_key)
+                      signing_key=signing_key, report=report, block_store=block_store)
 
 
 def ingest_stream(targets: Mapping[str | None, str | Path], header: Manifest | Mapping,
@@ -309,7 +329,8 @@ def ingest_stream(targets: Mapping[str | None, str | Path], header: Manifest | M
                   batch_bytes: int = 64 << 20, map_size: int = 64 << 30, progress: bool = True,
                   resume: bool = True, max_bytes_per_s: float | None = None,
                   writemap: bool = False, encodings: tuple[str, ...] = (),
-                  signing_key=None) -> Manifest:
+                  signing_key=None, report: dict | None = None,
+                  block_store: BlockStore = "content") -> Manifest:
     """Streaming ingest: blocks from any iterable, written into one LMDB per shard in one pass.
 
     `targets` maps shard id -> LMDB path ({None: path}: one LMDB holding every block).
@@ -319,7 +340,7 @@ def ingest_stream(targets: Mapping[str | None, str | Path], header: Manifest | M
     the shards placement gives it (with its `encodings` copies, as for `ingest`).
     """
     fields = header.model_dump() if isinstance(header, Manifest) else dict(header)
-    for name in ("encodings", "digests", "signature"):
+    for name in ("encodings", "digests", "signature", "block_store"):
         fields.pop(name, None)       # computed here, like the checksums
     fields["checksums"] = [[""] * ((fields["branching"] ** l) if r else 0)
                            for l, r in enumerate(fields["ranks"], start=1)]
@@ -330,14 +351,16 @@ def ingest_stream(targets: Mapping[str | None, str | Path], header: Manifest | M
         return _write(skeleton, blocks, targets, verify=False, publish=publish, progress=progress,
                       total_bytes=total, batch_bytes=batch_bytes, map_size=map_size, resume=resume,
                       source="stream", max_bytes_per_s=max_bytes_per_s, writemap=writemap,
-                      encodings=_encodings(encodings), signing_key=signing_key)
+                      encodings=_encodings(encodings), signing_key=signing_key,
+                      report=report, block_store=block_store)
 
 
 def _write(manifest: Manifest, blocks, targets, *, verify: bool, publish: bool, progress: bool,
            total_bytes: int, batch_bytes: int, map_size: int, resume: bool,
            source: str, max_bytes_per_s: float | None = None,
            writemap: bool = False, encodings: tuple[str, ...] = (),
-           signing_key=None) -> Manifest:
+           signing_key=None, report: dict | None = None,
+           block_store: BlockStore = "content") -> Manifest:
     bank, ver = manifest.bank, manifest.version
     sums = [list(level) for level in manifest.checksums]
     # "native" / encoding -> the cryptographic digests the signed manifest lists (issue 16)
@@ -347,6 +370,9 @@ def _write(manifest: Manifest, blocks, targets, *, verify: bool, publish: bool, 
     enc_sums = {e: [[""] * len(level) for level in manifest.checksums] for e in encodings}
     seen: set[tuple[int, int]] = set()
     opened: dict[str | None, _Target] = {}
+    # blocks are stored by content (their digest), unless this version exists already in the
+    # layout of an earlier ingest (re-ingesting it stays a no-op)
+    store = block_store
     try:
         for shard, path in targets.items():
             opened[shard] = _Target(path, shard, map_size=map_size, batch_bytes=batch_bytes,
@@ -355,8 +381,21 @@ def _write(manifest: Manifest, blocks, targets, *, verify: bool, publish: bool, 
             # before writing anything; a stream's checksums are known only at finish
             with opened[shard].env.begin() as txn:
                 why = _refusal(txn, manifest, encodings, content=verify)
+                existing = txn.get(manifest_key(bank, ver))
             if why:
                 raise IngestError(why)
+            if existing is not None:
+                store = Manifest.from_json(existing).block_store
+        for target in opened.values():
+            # a content key that is there already holds these bytes (a block an earlier version
+            # shares): never written twice, whatever `resume` says
+            target.resume = resume or store == "content"
+        algo = manifest.digest_algo
+
+        def key_of(level: int, node: int, enc: str, dg: str) -> bytes:
+            if store == "content":
+                return content_key(bank, f"{algo}-{dg}")
+            return block_key(bank, manifest.block_version, level, node, enc)
         log.info("ingest %s/%s from %s into %s: writing", bank, ver, source,
                  ", ".join(f"{s or 'all'}={p}" for s, p in targets.items()))
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"ingest {bank}/{ver}",
@@ -377,9 +416,9 @@ def _write(manifest: Manifest, blocks, targets, *, verify: bool, publish: bool, 
                                   f"manifest checksum {manifest.checksum(level, node)}; the "
                                   f"source is corrupt")
             sums[level - 1][node] = got
-            digests["native"][level - 1][node] = digest(data)
+            digests["native"][level - 1][node] = dg = digest(data, algo)
             owners = manifest.owners(level, node)
-            key = block_key(bank, manifest.block_version, level, node)
+            key = key_of(level, node, "", dg)
             wanted = [shard for shard in opened if shard is None or shard in owners]
             for shard in wanted:
                 opened[shard].put(key, data, got)
@@ -392,8 +431,8 @@ def _write(manifest: Manifest, blocks, targets, *, verify: bool, publish: bool, 
                     raise IngestError(f"block ({level}, {node}) of {source}: cannot encode "
                                       f"{enc}: {e}") from None
                 enc_sums[enc][level - 1][node] = esum = checksum(payload)
-                digests[enc][level - 1][node] = digest(payload)
-                ekey = block_key(bank, manifest.block_version, level, node, enc)
+                digests[enc][level - 1][node] = edg = digest(payload, algo)
+                ekey = key_of(level, node, enc, edg)
                 for shard in wanted:
                     opened[shard].put(ekey, payload, esum)
             bar.update(n)
@@ -411,7 +450,8 @@ def _write(manifest: Manifest, blocks, targets, *, verify: bool, publish: bool, 
             manifest = Manifest.model_validate({**manifest.model_dump(), "checksums": sums})
         if encodings:
             manifest = Manifest.model_validate({**manifest.model_dump(), "encodings": enc_sums})
-        manifest = Manifest.model_validate({**manifest.model_dump(), "digests": digests})
+        manifest = Manifest.model_validate({**manifest.model_dump(), "digests": digests,
+                                            "block_store": store})
         if signing_key is not None:
             manifest = sign_manifest(manifest, signing_key)
         else:
@@ -420,8 +460,12 @@ def _write(manifest: Manifest, blocks, targets, *, verify: bool, publish: bool, 
         for target in opened.values():
             target.finish(manifest, publish)
         for shard, target in opened.items():
-            log.info("%s/%s %s: %d blocks written, %d already there, %.1f MB", bank, ver,
-                     shard or "all", target.written, target.skipped, target.bytes / 1e6)
+            log.info("%s/%s %s: %d blocks written (%.1f MB), %d already there (%.1f MB)", bank,
+                     ver, shard or "all", target.written, target.bytes / 1e6, target.skipped,
+                     target.skipped_bytes / 1e6)
+            if report is not None:
+                report[shard] = {"written": target.written, "bytes_written": target.bytes,
+                                 "shared": target.skipped, "bytes_shared": target.skipped_bytes}
     finally:
         for target in opened.values():
             target.close()

@@ -18,7 +18,6 @@ import logging
 import time
 
 from membank.blocks import checksum
-from membank.keys import block_key
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +124,7 @@ class Readiness:
     def _read_one(self, manifest, level: int, node: int) -> bool | None:
         """Read one block through the tiers (no copy where the tier allows): None when it is
         not held here, else whether it matches its manifest checksum."""
-        key = block_key(manifest.bank, getattr(manifest, "block_version", None) or
-                        manifest.version, level, node)
+        key = manifest.storage_key(level, node)
         nbytes, want = manifest.block_nbytes(level), manifest.checksum(level, node)
         try:
             from services.bank_server.store import CorruptBlock, Expect, read_from

@@ -32,7 +32,7 @@ from typing import Mapping
 import lmdb
 
 from membank.blocks import checksum
-from membank.keys import block_key, manifest_key
+from membank.keys import manifest_key
 from membank.manifest import Manifest
 from membank.placement import moves
 from membank.signing import load_signing_key, sign_manifest
@@ -118,7 +118,7 @@ def rebalance(lmdbs: Mapping[str, str | Path], bank: str, version: str, new_vers
                 # the block and each of its encodings (e.g. int8): the re-placed manifest keeps
                 # the `encodings` table, so the receiving shard must hold them all
                 for enc in ("", *old.encodings):
-                    key = block_key(bank, old.block_version, level, node, enc)
+                    key = old.storage_key(level, node, enc)
                     want = old.checksum(level, node, enc)
                     data = None
                     for src in owners:

@@ -12,8 +12,8 @@ import pytest
 
 from membank.artifacts import iter_blocks, load_manifest
 from membank.blocks import checksum
-from membank.keys import block_key
 from membank.v1 import bank_pb2
+from services.bank_server.store import LMDBStore
 from services.model_client.bank_client import BankClient, BankError, BlockIntegrityError
 from testkit.keys import trust
 from tests.conftest import as_exported
@@ -177,7 +177,8 @@ def test_header_disagreeing_with_manifest_is_refused(client):
 def test_corrupted_block_is_data_loss(lmdb_dir, tmp_path, start_bank_server, tiny_blocks):
     copy = tmp_path / "corrupt.lmdb"
     shutil.copytree(lmdb_dir, copy)
-    key = block_key("test", "v1", 2, 1)
+    with LMDBStore(copy, 1 << 30) as store:
+        key = store.manifest("test", "v1").storage_key(2, 1)
     bad = bytearray(tiny_blocks[(2, 1)])
     bad[100] ^= 0xFF
     env = lmdb.open(str(copy), map_size=1 << 30)
@@ -202,10 +203,10 @@ def test_redis_tier_caches_and_survives_redis_outage(lmdb_dir, redis_server, sta
         m = c.get_manifest("test")
         ids = list(m.blocks())
         assert_same(c.fetch("test", "v1", ids, m), tiny_blocks, m)
-        # every block is now in Redis, under its versioned block key (and nothing else is)
-        assert all(r.exists(block_key("test", "v1", *b)) for b in ids)
-        assert {k.decode()[:2] for k in r.keys("*")} == {"b/"}
-        assert 0 < r.ttl(block_key("test", "v1", 1, 0)) <= 3600
+        # every block is now in Redis, under its content key (and nothing else is)
+        assert all(r.exists(m.storage_key(*b)) for b in ids)
+        assert {k.decode()[:2] for k in r.keys("*")} == {"h/"}
+        assert 0 < r.ttl(m.storage_key(1, 0)) <= 3600
 
         hits_before = r.info("stats")["keyspace_hits"]
         assert_same(c.fetch("test", "v1", ids, m), tiny_blocks, m)

@@ -17,7 +17,6 @@ import lmdb
 import pytest
 
 from membank.artifacts import iter_blocks, load_manifest
-from membank.keys import block_key
 from services.bank_server.ingest import ingest
 from services.model_client.bank_client import BankClient
 from services.model_client.device_cache import DeviceCache
@@ -139,7 +138,7 @@ def test_a_block_corrupt_on_one_replica_is_refetched_from_the_other(shard_lmdbs,
         level, node = blocks[-1]                     # the path's deepest block, on its primary
         env = lmdb.open(str(copies[primary]), map_size=1 << 30)
         with env.begin(write=True) as txn:
-            key = block_key("test", m.block_version, level, node)
+            key = m.storage_key(level, node)
             good = bytes(txn.get(key))
             txn.put(key, bytes([good[0] ^ 0xFF]) + good[1:])     # same size, one byte flipped
         env.close()

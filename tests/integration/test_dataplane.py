@@ -30,7 +30,6 @@ from hypothesis import strategies as st
 
 from membank.artifacts import iter_blocks, load_manifest
 from membank.dataplane import MAGIC, PREFIX
-from membank.keys import block_key
 from services.bank_server.gc import gc
 from services.bank_server.ingest import ingest
 from services.model_client import dataplane_client
@@ -472,7 +471,7 @@ def shard0(tiny_export, tmp_path_factory):
     mine = [b for b in m.blocks() if "s0" in m.owners(*b) and b[0] == 2]
     env = lmdb.open(str(path), map_size=1 << 30)
     with env.begin(write=True) as txn:
-        key = block_key("test", "v1", *mine[0])
+        key = m.storage_key(*mine[0])
         bad = bytearray(txn.get(key))
         bad[100] ^= 0xFF
         txn.put(key, bytes(bad))

@@ -11,7 +11,8 @@ import lmdb
 import pytest
 
 from membank.artifacts import MANIFEST, iter_blocks, load_manifest
-from membank.keys import block_key, current_key, manifest_key, version_info_key
+from membank.blocks import digest
+from membank.keys import block_key, content_key, current_key, manifest_key, version_info_key
 from services.bank_server.ingest import IngestError, ingest, main
 from services.bank_server.publish import PublishError, publish_in_env
 from services.bank_server.publish import main as publish_main
@@ -37,7 +38,8 @@ def test_ingest_writes_every_block_and_publishes(tiny_export, tmp_path):
         assert store.current_version("test") == "v1"
         assert store.manifest("test", "v1") == m and as_exported(m) == load_manifest(tiny_export)
         for level, node, data in iter_blocks(tiny_export, m):
-            assert store.get(block_key("test", "v1", level, node)) == data
+            assert store.get(m.storage_key(level, node)) == data
+        assert m.block_store == "content"
         assert store.current_version("other") is None and store.manifest("test", "v2") is None
 
 
@@ -47,7 +49,7 @@ def test_ingest_is_idempotent(tiny_export, tmp_path):
     first = dump(db)
     ingest(tiny_export, db, progress=False, map_size=MAP)
     assert dump(db) == first
-    n_blocks = sum(1 for k in first if k.startswith(b"b/"))
+    n_blocks = sum(1 for k in first if k.startswith(b"h/"))
     # blocks + manifest + ingest info + current
     assert n_blocks == 2 + 4 and len(first) == n_blocks + 3
     assert version_info_key("test", "v1") in first
@@ -115,7 +117,7 @@ from services.bank_server.ingest import ingest_stream  # noqa: E402
 
 
 def block_keys(path) -> set[bytes]:
-    return {k for k in dump(path) if k.startswith(b"b/")}
+    return {k for k in dump(path) if k.startswith((b"b/", b"h/"))}
 
 
 def test_shard_ingest_writes_only_owned_blocks(big_export, tmp_path):
@@ -130,13 +132,13 @@ def test_shard_ingest_writes_only_owned_blocks(big_export, tmp_path):
     assert m.shards == shards and m.placement_level == 2 and m.checksums == full.checksums
     union = set()
     for s in shards:
-        want = {block_key("big", "b1", l, n) for l, n in shard_blocks(m, s)}
+        want = m.storage_keys(shard_blocks(m, s))
         assert block_keys(tmp_path / s) == want
         assert dump(tmp_path / s)[SHARD_KEY] == s.encode()
         union |= want
-    assert union == {block_key("big", "b1", l, n) for l, n in m.blocks()}
+    assert union == m.storage_keys()
     # level 1 sits above the placement level: every shard has it; level 3 is split
-    assert all(block_key("big", "b1", 1, n) in block_keys(tmp_path / s)
+    assert all(m.storage_key(1, n) in block_keys(tmp_path / s)
                for s in shards for n in range(2))
     # a shard's LMDB refuses another shard's (or an unsharded) ingest
     with pytest.raises(IngestError, match="holds shard 's0'"):
@@ -160,7 +162,7 @@ def test_stream_ingest_into_two_shards_in_one_pass(tiny_export, tmp_path):
         with LMDBStore(tmp_path / s, MAP) as store:
             assert store.current_version("test") == "s1" and store.manifest("test", "s1") == m
             for l, n in shard_blocks(m, s):
-                assert store.get(block_key("test", "s1", l, n)) == blocks[(l, n)]
+                assert store.get(m.storage_key(l, n)) == blocks[(l, n)]
     assert len(block_keys(tmp_path / "a")) + len(block_keys(tmp_path / "b")) == len(blocks)
     # a stream that ends early publishes nothing
     header["version"] = "s2"
@@ -180,22 +182,26 @@ def test_rerun_skips_blocks_already_written(big_export, tmp_path, caplog):
     written = list(iter_blocks(big_export, m))[:3]
     with env.begin(write=True) as txn:
         for l, n, d in written:
-            txn.put(block_key("big", "b1", l, n), d)
+            txn.put(content_key("big", f"blake3-{digest(d)}"), d)
     env.close()
     caplog.set_level("INFO")
     ingest(big_export, db, progress=False, map_size=MAP)
     assert any("3 already there" in r.message for r in caplog.records)
     with LMDBStore(db, MAP) as store:
         assert store.current_version("big") == "b1"
+        stored = store.manifest("big", "b1")
         for l, n, d in iter_blocks(big_export, m):
-            assert store.get(block_key("big", "b1", l, n)) == d
+            assert store.get(stored.storage_key(l, n)) == d
 
 
 # -- GC -----------------------------------------------------------------------------------------
 def test_gc_keeps_current_and_newest(tiny_export, tmp_path):
+    """The versioned layout of LMDBs written before content addressing (every version its own
+    copy of every block): gc collects them as before."""
     db = tmp_path / "db"
     for v in ("v1", "v2", "v3", "v4"):
-        ingest(tiny_export, db, version=v, publish=(v == "v2"), progress=False, map_size=MAP)
+        ingest(tiny_export, db, version=v, publish=(v == "v2"), progress=False, map_size=MAP,
+               block_store="version")
     with LMDBStore(db, MAP) as store:
         assert [v for v, _ in store.versions("test")] == ["v1", "v2", "v3", "v4"]
         assert store.current_version("test") == "v2"
@@ -263,3 +269,76 @@ def test_writemap_ingest_is_read_back_the_same(big_export, tmp_path):
     assert da.keys() == db_.keys()
     assert all(da[k] == db_[k] for k in da if not k.startswith(b"i/"))   # info: a timestamp
     assert (b / "data.mdb").stat().st_blocks * 512 < MAP                # sparse file
+
+
+# -- content addressing (issue 18) --------------------------------------------------------------
+def _changed(tiny_export, block=(2, 1)):
+    """The export's blocks with one block's bytes changed: what continued training that fetched
+    only that block leaves (lazy AdamW: every other block bit-identical)."""
+    ref = load_manifest(tiny_export)
+    blocks = {(l, n): bytes(d) for l, n, d in iter_blocks(tiny_export, ref)}
+    blocks[block] = bytes(b ^ 0x55 for b in blocks[block])
+    header = {k: v for k, v in ref.model_dump().items() if k != "checksums"}
+    return header, blocks
+
+
+def test_a_version_that_changes_one_block_writes_one_block(tiny_export, tmp_path):
+    db = tmp_path / "db"
+    first: dict = {}
+    m1 = ingest(tiny_export, db, progress=False, map_size=MAP, report=first)
+    assert first[None]["written"] == 6 and first[None]["shared"] == 0
+    header, blocks = _changed(tiny_export)
+    header["version"] = "v2"
+    second: dict = {}
+    m2 = ingest_stream({None: db}, header, ((l, n, d) for (l, n), d in blocks.items()),
+                       progress=False, map_size=MAP, report=second)
+    assert second[None] == {"written": 1, "bytes_written": m2.block_nbytes(2), "shared": 5,
+                            "bytes_shared": sum(m2.block_nbytes(l) for l, _ in m2.blocks())
+                            - m2.block_nbytes(2)}
+    assert len(block_keys(db)) == 7                        # one copy of each distinct block
+    with LMDBStore(db, MAP) as store:
+        for m in (m1, m2):
+            for l, n in m.blocks():
+                assert checksum(store.get(m.storage_key(l, n))) == m.checksum(l, n)
+    # gc of v1 deletes the one block only v1 lists; the five v2 shares stay
+    r = gc(db, "test", keep=0, map_size=MAP)
+    assert r["deleted"] == ["v1"] and r["blocks_deleted"] == 1
+    assert block_keys(db) == m2.storage_keys()
+
+
+def test_gc_keeps_a_block_a_version_ingested_during_gc_shares(tiny_export, tmp_path):
+    """gc reads the manifests, then deletes blocks; a version completed in between that
+    shares a doomed version's block keeps it (the delete transaction looks again)."""
+    import threading
+    db = tmp_path / "db"
+    m1 = ingest(tiny_export, db, progress=False, map_size=MAP)
+    header, blocks = _changed(tiny_export)
+    header["version"] = "v2"
+    ingest_stream({None: db}, header, ((l, n, d) for (l, n), d in blocks.items()),
+                  progress=False, map_size=MAP)                 # current: v2
+    # during gc's grace period, v3 = v1's content under a new name
+    late = threading.Timer(0.2, lambda: ingest(tiny_export, db, version="v3", publish=False,
+                                               progress=False, map_size=MAP))
+    late.start()
+    r = gc(db, "test", keep=0, grace_s=1.0, map_size=MAP)
+    late.join()
+    assert r["deleted"] == ["v1"] and r["blocks_deleted"] == 0
+    with LMDBStore(db, MAP) as store:
+        m3 = store.manifest("test", "v3")
+        assert m3.storage_keys() == m1.storage_keys()
+        for l, n in m3.blocks():
+            assert checksum(store.get(m3.storage_key(l, n))) == m3.checksum(l, n)
+
+
+def test_gc_deletes_unlisted_content_blocks_only_as_orphans(tiny_export, tmp_path):
+    db = tmp_path / "db"
+    m = ingest(tiny_export, db, progress=False, map_size=MAP)
+    stray = content_key("test", "blake3-" + "ab" * 32)          # a killed ingest's block
+    env = lmdb.open(str(db), map_size=MAP)
+    with env.begin(write=True) as txn:
+        txn.put(stray, b"x")
+    env.close()
+    assert gc(db, "test", keep=0, map_size=MAP)["blocks_deleted"] == 0
+    assert stray in dump(db)
+    assert gc(db, "test", keep=0, orphans=True, map_size=MAP)["blocks_deleted"] == 1
+    assert block_keys(db) == m.storage_keys()

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from membank.keys import block_key
 from services.bank_server.ingest import ingest
 from services.bank_server.store import Expect, LMDBStore
 from services.model_client.bank_client import BankClient
@@ -46,7 +45,7 @@ def verify_version(db: Path, version: str) -> int:
         m = store.manifest("crash", version)
         assert m is not None, f"{version} has no manifest"
         for level, node in m.blocks():
-            key = block_key("crash", m.block_version, level, node)
+            key = m.storage_key(level, node)
             with store.read(key, Expect(m.block_nbytes(level), m.checksum(level, node))) as buf:
                 assert buf is not None, f"{version} ({level}, {node}) missing"
         return sum(1 for _ in m.blocks())

@@ -34,7 +34,6 @@ import torch
 from membank import quant
 from membank.artifacts import iter_blocks, load_manifest
 from membank.blocks import checksum
-from membank.keys import block_key
 from membank.nn.tensors import roundtrip, tensor_from_buffer
 from membank.placement import shard_blocks
 from membank.v1 import bank_pb2
@@ -63,13 +62,14 @@ def int8_lmdb(tiny_model_export, tmp_path_factory) -> Path:
     key = signing_key()      # the test operator's (testkit/keys.py): devices pin it
     ingest(tiny_model_export, db, version="vnative", progress=False, map_size=MAP,
            signing_key=key)
-    ingest(tiny_model_export, db, version="vbad", encodings=INT8, publish=False,
-           progress=False, map_size=MAP, signing_key=key)
+    # vbad in the versioned layout, so corrupting its block leaves v1's (same content) intact
+    bad_m = ingest(tiny_model_export, db, version="vbad", encodings=INT8, publish=False,
+                   progress=False, map_size=MAP, signing_key=key, block_store="version")
     m = ingest(tiny_model_export, db, version="v1", encodings=INT8, progress=False, map_size=MAP,
                signing_key=key)
     assert m.encodings and m.version == "v1"
     env = lmdb.open(str(db), map_size=MAP)
-    key = block_key("test", "vbad", 2, 1, "int8")
+    key = bad_m.storage_key(2, 1, "int8")
     with env.begin(write=True) as txn:
         bad = bytearray(txn.get(key))
         bad[5] ^= 0x7F
@@ -114,10 +114,10 @@ def test_ingest_stores_int8_payloads_and_their_checksums(int8_lmdb, native_block
         assert info["encoded_bytes"]["int8"] == sum(m.block_nbytes(l, "int8")
                                                     for l, _ in m.blocks())
         for (level, node), native in native_blocks.items():
-            payload = store.get(block_key("test", "v1", level, node, "int8"))
+            payload = store.get(m.storage_key(level, node, "int8"))
             assert payload == quant.encode_block(native, m.block_shape(level), m.dtype, "int8")
             assert checksum(payload) == m.checksum(level, node, "int8")
-            assert store.get(block_key("test", "v1", level, node)) == native
+            assert store.get(m.storage_key(level, node)) == native
             assert len(payload) < len(native) / 3       # float32 -> int8 + scales
 
 
@@ -184,7 +184,9 @@ def test_missing_and_unknown_encodings(served):
     with BankClient(served) as c:
         plain = c.get_manifest("test", "vnative")
         forged = plain.model_validate({**plain.model_dump(), "signature": None,
-                                       "encodings": {"int8": plain.checksums}})
+                                       "encodings": {"int8": plain.checksums},
+                                       "digests": {**plain.digests,
+                                                   "int8": plain.digests["native"]}})
         with pytest.raises(BankError) as err:
             c.fetch("test", "vnative", [(1, 0)], forged, encoding="int8")
         assert err.value.code == "NOT_FOUND"
@@ -201,17 +203,21 @@ def test_versions_stay_immutable_across_encodings(tiny_model_export, tmp_path):
 
 
 def test_gc_deletes_int8_blocks_with_their_version(tiny_model_export, tmp_path):
+    """v1 stored by version (an LMDB from before content addressing), v2 by content: gc of v1
+    deletes its blocks in both encodings, and v2 keeps one copy of each of its own."""
     db = tmp_path / "db"
-    for v in ("v1", "v2"):
-        ingest(tiny_model_export, db, version=v, encodings=INT8, progress=False, map_size=MAP)
+    ingest(tiny_model_export, db, version="v1", encodings=INT8, progress=False, map_size=MAP,
+           block_store="version")
+    m2 = ingest(tiny_model_export, db, version="v2", encodings=INT8, progress=False,
+                map_size=MAP)
     report = gc(db, "test", keep=0, map_size=MAP)
     assert report["deleted"] == ["v1"]
+    assert report["blocks_deleted"] == 2 * sum(1 for _ in m2.blocks())
     env = lmdb.open(str(db), map_size=MAP)
     with env.begin() as txn:
-        keys = [bytes(k) for k, _ in txn.cursor() if bytes(k).startswith(b"b/")]
+        keys = {bytes(k) for k, _ in txn.cursor() if bytes(k).startswith((b"b/", b"h/"))}
     env.close()
-    assert keys and not [k for k in keys if k.startswith(b"b/test/v1/")]
-    assert sum(k.endswith(b"/int8") for k in keys) * 2 == len(keys)     # v2: both encodings
+    assert keys == m2.storage_keys() and len(keys) == 2 * sum(1 for _ in m2.blocks())
 
 
 def test_rebalance_moves_int8_blocks_too(tmp_path):
@@ -232,7 +238,7 @@ def test_rebalance_moves_int8_blocks_too(tmp_path):
         assert m is not None and set(m.encodings) == {"int8"}
         for level, node in shard_blocks(m, "s3"):
             for enc in ("", "int8"):
-                key = block_key("sh", m.block_version, level, node, enc)
+                key = m.storage_key(level, node, enc)
                 with store.read(key, Expect(m.block_nbytes(level, enc),
                                             m.checksum(level, node, enc))) as buf:
                     assert buf is not None
@@ -252,7 +258,7 @@ def check_version(db: Path, version: str) -> tuple[int, bool]:
         assert m is not None
         for level, node in m.blocks():
             for enc in ("", *m.encodings):
-                key = block_key("crash8", m.block_version, level, node, enc)
+                key = m.storage_key(level, node, enc)
                 with store.read(key, Expect(m.block_nbytes(level, enc),
                                             m.checksum(level, node, enc))) as buf:
                     assert buf is not None, (version, level, node, enc)

@@ -14,7 +14,7 @@ import pytest
 
 from membank.artifacts import iter_blocks, load_manifest
 from membank.blocks import checksum
-from membank.keys import block_key, current_key
+from membank.keys import current_key
 from membank.placement import moves, shard_blocks
 from services.bank_server.gc import gc
 from services.bank_server.ingest import ingest
@@ -34,7 +34,7 @@ NEW = OLD + ["s3"]
 def block_keys(path) -> set[bytes]:
     env = lmdb.open(str(path), readonly=True, lock=False)
     with env.begin() as txn:
-        out = {bytes(k) for k, _ in txn.cursor() if bytes(k).startswith(b"b/")}
+        out = {bytes(k) for k, _ in txn.cursor() if bytes(k).startswith((b"b/", b"h/"))}
     env.close()
     return out
 
@@ -96,7 +96,7 @@ def test_rebalance_copies_exactly_the_moved_blocks(three_shards):
     assert 8 <= len(groups) <= 26, len(groups)
     assert {n // 8 for l, n, *_ in planned if l == 3} == groups     # a group moves whole
     # s3 holds exactly the moved blocks, under the old block keys; old shards got nothing new
-    assert block_keys(three_shards["s3"]) == {block_key("sh", "v1", l, n) for l, n, *_ in planned}
+    assert block_keys(three_shards["s3"]) == m.storage_keys((l, n) for l, n, *_ in planned)
     for s in OLD:
         assert block_keys(three_shards[s]) == before[s]
     # the re-placed version is complete and current on every shard
@@ -106,21 +106,21 @@ def test_rebalance_copies_exactly_the_moved_blocks(three_shards):
             m4 = store.manifest("sh", "v1-s4")
             assert m4.shards == NEW and m4.block_version == "v1"
             for l, n in shard_blocks(m4, s):
-                assert checksum(store.get(block_key("sh", "v1", l, n))) == m4.checksum(l, n)
+                assert checksum(store.get(m4.storage_key(l, n))) == m4.checksum(l, n)
     # rerunning is a no-op
     again = rebalance(three_shards, "sh", "v1", "v1-s4", NEW, map_size=MAP)
     assert again["written"]["s3"] == 0
 
     # GC on an old shard: v1's manifest goes, the blocks it gave away go, shared blocks stay
     report = gc(three_shards["s1"], "sh", keep=0, map_size=MAP)
-    gave_away = {block_key("sh", "v1", l, n) for l, n, owners, _ in planned
+    gave_away = {m4.storage_key(l, n) for l, n, owners, _ in planned
                  if "s1" in owners and "s1" not in m4.owners(l, n)}
     assert report["deleted"] == ["v1"] and report["blocks_deleted"] == len(gave_away)
     assert block_keys(three_shards["s1"]) == before["s1"] - gave_away
     with LMDBStore(three_shards["s1"], MAP) as store:
         assert store.manifest("sh", "v1") is None
         for l, n in shard_blocks(m4, "s1"):
-            assert store.get(block_key("sh", "v1", l, n)) is not None
+            assert store.get(m4.storage_key(l, n)) is not None
 
 
 def test_rebalance_cli_lists_moves(three_shards, capsys):

@@ -28,7 +28,7 @@ import pytest
 
 from membank.artifacts import iter_blocks, load_manifest
 from membank.blocks import checksum, digest
-from membank.keys import block_key, manifest_key
+from membank.keys import manifest_key
 from membank.manifest import Manifest
 from membank.signing import generate_key, sign_manifest
 from services.bank_server.ingest import ingest
@@ -86,11 +86,11 @@ def rogue_copy(src, dst, mutate):
 def swap_in_other_weights(fields, txn, level, node):
     """Replace block (level, node) by other bytes and list their checksum and digest, as a
     shard choosing the weights would (the server's own xxh3 check then passes)."""
-    old = txn.get(block_key("test", "v1", level, node))
+    old = txn.get(Manifest.model_validate(fields).storage_key(level, node))
     new = bytes(b ^ 0x5A for b in old)
-    txn.put(block_key("test", "v1", level, node), new)
     fields["checksums"][level - 1][node] = checksum(new)
     fields["digests"]["native"][level - 1][node] = digest(new)
+    txn.put(Manifest.model_validate(fields).storage_key(level, node), new)   # its content key
 
 
 def test_a_signed_bank_is_used_and_its_digests_are_the_blocks(signed_db, tiny_model_export,

@@ -12,7 +12,6 @@ import signal
 import pytest
 
 from membank.artifacts import iter_blocks, load_manifest
-from membank.keys import block_key
 from services.model_client.bank_client import BankClient
 
 pytestmark = pytest.mark.integration
@@ -43,10 +42,11 @@ def test_lru_and_redis_tiers_with_a_corrupt_entry_and_an_outage(lmdb_dir, big_ex
             got = c.fetch("big", "b1", ids, m)
             assert {b: bytes(d) for b, d in got.items()} == want
         # the second pass came from the LRU: Redis saw each block once (the miss, then SET)
-        assert all(r.exists(block_key("big", "b1", *b)) for b in ids)
+        stored = c.get_manifest("big")          # where ingest put each block (by content)
+        assert all(r.exists(stored.storage_key(*b)) for b in ids)
 
         # corrupt a Redis entry; a server whose LRU does not hold it must still serve the block
-        key = block_key("big", "b1", 1, 1)
+        key = stored.storage_key(1, 1)
         bad = bytearray(r.get(key))
         bad[7] ^= 0xFF
         r.set(key, bytes(bad))

@@ -13,7 +13,7 @@ import lmdb
 import pytest
 
 from membank.artifacts import iter_blocks, load_manifest
-from membank.keys import block_key, manifest_key
+from membank.keys import manifest_key
 from services.bank_server.fetchplan import (
     FetchError,
     admit_bytes,
@@ -91,7 +91,8 @@ def test_a_plan_has_every_header_field_in_request_order(store, tiny_export):
     assert plan.nbytes == 2 * m.block_nbytes(2) + m.block_nbytes(1)
     assert [(b.index, b.level, b.node) for b in plan.blocks] == [(0, 2, 3), (1, 1, 0), (2, 2, 1)]
     b = plan.blocks[0]
-    assert b.key == block_key("test", "v1", 2, 3)
+    assert b.key == plan.manifest.storage_key(2, 3)
+    assert b.key.startswith(b"h/test/blake3-")            # stored by content (issue 18)
     assert b.expect.nbytes == m.block_nbytes(2) and b.expect.checksum == m.checksum(2, 3)
     assert b.header == m.block_header(2, 3)
     assert b.header._asdict() == {"level": 2, "node": 3, "version": "v1",
@@ -127,12 +128,14 @@ def test_wrong_shard_names_the_owners(tiny_export, tmp_path):
 def test_corrupt_missing_and_collected_blocks(lmdb_dir, tmp_path):
     copy = tmp_path / "copy.lmdb"
     shutil.copytree(lmdb_dir, copy)
+    with LMDBStore(copy, MAP) as s:
+        m = s.manifest("test", "v1")
     env = lmdb.open(str(copy), map_size=MAP)
     with env.begin(write=True) as txn:
-        bad = bytearray(txn.get(block_key("test", "v1", 2, 1)))
+        bad = bytearray(txn.get(m.storage_key(2, 1)))
         bad[7] ^= 0x01
-        txn.put(block_key("test", "v1", 2, 1), bytes(bad))
-        txn.delete(block_key("test", "v1", 2, 2))
+        txn.put(m.storage_key(2, 1), bytes(bad))
+        txn.delete(m.storage_key(2, 2))
     env.close()
     with LMDBStore(copy, MAP, readonly=False) as s:      # writable: gc is simulated below
         plan = plan_fetch(s, "test", "", [(2, 1), (2, 2), (2, 3)])

@@ -79,10 +79,11 @@ def fetch(servicer: BankServicer, bank: str, version: str, blocks) -> list[bytes
 
 @pytest.fixture
 def two_versions(tiny_export, tmp_path):
-    """An LMDB with test/v1 and test/v2, v2 published."""
+    """An LMDB with test/v1 and test/v2, v2 published; stored by version, so that each has
+    its own copy of every block for gc to take away (by content they would share them)."""
     db = tmp_path / "db"
-    ingest(tiny_export, db, version="v1", progress=False, map_size=MAP)
-    ingest(tiny_export, db, version="v2", progress=False, map_size=MAP)
+    ingest(tiny_export, db, version="v1", progress=False, map_size=MAP, block_store="version")
+    ingest(tiny_export, db, version="v2", progress=False, map_size=MAP, block_store="version")
     return db
 
 
