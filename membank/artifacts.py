@@ -30,6 +30,7 @@ import struct
 from pathlib import Path
 from typing import Iterator
 
+from membank.blocks import DIGEST_ALGO, hasher
 from membank.config import Config
 from membank.manifest import Manifest
 
@@ -53,6 +54,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def anchor_id(export_dir: str | Path) -> str:
+    """What names the export's anchor: "blake3-{hex}" of its weights file. The manifest records
+    the anchor its blocks were trained with (`Manifest.anchor`), and a device whose anchor
+    differs refuses the blocks: memory trained against other weights means nothing to it."""
+    h = hasher(DIGEST_ALGO)
+    with open(Path(export_dir) / ANCHOR, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            h.update(chunk)
+    return f"{DIGEST_ALGO}-{h.hexdigest()}"
 
 
 def load_config(export_dir: str | Path) -> Config:

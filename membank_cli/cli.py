@@ -110,7 +110,8 @@ def cmd_generate(args) -> None:
                                             trust=settings.trust(), dtype=args.dtype)
         kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, stop=tuple(args.stop or ()), seed=args.seed)
-        result = model.generate(args.prompt, bank=bank, use_memory=not args.no_memory, **kw)
+        result = model.generate(args.prompt, bank=bank, use_memory=not args.no_memory,
+                                ttft_budget_ms=args.ttft_budget_ms, **kw)
     finally:
         if bank is not None:
             bank.close()
@@ -310,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="the model's and the memory room's dtype (bfloat16 halves them, and a "
                         "bfloat16 bank's blocks land in the room uncopied)")
+    s.add_argument("--ttft-budget-ms", type=float, default=None,
+                   help="time to first token allowed: the path's levels verified by then are "
+                        "attached, the rest left out of this answer (default: the whole path)")
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=cmd_generate)
 

@@ -18,4 +18,6 @@ def print_result(label: str, r: GenerateResult) -> None:
     print(f"  {label:<15} {r.text!r}")
     extra = f"path {r.path}, fetched {len(r.fetched_blocks)} blocks / {r.fetched_bytes:,} B" \
         if r.memory else f"anchor only ({r.anchor_only_reason})"
+    if r.memory and r.levels_pending:
+        extra += f"; levels {r.levels_attached} attached, {r.levels_pending} still fetching"
     print(f"  {'':<15} {steps}  [{extra}]")

@@ -61,7 +61,7 @@ def export(export_dir: str | Path, config: Config, model: Transformer,
     checksums = write_bank(out, levels, mc.dtype)
     manifest = Manifest(
         bank=bank_id, version=version, **mc.manifest_fields(config.model), checksums=checksums,
-        shards=shards or ["shard-0"], replication=replication,
+        shards=shards or ["shard-0"], replication=replication, anchor=artifacts.anchor_id(out),
     )
     artifacts.atomic_write_bytes(out / artifacts.MANIFEST, manifest.to_json().encode())
     return manifest

@@ -61,6 +61,14 @@ class UntrustedManifestError(BankError):
         super().__init__("UNAUTHENTICATED", message)
 
 
+class IncompatibleBankError(BankError):
+    """The bank's manifest does not fit the device's model: other shapes, or blocks trained
+    with another anchor (`Manifest.anchor`). Nothing of that version is attached."""
+
+    def __init__(self, message: str):
+        super().__init__("FAILED_PRECONDITION", message)
+
+
 class Scatter:
     """One block's destination in pieces: writable byte views filled in order, the block's
     bytes split across them (MemoryModel: a level's slice of the room is (L, n, r, W) inside

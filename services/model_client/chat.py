@@ -32,6 +32,8 @@ def timings_line(r: GenerateResult) -> str:
     rate = f", {r.new_tokens / t['decode'] * 1e3:.0f} tok/s" if t.get("decode") else ""
     memory = (f"memory: path {r.path}, fetched {len(r.fetched_blocks)} blocks "
               f"/ {r.fetched_bytes:,} B"
+              + (f", levels {r.levels_attached} attached, {r.levels_pending} still fetching"
+                 if r.levels_pending else "")
               if r.memory else f"anchor only ({r.anchor_only_reason})")
     return (f"[ttft {t.get('ttft', 0.0):.1f} ms | {steps} ms | {r.new_tokens} tokens{rate}, "
             f"{r.finish_reason} | {memory}]")
@@ -39,8 +41,9 @@ def timings_line(r: GenerateResult) -> str:
 
 def run_chat(model: MemoryModel, bank: Bank | None, params: SamplingParams, *,
              use_memory: bool = True, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
-             stderr: TextIO = sys.stderr) -> int:
-    """Answer every line of `stdin`; returns the number of prompts answered."""
+             stderr: TextIO = sys.stderr, ttft_budget_ms: float | None = None) -> int:
+    """Answer every line of `stdin`; returns the number of prompts answered.
+    `ttft_budget_ms`: MemoryModel.generate_stream's."""
     interactive = stdin.isatty()
     answered = 0
     while True:
@@ -54,7 +57,8 @@ def run_chat(model: MemoryModel, bank: Bank | None, params: SamplingParams, *,
         if not prompt.strip():
             continue
         try:
-            stream = model.generate_stream(prompt, bank, use_memory=use_memory, params=params)
+            stream = model.generate_stream(prompt, bank, use_memory=use_memory, params=params,
+                                           ttft_budget_ms=ttft_budget_ms)
         except ValueError as e:
             stderr.write(f"membank chat: error: {e}\n")
             continue
@@ -84,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
                                 top_k=args.top_k, top_p=args.top_p, stop=tuple(args.stop or ()),
                                 seed=args.seed)
         model = MemoryModel.from_pretrained(settings.export_dir, encoding=settings.encoding,
-                                            trust=settings.trust(), dtype=settings.dtype)
+                                            trust=settings.trust(), dtype=settings.dtype,
+                                            cache=settings.device_cache())
     except ValidationError as e:  # one line: the first bad setting and why
         err = e.errors()[0]
         p.exit(2, f"membank chat: error: {'.'.join(map(str, err['loc']))}: {err['msg']}\n")
@@ -92,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         p.exit(2, f"membank chat: error: {e}\n")
     bank = settings.open_bank()
     try:
-        run_chat(model, bank, params, use_memory=not args.no_memory)
+        run_chat(model, bank, params, use_memory=not args.no_memory,
+                 ttft_budget_ms=settings.ttft_budget_ms)
     finally:
         if bank is not None:
             bank.close()

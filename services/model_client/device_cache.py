@@ -12,11 +12,14 @@ reused by almost every prompt and a leaf block by few. Eviction takes the least 
 block of the DEEPEST level that has any, and touches a shallower level only when nothing deeper
 is left. A block larger than the whole budget is not cached at all.
 
-Keys are (bank, block_version, level, node, encoding): a version re-placed onto other shards
-keeps its block version (Manifest.block_version), so a rebalance does not invalidate the device
-cache; a native block and its int8 payload are separate entries, each checked against its own
-manifest checksum (an int8 payload is about 1/2 of a bfloat16 block and 1/4 of a float32 one,
-so the same budget holds 2-4x as many).
+Keys are by content: (bank, content id, level, encoding), the content id being the hash the
+manifest lists for the block (`Manifest.content_id`: its signed digest). A new version that
+leaves a block unchanged lists the same hash, so the cached block is hit under the new version
+too: a publish costs a device only the blocks that changed (issue 18), and a rebalance (same
+blocks, new shard map) costs nothing. The bank is part of the key: no other bank's block ever
+stands in. A native block and its int8 payload are separate entries (other bytes, other hashes;
+an int8 payload is about 1/2 of a bfloat16 block and 1/4 of a float32 one, so the same budget
+holds 2-4x as many).
 
 Trust: an entry remembers the manifest hash it was verified against (`Manifest.block_check`: the
 signed digest, or the xxh3 checksum of an unsigned manifest without digests); `get` returns it
@@ -27,10 +30,12 @@ of the wrong size or checksum is deleted and counted as `corrupt`, never returne
 written to a unique temporary name and renamed into place (atomic: a reader sees a whole file or
 none); no fsync, because a file torn by a power cut fails its checksum on read and is dropped.
 
-File names are `{bank}@{block_version}@{level}@{node}.blk` for a native block and
-`{bank}@{block_version}@{level}@{node}@{encoding}.blk` for an encoded one: bank and version ids
-match `[A-Za-z0-9._-]+` (membank/manifest.py) and never contain '@' or '/', and encodings are a
-known list, so a name parses back to exactly one key and never leaves the directory.
+File names are `{bank}@{level}@{content id}.block` for a native block and
+`{bank}@{level}@{content id}@{encoding}.block` for an encoded one: bank ids match
+`[A-Za-z0-9._-]+` (membank/manifest.py), content ids `{algo}-{hex}`, neither contains '@' or
+'/', and encodings are a known list, so a name parses back to exactly one key and never leaves
+the directory. Files of the layout before content addressing (`{bank}@{version}@{level}@{node}
+[@{encoding}].blk`) are deleted when the directory is indexed; other files are ignored.
 
 Thread-safe (one lock): the sharded fetcher's threads may put while the model reads.
 Run its tests: .venv/bin/pytest -q tests/unit/test_device_cache.py
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import threading
 from collections import OrderedDict
@@ -51,8 +57,11 @@ from membank.manifest import Manifest
 
 log = logging.getLogger("membank.client.cache")
 
-Key = tuple[str, str, int, int, str]     # (bank, block_version, level, node, encoding)
-SUFFIX = ".blk"
+Key = tuple[str, str, int, str]          # (bank, content id, level, encoding)
+SUFFIX = ".block"
+CONTENT_ID = re.compile(r"(?:xxh3_64|blake3|sha256)-[0-9a-f]{16,64}")
+# a file of the cache's layout before content addressing (deleted at start-up)
+_OLD_FILE = re.compile(r"[A-Za-z0-9._-]+@[A-Za-z0-9._-]+@\d+@\d+(?:@[a-z0-9]+)?\.blk")
 
 
 @dataclass
@@ -104,18 +113,14 @@ class _Tier:
         return self.levels[key[2]].pop(key)
 
 
-def _key(manifest: Manifest, level: int, node: int, encoding: str = "") -> Key:
-    return (manifest.bank, manifest.block_version, int(level), int(node), encoding)
+def block_key(manifest: Manifest, level: int, node: int, encoding: str = "") -> Key:
+    """The cache key of a block of `manifest` in `encoding`: by content, not by version."""
+    return (manifest.bank, manifest.content_id(level, node, encoding), int(level), encoding)
 
 
-def _full(key: tuple) -> Key:
-    """A key with its encoding ("" when a 4-tuple (bank, version, level, node) is given)."""
-    return key if len(key) == 5 else (*key, "")
-
-
-def file_name(key: Key | tuple[str, str, int, int]) -> str:
-    bank, version, level, node, encoding = _full(key)
-    return f"{bank}@{version}@{level}@{node}{'@' + encoding if encoding else ''}{SUFFIX}"
+def file_name(key: Key) -> str:
+    bank, content, level, encoding = key
+    return f"{bank}@{level}@{content}{'@' + encoding if encoding else ''}{SUFFIX}"
 
 
 def parse_file_name(name: str) -> Key | None:
@@ -123,16 +128,16 @@ def parse_file_name(name: str) -> Key | None:
     if not name.endswith(SUFFIX):
         return None
     parts = name[: -len(SUFFIX)].split("@")
-    if len(parts) not in (4, 5) or not parts[0] or not parts[1]:
+    if len(parts) not in (3, 4) or not parts[0] or not CONTENT_ID.fullmatch(parts[2]):
         return None
-    encoding = parts[4] if len(parts) == 5 else ""
-    if len(parts) == 5 and encoding not in quant.ENCODINGS:
+    encoding = parts[3] if len(parts) == 4 else ""
+    if len(parts) == 4 and encoding not in quant.ENCODINGS:
         return None
     try:
-        level, node = int(parts[2]), int(parts[3])
+        level = int(parts[1])
     except ValueError:
         return None
-    return (parts[0], parts[1], level, node, encoding) if level >= 1 and node >= 0 else None
+    return (parts[0], parts[2], level, encoding) if level >= 1 else None
 
 
 class DeviceCache:
@@ -162,7 +167,7 @@ class DeviceCache:
 
         The returned buffer is shared with the cache: copy it, never modify it.
         """
-        key = _key(manifest, level, node, encoding)
+        key = block_key(manifest, level, node, encoding)
         # the signed digest when the manifest lists digests, else the xxh3 checksum
         algo, want = manifest.block_check(level, node, encoding)
         with self._lock:
@@ -192,7 +197,7 @@ class DeviceCache:
         matched its bytes against `manifest` (the fetcher does); otherwise they are hashed here,
         and a block that does not match raises ValueError. Returns False when the block is
         larger than the budget."""
-        key = _key(manifest, level, node, encoding)
+        key = block_key(manifest, level, node, encoding)
         algo, want = manifest.block_check(level, node, encoding)
         nbytes = manifest.block_nbytes(level, encoding)
         if len(data) != nbytes or (not verified and digest(data, algo) != want):
@@ -208,7 +213,6 @@ class DeviceCache:
         return kept
 
     def __contains__(self, key: Key) -> bool:
-        key = _full(key)
         with self._lock:
             return key in self._mem.levels.get(key[2], {}) or (
                 self._disk is not None and key in self._disk.levels.get(key[2], {}))
@@ -282,6 +286,9 @@ class DeviceCache:
         found = []
         for entry in os.scandir(self.directory):
             key = parse_file_name(entry.name)
+            if key is None and _OLD_FILE.fullmatch(entry.name):
+                _unlink(Path(entry.path))       # keyed by version: never hit again
+                continue
             if key is None or not entry.is_file(follow_symlinks=False):
                 continue
             st = entry.stat(follow_symlinks=False)

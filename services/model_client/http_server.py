@@ -1,9 +1,13 @@
 """The device's local HTTP API (FastAPI + uvicorn), as on-device assistants expose one.
 
     POST /v1/generate    {"prompt", "max_tokens", "temperature", "top_k", "top_p", "stop", "seed",
-                          "stream", "use_memory"} -> the text, memory info and timings as JSON;
-                         with "stream": true, server-sent events: one `data: {"text": piece}` per
-                         text piece, then `event: done` with the same JSON as the plain answer
+                          "stream", "use_memory", "ttft_budget_ms"} -> the text, memory info
+                         (levels attached, and those a TTFT budget left pending) and timings as
+                         JSON; with "stream": true, server-sent events: one
+                         `data: {"text": piece}` per text piece, then `event: done` with the
+                         same JSON as the plain answer
+    POST /v1/prefetch    {"prompt", "max_bytes"} -> 202: the partial prompt's path, and which of
+                         its blocks started fetching in the background (MemoryModel.prefetch)
     GET  /v1/health      model loaded, bank configured and reachable (gRPC health), busy
     GET  /docs, /openapi.json
 
@@ -75,6 +79,30 @@ class GenerateRequest(BaseModel):
                                          "reproducible")
     stream: bool = Field(False, description="server-sent events, one per text piece")
     use_memory: bool = Field(True, description="false: the anchor alone, no bank fetch")
+    ttft_budget_ms: float | None = Field(
+        None, ge=0, description="time to first token allowed: the path's levels verified by "
+                                "then are attached, the rest fetched for later prompts (server "
+                                "default when absent; none there: the whole path)")
+
+
+class PrefetchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="the prompt as typed so far")
+    max_bytes: int | None = Field(None, ge=0, description="fetch at most this many bytes of "
+                                  "blocks, shallow levels first (server default when absent)")
+
+
+class PrefetchResponse(BaseModel):
+    path: list[int]
+    version: str
+    encoding: str
+    attached: list[tuple[int, int]] = Field(description="in the model's memory already")
+    ready: list[tuple[int, int]] = Field(description="cached, or on their way already")
+    started: list[tuple[int, int]] = Field(description="fetching now, in the background")
+    over_budget: list[tuple[int, int]] = Field(description="left out: beyond max_bytes")
+    started_bytes: int
+    timings_ms: dict[str, float] = Field(description="embed, route")
 
 
 class GenerateResponse(BaseModel):
@@ -86,10 +114,18 @@ class GenerateResponse(BaseModel):
     anchor_only_reason: str | None = None
     path: list[int] | None = None
     version: str = Field("", description="the bank version whose manifest fetched the path")
-    level_versions: list[str] = Field([], description="the block version attached at each "
-                                      "level of the path (one value: the path is one version)")
+    level_versions: list[str] = Field([], description="the bank version each attached level "
+                                      "of the path was checked against (one value: the path "
+                                      "is one version)")
     fetched_blocks: list[tuple[int, int]] = []
     fetched_bytes: int = 0
+    cached_blocks: list[tuple[int, int]] = Field([], description="from the device cache")
+    prefetched_blocks: list[tuple[int, int]] = Field(
+        [], description="fetched in the background before this prompt (a prefetch, or levels "
+                        "an earlier TTFT budget left behind)")
+    levels_attached: list[int] = Field([], description="the path's levels decoded with")
+    levels_pending: list[int] = Field([], description="levels the TTFT budget left out, still "
+                                                      "fetching for later prompts")
     timings_ms: dict[str, float] = Field(
         description="embed, route, fetch, attach, prefill, decode, ttft (time to first token)")
 
@@ -146,9 +182,12 @@ def create_app(model: MemoryModel, settings: DeviceSettings, bank: Bank | None =
                          503: {"description": "busy: the queue is full or the wait too long"}})
     async def generate(req: GenerateRequest, request: Request):
         params = sampling(req)
+        budget = req.ttft_budget_ms if req.ttft_budget_ms is not None \
+            else settings.ttft_budget_ms
         try:  # only tokenizes and checks the prompt: nothing runs until it is iterated
             stream = await run_in_threadpool(model.generate_stream, req.prompt, bank,
-                                             use_memory=req.use_memory, params=params)
+                                             use_memory=req.use_memory, params=params,
+                                             ttft_budget_ms=budget)
         except ValueError as e:  # the prompt does not fit the model (too many tokens)
             raise HTTPException(422, str(e)) from None
         peer = request.client.host if request.client else "?"
@@ -167,6 +206,29 @@ def create_app(model: MemoryModel, settings: DeviceSettings, bank: Bank | None =
         if run.error is not None:
             raise HTTPException(500, f"generation failed: {_one_line(run.error)}")
         return _response(stream.result)
+
+    @app.post("/v1/prefetch", response_model=PrefetchResponse, status_code=202,
+              tags=["generate"],
+              responses={422: {"description": "bad input, one-line `detail`"},
+                         503: {"description": "no bank, or the bank's manifest unreadable"}})
+    async def prefetch(req: PrefetchRequest):
+        """Route the prompt typed so far and start fetching its path's blocks in the background
+        (shallow first, within max_bytes), so the finished prompt finds them cached. Answers at
+        once; it does not wait for the model (the room is not touched)."""
+        if not req.prompt.strip():
+            raise HTTPException(422, "prompt is empty")
+        if len(req.prompt) > settings.max_prompt_chars:
+            raise HTTPException(422, f"prompt has {len(req.prompt)} characters; this server "
+                                     f"takes at most {settings.max_prompt_chars}")
+        if bank is None:
+            raise HTTPException(503, "no bank configured: nothing to prefetch")
+        max_bytes = req.max_bytes if req.max_bytes is not None else settings.prefetch_max_bytes
+        try:
+            got = await run_in_threadpool(model.prefetch, req.prompt, max_bytes=max_bytes,
+                                          bank=bank)
+        except BankError as e:
+            raise HTTPException(503, f"bank unavailable: {_one_line(e)}") from None
+        return PrefetchResponse(**dataclasses.asdict(got))
 
     @app.get("/v1/health", response_model=Health, tags=["health"])
     async def health() -> Health:
@@ -272,7 +334,8 @@ def serve(settings: DeviceSettings) -> None:
     import uvicorn
 
     model = MemoryModel.from_pretrained(settings.export_dir, encoding=settings.encoding,
-                                        trust=settings.trust(), dtype=settings.dtype)
+                                        trust=settings.trust(), dtype=settings.dtype,
+                                        cache=settings.device_cache())
     if settings.bank:
         _ = model.bank_id  # an export without manifest.json cannot name its bank: fail at start
     bank = settings.open_bank()

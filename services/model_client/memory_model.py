@@ -74,6 +74,7 @@ from services.model_client.bank import (
     BankError,
     Block,
     BlockIntegrityError,
+    IncompatibleBankError,
     Scatter,
     UntrustedManifestError,
 )
@@ -96,12 +97,20 @@ class GenerateResult:
     anchor_only_reason: str | None = None  # why memory was not used, if it was not
     path: list[int] | None = None
     version: str = ""                      # the bank version whose manifest fetched the path
-    # the block version attached at each level of the path, level 1 first: one value unless a
-    # path mixed versions (which CachedBank rules out; the compose test counts it)
+    # the bank version each attached level of the path was checked against (its block is the
+    # one that version lists there), level 1 first: one value unless a path mixed versions
+    # (which CachedBank rules out; the compose test counts it)
     level_versions: list[str] = field(default_factory=list)
     fetched_blocks: list[tuple[int, int]] = field(default_factory=list)
     fetched_bytes: int = 0
     cached_blocks: list[tuple[int, int]] = field(default_factory=list)  # from the device cache
+    # fetched in the background before this prompt needed them (a prefetch, or the levels an
+    # earlier prompt's TTFT budget left behind)
+    prefetched_blocks: list[tuple[int, int]] = field(default_factory=list)
+    # the path's levels (with blocks) in the memory this answer was decoded with, and those a
+    # TTFT budget left out: still fetching, attached by a later prompt (ttft_budget_ms)
+    levels_attached: list[int] = field(default_factory=list)
+    levels_pending: list[int] = field(default_factory=list)
     # the encoding of the blocks gathered for this prompt: "native" or "int8" (which can differ
     # from the model's setting when the bank version lacks it; see the module docstring)
     encoding: str = ""
@@ -116,15 +125,19 @@ class MemoryModel:
     def __init__(self, config: Config, model: Transformer, tokenizer: Tokenizer, router: Router,
                  local_manifest: Manifest | None = None, embedder: Embedder | None = None, *,
                  bank: Bank | None = None, cache: DeviceCache | None = None,
-                 manifest_ttl_s: float = 5.0, encoding: str = "", trust: Trust | None = None):
+                 manifest_ttl_s: float = 5.0, encoding: str = "", trust: Trust | None = None,
+                 anchor: str | None = None):
         """`bank`: the Bank `generate` uses when given none (None: anchor only). `cache`,
         `manifest_ttl_s`, `encoding`, `trust`: the settings of the CachedBank kept for each
         bank (services/model_client/cached_bank.py): the device block cache (None: only the
         attached levels are reused), how long a bank manifest is trusted before the next
         prompt re-reads it, the block encoding to fetch ("" / "native" or "int8"), the pinned
         signing keys (membank/signing.py; None: nothing pinned, every manifest refused, so
-        every answer is anchor-only)."""
+        every answer is anchor-only). `anchor`: what names this model's anchor
+        (artifacts.anchor_id); a bank version whose manifest names another is refused (None:
+        not checked)."""
         self.encoding = quant.normalize(encoding)
+        self.anchor = anchor
         self.trust = trust if trust is not None else Trust()
         self.config, self.model, self.tokenizer, self.router = config, model, tokenizer, router
         self.bank, self.cache, self.manifest_ttl_s = bank, cache, manifest_ttl_s
@@ -138,8 +151,11 @@ class MemoryModel:
         self.mem = torch.zeros(mc.mem_shape(c), dtype=next(model.parameters()).dtype)
         self.offsets = [sum(mc.ranks[:i]) for i in range(mc.depth)]
         self._scatters: dict[int, Scatter] = {}   # level -> its slice as receivable pieces
-        # level -> what its slice of self.mem holds (cached_bank.Attached)
+        # level -> what its slice of self.mem holds (cached_bank.Attached), and the bank
+        # version it was last checked against
         self.attached: dict[int, Attached] = {}
+        self.level_versions: dict[int, str] = {}
+        self._prefill_ms_per_token = 0.0     # measured on earlier prompts (TTFT budgets)
 
     @classmethod
     def from_pretrained(cls, export_dir: str | Path, embedder: Embedder | None = None, *,
@@ -173,7 +189,7 @@ class MemoryModel:
             bank = open_bank(bank, timeout_s=timeout_s, token=token)
         return cls(config, model, Tokenizer.from_file(str(d / artifacts.TOKENIZER)), router,
                    manifest, embedder, bank=bank, cache=cache, manifest_ttl_s=manifest_ttl_s,
-                   encoding=encoding, trust=trust)
+                   encoding=encoding, trust=trust, anchor=artifacts.anchor_id(d))
 
     # -- routing -----------------------------------------------------------------------------
     def warmup(self) -> None:
@@ -200,6 +216,10 @@ class MemoryModel:
             raise ValueError(f"bank {manifest.bank}/{manifest.version} "
                              f"(kind, d, layers, k, ranks)={got} "
                              f"does not fit this model {want}")
+        if manifest.anchor and self.anchor and manifest.anchor != self.anchor:
+            raise ValueError(f"bank {manifest.bank}/{manifest.version} was trained with anchor "
+                             f"{manifest.anchor[:19]}, this device runs {self.anchor[:19]}: "
+                             f"update the device's export to the one published with it")
 
     def attach(self, manifest: Manifest, blocks: dict[tuple[int, int], bytearray],
                encoding: str = "", in_place: frozenset | set = frozenset()) -> None:
@@ -209,7 +229,7 @@ class MemoryModel:
         received into their slice already (_room_dest): they are only marked attached."""
         for (level, node), buf in blocks.items():
             if (level, node) in in_place:
-                self.attached[level] = (manifest.bank, manifest.block_version, node, encoding)
+                self.attached[level] = (manifest.bank, manifest.content_id(level, node, encoding))
                 continue
             shape = manifest.block_shape(level)                              # (L, n, r, W)
             off, r = self.offsets[level - 1], manifest.ranks[level - 1]
@@ -219,7 +239,7 @@ class MemoryModel:
                 dequantize_into(buf, shape, room)
             else:
                 room.copy_(tensor_from_buffer(buf, shape, manifest.dtype))
-            self.attached[level] = (manifest.bank, manifest.block_version, node, encoding)
+            self.attached[level] = (manifest.bank, manifest.content_id(level, node, encoding))
 
     def _room_dest(self, manifest: Manifest, block: Block, encoding: str) -> Scatter | None:
         """Where to receive `block`: its level's slice of the room as a Scatter, when the
@@ -249,21 +269,34 @@ class MemoryModel:
                                     check=self.check_compatible, trust=self.trust)
         return self._view
 
-    def fetch_path(self, bank: Bank, path: list[int], result: GenerateResult) -> None:
+    def fetch_path(self, bank: Bank, path: list[int], result: GenerateResult,
+                   deadline: float | None = None) -> None:
         """Attach the path's blocks that are not attached yet: from the device cache, then one
         fetch for the rest (one RPC per shard with a ShardedFetcher); BankError when the bank
         cannot give them (levels it was not fetching stay attached; a level it was receiving
-        in place is left detached, and fetched again by the next prompt)."""
+        in place is left detached, and fetched again by the next prompt). `deadline`
+        (time.monotonic()): attach what is verified by then; the rest keeps coming in the
+        background (`result.levels_pending`)."""
         t0 = time.perf_counter()
-        got = self.bank_view(bank).fetch_path(path, self.attached, dest=self._room_dest)
+        got = self.bank_view(bank).fetch_path(
+            path, self.attached, dest=self._room_dest if deadline is None else None,
+            deadline=deadline)
         t1 = time.perf_counter()
         self.attach(got.manifest, got.blocks, got.encoding, got.in_place)
-        result.version = got.manifest.version
-        result.level_versions = [self.attached[lv][1] for lv in range(1, len(path) + 1)
-                                 if lv in self.attached]
+        m = got.manifest
+        result.version = m.version
+        # the path's levels whose room holds the block this version lists there (kept from an
+        # earlier prompt or attached now), each counted for this version
+        result.levels_attached = [lv for lv, n in m.path_blocks(path) if self.attached.get(lv)
+                                  == (m.bank, m.content_id(lv, n, got.encoding))]
+        for lv in result.levels_attached:
+            self.level_versions[lv] = m.version
+        result.level_versions = [self.level_versions[lv] for lv in result.levels_attached]
         result.encoding = quant.label(got.encoding)
         result.cached_blocks, result.fetched_blocks = got.cached, got.fetched
+        result.prefetched_blocks = got.prefetched
         result.fetched_bytes = got.fetched_bytes
+        result.levels_pending = [lv for lv, _ in got.pending]
         result.timings_ms["fetch"] = (t1 - t0) * 1e3
         result.timings_ms["attach"] = (time.perf_counter() - t1) * 1e3
 
@@ -317,9 +350,10 @@ class MemoryModel:
                 if t != self.eos]
 
     def memory_for(self, prompt: str, bank: Bank | None, use_memory: bool,
-                   result: GenerateResult) -> torch.Tensor | None:
+                   result: GenerateResult, deadline: float | None = None
+                   ) -> torch.Tensor | None:
         """Route and fetch the prompt's memory; None (and the reason in `result`) for anchor
-        only."""
+        only. `deadline` (time.monotonic()): the memory of the levels verified by then."""
         t = result.timings_ms
         for step in ("embed", "route", "fetch", "attach"):
             t[step] = 0.0
@@ -331,22 +365,66 @@ class MemoryModel:
             return None
         result.path = self.route(prompt, t)
         try:
-            self.fetch_path(bank, result.path, result)
+            self.fetch_path(bank, result.path, result, deadline)
         except BankError as e:  # unreachable, failing or untrusted bank: the device keeps working
             what = ("untrusted manifest" if isinstance(e, UntrustedManifestError) else
                     "block failed verification" if isinstance(e, BlockIntegrityError) else
+                    "bank does not fit this model" if isinstance(e, IncompatibleBankError) else
                     "bank unavailable")
             result.anchor_only_reason = f"{what}: {e}"
             log.warning("decoding anchor-only: %s", result.anchor_only_reason)
             return None
+        if not result.levels_pending:
+            result.memory = True
+            return self.mem
+        if not result.levels_attached:
+            result.anchor_only_reason = (f"no level verified within the TTFT budget (levels "
+                                         f"{result.levels_pending} still fetching)")
+            return None
         result.memory = True
-        return self.mem
+        return self.partial_memory(result.levels_attached)
+
+    def partial_memory(self, levels: list[int]) -> torch.Tensor:
+        """The room's rows of `levels` only, (1, L, n, R', W): a level left out contributes
+        nothing (its neurons are absent, as in the evaluation's partial paths), whatever its
+        slice holds. Levels 1..j are a view; any other set is copied."""
+        mc = self.config.memory
+        rows = [(self.offsets[lv - 1], self.offsets[lv - 1] + mc.ranks[lv - 1])
+                for lv in sorted(levels)]
+        if rows[0][0] == 0 and all(a == b for (_, b), (a, _) in zip(rows, rows[1:])):
+            return self.mem[:, :, :, :rows[-1][1]]
+        return torch.cat([self.mem[:, :, :, a:b] for a, b in rows], dim=3)
+
+    def prefetch(self, prompt: str, *, max_bytes: int | None = None,
+                 bank: Bank | None = None) -> "PrefetchResult":
+        """Route a prompt as typed so far and start fetching its path's missing blocks in the
+        background (shallow levels first, within `max_bytes`; None: the whole path), so the
+        prompt once complete finds them cached. Returns at once; BankError when the bank's
+        manifest cannot be read. `bank`: None, the model's own."""
+        bank = self.bank if bank is None else bank
+        if bank is None:
+            raise ValueError("no bank configured: nothing to prefetch from")
+        if not prompt.strip():
+            raise ValueError("empty prompt")
+        timings: dict[str, float] = {}
+        path = self.route(prompt, timings)
+        got = self.bank_view(bank).prefetch(path, self.attached, max_bytes)
+        return PrefetchResult(path=path, version=got.version, encoding=got.encoding,
+                              attached=got.attached, ready=got.ready, started=got.started,
+                              over_budget=got.over_budget, started_bytes=got.started_bytes,
+                              timings_ms=timings)
 
     def generate_stream(self, prompt: str, bank: Bank | None = None, *,
-                        use_memory: bool = True,
-                        params: SamplingParams | None = None) -> "GenerationStream":
+                        use_memory: bool = True, params: SamplingParams | None = None,
+                        ttft_budget_ms: float | None = None) -> "GenerationStream":
         """Stream one generation: iterate for the text pieces; `.result` is complete afterwards.
         `bank`: this prompt's bank (None: the model's own, `self.bank`).
+
+        `ttft_budget_ms`: the time to first token the caller allows. The levels of the path
+        verified when it is spent, less the prefill this prompt is expected to take (measured
+        on earlier prompts), are attached, the answer decoded with them, and the rest keeps
+        coming in the background for the next prompt; `result.levels_attached` and
+        `levels_pending` say which. None: wait for the whole path.
 
         The prompt is checked at once (ValueError when empty or too long); routing, fetching and
         decoding run as the stream is iterated. Not thread-safe: one generation at a time per
@@ -355,13 +433,21 @@ class MemoryModel:
         ids = self.encode_prompt(prompt)
         result = GenerateResult(prompt=prompt, text="", memory=False)
         bank = self.bank if bank is None else bank
-        return GenerationStream(self._stream(ids, bank, use_memory, params, result), result)
+        if ttft_budget_ms is not None and not ttft_budget_ms >= 0:
+            raise ValueError(f"ttft_budget_ms must be >= 0, not {ttft_budget_ms}")
+        return GenerationStream(self._stream(ids, bank, use_memory, params, result,
+                                             ttft_budget_ms), result)
 
     def _stream(self, ids: list[int], bank: Bank | None, use_memory: bool,
-                params: SamplingParams, result: GenerateResult) -> Iterator[str]:
+                params: SamplingParams, result: GenerateResult,
+                ttft_budget_ms: float | None = None) -> Iterator[str]:
         start = time.perf_counter()
         t = result.timings_ms
-        mem = self.memory_for(result.prompt, bank, use_memory, result)
+        deadline = None
+        if ttft_budget_ms is not None:      # what is left for memory after the prefill
+            deadline = (time.monotonic() + ttft_budget_ms / 1e3
+                        - self._prefill_ms_per_token * len(ids) / 1e3)
+        mem = self.memory_for(result.prompt, bank, use_memory, result, deadline)
         text = IncrementalDecoder(self.tokenizer)
         stop = StopMatcher(params.stop)
         pieces: list[str] = []
@@ -393,15 +479,22 @@ class MemoryModel:
             tokens.close()
             t.setdefault("ttft", (time.perf_counter() - start) * 1e3)
             result.text = "".join(pieces)
+            if t.get("prefill"):         # the TTFT budget's estimate of the next prefill
+                per_token = t["prefill"] / len(ids)
+                self._prefill_ms_per_token = (per_token if not self._prefill_ms_per_token
+                                              else 0.5 * (self._prefill_ms_per_token + per_token))
 
     def generate(self, prompt: str, bank: Bank | None = None, *, use_memory: bool = True,
                  max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, stop: tuple[str, ...] = (), seed: int | None = 0,
-                 params: SamplingParams | None = None) -> GenerateResult:
-        """Generate to the end: the text and the timing breakdown (`params` wins over the rest)."""
+                 params: SamplingParams | None = None,
+                 ttft_budget_ms: float | None = None) -> GenerateResult:
+        """Generate to the end: the text and the timing breakdown (`params` wins over the rest;
+        `ttft_budget_ms`: generate_stream's)."""
         params = params or SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
                                           top_k=top_k, top_p=top_p, stop=tuple(stop), seed=seed)
-        stream = self.generate_stream(prompt, bank, use_memory=use_memory, params=params)
+        stream = self.generate_stream(prompt, bank, use_memory=use_memory, params=params,
+                                      ttft_budget_ms=ttft_budget_ms)
         for _ in stream:
             pass
         return stream.result
@@ -410,6 +503,20 @@ class MemoryModel:
         """Close the model's own bank (`self.bank`), if it has one."""
         if self.bank is not None:
             self.bank.close()
+
+
+@dataclass
+class PrefetchResult:
+    """What a prefetch found for the path of a partial prompt (blocks as (level, node))."""
+    path: list[int]
+    version: str
+    encoding: str
+    attached: list[tuple[int, int]]        # in the room already
+    ready: list[tuple[int, int]]           # in the device cache, or on their way already
+    started: list[tuple[int, int]]         # fetching now, in the background
+    over_budget: list[tuple[int, int]]     # left out: beyond max_bytes
+    started_bytes: int
+    timings_ms: dict[str, float]           # embed, route
 
 
 class GenerationStream:

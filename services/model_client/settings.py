@@ -50,6 +50,16 @@ class DeviceSettings(BaseSettings):
     max_prompt_chars: int = Field(default=8192, ge=1)
     max_tokens: int = Field(default=256, ge=1)          # most new tokens one request may ask for
     default_max_tokens: int = Field(default=32, ge=1)   # when a request names none
+    # the device block cache (device_cache.py): memory budget (0: none, only the attached
+    # levels are reused), and an optional directory that keeps blocks across restarts
+    cache_mb: int = Field(default=0, ge=0)
+    cache_dir: Path | None = None
+    # time to first token a generation allows when its request names none: levels not
+    # verified by then are left out of that answer and fetched for the next (None: wait)
+    ttft_budget_ms: float | None = Field(default=None, ge=0)
+    # bytes a /v1/prefetch may start fetching when its request names no max_bytes (None: the
+    # whole path)
+    prefetch_max_bytes: int | None = Field(default=None, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # -- HTTP server limits (issue 16, point 6; http_server.py, generation_gate.py,
     # membank/http_limits.py): no single client (IP) may hold the model or the server
@@ -123,6 +133,11 @@ class DeviceSettings(BaseSettings):
             return self.bank[0]
         return dict(t.split("=", 1) for t in self.bank)
 
+    def device_cache(self):
+        """The device cache these settings ask for, or None (cache_mb 0)."""
+        from services.model_client.device_cache import DeviceCache
+        return (DeviceCache(self.cache_mb << 20, self.cache_dir) if self.cache_mb else None)
+
     def open_bank(self) -> Bank | None:
         """The bank these settings name (targets.open_bank), None without a target: one
         target's client, or a ShardedFetcher for "shard=TARGET" targets; token, TLS CA and
@@ -178,6 +193,15 @@ def add_arguments(p: argparse.ArgumentParser, serve: bool = True) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="the model's and the memory room's dtype (default float32; bfloat16 "
                         "halves them, and a bfloat16 bank's blocks land in the room uncopied)")
+    p.add_argument("--cache-mb", type=int,
+                   help="device block cache in MB (default 0: none); blocks are kept by "
+                        "content, so a publish costs only the blocks it changed")
+    p.add_argument("--cache-dir", help="keep cached blocks in this directory across restarts "
+                                       "(re-verified when read back)")
+    p.add_argument("--ttft-budget-ms", type=float,
+                   help="time to first token allowed: the path's levels verified by then are "
+                        "attached, the rest fetched in the background for the next prompt "
+                        "(default: wait for the whole path)")
     p.add_argument("--log-level", type=str.upper)
     p.add_argument("--trusted-keys", help="the operator's public key files or directories "
                    "(comma separated; `membank keygen`): only manifests they signed are used")
@@ -191,6 +215,9 @@ def add_arguments(p: argparse.ArgumentParser, serve: bool = True) -> None:
     p.add_argument("--host")
     p.add_argument("--port", type=int, help="HTTP port; 0 picks a free port")
     p.add_argument("--max-prompt-chars", type=int)
+    p.add_argument("--prefetch-max-bytes", type=int,
+                   help="bytes a /v1/prefetch may start fetching when it names none (default: "
+                        "the whole path)")
     p.add_argument("--max-tokens", type=int, help="most new tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int)
     # limits (issue 16, point 6)

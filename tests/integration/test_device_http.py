@@ -196,6 +196,55 @@ def test_memory_from_a_real_bank_and_anchor_only_when_unreachable(tiny_model_exp
         assert r["memory"] is False and "bank unavailable" in r["anchor_only_reason"]
 
 
+@pytest.mark.slow
+def test_prefetch_and_a_ttft_budget_over_http(tiny_model_export, bank_server, tmp_path,
+                                              trusted_key_file):
+    prompt = "The atomic number of Ruthenium is"
+    with run_device_server(tiny_model_export, "--bank", bank_server, "--trusted-keys",
+                           str(trusted_key_file), "--cache-mb", "8",
+                           log_path=tmp_path / "a.log") as a:
+        status, raw, _ = http(a, "/v1/prefetch", {"prompt": prompt})
+        p = json.loads(raw)
+        assert status == 202 and len(p["path"]) == 2 and len(p["started"]) == 2
+        assert p["started_bytes"] > 0 and p["version"] == "v1" and p["attached"] == []
+        for _ in range(100):                 # done when a second prefetch finds both cached
+            again = json.loads(http(a, "/v1/prefetch", {"prompt": prompt})[1])
+            if again["started"] == [] and len(again["ready"]) == 2:
+                break
+            time.sleep(0.05)
+        r = generate(a, prompt=prompt, max_tokens=4)
+        assert r["memory"] is True and r["fetched_blocks"] == [] and r["fetched_bytes"] == 0
+        assert sorted(r["cached_blocks"] + r["prefetched_blocks"]) == sorted(p["started"])
+        assert r["levels_attached"] == [1, 2] and r["levels_pending"] == []
+        # a byte budget smaller than any block starts nothing
+        small = json.loads(http(a, "/v1/prefetch", {"prompt": "Helium", "max_bytes": 1})[1])
+        assert small["started"] == [] and small["started_bytes"] == 0
+        for body, words in (({"prompt": " "}, "prompt is empty"),
+                            ({"prompt": "x", "max_bytes": -1}, "max_bytes"),
+                            ({"prompt": "x", "bogus": 1}, "bogus")):
+            status, raw, _ = http(a, "/v1/prefetch", body)
+            assert status == 422 and words in json.loads(raw)["detail"]
+    # a TTFT budget of 0: what is verified at once is attached (nothing, on a cold device), the
+    # rest arrives in the background and a later prompt has the whole path without fetching
+    with run_device_server(tiny_model_export, "--bank", bank_server, "--trusted-keys",
+                           str(trusted_key_file), log_path=tmp_path / "b.log") as b:
+        r = generate(b, prompt=prompt, max_tokens=4, ttft_budget_ms=0)
+        assert sorted(r["levels_attached"] + r["levels_pending"]) == [1, 2]
+        assert r["memory"] is bool(r["levels_attached"])
+        for _ in range(100):
+            r = generate(b, prompt=prompt, max_tokens=4, ttft_budget_ms=0)
+            if not r["levels_pending"]:
+                break
+            time.sleep(0.05)
+        assert r["memory"] is True and r["levels_attached"] == [1, 2]
+        assert generate(b, prompt=prompt, max_tokens=4)["fetched_blocks"] == []
+
+
+def test_prefetch_without_a_bank_is_503(device):
+    status, raw, _ = http(device, "/v1/prefetch", {"prompt": "Helium"})
+    assert status == 503 and "no bank configured" in json.loads(raw)["detail"]
+
+
 # -- membank chat -----------------------------------------------------------------------------
 def chat(*args: str, stdin: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "membank_cli", "chat", *args], input=stdin,

@@ -1,5 +1,6 @@
 """DeviceCache: deepest level evicted first, LRU within a level, byte budget, disk tier that
-survives a restart with every block re-verified, corrupt files dropped.
+survives a restart with every block re-verified, corrupt files dropped, blocks keyed by content
+(a new version that leaves a block unchanged hits it).
 
 Run: .venv/bin/pytest -q tests/unit/test_device_cache.py
 """
@@ -9,7 +10,7 @@ import pytest
 
 from membank.blocks import checksum
 from membank.manifest import Manifest
-from services.model_client.device_cache import DeviceCache, file_name
+from services.model_client.device_cache import DeviceCache, block_key, file_name
 
 # k=2, ranks (4, 2, 1), d 8, float32, 1 layer: block bytes per level 384, 192, 96
 RANKS = [4, 2, 1]
@@ -20,8 +21,10 @@ def block(level, node, salt=0):
     return bytes([(level * 31 + node * 7 + salt) % 256]) * SIZE[level]
 
 
-def manifest(version="v1", shares=None, salt=0):
-    sums = [[checksum(block(lv, n, salt)) for n in range(2 ** lv)] for lv in (1, 2, 3)]
+def manifest(version="v1", shares=None, salt=0, changed=()):
+    """Blocks salted by `salt`, and those in `changed` [(level, node)] salted once more."""
+    sums = [[checksum(block(lv, n, salt + ((lv, n) in changed))) for n in range(2 ** lv)]
+            for lv in (1, 2, 3)]
     return Manifest(bank="b", version=version, dtype="float32", d_model=8, mem_layers=[0],
                     branching=2, ranks=RANKS, checksums=sums, shares_blocks_of=shares)
 
@@ -33,6 +36,10 @@ def put(cache, level, node, m=M):
     return cache.put(m, level, node, bytearray(block(level, node)), verified=True)
 
 
+def key(level, node, m=M):
+    return block_key(m, level, node)
+
+
 def test_budget_and_deepest_level_evicted_first():
     # room for 2 level-1 + 2 level-2 + 2 level-3 blocks = 1344 bytes
     cache = DeviceCache(budget_bytes=1344)
@@ -42,7 +49,7 @@ def test_budget_and_deepest_level_evicted_first():
     # a new level-2 block: the two level-3 blocks go first (deepest), not a level-1 or level-2 one
     put(cache, 2, 2)
     assert cache.used_bytes <= cache.budget_bytes
-    assert {k[2:4] for k in cache.keys()} == {(1, 0), (1, 1), (2, 0), (2, 1), (2, 2)}
+    assert set(cache.keys()) == {key(1, 0), key(1, 1), key(2, 0), key(2, 1), key(2, 2)}
     put(cache, 1, 0)             # already there: replaced in place, no eviction, no double count
     assert cache.used_bytes == 2 * 384 + 3 * 192
     st = cache.level_stats()
@@ -56,9 +63,9 @@ def test_lru_within_a_level():
         put(cache, 3, n)
     assert cache.get(M, 3, 0) is not None           # 0 is now the most recently used
     put(cache, 3, 3)
-    assert [k[3] for k in cache.keys()] == [2, 0, 3]   # 1 was the least recently used
+    assert cache.keys() == [key(3, 2), key(3, 0), key(3, 3)]   # 1 was the least recently used
     put(cache, 3, 4)
-    assert [k[3] for k in cache.keys()] == [0, 3, 4]
+    assert cache.keys() == [key(3, 0), key(3, 3), key(3, 4)]
 
 
 def test_hits_misses_and_bytes_per_level():
@@ -80,23 +87,31 @@ def test_block_larger_than_budget_is_not_cached_and_bad_block_refused():
     assert cache.put(M, 2, 0, bytearray(block(2, 0)))  # hashed and accepted
 
 
-def test_keyed_by_block_version_and_checked_against_the_asking_manifest():
+def test_keyed_by_content_and_checked_against_the_asking_manifest():
     cache = DeviceCache(budget_bytes=10_000)
-    put(cache, 1, 1)
+    for lv, n in [(1, 1), (2, 2), (3, 5)]:
+        put(cache, lv, n)
     replaced = manifest(version="v1-s4", shares="v1")           # re-placed: same blocks
     assert bytes(cache.get(replaced, 1, 1)) == block(1, 1)
-    other = manifest(version="v2", salt=1)                      # new weights: other keys
-    assert cache.get(other, 1, 1) is None
-    # same block version but a manifest listing another checksum: never returned
+    # a new version that changed one block of the path: the others are hits under it
+    v2 = manifest(version="v2", changed={(3, 5)})
+    assert bytes(cache.get(v2, 1, 1)) == block(1, 1) and bytes(cache.get(v2, 2, 2)) == block(2, 2)
+    assert cache.get(v2, 3, 5) is None
+    other = manifest(version="v3", salt=1)                      # new weights everywhere
+    assert all(cache.get(other, lv, n) is None for lv, n in [(1, 1), (2, 2), (3, 5)])
+    # the same version name listing another checksum: never returned
     liar = manifest(version="v1", salt=9)
     assert cache.get(liar, 1, 1) is None
+    # another bank listing the same hash: its own key, never this bank's block
+    other_bank = M.model_copy(update={"bank": "c"})
+    assert cache.get(other_bank, 1, 1) is None
 
 
 def test_disk_tier_survives_a_restart_and_is_reverified(tmp_path):
     cache = DeviceCache(budget_bytes=10_000, directory=tmp_path)
     for lv, n in [(1, 0), (2, 1), (3, 3)]:
         put(cache, lv, n)
-    assert sorted(os.listdir(tmp_path)) == sorted(file_name(("b", "v1", lv, n))
+    assert sorted(os.listdir(tmp_path)) == sorted(file_name(key(lv, n))
                                                   for lv, n in [(1, 0), (2, 1), (3, 3)])
     again = DeviceCache(budget_bytes=10_000, directory=tmp_path)   # a new process
     assert again.used_bytes == 0 and len(again.keys("disk")) == 3
@@ -104,9 +119,11 @@ def test_disk_tier_survives_a_restart_and_is_reverified(tmp_path):
     st = again.level_stats()[2]
     assert (st.disk_hits, st.hits, st.misses) == (1, 0, 0)
     assert again.get(M, 2, 1) is not None and again.level_stats()[2].hits == 1   # now in memory
-    # a manifest with other checksums for the same key: the file fails verification, is dropped
-    assert again.get(manifest(salt=5), 3, 3) is None
-    assert not (tmp_path / file_name(("b", "v1", 3, 3))).exists()
+    # a file whose bytes are not what its name says (another block's): fails verification,
+    # is dropped, never returned
+    (tmp_path / file_name(key(3, 3))).write_bytes(block(3, 2))
+    assert again.get(M, 3, 3) is None
+    assert not (tmp_path / file_name(key(3, 3))).exists()
     assert again.level_stats()[3].corrupt == 1
 
 
@@ -117,7 +134,7 @@ def test_disk_tier_survives_a_restart_and_is_reverified(tmp_path):
 ])
 def test_corrupt_file_is_dropped_never_returned(tmp_path, damage):
     put(DeviceCache(budget_bytes=10_000, directory=tmp_path), 1, 1)
-    path = tmp_path / file_name(("b", "v1", 1, 1))
+    path = tmp_path / file_name(key(1, 1))
     damage(path)
     cache = DeviceCache(budget_bytes=10_000, directory=tmp_path)
     assert cache.get(M, 1, 1) is None
@@ -132,8 +149,17 @@ def test_disk_budget_evicts_deepest_first_and_ignores_foreign_files(tmp_path):
     put(cache, 1, 0)
     put(cache, 2, 0)
     put(cache, 2, 1)           # over budget: the level-3 file goes first, then the oldest level 2
-    on_disk = {k[2:4] for k in cache.keys("disk")}
-    assert on_disk == {(1, 0), (2, 1)}
-    assert sorted(os.listdir(tmp_path)) == sorted(["notes.txt", file_name(("b", "v1", 1, 0)),
-                                                   file_name(("b", "v1", 2, 1))])
+    assert set(cache.keys("disk")) == {key(1, 0), key(2, 1)}
+    assert sorted(os.listdir(tmp_path)) == sorted(["notes.txt", file_name(key(1, 0)),
+                                                   file_name(key(2, 1))])
     assert cache.stats()["disk_used_bytes"] <= 384 + 192 + 96
+
+
+def test_files_of_the_layout_keyed_by_version_are_deleted_others_kept(tmp_path):
+    (tmp_path / "b@v1@1@0.blk").write_bytes(block(1, 0))          # before content addressing
+    (tmp_path / "b@v1@2@3@int8.blk").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("not a block")
+    (tmp_path / "b@1@nothex.block").write_text("not ours either")
+    cache = DeviceCache(budget_bytes=10_000, directory=tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["b@1@nothex.block", "notes.txt"]
+    assert cache.keys("disk") == []

@@ -76,8 +76,33 @@ def test_a_version_gone_from_the_bank_makes_the_model_reread_the_manifest(setup)
     fetch(model, bank, [1, 1])
     bank.manifest = m.model_copy(update={"version": "v2"})   # published; v1 collected
     r = fetch(model, bank, [1, 0])              # v1 fetch -> NOT_FOUND -> re-read -> v2
-    assert r.fetched_blocks == m.path_blocks([1, 0]) and bank.manifest_reads == 2
-    assert set(model.attached.values()) == {("test", "v2", n, "") for _, n in m.path_blocks([1, 0])}
+    # level 1's block is v2's too (same content): it stays attached; level 2 is fetched
+    assert r.fetched_blocks == m.path_blocks([1, 0])[1:] and bank.manifest_reads == 2
+    assert r.version == "v2" and r.level_versions == ["v2", "v2"]
+    assert set(model.attached.values()) == {("test", m.content_id(*b))
+                                            for b in m.path_blocks([1, 0])}
+
+
+def test_a_publish_that_changed_one_block_costs_that_block_only(tiny_model_export, setup):
+    """Delta publishing on the device: blocks are attached and cached by content, so after a
+    publish only the blocks whose bytes changed are fetched again."""
+    model, bank, m = setup
+    for path in ([1, 1], [0, 2]):               # warm: the cache holds both paths
+        fetch(model, bank, path)
+    changed = m.path_blocks([1, 1])[1]          # continued training touched one block
+    new = bytearray(bank.blocks[changed])
+    new[:4] = bytes(4)
+    from membank.blocks import checksum
+    sums = [list(level) for level in m.checksums]
+    sums[changed[0] - 1][changed[1]] = checksum(new)
+    bank.manifest = m.model_copy(update={"version": "v2", "checksums": sums})
+    bank.blocks = {**bank.blocks, changed: bytes(new)}
+    model.bank_view(bank).manifest_ttl_s = 0
+    r = fetch(model, bank, [0, 2])              # nothing of this path changed
+    assert (r.version, r.fetched_blocks, r.fetched_bytes) == ("v2", [], 0)
+    r = fetch(model, bank, [1, 1])
+    assert r.fetched_blocks == [changed] and r.fetched_bytes == len(new)
+    assert r.cached_blocks == [m.path_blocks([1, 1])[0]] and r.level_versions == ["v2", "v2"]
 
 
 def test_a_down_bank_keeps_the_manifest_and_the_cached_blocks(setup):
@@ -90,7 +115,7 @@ def test_a_down_bank_keeps_the_manifest_and_the_cached_blocks(setup):
     assert r.fetched_blocks == [] and r.cached_blocks == m.path_blocks([1, 1])
     with pytest.raises(BankError):              # a block it never saw: the fetch fails
         fetch(model, bank, [1, 0])
-    assert model.attached[2] == ("test", "v1", m.path_blocks([1, 1])[1][1], "")   # untouched
+    assert model.attached[2] == ("test", m.content_id(*m.path_blocks([1, 1])[1]))   # untouched
 
 
 class InPlaceBank(FakeBank):
@@ -179,3 +204,114 @@ def test_a_room_of_another_dtype_gets_blocks_converted_not_in_place(tiny_model_e
 def test_an_unknown_dtype_is_one_clear_error(tiny_model_export):
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, not 'float16'"):
         plain_model(tiny_model_export, dtype="float16")
+
+
+def test_a_bank_trained_with_another_anchor_is_refused(tiny_model_export, setup):
+    """The manifest names the anchor its blocks were trained with (export writes it); a device
+    running another anchor decodes anchor-only, saying why, and keeps a compatible manifest it
+    read before."""
+    from membank import artifacts
+    model, bank, m = setup
+    assert m.anchor == artifacts.anchor_id(tiny_model_export) == model.anchor
+    fetch(model, bank, [1, 1])
+    other = "blake3-" + "0" * 64
+    bank.manifest = m.model_copy(update={"version": "v2", "anchor": other})
+    model.bank_view(bank).manifest_ttl_s = 0
+    r = fetch(model, bank, [1, 1])             # v2 refused, v1 kept: its blocks still attached
+    assert r.version == "v1" and r.fetched_blocks == []
+    fresh = MemoryModel.from_pretrained(tiny_model_export, embedder=ConstantEmbedder(),
+                                        bank=bank, trust=trust(allow_unsigned=True))
+    r = fresh.generate("p", max_new_tokens=1)
+    assert not r.memory and r.anchor_only_reason.startswith("bank does not fit this model")
+    assert "trained with anchor blake3-0000" in r.anchor_only_reason
+
+
+# -- deadline-aware attach and prefetch (issue 18) ---------------------------------------------
+class SlowBank(FakeBank):
+    """FakeBank whose blocks take `delay_s[level]` to arrive (each request, per block)."""
+
+    def __init__(self, manifest, blocks, delay_s):
+        super().__init__(manifest, blocks)
+        self.delay_s = delay_s
+
+    def fetch(self, bank, version, blocks, manifest):
+        import time
+        time.sleep(max(self.delay_s.get(level, 0.0) for level, _ in blocks))
+        return super().fetch(bank, version, blocks, manifest)
+
+
+def wait_idle(model, bank, timeout_s=10.0):
+    import time
+    view, end = model.bank_view(bank), time.monotonic() + timeout_s
+    while view.inflight._running and time.monotonic() < end:
+        time.sleep(0.01)
+    assert not view.inflight._running
+
+
+def test_a_ttft_budget_attaches_the_levels_verified_in_time(tiny_model_export):
+    m = load_manifest(tiny_model_export)
+    blocks = {(l, n): d for l, n, d in iter_blocks(tiny_model_export, m)}
+    bank = SlowBank(m, blocks, {1: 0.0, 2: 0.8})
+    model = plain_model(tiny_model_export, bank=bank)     # no device cache
+    r = model.generate("p", max_new_tokens=2, ttft_budget_ms=300)
+    (l1, n1), (l2, n2) = m.path_blocks(r.path)
+    assert r.memory and r.levels_attached == [1] and r.levels_pending == [2]
+    assert r.fetched_blocks == [(l1, n1)] and r.level_versions == ["v1"]
+    assert r.timings_ms["ttft"] < 700                     # did not wait for level 2
+    # the answer was decoded with level 1's neurons only: the evaluation's partial path
+    part = model.partial_memory([1])
+    assert part.shape[3] == m.ranks[0] and part.data_ptr() == model.mem.data_ptr()
+    anchor_l1 = model.decode("p", part, 2)
+    assert model.tokenizer.decode(anchor_l1) == r.text
+    wait_idle(model, bank)
+    r2 = model.generate("p", max_new_tokens=2, ttft_budget_ms=300)   # level 2 arrived meanwhile
+    assert r2.levels_attached == [1, 2] and r2.levels_pending == []
+    assert r2.prefetched_blocks == [(l2, n2)] and r2.fetched_blocks == []
+    assert len(bank.fetches) == 2                         # level 2 was fetched once
+
+
+def test_a_budget_no_level_meets_decodes_anchor_only_and_says_so(tiny_model_export):
+    m = load_manifest(tiny_model_export)
+    blocks = {(l, n): d for l, n, d in iter_blocks(tiny_model_export, m)}
+    bank = SlowBank(m, blocks, {1: 0.5, 2: 0.5})
+    model = plain_model(tiny_model_export, bank=bank)
+    r = model.generate("p", max_new_tokens=1, ttft_budget_ms=0)
+    assert not r.memory and r.levels_pending == [1, 2]
+    assert r.anchor_only_reason.startswith("no level verified within the TTFT budget")
+    with pytest.raises(ValueError, match="ttft_budget_ms"):
+        model.generate("p", ttft_budget_ms=-1)
+
+
+def test_partial_memory_of_any_levels():
+    import types
+    model = types.SimpleNamespace(mem=torch.arange(2 * 7, dtype=torch.float32)
+                                  .reshape(1, 1, 1, 7, 2), offsets=[0, 4],
+                                  config=types.SimpleNamespace(
+                                      memory=types.SimpleNamespace(ranks=(4, 3))))
+    full = MemoryModel.partial_memory(model, [1, 2])
+    assert torch.equal(full, model.mem)
+    assert torch.equal(MemoryModel.partial_memory(model, [2]), model.mem[:, :, :, 4:7])
+    assert MemoryModel.partial_memory(model, [1]).shape[3] == 4
+
+
+@pytest.mark.parametrize("with_cache", [False, True])
+def test_prefetch_warms_the_path_within_its_byte_budget(tiny_model_export, with_cache):
+    m = load_manifest(tiny_model_export)
+    blocks = {(l, n): d for l, n, d in iter_blocks(tiny_model_export, m)}
+    bank = FakeBank(m, blocks)
+    kw = {"cache": DeviceCache(1 << 20)} if with_cache else {}
+    model = plain_model(tiny_model_export, bank=bank, **kw)
+    p = model.prefetch("p", max_bytes=m.block_nbytes(1))          # room for level 1 only
+    (b1, b2) = m.path_blocks(p.path)
+    assert (p.started, p.over_budget, p.started_bytes) == ([b1], [b2], m.block_nbytes(1))
+    wait_idle(model, bank)
+    again = model.prefetch("p")                                   # the rest: level 2
+    assert again.ready == [b1] and again.started == [b2]
+    wait_idle(model, bank)
+    r = model.generate("p", max_new_tokens=1)
+    assert r.memory and r.fetched_blocks == [] and r.fetched_bytes == 0
+    got = r.cached_blocks if with_cache else r.prefetched_blocks
+    assert got == [b1, b2] and len(bank.fetches) == 2
+    assert model.prefetch("p").attached == [b1, b2]               # nothing left to fetch
+    with pytest.raises(ValueError, match="empty prompt"):
+        model.prefetch("  ")

@@ -19,6 +19,7 @@ from membank.nn.tensors import dequantize_into, roundtrip, tensor_from_buffer, t
 from membank.signing import Trust
 from services.model_client.bank_client import BankError
 from services.model_client.device_cache import DeviceCache, file_name, parse_file_name
+from services.model_client.device_cache import block_key as cache_key
 from services.model_client.memory_model import GenerateResult, MemoryModel
 from tests.conftest import ConstantEmbedder
 
@@ -200,16 +201,18 @@ def test_device_cache_keeps_native_and_int8_apart(tmp_path):
     assert bytes(cache.get(m, 1, 0)) == native[0]
     with pytest.raises(ValueError, match="does not match"):     # int8 bytes checked as int8
         cache.put(m, 1, 1, bytearray(native[1]), encoding="int8")
-    assert ("b", "v1", 1, 0, "int8") in cache and ("b", "v1", 1, 0) in cache
-    assert file_name(("b", "v1", 1, 0, "int8")) == "b@v1@1@0@int8.blk"
-    assert parse_file_name("b@v1@1@0@int8.blk") == ("b", "v1", 1, 0, "int8")
-    assert parse_file_name("b@v1@1@0.blk") == ("b", "v1", 1, 0, "")
-    assert parse_file_name("b@v1@1@0@fp8.blk") is None
+    int8_key, native_key = cache_key(m, 1, 0, "int8"), cache_key(m, 1, 0)
+    assert int8_key in cache and native_key in cache and int8_key != native_key
+    assert int8_key == ("b", m.content_id(1, 0, "int8"), 1, "int8")
+    assert file_name(int8_key) == f"b@1@{m.content_id(1, 0, 'int8')}@int8.block"
+    assert parse_file_name(file_name(int8_key)) == int8_key
+    assert parse_file_name(file_name(native_key)) == native_key
+    assert parse_file_name(file_name(native_key)[:-len(".block")] + "@fp8.block") is None
     # a restart: both come back from disk, each re-verified against its own checksum
     again = DeviceCache(1 << 20, tmp_path)
     assert bytes(again.get(m, 1, 0, encoding="int8")) == enc[0]
     assert bytes(again.get(m, 1, 0)) == native[0]
-    (tmp_path / "b@v1@1@0@int8.blk").write_bytes(native[0][:144])     # right size, wrong bytes
+    (tmp_path / file_name(int8_key)).write_bytes(native[0][:144])      # right size, wrong bytes
     third = DeviceCache(1 << 20, tmp_path)
     assert third.get(m, 1, 0, encoding="int8") is None
     assert third.level_stats()[1].corrupt == 1
@@ -274,9 +277,9 @@ def test_memory_model_dequantizes_int8_blocks_into_its_room(int8_setup):
         native = tensor_from_buffer(bytearray(blocks[(level, node)]), m.block_shape(level), m.dtype)
         off, rk = model.offsets[level - 1], m.ranks[level - 1]
         assert torch.equal(model.mem[0, :, :, off:off + rk], roundtrip(native))
-        assert model.attached[level] == ("test", "v1", node, "int8")
+        assert model.attached[level] == ("test", bank.manifest.content_id(level, node, "int8"))
     # the cache holds the int8 payloads (not native bytes): the next prompt fetches nothing
-    assert all(k[4] == "int8" for k in cache.keys())
+    assert all(k[3] == "int8" for k in cache.keys())
     model.attached.clear()
     r = fetch_path(model, bank, [1, 0])
     assert r.fetched_blocks == [] and len(r.cached_blocks) == 2 and len(bank.calls) == 1
