@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 STUBS  := membank/v1/bank_pb2.py membank/v1/bank_pb2_grpc.py
 
-.PHONY: install stubs lint test test-fast demo loadtest validate-deploy compose-up compose-test \
+.PHONY: install stubs nginx lint test test-fast demo loadtest validate-deploy compose-up compose-test \
         compose-down eval-longtail eval-scaling clean
 
 install: $(STAMP)
@@ -28,7 +28,15 @@ $(STUBS): proto/membank/v1/bank.proto $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-test: $(STAMP) $(STUBS)
+# the edge-cache tests run a real nginx (Debian's nginx-light, deploy/edge/nginx.conf)
+NGINX := $(shell command -v nginx || ls /usr/sbin/nginx 2>/dev/null)
+APT_NGINX := DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light > /dev/null
+nginx:
+	@test -n "$(NGINX)" || { test "$$(id -u)" = 0 && { $(APT_NGINX) || { apt-get update -q \
+	  > /dev/null && $(APT_NGINX); }; } || { echo "make: nginx is needed (apt-get install \
+	  nginx-light, as root)"; exit 1; }; }
+
+test: $(STAMP) $(STUBS) nginx
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 

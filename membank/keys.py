@@ -40,6 +40,11 @@ NAME_MAX = 128
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,%d}" % (NAME_MAX - 1))
 
 
+# what names a block by content (Manifest.content_id): its cryptographic digest, or for a
+# manifest without digests (unsigned, written before issue 16) its xxh3 checksum
+CONTENT_ID = re.compile(r"(?:blake3|sha256)-[0-9a-f]{64}|xxh3_64-[0-9a-f]{16}")
+
+
 def valid_name(name: str) -> bool:
     """Whether `name` may name a bank or a version (NAME, matched whole)."""
     return isinstance(name, str) and NAME.fullmatch(name) is not None

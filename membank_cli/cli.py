@@ -98,7 +98,8 @@ def cmd_generate(args) -> None:
         settings = DeviceSettings(bank=args.bank or [], bank_timeout_s=args.timeout, token=token,
                                   tls_ca=args.tls_ca, trusted_keys=args.trusted_keys or [],
                                   allow_unsigned=args.allow_unsigned,
-                                  allow_insecure_token=args.allow_insecure_token)
+                                  allow_insecure_token=args.allow_insecure_token,
+                                  edge_cache=args.edge_cache)
     except ValidationError as e:
         err = e.errors()[0]
         flag = {"bank_timeout_s": "--timeout", "tls_ca": "--tls-ca", "token": "--token-file"}.get(
@@ -311,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="the model's and the memory room's dtype (bfloat16 halves them, and a "
                         "bfloat16 bank's blocks land in the room uncopied)")
+    s.add_argument("--edge-cache", default=None,
+                   help="URL of an HTTP cache in front of the bank: blocks are asked of it "
+                        "first by content address and verified")
     s.add_argument("--ttft-budget-ms", type=float, default=None,
                    help="time to first token allowed: the path's levels verified by then are "
                         "attached, the rest left out of this answer (default: the whole path)")

@@ -7,6 +7,9 @@
     GET  /v1/stats                    the same numbers as JSON, plus banks, warm-up, limits
     GET  /v1/manifest/{bank}          the current manifest (membank.manifest/1 JSON)
     GET  /v1/manifest/{bank}/{ver}    a given version's manifest
+    GET  /v1/blocks/{bank}/{content}  a block by content address (`Manifest.content_id`, e.g.
+                                      blake3-<hex>), for HTTP caches in front of the bank:
+                                      immutable, ETag = the address, 304 on If-None-Match
     POST /v1/publish                  {"bank", "version"}: switch current (admin token)
     GET  /docs, /openapi.json         OpenAPI
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from typing import Awaitable, Callable
 
 import uvicorn
@@ -38,7 +42,9 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
+from membank.blocks import digest
 from membank.http_limits import ConnectionLimits
+from membank.keys import CONTENT_ID, content_key, valid_name
 from services.bank_server.admin_guard import AdminGuard, AuthFailures
 from services.bank_server.metrics import CONTENT_TYPE, Scrapes, ServerMetrics
 from services.bank_server.publish import Published, PublishError
@@ -58,13 +64,19 @@ class PublishResult(BaseModel):
     previous: str
 
 
+# a block's bytes never change under its address: any cache may keep it for good
+BLOCK_CACHE_CONTROL = "public, max-age=31536000, immutable"
+
+
 def create_app(*, store, metrics: ServerMetrics, readiness: Readiness,
                publish: Callable[[str, str], Awaitable[Published]],
                auth_token: str | None = None, admin_token: str | None = None,
                limits: dict | None = None, max_body_bytes: int = 16 << 10,
                auth_failures: AuthFailures | None = None,
-               metrics_min_interval_s: float = 1.0) -> AdminGuard:
-    """The admin API as an ASGI app: the FastAPI routes behind AdminGuard (auth, body cap)."""
+               metrics_min_interval_s: float = 1.0, blocks=None) -> AdminGuard:
+    """The admin API as an ASGI app: the FastAPI routes behind AdminGuard (auth, body cap).
+    `blocks`: the read tiers (tiers.py) blocks are served from by content (None: the store)."""
+    blocks = store if blocks is None else blocks
     app = FastAPI(title="membank bank server admin", version="1",
                   description="Health, readiness, metrics, manifests and admin operations of "
                               "one bank server (the blocks themselves are served over gRPC).")
@@ -115,6 +127,29 @@ def create_app(*, store, metrics: ServerMetrics, readiness: Readiness,
     async def manifest_version(bank: str, version: str) -> Response:
         return await manifest_response(bank, version)
 
+    @app.get("/v1/blocks/{bank}/{content}", tags=["read"], response_class=Response,
+             responses={304: {"description": "If-None-Match names it: the cached copy holds"},
+                        400: {"description": "not a bank name or content address"},
+                        404: {"description": "no block with this address on this server"}})
+    async def block_by_content(bank: str, content: str, request: Request) -> Response:
+        """A block's bytes by its content address, checked against it before they leave. The
+        address is a 256-bit digest a reader learns only from the (token-protected) manifest,
+        so a shared cache may serve it to any device that names it (`public`)."""
+        if not valid_name(bank) or not CONTENT_ID.fullmatch(content) \
+                or content.startswith("xxh3"):
+            raise HTTPException(400, "expected /v1/blocks/BANK/blake3-<64 hex> (a content "
+                                     "address from the manifest)")
+        headers = {"Cache-Control": BLOCK_CACHE_CONTROL, "ETag": f'"{content}"'}
+        if request.headers.get("if-none-match", "").strip() in (f'"{content}"', "*"):
+            return Response(status_code=304, headers=headers)
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        data = await loop.run_in_executor(None, _verified_block, blocks, bank, content)
+        if data is None:
+            raise HTTPException(404, f"no block {content[:24]}... of bank {bank!r} here")
+        metrics.http_block_sent(len(data), time.perf_counter() - t0)
+        return Response(data, media_type="application/octet-stream", headers=headers)
+
     @app.post("/v1/publish", tags=["admin"], response_model=PublishResult)
     async def publish_version(body: PublishBody) -> PublishResult:
         try:
@@ -126,6 +161,19 @@ def create_app(*, store, metrics: ServerMetrics, readiness: Readiness,
     return AdminGuard(app, auth_token=auth_token, admin_token=admin_token,
                       failures=auth_failures or AuthFailures(rate=1.0, burst=10),
                       max_body_bytes=max_body_bytes)
+
+
+def _verified_block(blocks, bank: str, content: str) -> bytes | None:
+    """The block stored under `content`, hashed against it (the address is the digest): None
+    when absent; HTTPException 500 when the stored bytes do not match (never sent)."""
+    data = blocks.get(content_key(bank, content))
+    if data is None:
+        return None
+    algo, want = content.split("-", 1)
+    if digest(data, algo) != want:
+        raise HTTPException(500, f"block {content[:24]}... of bank {bank!r} fails its digest "
+                                 f"on this server (corrupt store); not sent")
+    return data
 
 
 class _Server(uvicorn.Server):

@@ -13,7 +13,8 @@ Families (one private registry per server, so tests can run several in one proce
   membank_rpc_seconds{method}                RPC latency histogram
   membank_rpc_in_flight                      RPCs running now
   membank_fetch_block_seconds{level}         read + verify + send of one block, per tree level
-  membank_block_bytes_sent_total{level}      block bytes written to clients
+  membank_block_bytes_sent_total{level}      block bytes written to clients (level "http":
+                                             served by content address, admin.py /v1/blocks)
   membank_tier_<stat>{tier}                  whatever each storage tier's `stats()` reports
                                              (hits, misses, bytes, residency, ...), at scrape time
 plus the standard process_* families.
@@ -169,6 +170,12 @@ class ServerMetrics:
             s["bytes"] += nbytes
             s["seconds"] += seconds
             self._recent[level].append(seconds)
+
+    def http_block_sent(self, nbytes: int, seconds: float) -> None:
+        """A block served by content address over HTTP (admin.py /v1/blocks): counted under
+        level "http" (the address does not say the level)."""
+        self._block_seconds.labels("http").observe(seconds)
+        self._bytes_sent.labels("http").inc(nbytes)
 
     # -- reading ----------------------------------------------------------------------------
     def render(self) -> bytes:

@@ -53,13 +53,13 @@ from pathlib import Path
 
 from membank import quant
 from membank.blocks import digest
+from membank.keys import CONTENT_ID
 from membank.manifest import Manifest
 
 log = logging.getLogger("membank.client.cache")
 
 Key = tuple[str, str, int, str]          # (bank, content id, level, encoding)
 SUFFIX = ".block"
-CONTENT_ID = re.compile(r"(?:xxh3_64|blake3|sha256)-[0-9a-f]{16,64}")
 # a file of the cache's layout before content addressing (deleted at start-up)
 _OLD_FILE = re.compile(r"[A-Za-z0-9._-]+@[A-Za-z0-9._-]+@\d+@\d+(?:@[a-z0-9]+)?\.blk")
 

@@ -50,6 +50,9 @@ class DeviceSettings(BaseSettings):
     max_prompt_chars: int = Field(default=8192, ge=1)
     max_tokens: int = Field(default=256, ge=1)          # most new tokens one request may ask for
     default_max_tokens: int = Field(default=32, ge=1)   # when a request names none
+    # an HTTP cache in front of the bank (nginx, a CDN; edge.py): blocks are asked of it first
+    # by content address and verified; manifests and misses go to the bank
+    edge_cache: str | None = None
     # the device block cache (device_cache.py): memory budget (0: none, only the attached
     # levels are reused), and an optional directory that keeps blocks across restarts
     cache_mb: int = Field(default=0, ge=0)
@@ -144,7 +147,8 @@ class DeviceSettings(BaseSettings):
         timeout go to either."""
         return open_bank(self.bank_targets(), timeout_s=self.bank_timeout_s, tls_ca=self.tls_ca,
                          token=self.token.get_secret_value() if self.token else None,
-                         allow_insecure_token=self.allow_insecure_token)
+                         allow_insecure_token=self.allow_insecure_token,
+                         edge=self.edge_cache)
 
     def connection_limits(self):
         """The HTTP server's per-connection limits (membank/http_limits.py)."""
@@ -193,6 +197,9 @@ def add_arguments(p: argparse.ArgumentParser, serve: bool = True) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    help="the model's and the memory room's dtype (default float32; bfloat16 "
                         "halves them, and a bfloat16 bank's blocks land in the room uncopied)")
+    p.add_argument("--edge-cache", help="URL of an HTTP cache in front of the bank (e.g. "
+                   "http://cache.lan:8080): blocks are asked of it first by content address "
+                   "and verified; manifests and misses go to the bank")
     p.add_argument("--cache-mb", type=int,
                    help="device block cache in MB (default 0: none); blocks are kept by "
                         "content, so a publish costs only the blocks it changed")

@@ -94,15 +94,22 @@ def client_factory(*, timeout_s: float = 10.0, token: str | None = None, tls_ca:
 def open_bank(targets: str | Mapping[str, str] | None, *, timeout_s: float = 10.0,
               token: str | None = None, tls_ca: TLSCA = None,
               tls_server_name: str | None = None,
-              policy: FetchPolicy | None = None, allow_insecure_token: bool = False
-              ) -> Bank | None:
+              policy: FetchPolicy | None = None, allow_insecure_token: bool = False,
+              edge: str | None = None) -> Bank | None:
     """The device's bank: None (anchor only) for no target; for one target the client
     `make_client` picks; for {shard id: target} a ShardedFetcher whose shards' clients come
     from `client_factory` with these settings. `timeout_s` is a single client's deadline per
     call, and a sharded fetch's whole deadline (each RPC: at most FetchPolicy's attempt
-    timeout); `policy` replaces that policy. Bad syntax: ValueError now, never at a fetch."""
+    timeout); `policy` replaces that policy. `edge`: an HTTP cache's URL (edge.py) asked for
+    every block first. Bad syntax: ValueError now, never at a fetch."""
     if targets is None:
         return None
+    if edge:
+        from services.model_client.edge import EdgeBank
+        inner = open_bank(targets, timeout_s=timeout_s, token=token, tls_ca=tls_ca,
+                          tls_server_name=tls_server_name, policy=policy,
+                          allow_insecure_token=allow_insecure_token)
+        return EdgeBank(inner, edge, timeout_s=timeout_s, token=token)
     if isinstance(targets, str):
         return make_client(targets, timeout_s, token=token, tls_ca=tls_ca,
                            tls_server_name=tls_server_name,
