@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
                    signing_key=signing_key())
         report["bank_bytes"] = sum(m.block_nbytes(lv) for lv, _ in m.blocks())
         with run_bank_server(work / "bank.lmdb", "--map-size-gb", "1", "--dataplane-port", "0",
-                             "--warm-levels", "0", "--metrics-min-interval-s", "0", log_path=work / "server.log",
-                             cwd=REPO) as (addr, proc):
+                             "--warm-levels", "0", "--metrics-min-interval-s", "0",
+                             log_path=work / "server.log", cwd=REPO) as (addr, proc):
             admin, dp = proc.admin_address, dataplane_target(addr, proc.dataplane_address)
             before = bank_bytes_sent(admin)
             report["direct"] = run_devices(
