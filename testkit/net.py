@@ -29,6 +29,10 @@ class Relay:
       delay_s           every chunk, both ways, is forwarded `delay_s` after it arrived: a
                         reader timestamps, a writer releases, so order and throughput are kept
                         and the round trip grows by 2 delay_s (fixed at construction)
+      rate_mbit         each direction paced to this rate (0: unpaced): a chunk leaves when the
+                        one before it has had its bytes' time on the wire, so a relay per device
+                        is that device's own link (benchmarks/fleet.py); the relay buffers what
+                        the sender writes ahead (its TCP sees no back-pressure)
       stall_p, stall_s  each server -> client chunk is held `stall_s` with probability `stall_p`
       hold              while True, server -> client chunks wait (a hung server, or, seen from
                         the server, a client that stops reading)
@@ -42,15 +46,18 @@ class Relay:
     """
 
     def __init__(self, upstream: str, *, listen_host: str = "127.0.0.1", delay_s: float = 0.0,
+                 rate_mbit: float = 0.0,
                  stall_p: float = 0.0, stall_s: float = 0.0, hold: bool = False,
                  chunk_bytes: int = 1 << 16, seed: int = 0, source_host: str | None = None):
         self.upstream, self.delay_s, self.chunk_bytes = upstream, delay_s, chunk_bytes
+        self.rate_mbit = rate_mbit
         # the relay's own address towards the upstream (e.g. "127.0.0.2": the server then sees
         # the client behind it as another peer than 127.0.0.1, for per-client limits)
         self.source = (source_host, 0) if source_host else None
         self.stall_p, self.stall_s, self.hold = stall_p, stall_s, hold
         self.rng = random.Random(seed)
         self.connections = self.chunks = self.stalls = 0
+        self.bytes_down = 0          # bytes relayed server -> client
         self.listener = socket.create_server((listen_host, 0))
         self.port = self.listener.getsockname()[1]
         self.address = f"{listen_host}:{self.port}"
@@ -129,7 +136,8 @@ class _Pipe:
     def __init__(self, relay: Relay, src: socket.socket, dst: socket.socket, reply: bool,
                  done) -> None:
         self.relay, self.src, self.dst, self.reply, self.done = relay, src, dst, reply, done
-        if relay.delay_s > 0:
+        self.free_at = 0.0          # when the paced link has sent the chunk before (monotonic)
+        if relay.delay_s > 0 or relay.rate_mbit > 0:
             self.queue: collections.deque[tuple[float, bytes | None]] = collections.deque()
             self.cv = threading.Condition()
             threading.Thread(target=self._read, daemon=True).start()
@@ -143,6 +151,7 @@ class _Pipe:
             return
         if self.reply:
             self.relay._before_reply()
+            self.relay.bytes_down += len(data)
         self.dst.sendall(data)
 
     def _pump(self) -> None:
@@ -174,6 +183,10 @@ class _Pipe:
                     while not self.queue:
                         self.cv.wait()
                     due, data = self.queue.popleft()
+                if self.relay.rate_mbit > 0 and data is not None:
+                    # its last bit arrives once the link is free and has carried it
+                    due = max(due, self.free_at) + len(data) * 8 / (self.relay.rate_mbit * 1e6)
+                    self.free_at = due
                 wait = due - time.monotonic()
                 if wait > 0:
                     time.sleep(wait)

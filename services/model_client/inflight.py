@@ -7,7 +7,8 @@ the bank again.
     inflight.take(manifest, (1, 3), "")      # its verified bytes once done (None before), or
     inflight.running(manifest, (2, 13), "")  # the Future still moving them
 
-One fetch per block, on `workers` threads, shallow blocks first (the order `start` is given):
+One fetch per block, on `workers` threads (a path's levels at once), shallow blocks first (the
+order `start` is given):
 a block arrives whole and verified (the Bank checks it against the manifest), or its Future
 raises the BankError. Verified bytes go to the device cache when there is one (keyed by content,
 so any prompt of any version listing the same hash finds them); without one they are held here,
@@ -32,7 +33,7 @@ log = logging.getLogger("membank.client")
 
 class InFlight:
     def __init__(self, bank: Bank, *, cache: DeviceCache | None = None,
-                 hold_bytes: int = 64 << 20, workers: int = 2):
+                 hold_bytes: int = 64 << 20, workers: int = 4):
         self.bank, self.cache, self.hold_bytes = bank, cache, hold_bytes
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="membank-fetch")
         self._lock = threading.Lock()
