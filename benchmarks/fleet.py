@@ -199,9 +199,12 @@ def run(name: str, devices_traces, *, grpc: str, dp_port: int, edge: str | None,
         with lock:
             rows.extend(out)
 
+    from tqdm import tqdm
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, range(len(devices_traces))))
+    with ThreadPoolExecutor(concurrency) as pool, \
+            tqdm(total=len(devices_traces), desc=name, unit="device") as bar:
+        for _ in pool.map(one, range(len(devices_traces))):
+            bar.update()
     return summarise(name, rows, bank_bytes_sent(admin) - egress0, time.perf_counter() - t0)
 
 
@@ -253,7 +256,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompts", type=int, default=3, help="prompts per device")
     ap.add_argument("--budget-ms", type=float, default=400.0, help="fetch-side TTFT budget")
     ap.add_argument("--device-cache-mb", type=float, default=1.0)
-    ap.add_argument("--concurrency", type=int, default=48, help="devices active at once")
+    ap.add_argument("--concurrency", type=int, default=12,
+                    help="devices active at once (more and the 2-core machine, not the links, "
+                         "sets the times)")
     ap.add_argument("--typing-s", type=float, default=1.0,
                     help="prefetch run: how long before sending a prompt its prefetch starts")
     ap.add_argument("--predict-p", type=float, default=0.57,

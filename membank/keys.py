@@ -14,6 +14,11 @@
                                          (manifest.digests), under its bank, so a version that
                                          leaves a block unchanged shares its one copy, and no
                                          other bank's block can stand in for it
+    w/{bank}/{version}                -> JSON {"renewed_at", "host", "pid"}: an ingest (or a
+                                         rebalance) is writing this version; gc deletes no
+                                         content-addressed block of the bank while a lease is
+                                         younger than its `lease_s` (the writer may be sharing
+                                         any of them, unlisted until its manifest lands)
     x/shard                           -> the shard id this LMDB was ingested for (absent: all)
     t/{bank}/{version}                -> JSON {"manifest_checksum", "collected_at"}: a version gc
                                          deleted; its name is never ingested or published again
@@ -85,6 +90,14 @@ def content_key(bank: str, content: str) -> bytes:
 def content_prefix(bank: str) -> bytes:
     """Prefix of every content-addressed block key of a bank."""
     return f"h/{bank}/".encode()
+
+
+def lease_key(bank: str, version: str) -> bytes:
+    return f"w/{bank}/{version}".encode()
+
+
+def lease_prefix(bank: str) -> bytes:
+    return f"w/{bank}/".encode()
 
 
 def parse_block_key(key: bytes) -> tuple[str, str, int, int]:

@@ -73,10 +73,8 @@ def create_app(*, store, metrics: ServerMetrics, readiness: Readiness,
                auth_token: str | None = None, admin_token: str | None = None,
                limits: dict | None = None, max_body_bytes: int = 16 << 10,
                auth_failures: AuthFailures | None = None,
-               metrics_min_interval_s: float = 1.0, blocks=None) -> AdminGuard:
-    """The admin API as an ASGI app: the FastAPI routes behind AdminGuard (auth, body cap).
-    `blocks`: the read tiers (tiers.py) blocks are served from by content (None: the store)."""
-    blocks = store if blocks is None else blocks
+               metrics_min_interval_s: float = 1.0) -> AdminGuard:
+    """The admin API as an ASGI app: the FastAPI routes behind AdminGuard (auth, body cap)."""
     app = FastAPI(title="membank bank server admin", version="1",
                   description="Health, readiness, metrics, manifests and admin operations of "
                               "one bank server (the blocks themselves are served over gRPC).")
@@ -140,11 +138,11 @@ def create_app(*, store, metrics: ServerMetrics, readiness: Readiness,
             raise HTTPException(400, "expected /v1/blocks/BANK/blake3-<64 hex> (a content "
                                      "address from the manifest)")
         headers = {"Cache-Control": BLOCK_CACHE_CONTROL, "ETag": f'"{content}"'}
-        if request.headers.get("if-none-match", "").strip() in (f'"{content}"', "*"):
-            return Response(status_code=304, headers=headers)
+        if request.headers.get("if-none-match", "").strip() == f'"{content}"':
+            return Response(status_code=304, headers=headers)   # the asker holds these bytes
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
-        data = await loop.run_in_executor(None, _verified_block, blocks, bank, content)
+        data = await loop.run_in_executor(None, _verified_block, store, bank, content)
         if data is None:
             raise HTTPException(404, f"no block {content[:24]}... of bank {bank!r} here")
         metrics.http_block_sent(len(data), time.perf_counter() - t0)
@@ -163,10 +161,12 @@ def create_app(*, store, metrics: ServerMetrics, readiness: Readiness,
                       max_body_bytes=max_body_bytes)
 
 
-def _verified_block(blocks, bank: str, content: str) -> bytes | None:
-    """The block stored under `content`, hashed against it (the address is the digest): None
-    when absent; HTTPException 500 when the stored bytes do not match (never sent)."""
-    data = blocks.get(content_key(bank, content))
+def _verified_block(store, bank: str, content: str) -> bytes | None:
+    """The block stored under `content` in LMDB (not through the Redis / LRU tiers, which keep
+    only bytes verified against a manifest's checksum; the HTTP cache in front is this path's
+    tier), hashed against it (the address is the digest): None when absent; HTTPException 500
+    when the stored bytes do not match (never sent)."""
+    data = store.get(content_key(bank, content))
     if data is None:
         return None
     algo, want = content.split("-", 1)

@@ -13,6 +13,13 @@ a kept version lists: one copy serves every version that lists it) stay, and on 
 the shard no longer owns under any kept version go. `orphans=True` also deletes blocks of
 versions that never completed (a killed ingest nobody reran; do not run it while an ingest is
 writing: that ingest would then fail its completeness check, never publish half a version).
+Blocks stored by content are shared across versions, so an ingest writing a new version may be
+relying on any of them before its manifest lists them: ingest (and rebalance) hold a lease
+`w/{bank}/{version}` while writing, renewed with every batch. gc refuses to start while a lease
+younger than `lease_s` exists (GCError: rerun once it completes; a killed ingest's lease
+expires), and stops deleting content blocks when one appears during its run
+(`content_deferred`; what is left shows as orphans). `orphan_content_blocks` / `_bytes` count
+content blocks no complete version lists (deleted with `orphans=True`).
 LMDB reuses the freed pages for later versions; the file does not shrink (`mdb_copy -c`).
 Prints the report as one JSON line.
 """
@@ -32,6 +39,7 @@ from membank.keys import (
     SHARD_KEY,
     content_prefix,
     current_key,
+    lease_prefix,
     manifest_key,
     manifest_prefix,
     parse_block_key,
@@ -53,12 +61,13 @@ class GCError(RuntimeError):
 
 def gc(lmdb_path: str | Path, bank: str, *, keep: int = 2, dry_run: bool = False,
        orphans: bool = False, grace_s: float = 0.0, batch_keys: int = 256,
-       map_size: int = 64 << 30) -> dict:
+       map_size: int = 64 << 30, lease_s: float = 3600.0) -> dict:
     """Delete old versions of `bank`: keep `current` and the `keep` newest complete versions.
 
     Returns {"kept", "deleted", "blocks_deleted", "bytes_freed", "orphan_versions", "dry_run"}.
     `grace_s`: wait between deleting the manifests (new requests get NOT_FOUND) and deleting
-    the blocks, so fetches already past the manifest lookup can finish.
+    the blocks, so fetches already past the manifest lookup can finish. `lease_s`: an ingest
+    lease renewed within it is live (module docstring); a killed ingest's lease expires.
     """
     if keep < 0:
         raise ValueError("keep must be >= 0")
@@ -108,11 +117,31 @@ def gc(lmdb_path: str | Path, bank: str, *, keep: int = 2, dry_run: bool = False
                 return (bv, level, node) not in needed       # moved off this shard
             return bv in complete_bvs or orphans
 
-        def newly_needed(txn) -> set[bytes]:
+        def live_leases(txn) -> list[str]:
+            """Versions an ingest or rebalance is writing now (keys.lease_key, renewed within
+            `lease_s`): it may be sharing any content block, unlisted until its manifest."""
+            out, cur, now = [], txn.cursor(), time.time()
+            pre = lease_prefix(bank)
+            if cur.set_range(pre):
+                for k, raw in cur:
+                    if not bytes(k).startswith(pre):
+                        break
+                    try:
+                        renewed = float(json.loads(bytes(raw))["renewed_at"])
+                    except (ValueError, KeyError, TypeError):
+                        renewed = now                    # unreadable: assume it is live
+                    if now - renewed < lease_s:
+                        out.append(bytes(k)[len(pre):].decode())
+            return out
+
+        def newly_needed(txn) -> set[bytes] | None:
             """Content keys of versions ingested since the manifests were read: an ingest
             that completed meanwhile may share a block this gc was about to delete (its
             completeness check and these deletes are serialised by LMDB's write lock, so one
-            of the two sees the other)."""
+            of the two sees the other). None while an ingest holds a live lease: delete no
+            content key at all."""
+            if live_leases(txn):
+                return None
             out, cur = set(), txn.cursor()
             pre = manifest_prefix(bank)
             if cur.set_range(pre):
@@ -126,7 +155,14 @@ def gc(lmdb_path: str | Path, bank: str, *, keep: int = 2, dry_run: bool = False
             return out
 
         report = {"kept": sorted(kept), "deleted": doomed, "blocks_deleted": 0,
-                  "bytes_freed": 0, "orphan_versions": [], "dry_run": dry_run}
+                  "bytes_freed": 0, "orphan_versions": [], "dry_run": dry_run,
+                  "content_deferred": False}
+        with env.begin() as txn:
+            writing = live_leases(txn)
+        if writing and not dry_run:
+            raise GCError(f"{bank}: {', '.join(writing)} being written (ingest lease, renewed "
+                          f"within {lease_s:g} s); blocks stored by content may be shared with "
+                          f"it: rerun gc once it completes")
         if not dry_run and doomed:
             with env.begin(write=True) as txn:
                 now = txn.get(current_key(bank))
@@ -149,6 +185,9 @@ def gc(lmdb_path: str | Path, bank: str, *, keep: int = 2, dry_run: bool = False
             _collect(env, prefix, doomed_block, newly_needed, orphan_bvs, complete_bvs, report,
                      batch_keys=batch_keys, dry_run=dry_run)
         report["orphan_versions"] = sorted(orphan_bvs)
+        # content blocks no complete version lists (a killed ingest's; --orphans deletes them)
+        report["orphan_content_blocks"], report["orphan_content_bytes"] = _unlisted(
+            env, content_pre, listed_content)
     finally:
         release_env(env)
     log.info("gc %s in %s: kept %s, deleted %s, %d blocks, %.1f MB%s", bank, lmdb_path,
@@ -188,6 +227,9 @@ def _collect(env, prefix: bytes, doomed_block, newly_needed, orphan_bvs: set[str
             with env.begin(write=True) as txn:
                 if content:
                     keep = newly_needed(txn)
+                    if keep is None:         # an ingest started meanwhile: stop here
+                        report["content_deferred"] = True
+                        break
                     batch = [(k, n) for k, n in batch if k not in keep]
                 for k, _ in batch:
                     txn.delete(k)
@@ -196,6 +238,20 @@ def _collect(env, prefix: bytes, doomed_block, newly_needed, orphan_bvs: set[str
         if last is None or not full:
             break
         start = last + b"\x00"      # resume after the last key seen
+
+
+def _unlisted(env, prefix: bytes, listed: set[bytes]) -> tuple[int, int]:
+    """(count, bytes) of the keys under `prefix` not in `listed`."""
+    n = nbytes = 0
+    with env.begin(buffers=True) as txn:
+        cur = txn.cursor()
+        if cur.set_range(prefix):
+            for k, v in cur:
+                if not bytes(k).startswith(prefix):
+                    break
+                if bytes(k) not in listed:
+                    n, nbytes = n + 1, nbytes + len(v)
+    return n, nbytes
 
 
 def _map_size(gb: float | None) -> int:
@@ -215,6 +271,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="also delete blocks of versions that never completed")
     p.add_argument("--grace-s", type=float, default=0.0,
                    help="seconds between deleting the manifests and deleting the blocks")
+    p.add_argument("--lease-s", type=float, default=3600.0,
+                   help="an ingest lease renewed within this many seconds is live: content "
+                        "blocks wait for it (default 3600; a killed ingest's lease expires)")
     p.add_argument("--map-size-gb", type=float,
                    help="LMDB map size (default: the servers' MEMBANK_SERVER_MAP_SIZE_GB, 64)")
     args = p.parse_args(argv)
@@ -222,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         report = gc(args.lmdb, args.bank, keep=args.keep, dry_run=args.dry_run,
                     orphans=args.orphans, grace_s=args.grace_s,
-                    map_size=_map_size(args.map_size_gb))
+                    map_size=_map_size(args.map_size_gb), lease_s=args.lease_s)
     except (GCError, ValueError, lmdb.Error) as e:
         print(f"gc failed: {e}", file=sys.stderr)
         raise SystemExit(1)

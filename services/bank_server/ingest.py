@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import socket
 import sys
 import time
@@ -69,6 +70,7 @@ from membank.keys import (
     SHARD_KEY,
     block_key,
     content_key,
+    lease_key,
     manifest_key,
     tombstone_key,
     version_info_key,
@@ -102,6 +104,7 @@ class _Target:
         self.batch_bytes = batch_bytes
         self.resume = resume
         self.written = self.skipped = self.bytes = self.skipped_bytes = 0
+        self.lease: bytes | None = None      # keys.lease_key of the version being written
         with self.env.begin(write=True) as txn:
             marker = txn.get(SHARD_KEY)
             marker = marker.decode() if marker is not None else None
@@ -110,6 +113,19 @@ class _Target:
                     raise IngestError(f"{path} holds shard {marker!r}, not {shard!r}")
                 if shard is not None:
                     txn.put(SHARD_KEY, shard.encode())
+
+    def start_lease(self, bank: str, version: str) -> None:
+        """Tell gc a version is being written here (renewed with every batch, removed with the
+        manifest write or on close): it deletes no shared content block meanwhile."""
+        self.lease = lease_key(bank, version)
+        with self.env.begin(write=True) as txn:
+            self._renew(txn)
+
+    def _renew(self, txn) -> None:
+        if self.lease is not None:
+            txn.put(self.lease, json.dumps({"renewed_at": time.time(),
+                                            "host": socket.gethostname(),
+                                            "pid": os.getpid()}).encode())
 
     def put(self, key: bytes, data, want: str) -> None:
         self.batch.append((key, data, want))
@@ -121,6 +137,7 @@ class _Target:
         if not self.batch:
             return
         with self.env.begin(write=True, buffers=True) as txn:
+            self._renew(txn)
             for key, data, want in self.batch:
                 if self.resume:
                     have = txn.get(key)
@@ -169,11 +186,20 @@ class _Target:
                     info["encoded_bytes"] = encoded
                 txn.put(manifest_key(bank, ver), manifest.to_json().encode())
                 txn.put(version_info_key(bank, ver), json.dumps(info).encode())
+            if self.lease is not None:       # the manifest lists its blocks now
+                txn.delete(self.lease)
+                self.lease = None
         if publish:
             # the one mutable key, switched in its own transaction: readers see old or new
             set_current(self.env, bank, ver)
 
     def close(self) -> None:
+        if self.env is not None and self.lease is not None:   # failed: its blocks are orphans
+            try:
+                with self.env.begin(write=True) as txn:
+                    txn.delete(self.lease)
+            except lmdb.Error as e:
+                log.warning("could not remove the ingest lease %r: %s", self.lease, e)
         if self.env is not None:
             release_env(self.env)
             self.env = None
@@ -386,6 +412,7 @@ def _write(manifest: Manifest, blocks, targets, *, verify: bool, publish: bool, 
                 raise IngestError(why)
             if existing is not None:
                 store = Manifest.from_json(existing).block_store
+            opened[shard].start_lease(bank, ver)
         for target in opened.values():
             # a content key that is there already holds these bytes (a block an earlier version
             # shares): never written twice, whatever `resume` says

@@ -112,6 +112,7 @@ def rebalance(lmdbs: Mapping[str, str | Path], bank: str, version: str, new_vers
         for shard in shards:
             targets[shard] = _Target(lmdbs[shard], shard, map_size=map_size,
                                      batch_bytes=batch_bytes, resume=True)
+            targets[shard].start_lease(bank, new_version)   # gc spares what it copies
         sources = {s: acquire_env(lmdbs[s], map_size, readonly=False) for s in old.shards}
         try:
             for level, node, owners, gained in moved:

@@ -138,7 +138,7 @@ async def _serve(settings: BankServerSettings, workers: DataPlaneWorkers | None)
             max_body_bytes=settings.admin_max_body_bytes,
             auth_failures=admin_http.AuthFailures(settings.admin_auth_fail_rps,
                                                   settings.admin_auth_fail_burst),
-            metrics_min_interval_s=settings.metrics_min_interval_s, blocks=blocks)
+            metrics_min_interval_s=settings.metrics_min_interval_s)
         try:
             sock = admin_http.bind(settings.host, settings.admin_port)
         except OSError as e:

@@ -30,7 +30,8 @@ MemoryModel keeps one per bank it is given and asks it for a path's blocks; ever
 - The encoding: the one asked for, or native when the version was ingested without it (logged
   once per version; a fleet keeps its memory, at full precision, rather than decoding
   anchor-only because a publish forgot int8).
-Not thread-safe: one prompt at a time, as MemoryModel.
+One prompt at a time, as MemoryModel; a `prefetch` may run beside it (the manifest is read
+under a lock, background fetches are InFlight's, which is thread-safe, and so is the cache).
 """
 from __future__ import annotations
 
@@ -248,7 +249,8 @@ class CachedBank:
         out.fetched_bytes = sum(len(b) for b in fetched.values())
         out.blocks.update(fetched)
         if joining:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            timeout = (None if deadline is None else
+                       min(max(0.0, deadline - time.monotonic()), threading.TIMEOUT_MAX))
             done, _ = wait(list(joining.values()), timeout=timeout)
             for b, fut in joining.items():
                 if fut not in done:

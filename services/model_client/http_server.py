@@ -80,9 +80,10 @@ class GenerateRequest(BaseModel):
     stream: bool = Field(False, description="server-sent events, one per text piece")
     use_memory: bool = Field(True, description="false: the anchor alone, no bank fetch")
     ttft_budget_ms: float | None = Field(
-        None, ge=0, description="time to first token allowed: the path's levels verified by "
-                                "then are attached, the rest fetched for later prompts (server "
-                                "default when absent; none there: the whole path)")
+        None, ge=0, le=600_000,
+        description="time to first token allowed: the path's levels verified by then are "
+                    "attached, the rest fetched for later prompts (server default when absent; "
+                    "none there: the whole path)")
 
 
 class PrefetchRequest(BaseModel):
@@ -353,6 +354,7 @@ def serve(settings: DeviceSettings) -> None:
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
+        model.close()                   # its background fetches
         if bank is not None:
             bank.close()
 

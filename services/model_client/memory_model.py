@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,7 @@ from services.model_client.targets import open_bank
 log = logging.getLogger("membank.client")
 EOS = "<|endoftext|>"
 DTYPES = ("float32", "bfloat16")        # what a device may run the anchor and its room in
+MAX_TTFT_BUDGET_MS = 600_000            # ten minutes: beyond, wait for the whole path
 
 
 @dataclass
@@ -142,6 +144,7 @@ class MemoryModel:
         self.config, self.model, self.tokenizer, self.router = config, model, tokenizer, router
         self.bank, self.cache, self.manifest_ttl_s = bank, cache, manifest_ttl_s
         self._view: CachedBank | None = None      # the CachedBank of the last bank used
+        self._view_lock = threading.Lock()
         self.local_manifest = local_manifest
         self.embedder = embedder or Embedder()
         self.eos = tokenizer.token_to_id(EOS)
@@ -262,12 +265,17 @@ class MemoryModel:
         return scatter
 
     def bank_view(self, bank: Bank) -> CachedBank:
-        """The CachedBank of `bank` (made on first use; another bank replaces it)."""
-        if self._view is None or self._view.bank is not bank:
-            self._view = CachedBank(bank, self.bank_id, cache=self.cache,
-                                    manifest_ttl_s=self.manifest_ttl_s, encoding=self.encoding,
-                                    check=self.check_compatible, trust=self.trust)
-        return self._view
+        """The CachedBank of `bank` (made on first use; another bank replaces it, and the old
+        one's background fetches stop). Thread-safe: a prefetch may ask beside a prompt."""
+        with self._view_lock:
+            if self._view is None or self._view.bank is not bank:
+                if self._view is not None:
+                    self._view.inflight.close()
+                self._view = CachedBank(bank, self.bank_id, cache=self.cache,
+                                        manifest_ttl_s=self.manifest_ttl_s,
+                                        encoding=self.encoding, check=self.check_compatible,
+                                        trust=self.trust)
+            return self._view
 
     def fetch_path(self, bank: Bank, path: list[int], result: GenerateResult,
                    deadline: float | None = None) -> None:
@@ -433,8 +441,9 @@ class MemoryModel:
         ids = self.encode_prompt(prompt)
         result = GenerateResult(prompt=prompt, text="", memory=False)
         bank = self.bank if bank is None else bank
-        if ttft_budget_ms is not None and not ttft_budget_ms >= 0:
-            raise ValueError(f"ttft_budget_ms must be >= 0, not {ttft_budget_ms}")
+        if ttft_budget_ms is not None and not 0 <= ttft_budget_ms <= MAX_TTFT_BUDGET_MS:
+            raise ValueError(f"ttft_budget_ms must be in [0, {MAX_TTFT_BUDGET_MS}], "
+                             f"not {ttft_budget_ms}")
         return GenerationStream(self._stream(ids, bank, use_memory, params, result,
                                              ttft_budget_ms), result)
 
@@ -500,7 +509,9 @@ class MemoryModel:
         return stream.result
 
     def close(self) -> None:
-        """Close the model's own bank (`self.bank`), if it has one."""
+        """Stop background fetches and close the model's own bank (`self.bank`), if any."""
+        if self._view is not None:
+            self._view.inflight.close()
         if self.bank is not None:
             self.bank.close()
 

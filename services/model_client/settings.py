@@ -59,7 +59,7 @@ class DeviceSettings(BaseSettings):
     cache_dir: Path | None = None
     # time to first token a generation allows when its request names none: levels not
     # verified by then are left out of that answer and fetched for the next (None: wait)
-    ttft_budget_ms: float | None = Field(default=None, ge=0)
+    ttft_budget_ms: float | None = Field(default=None, ge=0, le=600_000)
     # bytes a /v1/prefetch may start fetching when its request names no max_bytes (None: the
     # whole path)
     prefetch_max_bytes: int | None = Field(default=None, ge=0)

@@ -109,7 +109,8 @@ def open_bank(targets: str | Mapping[str, str] | None, *, timeout_s: float = 10.
         inner = open_bank(targets, timeout_s=timeout_s, token=token, tls_ca=tls_ca,
                           tls_server_name=tls_server_name, policy=policy,
                           allow_insecure_token=allow_insecure_token)
-        return EdgeBank(inner, edge, timeout_s=timeout_s, token=token)
+        return EdgeBank(inner, edge, timeout_s=timeout_s, token=token, tls_ca=tls_ca,
+                        allow_insecure_token=allow_insecure_token)
     if isinstance(targets, str):
         return make_client(targets, timeout_s, token=token, tls_ca=tls_ca,
                            tls_server_name=tls_server_name,

@@ -123,6 +123,8 @@ def test_health_says_model_loaded_and_no_bank(device):
     ({"prompt": "Gold", "seed": 2 ** 64}, "seed: Input should be less than"),   # was a 500
     ({"prompt": "Gold", "seed": -1}, "seed"),
     ({"prompt": "Gold", "colour": "red"}, "colour"),
+    ({"prompt": "Gold", "ttft_budget_ms": -1}, "ttft_budget_ms"),
+    (b'{"prompt": "Gold", "ttft_budget_ms": 1e400}', "ttft_budget_ms"),     # inf: was a 500
     ({}, "prompt: Field required"),
     ({"prompt": "Gold " * 200}, "the model's limit is 63"),
 ])

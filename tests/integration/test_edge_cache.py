@@ -146,3 +146,66 @@ def test_edge_cache_benchmark_smoke(tmp_path):
     assert 0 < edge["bank_egress_bytes"] <= direct["bank_egress_bytes"]
     assert edge["nginx_misses"] > 0 and edge["nginx_hits"] + edge["nginx_misses"] > 0
     assert (tmp_path / "edge_cache.png").stat().st_size > 0
+
+
+class _Recorder:
+    """A local HTTP server that answers 404 to everything and records each request's
+    Authorization header; `hang`: accept and never answer."""
+
+    def __init__(self, hang: bool = False):
+        import http.server
+        import threading
+        seen = self.auth = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                seen.append(self.headers.get("Authorization"))
+                if hang:
+                    import time
+                    time.sleep(5)
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_edge_bank_sends_a_token_only_where_it_is_safe_and_skips_a_hung_cache(served):
+    address, _, m, blocks = served
+    path = m.path_blocks([1, 1])
+    rec = _Recorder()
+    try:
+        for insecure, want in ((False, None), (True, "Bearer t0k")):
+            bank = EdgeBank(BankClient(address), rec.url, token="t0k",
+                            allow_insecure_token=insecure)
+            got = bank.fetch("test", m.version, path, m)            # 404s: from the bank
+            assert {b: bytes(v) for b, v in got.items()} == {b: blocks[b] for b in path}
+            assert rec.auth[-1] == want                             # plaintext: no token
+            bank.close()
+    finally:
+        rec.close()
+    hung = _Recorder(hang=True)
+    try:
+        bank = EdgeBank(BankClient(address), hung.url, timeout_s=0.5, retry_after_s=60)
+        got = bank.fetch("test", m.version, path, m)
+        assert {b: bytes(v) for b, v in got.items()} == {b: blocks[b] for b in path}
+        assert len(hung.auth) == 1                 # one timeout, then the bank for the rest
+        bank.fetch("test", m.version, path, m)
+        assert len(hung.auth) == 1 and bank.stats["fallback_blocks"] == 2 * len(path)
+        bank.close()
+    finally:
+        hung.close()
+    # a version stored by version has no content address a cache could serve: the bank
+    versioned = m.model_copy(update={"block_store": "version"})
+    never = EdgeBank(BankClient(address), f"http://127.0.0.1:{free_port()}")
+    never.fetch("test", m.version, path[:1], versioned)
+    assert never.stats["fallback_blocks"] == 1 and never._skip_until == 0.0
+    never.close()

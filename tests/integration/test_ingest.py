@@ -342,3 +342,57 @@ def test_gc_deletes_unlisted_content_blocks_only_as_orphans(tiny_export, tmp_pat
     assert stray in dump(db)
     assert gc(db, "test", keep=0, orphans=True, map_size=MAP)["blocks_deleted"] == 1
     assert block_keys(db) == m.storage_keys()
+
+
+def test_gc_waits_for_an_ingest_that_is_writing(tiny_export, tmp_path):
+    """An ingest that is still writing may rely on blocks it shares with a doomed version
+    (unlisted until its manifest lands): its lease keeps gc from starting; a killed ingest's
+    lease expires."""
+    import threading
+    import time as _time
+
+    from services.bank_server.gc import GCError
+    db = tmp_path / "db"
+    ingest(tiny_export, db, progress=False, map_size=MAP)                       # v1
+    header, blocks = _changed(tiny_export)
+    header["version"] = "v2"
+    ingest_stream({None: db}, header, ((l, n, d) for (l, n), d in blocks.items()),
+                  progress=False, map_size=MAP)                                  # current: v2
+    started, release = threading.Event(), threading.Event()
+    ref = load_manifest(tiny_export)
+    v1_blocks = [(l, n, bytes(d)) for l, n, d in iter_blocks(tiny_export, ref)]
+
+    def slow():                       # v3 = v1's content, one block, then a pause
+        for i, b in enumerate(v1_blocks):
+            if i == 1:
+                started.set()
+                release.wait(10)
+            yield b
+    v3_header = {**{k: v for k, v in ref.model_dump().items() if k != "checksums"},
+                 "version": "v3"}
+    writer = threading.Thread(target=lambda: ingest_stream(
+        {None: db}, v3_header, slow(), progress=False, map_size=MAP, batch_bytes=1,
+        publish=False))
+    writer.start()
+    assert started.wait(10)
+    with pytest.raises(GCError, match="v3 being written"):
+        gc(db, "test", keep=0, map_size=MAP)
+    assert gc(db, "test", keep=0, map_size=MAP, dry_run=True)["deleted"] == ["v1"]  # a look
+    release.set()
+    writer.join()
+    with LMDBStore(db, MAP) as store:                          # v3 complete and intact
+        m3 = store.manifest("test", "v3")
+        for l, n in m3.blocks():
+            assert checksum(store.get(m3.storage_key(l, n))) == m3.checksum(l, n)
+    r = gc(db, "test", keep=1, map_size=MAP)                    # keeps v3 and current v2
+    assert r["deleted"] == ["v1"] and r["blocks_deleted"] == 0  # v3 lists all of v1's blocks
+    # a lease left by a killed ingest: gc waits for it only while it is fresh
+    env = lmdb.open(str(db), map_size=MAP)
+    with env.begin(write=True) as txn:
+        txn.put(b"w/test/dead", json.dumps({"renewed_at": _time.time() - 7200}).encode())
+        txn.put(content_key("test", "blake3-" + "cd" * 32), b"orphan")
+    env.close()
+    r = gc(db, "test", keep=0, map_size=MAP, lease_s=3600)
+    assert r["orphan_content_blocks"] == 1 and r["orphan_content_bytes"] == 6
+    with pytest.raises(GCError):
+        gc(db, "test", keep=0, map_size=MAP, lease_s=3 * 3600)

@@ -278,8 +278,9 @@ def test_a_budget_no_level_meets_decodes_anchor_only_and_says_so(tiny_model_expo
     r = model.generate("p", max_new_tokens=1, ttft_budget_ms=0)
     assert not r.memory and r.levels_pending == [1, 2]
     assert r.anchor_only_reason.startswith("no level verified within the TTFT budget")
-    with pytest.raises(ValueError, match="ttft_budget_ms"):
-        model.generate("p", ttft_budget_ms=-1)
+    for bad in (-1, float("inf"), float("nan"), 1e13):      # 1e13 ms overflows a wait
+        with pytest.raises(ValueError, match="ttft_budget_ms"):
+            model.generate("p", ttft_budget_ms=bad)
 
 
 def test_partial_memory_of_any_levels():
