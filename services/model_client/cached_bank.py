@@ -229,8 +229,15 @@ class CachedBank:
         rest = [b for b in need if b not in out.blocks]
         # on their way already: join them rather than ask again (or, with a deadline, start
         # every missing block so and wait for what arrives in time)
-        joining = (self.inflight.start(manifest, rest, enc) if deadline is not None else
-                   {b: f for b in rest if (f := self.inflight.running(manifest, b, enc))})
+        if deadline is not None:
+            joining = self.inflight.start(manifest, rest, enc)
+        else:
+            joining = {b: f for b in rest if (f := self.inflight.running(manifest, b, enc))}
+            for b in rest:            # finished between `take` and `running`: held now
+                if b not in joining and (buf := self.inflight.take(manifest, b, enc)) is not None:
+                    out.blocks[b] = buf
+                    out.prefetched.append(b)
+            rest = [b for b in rest if b not in out.blocks]
         out.fetched = [b for b in rest if b not in joining]
         # `encoding` only when not native, so banks without encodings (fakes, other transports)
         # keep working for native blocks

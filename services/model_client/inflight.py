@@ -44,11 +44,19 @@ class InFlight:
 
     def start(self, manifest: Manifest, blocks: list[Block], encoding: str
               ) -> dict[Block, Future]:
-        """A Future per block, fetching it unless it is running already (then that one)."""
+        """A Future per block, fetching it unless it is running already (then that one) or
+        held here (then a done Future with it, taken)."""
         out = {}
         with self._lock:
             for b in blocks:
                 key = block_key(manifest, *b, encoding)
+                held = self._held.pop(key, None)
+                if held is not None:          # finished since the caller last looked
+                    self._held_bytes -= len(held)
+                    self.joined += 1
+                    out[b] = fut = Future()
+                    fut.set_result(held)
+                    continue
                 fut = self._running.get(key)
                 if fut is None:
                     fut = self._pool.submit(self._fetch, manifest, b, encoding, key)
