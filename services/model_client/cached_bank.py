@@ -193,7 +193,7 @@ class CachedBank:
                 out.started_bytes += manifest.block_nbytes(lv, enc)
             else:
                 out.over_budget.append((lv, n))
-        self.inflight.start(manifest, out.started, enc)
+        self.inflight.start(manifest, out.started, enc, speculative=True)
         return out
 
     def encoding_for(self, manifest: Manifest) -> str:
@@ -216,6 +216,7 @@ class CachedBank:
         out = PathBlocks(manifest, enc)
         need = [(lv, n) for lv, n in manifest.path_blocks(path)
                 if attached.get(lv) != (manifest.bank, manifest.content_id(lv, n, enc))]
+        self.inflight.prefer(manifest, need, enc)    # stale guesses give way to this prompt
         if self.cache is not None:
             for lv, n in need:
                 buf = self.cache.get(manifest, lv, n, encoding=enc)

@@ -38,14 +38,16 @@ class InFlight:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="membank-fetch")
         self._lock = threading.Lock()
         self._running: dict[Key, Future] = {}
+        self._speculative: set[Key] = set()     # started by a prefetch: may be dropped
         self._held: OrderedDict[Key, bytearray] = OrderedDict()   # oldest first
         self._held_bytes = 0
         self.started = self.joined = 0        # blocks fetched in the background / taken later
 
-    def start(self, manifest: Manifest, blocks: list[Block], encoding: str
-              ) -> dict[Block, Future]:
+    def start(self, manifest: Manifest, blocks: list[Block], encoding: str, *,
+              speculative: bool = False) -> dict[Block, Future]:
         """A Future per block, fetching it unless it is running already (then that one) or
-        held here (then a done Future with it, taken)."""
+        held here (then a done Future with it, taken). `speculative` (a prefetch): a prompt
+        that needs other blocks drops these while they still wait for a worker (`prefer`)."""
         out = {}
         with self._lock:
             for b in blocks:
@@ -62,8 +64,28 @@ class InFlight:
                     fut = self._pool.submit(self._fetch, manifest, b, encoding, key)
                     self._running[key] = fut
                     self.started += 1
+                    if speculative:
+                        self._speculative.add(key)
+                else:
+                    self._speculative.discard(key)    # wanted for sure now
+                if not speculative:
+                    self._speculative.discard(key)
                 out[b] = fut
         return out
+
+    def prefer(self, manifest: Manifest, blocks: list[Block], encoding: str) -> int:
+        """A prompt needs `blocks` now: drop the prefetches of other blocks that have not
+        started (a guess the typing overtook must not hold the workers); returns how many."""
+        keep = {block_key(manifest, *b, encoding) for b in blocks}
+        dropped = 0
+        with self._lock:
+            for key in list(self._speculative - keep):
+                fut = self._running.get(key)
+                if fut is not None and fut.cancel():
+                    self._running.pop(key, None)
+                    dropped += 1
+                self._speculative.discard(key)
+        return dropped
 
     def running(self, manifest: Manifest, block: Block, encoding: str) -> Future | None:
         with self._lock:
@@ -104,6 +126,7 @@ class InFlight:
         finally:
             with self._lock:
                 self._running.pop(key, None)
+                self._speculative.discard(key)
 
     def _hold(self, key: Key, buf: bytearray) -> None:
         if len(buf) > self.hold_bytes:

@@ -316,3 +316,18 @@ def test_prefetch_warms_the_path_within_its_byte_budget(tiny_model_export, with_
     assert model.prefetch("p").attached == [b1, b2]               # nothing left to fetch
     with pytest.raises(ValueError, match="empty prompt"):
         model.prefetch("  ")
+
+
+def test_a_prompt_drops_queued_prefetches_of_other_blocks(tiny_model_export):
+    m = load_manifest(tiny_model_export)
+    blocks = {(l, n): d for l, n, d in iter_blocks(tiny_model_export, m)}
+    bank = SlowBank(m, blocks, {1: 0.3, 2: 0.3})
+    model = plain_model(tiny_model_export, bank=bank)
+    view = model.bank_view(bank)
+    for path in ([0, 0], [0, 1], [1, 0], [1, 1]):          # 6 blocks, 4 workers: 2 wait
+        view.prefetch(path)
+    got = view.fetch_path([0, 0])                         # needs (1, 0) and (2, 0): running
+    assert sorted(got.prefetched) == [(1, 0), (2, 0)]
+    wait_idle(model, bank)
+    fetched = sorted(b for call in bank.fetches for b in call)
+    assert len(fetched) == 4 and (2, 2) not in fetched and (2, 3) not in fetched
